@@ -1,0 +1,538 @@
+"""A warm process that has run the flow's prelude once and forks one child per task.
+
+Starting a fresh interpreter and importing numpy/pandas/pyarrow costs ~0.4 s;
+``fork()`` of a process that already did costs a few milliseconds. So the
+orchestrator starts ``python -m flowmagic.runtime.forkserver`` (any
+interpreter that can import flowmagic, which is how isolated environments
+reuse it), sends it the prelude, and then asks it for tasks.
+
+Protocol (a ``SOCK_SEQPACKET`` socket pair, messages are JSON):
+
+* orchestrator -> server ``{"op": "config", "prelude", "preload", "sys_path", "cwd"}``;
+  server replies ``{"ok": true, "pid"}`` or ``{"ok": false, "error": {...}}``.
+* ``{"op": "spawn", "entry": "module:function"}`` with four fds attached
+  (SCM_RIGHTS): a status pipe, the task's stdout and stderr pipes and a
+  stream socket (the task's channel for its spec and manifest). The server
+  forks; it writes ``pid N`` then, when the child is gone, ``exit STATUS``
+  (raw wait status) on the status pipe and closes it.
+* ``{"op": "kill", "pid", "sig"}`` signals the task's process group, but only
+  while the server has not reaped it (so a recycled pid is never hit).
+* ``{"op": "exit"}`` or EOF (the orchestrator died): kill every task, exit.
+
+The child calls ``setsid()`` (its own process group, so a timeout can kill its
+subprocesses too) and ``PR_SET_PDEATHSIG`` (it dies with the server, which
+dies with the orchestrator). When a task's leader exits, the server kills
+whatever is left in its group before reaping it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flowmagic.errors import RunError
+from flowmagic.runtime.processes import die_with_parent, kill_group
+
+DEFAULT_PRELOAD = (
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "IPython",
+    "flowmagic.runtime.task",
+)
+TASK_ENTRY = "flowmagic.runtime.task:main"
+_MAX_MESSAGE = 1 << 20
+
+
+class ForkServerDied(RunError):
+    """The fork server is gone (killed, or it crashed); start a new one."""
+
+
+class PreludeError(RunError):
+    """The prelude (the notebook's ordinary cells) raised in the fork server."""
+
+    def __init__(self, error: dict) -> None:
+        self.error = error
+        tb = error.get("traceback", "")
+        super().__init__(
+            f"the prelude (imports, defs and constants of the ordinary cells) failed: "
+            f"{error.get('type')}: {error.get('message')}\n{tb}".rstrip()
+        )
+
+
+# --------------------------------------------------------------------------
+# server side
+# --------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.children: dict[int, int] = {}  # pid -> status pipe fd
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.namespace: dict[str, Any] = {}
+
+    # -- setup ------------------------------------------------------------
+    def configure(self, config: dict) -> dict:
+        for path in reversed(config.get("sys_path", [])):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        if config.get("cwd"):
+            os.chdir(config["cwd"])
+        for name in config.get("preload", DEFAULT_PRELOAD):
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional heavy module may be missing in an environment
+                pass
+        # The prelude runs in a fresh ``__main__`` module, as notebook cells do in
+        # a kernel: classes it defines pickle as ``__main__.X`` and load in the kernel.
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = main
+        self.namespace = main.__dict__
+        try:
+            code = compile(config.get("prelude", ""), "<prelude>", "exec")
+            exec(code, self.namespace)
+        except BaseException as exc:  # noqa: BLE001 - report anything, SystemExit included
+            return {"ok": False, "error": _error_record(exc)}
+        return {"ok": True, "pid": os.getpid()}
+
+    # -- main loop --------------------------------------------------------
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctrl, selectors.EVENT_READ)
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select(timeout=1.0):
+                if key.fileobj is self.wake_r:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif not self._handle_message():
+                    self.shutdown()
+                    return
+            self.reap()
+
+    def _handle_message(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.ctrl, _MAX_MESSAGE, 8)
+        except (ConnectionResetError, OSError):
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        msg = json.loads(data)
+        op = msg.get("op")
+        if op == "spawn":
+            self.spawn(msg.get("entry", TASK_ENTRY), fds)
+        elif op == "kill":
+            pid = int(msg["pid"])
+            if pid in self.children:  # not reaped yet: the group id is still ours
+                kill_group(pid, int(msg.get("sig", signal.SIGKILL)))
+        elif op == "exit":
+            return False
+        return True
+
+    def spawn(self, entry: str, fds: list[int]) -> None:
+        status_w, out_w, err_w, chan = fds
+        pid = os.fork()
+        if pid == 0:  # the task
+            code = 1
+            try:
+                os.close(status_w)
+                code = self._become_task(entry, out_w, err_w, chan)
+            except BaseException:  # noqa: BLE001 - last resort: say why, then exit
+                try:
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                os._exit(code)
+        for fd in (out_w, err_w, chan):
+            os.close(fd)
+        self.children[pid] = status_w
+        _write_line(status_w, f"pid {pid}")
+
+    def _become_task(self, entry: str, out_w: int, err_w: int, chan: int) -> int:
+        server_pid = os.getppid()
+        os.setsid()
+        die_with_parent(server_pid)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Drop every descriptor that belongs to the server or to other tasks,
+        # or the orchestrator would never see EOF on them.
+        for fd in (self.wake_r, self.wake_w, *self.children.values()):
+            _close_quietly(fd)
+        self.ctrl.close()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        for fd in (devnull, out_w, err_w):
+            os.close(fd)
+        sys.stdin = open(0, "r", closefd=False)
+        # Line buffered, so output streams live to the orchestrator.
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+        module_name, _, func_name = entry.partition(":")
+        func: Callable[[socket.socket, dict], int] = getattr(importlib.import_module(module_name), func_name)
+        channel = socket.socket(fileno=chan)
+        try:
+            code = int(func(channel, self.namespace) or 0)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed pipe must not hide the exit code
+                    pass
+        return code
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info = None
+                self._report_exit(pid, 0)
+                continue
+            if info is None:
+                continue
+            # The leader is a zombie, so its group id cannot be recycled yet:
+            # kill the leftovers (a subprocess that ignored SIGTERM) before reaping.
+            kill_group(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            self._report_exit(pid, status)
+
+    def _report_exit(self, pid: int, status: int) -> None:
+        fd = self.children.pop(pid)
+        _write_line(fd, f"exit {status}")
+        _close_quietly(fd)
+
+    def shutdown(self) -> None:
+        for pid in list(self.children):
+            kill_group(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
+            self._report_exit(pid, status)
+
+
+def _write_line(fd: int, text: str) -> None:
+    try:
+        os.write(fd, (text + "\n").encode())
+    except OSError:  # the orchestrator closed its end: nobody is listening
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _error_record(exc: BaseException) -> dict:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def run_source(channel: socket.socket, namespace: dict) -> int:
+    """A minimal task entry: execute the Python source sent on the channel.
+
+    Used by tests and for debugging an environment's interpreter; real tasks
+    use :data:`TASK_ENTRY`.
+    """
+    source = _recv_all(channel).decode()
+    exec(compile(source, "<task>", "exec"), namespace)
+    return 0
+
+
+def _recv_all(channel: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = channel.recv(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ctrl_fd, orchestrator_pid = int(argv[0]), int(argv[1])
+    die_with_parent(orchestrator_pid)
+    ctrl = socket.socket(fileno=ctrl_fd)
+    data = ctrl.recv(_MAX_MESSAGE)
+    if not data:
+        return
+    server = _Server(ctrl)
+    reply = server.configure(json.loads(data))
+    ctrl.send(json.dumps(reply).encode())
+    if reply["ok"]:
+        server.serve()
+
+
+# --------------------------------------------------------------------------
+# orchestrator side
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TaskProcess:
+    """A forked task as the orchestrator sees it: its pid and its pipes."""
+
+    pid: int
+    stdout: int            # read ends, owned by whoever drives the task
+    stderr: int
+    status: int            # "exit STATUS" arrives here
+    channel: socket.socket  # spec in, manifest and display messages out
+    server: "ForkServer"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the task's whole process group (through the server, race-free)."""
+        self.server.kill(self.pid, sig)
+
+    def close(self) -> None:
+        for fd in (self.stdout, self.stderr, self.status):
+            _close_quietly(fd)
+        self.channel.close()
+
+
+@dataclass
+class ForkServer:
+    """Client handle of one fork server process."""
+
+    prelude: str
+    python: str = sys.executable
+    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = None
+    ctrl: socket.socket | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.python, prelude_hash(self.prelude))
+
+    def start(self) -> "ForkServer":
+        # PDEATHSIG fires when the *thread* that forked the server exits, so
+        # the server is always started by one long-lived thread.
+        _on_spawner_thread(self._start)
+        return self
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ if self.env is None else self.env)
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "flowmagic.runtime.forkserver", str(child.fileno()), str(os.getpid())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the orchestrator only
+            cwd=self.cwd,
+            env=env,
+        )
+        child.close()
+        self.ctrl = parent
+        config = {
+            "op": "config",
+            "prelude": self.prelude,
+            "preload": list(self.preload),
+            "sys_path": [p for p in sys.path if p] if self.python == sys.executable else [],
+            "cwd": self.cwd,
+        }
+        parent.send(json.dumps(config).encode())
+        reply = self._recv_reply()
+        if not reply.get("ok"):
+            self.close()
+            raise PreludeError(reply.get("error", {}))
+
+    def _recv_reply(self) -> dict:
+        assert self.ctrl is not None and self.proc is not None
+        self.ctrl.settimeout(0.5)
+        try:
+            while True:
+                try:
+                    data = self.ctrl.recv(_MAX_MESSAGE)
+                except socket.timeout:
+                    if self.proc.poll() is not None:
+                        raise ForkServerDied(
+                            f"the fork server ({self.python}) exited with status {self.proc.returncode} "
+                            "before it was ready"
+                        ) from None
+                    continue
+                if not data:
+                    self.proc.wait()
+                    raise ForkServerDied(
+                        f"the fork server ({self.python}) exited with status {self.proc.returncode} "
+                        "before it was ready (see its stderr above)"
+                    )
+                return json.loads(data)
+        finally:
+            self.ctrl.settimeout(None)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.ctrl is not None
+
+    def spawn(self, entry: str = TASK_ENTRY) -> TaskProcess:
+        """Fork one task; returns once its pid is known."""
+        if not self.alive():
+            raise ForkServerDied("the fork server is not running")
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                socket.send_fds(
+                    self.ctrl, [json.dumps({"op": "spawn", "entry": entry}).encode()],
+                    [st_w, out_w, err_w, chan_child.fileno()],
+                )
+        except OSError as exc:
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            chan.close()
+            raise ForkServerDied(f"the fork server is gone ({exc})") from exc
+        finally:
+            for fd in (out_w, err_w, st_w):
+                os.close(fd)
+            chan_child.close()
+        line = _read_line(st_r)
+        if not line.startswith("pid "):
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            chan.close()
+            raise ForkServerDied("the fork server died while forking a task")
+        return TaskProcess(int(line.split()[1]), out_r, err_r, st_r, chan, self)
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        try:
+            with self._lock:
+                self.ctrl.send(json.dumps({"op": "kill", "pid": pid, "sig": int(sig)}).encode())
+        except (OSError, AttributeError):
+            kill_group(pid, sig)  # server gone: its tasks die with it anyway
+
+    def close(self) -> None:
+        if self.ctrl is not None:
+            try:
+                self.ctrl.send(json.dumps({"op": "exit"}).encode())
+            except OSError:
+                pass
+            self.ctrl.close()
+            self.ctrl = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def prelude_hash(prelude: str) -> str:
+    return hashlib.sha256(prelude.encode()).hexdigest()[:16]
+
+
+# -- one long-lived thread starts every server --------------------------------
+
+_spawn_requests: "queue.Queue[tuple[Callable[[], None], queue.Queue]]" = queue.Queue()
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawner_loop() -> None:
+    while True:
+        func, reply = _spawn_requests.get()
+        try:
+            func()
+            reply.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            reply.put(exc)
+
+
+def _on_spawner_thread(func: Callable[[], None]) -> None:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawner_loop, name="flowmagic-forkserver-starter", daemon=True)
+            _spawner.start()
+    reply: queue.Queue = queue.Queue()
+    _spawn_requests.put((func, reply))
+    exc = reply.get()
+    if exc is not None:
+        raise exc
+
+
+# -- a cache of warm servers, keyed by interpreter and prelude ---------------
+
+_servers: dict[tuple[str, str], ForkServer] = {}
+_servers_lock = threading.Lock()
+
+
+def get_server(prelude: str, *, python: str | None = None, cwd: str | None = None,
+               env: dict[str, str] | None = None) -> ForkServer:
+    """A running fork server for this prelude, started if needed.
+
+    When the prelude changes, the servers of the old prelude on the same
+    interpreter are closed once no task uses them.
+    """
+    python = python or sys.executable
+    key = (python, prelude_hash(prelude))
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is not None and server.alive() and server.cwd == cwd:
+            return server
+        for other_key, other in list(_servers.items()):
+            if other_key[0] == python and other.active == 0:
+                other.close()
+                del _servers[other_key]
+        server = ForkServer(prelude, python=python, cwd=cwd, env=env).start()
+        _servers[key] = server
+        return server
+
+
+def close_all() -> None:
+    with _servers_lock:
+        for server in _servers.values():
+            server.close()
+        _servers.clear()
+
+
+if __name__ == "__main__":
+    main()

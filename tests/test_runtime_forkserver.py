@@ -1,0 +1,138 @@
+"""The fork server: real processes, real signals, psutil to check nothing is left."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from flowmagic.runtime.forkserver import ForkServer, PreludeError, get_server, close_all
+from flowmagic.runtime.processes import describe_wait_status
+
+ENTRY = "flowmagic.runtime.forkserver:run_source"
+
+
+def run_source(server: ForkServer, source: str):
+    proc = server.spawn(ENTRY)
+    proc.channel.sendall(source.encode())
+    proc.channel.shutdown(1)
+    return proc
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exit_status(proc) -> tuple[int | None, int | None]:
+    line = read_all(proc.status).decode().strip()
+    assert line.startswith("exit "), line
+    return describe_wait_status(int(line.split()[1]))
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.fixture
+def server():
+    srv = ForkServer("import math\nBASE = 40\ndef twice(x):\n    return 2 * x\n", preload=("numpy",)).start()
+    yield srv
+    srv.close()
+
+
+def test_task_sees_prelude_and_streams_output(server):
+    proc = run_source(server, "import sys\nprint(twice(BASE) + 2)\nprint('oops', file=sys.stderr)\n")
+    assert read_all(proc.stdout) == b"82\n"
+    assert read_all(proc.stderr) == b"oops\n"
+    assert exit_status(proc) == (0, None)
+    proc.close()
+
+
+def test_each_task_is_fresh_and_has_its_own_group(server):
+    first = run_source(server, "import os\nLEFTOVER = 1\nprint(os.getpgid(0) == os.getpid(), os.getsid(0) == os.getpid())\n")
+    assert read_all(first.stdout) == b"True True\n"
+    exit_status(first)
+    second = run_source(server, "print('LEFTOVER' in globals())\n")
+    assert read_all(second.stdout) == b"False\n"
+    assert exit_status(second) == (0, None)
+    for p in (first, second):
+        p.close()
+
+
+def test_exit_codes_and_signals_are_reported(server):
+    crash = run_source(server, "import ctypes\nctypes.string_at(0)\n")
+    assert exit_status(crash) == (None, signal.SIGSEGV)
+    hard_exit = run_source(server, "import os\nos._exit(3)\n")
+    assert exit_status(hard_exit) == (3, None)
+    for p in (crash, hard_exit):
+        p.close()
+
+
+def test_kill_reaches_a_grandchild_that_ignores_sigterm(server):
+    source = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"])
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = run_source(server, source)
+    grandchild = int(os.read(proc.stdout, 100).split()[0])
+    time.sleep(0.3)
+    proc.kill(signal.SIGTERM)  # the leader dies, the server kills its group before reaping
+    assert exit_status(proc) == (None, signal.SIGTERM)
+    assert wait_gone([proc.pid, grandchild], 5) == []
+    proc.close()
+
+
+def test_prelude_error_is_reported():
+    with pytest.raises(PreludeError, match="ZeroDivisionError"):
+        ForkServer("x = 1 / 0\n", preload=()).start()
+
+
+def test_server_is_replaced_when_prelude_changes():
+    try:
+        a = get_server("A = 1\n")
+        assert get_server("A = 1\n") is a
+        b = get_server("A = 2\n")
+        assert b is not a and not a.alive() and b.alive()
+    finally:
+        close_all()
+
+
+def test_killing_the_orchestrator_kills_server_and_tasks(tmp_path):
+    script = tmp_path / "orchestrator.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import os, sys, time
+        from flowmagic.runtime.forkserver import ForkServer
+        server = ForkServer("", preload=()).start()
+        proc = server.spawn({ENTRY!r})
+        proc.channel.sendall(b"import time\\nprint('up', flush=True)\\ntime.sleep(120)")
+        proc.channel.shutdown(1)
+        os.read(proc.stdout, 10)
+        print(server.proc.pid, proc.pid, flush=True)
+        time.sleep(120)
+        """
+    ))
+    orch = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    server_pid, task_pid = map(int, orch.stdout.readline().split())
+    assert psutil.pid_exists(task_pid)
+    orch.kill()
+    orch.wait()
+    assert wait_gone([server_pid, task_pid], 5) == []
