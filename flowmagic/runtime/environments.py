@@ -224,9 +224,9 @@ def ensure_environment(spec: EnvSpec, store_root: Path, *, step: str | None = No
     Concurrent callers (threads or processes) building the same environment
     serialise on a file lock; the loser finds the winner's finished build.
     """
+    tool = _tool_for(spec.kind, step=step)
     envs = Path(store_root) / "envs"
     envs.mkdir(parents=True, exist_ok=True)
-    tool = _tool_for(spec.kind, step=step)
     cached = _lookup_request(envs, spec)
     if cached is not None:
         return cached
