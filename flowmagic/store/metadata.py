@@ -1,0 +1,465 @@
+"""Run metadata in SQLite: flows, runs, tags, tasks, attempts, artifacts, logs.
+
+Only the orchestrator writes (tasks hand it a manifest); any number of
+processes read. The database runs in WAL mode so readers never block the
+writer, with a busy timeout so two orchestrators take turns. Run ids come
+from a per-flow counter bumped inside ``BEGIN IMMEDIATE``, so they increase,
+are never reused (not even after gc) and never collide between processes.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+from ..errors import NotFoundError, StoreError
+from .serializers import ArtifactRef
+
+RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
+TaskState = Literal[
+    "pending",      # created, waiting for its inputs
+    "running",      # an attempt is executing
+    "retrying",     # an attempt failed, another one is coming
+    "done",         # the last attempt succeeded
+    "failed",       # the last attempt failed and nothing caught it
+    "caught",       # the last attempt failed, --catch recorded it, the run goes on
+    "cloned",       # copied from an earlier run by resume
+    "cached",       # copied from an identical earlier task by the step cache
+    "interrupted",  # stopped by the user
+]
+Outcome = Literal["ok", "failed", "timeout", "killed", "interrupted"]
+
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cloned", "cached", "interrupted")
+OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flows (
+    name TEXT PRIMARY KEY,
+    next_run_id INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    flow TEXT NOT NULL REFERENCES flows(name),
+    run_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,           -- JSON object
+    code TEXT NOT NULL,             -- JSON object: step name (and "_prelude") -> source
+    graph TEXT,                     -- JSON `show` document, or NULL
+    user TEXT,
+    interactive INTEGER NOT NULL DEFAULT 0,
+    origin_run_id INTEGER,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (flow, run_id));
+CREATE TABLE IF NOT EXISTS run_tags (
+    flow TEXT NOT NULL, run_id INTEGER NOT NULL, tag TEXT NOT NULL,
+    PRIMARY KEY (flow, run_id, tag));
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused, even after gc
+    flow TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    foreach_index TEXT,             -- JSON list of ints (nested foreach), or NULL
+    item TEXT,                      -- repr of the foreach item, for display
+    state TEXT NOT NULL,
+    origin_task_id INTEGER,         -- the task a cloned/cached task copies
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (flow, run_id, step);
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    exception TEXT,                 -- JSON {type, message, traceback}, or NULL
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT '',
+    outputs TEXT NOT NULL DEFAULT '[]',   -- JSON list of stored mimebundle records
+    PRIMARY KEY (task_id, attempt));
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    serializer TEXT NOT NULL,
+    inline TEXT,
+    PRIMARY KEY (task_id, attempt, name));
+CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (hash);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    flow: str
+    run_id: int
+    status: str
+    params: dict
+    code: dict
+    tags: tuple[str, ...]
+    user: str | None
+    interactive: bool
+    origin_run_id: int | None
+    started_at: float
+    finished_at: float | None
+    graph: dict | None = field(default=None, repr=False)
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: int
+    flow: str
+    run_id: int
+    step: str
+    index: tuple[int, ...] | None
+    item: str | None
+    state: str
+    origin_task_id: int | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}/{self.step}/{self.task_id}"
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    task_id: int
+    attempt: int
+    outcome: str
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    signal: int | None
+    exception: dict | None
+    stdout: str
+    stderr: str
+    outputs: list
+
+
+class Metadata:
+    """The SQLite database ``<root>/metadata.sqlite``."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connect()
+
+    # -- connection ------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        """The connection of this process (reopened after a fork: SQLite
+        connections must not cross processes)."""
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn, self._pid = conn, os.getpid()
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            self._conn = None
+            raise self._store_error(exc) from exc
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        row = None
+        has_info = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_info'").fetchone()
+        if has_info:
+            row = conn.execute("SELECT value FROM schema_info WHERE key='version'").fetchone()
+        if row is not None:
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store at {self.path.parent} was written by a newer flowmagic (schema "
+                    f"version {version}; this one knows up to {SCHEMA_VERSION}). Upgrade flowmagic, "
+                    "or point FLOWMAGIC_HOME at another store.")
+            return
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        if tables and not has_info:
+            raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
+                             f"(tables: {', '.join(t[0] for t in tables)})")
+        with self._write(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO schema_info VALUES ('version', ?)", (str(SCHEMA_VERSION),))
+
+    def _store_error(self, exc: sqlite3.DatabaseError) -> StoreError:
+        return StoreError(f"the metadata database {self.path} cannot be used ({exc}). If the file "
+                          "is corrupted, move the store away (it holds your runs) and start a new one.")
+
+    @contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so the
+        read-then-write sequences inside are atomic across processes."""
+        with self._lock:
+            conn = conn or self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                raise self._store_error(exc) from exc
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._connect().execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self._store_error(exc) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    # -- runs ------------------------------------------------------------------
+    def new_run(self, flow: str, *, params: dict, code: dict[str, str], tags: Sequence[str] = (),
+                user: str | None = None, interactive: bool = False, origin_run_id: int | None = None,
+                graph: dict | None = None) -> int:
+        """Create a running run; return its id (increasing per flow)."""
+        now = time.time()
+        user = user if user is not None else _current_user()
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO flows (name, next_run_id, created_at) VALUES (?, 1, ?)",
+                         (flow, now))
+            run_id = conn.execute("SELECT next_run_id FROM flows WHERE name = ?", (flow,)).fetchone()[0]
+            conn.execute("UPDATE flows SET next_run_id = ? WHERE name = ?", (run_id + 1, flow))
+            conn.execute(
+                "INSERT INTO runs (flow, run_id, status, params, code, graph, user, interactive,"
+                " origin_run_id, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (flow, run_id, _json(params), _json(code), _json(graph) if graph is not None else None,
+                 user, int(interactive), origin_run_id, now))
+            conn.executemany("INSERT OR IGNORE INTO run_tags VALUES (?, ?, ?)",
+                             [(flow, run_id, str(t)) for t in tags])
+        return int(run_id)
+
+    def finish_run(self, flow: str, run_id: int, status: RunStatus) -> None:
+        _check(status, RUN_STATUSES, "run status")
+        with self._write() as conn:
+            n = conn.execute("UPDATE runs SET status = ?, finished_at = ? WHERE flow = ? AND run_id = ?",
+                             (status, time.time(), flow, run_id)).rowcount
+        if n == 0:
+            raise self._missing_run(flow, run_id)
+
+    def set_run_graph(self, flow: str, run_id: int, *, code: dict[str, str] | None = None,
+                      graph: dict | None = None) -> None:
+        """Update the code/graph of a (session) run whose cells changed."""
+        with self._write() as conn:
+            if code is not None:
+                conn.execute("UPDATE runs SET code = ? WHERE flow = ? AND run_id = ?", (_json(code), flow, run_id))
+            if graph is not None:
+                conn.execute("UPDATE runs SET graph = ? WHERE flow = ? AND run_id = ?", (_json(graph), flow, run_id))
+
+    def add_tags(self, flow: str, run_id: int, tags: Sequence[str]) -> None:
+        self.get_run(flow, run_id)
+        with self._write() as conn:
+            conn.executemany("INSERT OR IGNORE INTO run_tags VALUES (?, ?, ?)",
+                             [(flow, run_id, str(t)) for t in tags])
+
+    def remove_tags(self, flow: str, run_id: int, tags: Sequence[str]) -> None:
+        self.get_run(flow, run_id)
+        with self._write() as conn:
+            conn.executemany("DELETE FROM run_tags WHERE flow = ? AND run_id = ? AND tag = ?",
+                             [(flow, run_id, str(t)) for t in tags])
+
+    # -- tasks -----------------------------------------------------------------
+    def new_task(self, flow: str, run_id: int, step: str, *, index: tuple[int, ...] | None = None,
+                 item: str | None = None) -> int:
+        """Create a pending task; task ids are unique in the whole store."""
+        now = time.time()
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO tasks (flow, run_id, step, foreach_index, item, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (flow, run_id, step, _json(list(index)) if index is not None else None, item, now, now))
+        return int(cur.lastrowid)
+
+    def set_task_state(self, task_id: int, state: TaskState) -> None:
+        _check(state, TASK_STATES, "task state")
+        with self._write() as conn:
+            n = conn.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE task_id = ?",
+                             (state, time.time(), task_id)).rowcount
+        if n == 0:
+            raise NotFoundError(f"task {task_id} does not exist")
+
+    def record_attempt(self, task_id: int, attempt: int, *, outcome: Outcome, started_at: float | None,
+                       finished_at: float | None, exit_code: int | None = None, signal: int | None = None,
+                       exception: dict | None = None, stdout: str = "", stderr: str = "",
+                       artifacts: Sequence[ArtifactRef] = (), outputs: Sequence[dict] = ()) -> None:
+        """Record one attempt of a task with its logs, exception and artifacts
+        (from the task's manifest). Recording the same attempt again replaces it."""
+        _check(outcome, OUTCOMES, "attempt outcome")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is None:
+                raise NotFoundError(f"task {task_id} does not exist")
+            conn.execute("DELETE FROM artifacts WHERE task_id = ? AND attempt = ?", (task_id, attempt))
+            conn.execute(
+                "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task_id, attempt, outcome, started_at, finished_at, exit_code, signal,
+                 _json(exception) if exception is not None else None, stdout or "", stderr or "",
+                 _json(list(outputs))))
+            conn.executemany(
+                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(task_id, attempt, r.name, r.type, r.size, r.hash, r.serializer, r.inline)
+                 for r in (_as_ref(a) for a in artifacts)])
+            conn.execute("UPDATE tasks SET updated_at = ? WHERE task_id = ?", (time.time(), task_id))
+
+    def clone_task(self, task_id: int, run_id: int, state: TaskState = "cloned") -> int:
+        """Copy a task into run ``run_id`` of the same flow (resume, step
+        cache): same step, index, logs and artifacts (objects shared by hash)."""
+        _check(state, TASK_STATES, "task state")
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT flow, step, foreach_index, item FROM tasks WHERE task_id = ?",
+                               (task_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"task {task_id} does not exist, so it cannot be cloned")
+            flow, step, index, item = row
+            new_id = conn.execute(
+                "INSERT INTO tasks (flow, run_id, step, foreach_index, item, state, origin_task_id,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (flow, run_id, step, index, item, state, task_id, now, now)).lastrowid
+            last = conn.execute("SELECT MAX(attempt) FROM attempts WHERE task_id = ?", (task_id,)).fetchone()[0]
+            if last is not None:
+                conn.execute("INSERT INTO attempts SELECT ?, 0, outcome, started_at, finished_at, exit_code,"
+                             " signal, exception, stdout, stderr, outputs FROM attempts"
+                             " WHERE task_id = ? AND attempt = ?", (new_id, task_id, last))
+                conn.execute("INSERT INTO artifacts SELECT ?, 0, name, type, size, hash, serializer, inline"
+                             " FROM artifacts WHERE task_id = ? AND attempt = ?", (new_id, task_id, last))
+        return int(new_id)
+
+    # -- read side ---------------------------------------------------------------
+    def list_flows(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT name FROM flows ORDER BY name")]
+
+    def list_runs(self, flow: str, tag: str | None = None) -> list[RunRecord]:
+        """Runs of ``flow``, newest first; with ``tag``, only runs carrying it."""
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE flow = ?"
+        args: list[Any] = [flow]
+        if tag is not None:
+            sql += " AND run_id IN (SELECT run_id FROM run_tags WHERE flow = ? AND tag = ?)"
+            args += [flow, tag]
+        rows = self._read(sql + " ORDER BY run_id DESC", args)
+        tags = self._tags_by_run(flow)
+        return [_run_record(r, tags.get(r[1], ())) for r in rows]
+
+    def get_run(self, flow: str, run_id: int) -> RunRecord:
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
+        if not rows:
+            raise self._missing_run(flow, run_id)
+        tags = self._read("SELECT tag FROM run_tags WHERE flow = ? AND run_id = ? ORDER BY tag", (flow, run_id))
+        return _run_record(rows[0], tuple(t[0] for t in tags))
+
+    def tasks(self, flow: str, run_id: int, step: str | None = None) -> list[TaskRecord]:
+        """Tasks of a run (of one step), in creation order."""
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE flow = ? AND run_id = ?"
+        args: list[Any] = [flow, run_id]
+        if step is not None:
+            sql += " AND step = ?"
+            args.append(step)
+        return [_task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
+
+    def get_task(self, task_id: int) -> TaskRecord:
+        rows = self._read(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+        if not rows:
+            raise NotFoundError(f"task {task_id} does not exist")
+        return _task_record(rows[0])
+
+    def attempts(self, task_id: int) -> list[AttemptRecord]:
+        rows = self._read("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))
+        return [AttemptRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+                              json.loads(r[7]) if r[7] else None, r[8], r[9], json.loads(r[10]))
+                for r in rows]
+
+    def artifacts(self, task_id: int) -> list[ArtifactRef]:
+        """Artifacts of the task's visible (last recorded) attempt, by name."""
+        rows = self._read(
+            "SELECT name, type, size, hash, serializer, inline FROM artifacts WHERE task_id = ? AND attempt ="
+            " (SELECT MAX(attempt) FROM attempts WHERE task_id = ?) ORDER BY name", (task_id, task_id))
+        return [ArtifactRef(*r) for r in rows]
+
+    def _tags_by_run(self, flow: str) -> dict[int, tuple[str, ...]]:
+        out: dict[int, list[str]] = {}
+        for run_id, tag in self._read("SELECT run_id, tag FROM run_tags WHERE flow = ? ORDER BY tag", (flow,)):
+            out.setdefault(run_id, []).append(tag)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def _missing_run(self, flow: str, run_id: int) -> NotFoundError:
+        if flow not in self.list_flows():
+            flows = self.list_flows()
+            return NotFoundError(f"flow '{flow}' has no runs in the store at {self.path.parent}; flows there: "
+                                 f"{', '.join(flows) if flows else '(none)'}")
+        ids = [r[0] for r in self._read("SELECT run_id FROM runs WHERE flow = ? ORDER BY run_id DESC", (flow,))]
+        shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+        return NotFoundError(f"run {flow}/{run_id} does not exist; runs of {flow}: {shown or '(none)'}")
+
+
+_RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
+                " finished_at, graph")
+_TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin_task_id, created_at,"
+                 " updated_at")
+
+
+def _run_record(r: tuple, tags: tuple[str, ...]) -> RunRecord:
+    return RunRecord(flow=r[0], run_id=r[1], status=r[2], params=json.loads(r[3]), code=json.loads(r[4]),
+                     tags=tags, user=r[5], interactive=bool(r[6]), origin_run_id=r[7], started_at=r[8],
+                     finished_at=r[9], graph=json.loads(r[10]) if r[10] else None)
+
+
+def _task_record(r: tuple) -> TaskRecord:
+    return TaskRecord(task_id=r[0], flow=r[1], run_id=r[2], step=r[3],
+                      index=tuple(json.loads(r[4])) if r[4] else None, item=r[5], state=r[6],
+                      origin_task_id=r[7], created_at=r[8], updated_at=r[9])
+
+
+def _as_ref(a: ArtifactRef | dict) -> ArtifactRef:
+    return a if isinstance(a, ArtifactRef) else ArtifactRef.from_dict(a)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=repr, separators=(",", ":"))
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} '{value}' (expected one of: {', '.join(allowed)})")
+
+
+def _current_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
