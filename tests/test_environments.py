@@ -7,6 +7,7 @@ failure, which builds nothing.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from flowmagic.runtime.environments import (
     ensure_environment,
     list_environments,
     parse_packages,
+    prelude_for_environment,
     prune_environments,
     python_for,
     requirement_name,
@@ -117,6 +119,12 @@ def test_environment_has_the_pinned_pandas_and_the_kernels_flowmagic(pandas_env,
     names = {requirement_name(p) for p in pandas_env.packages}
     assert {"pyarrow", "numpy", "xxhash", "ipython"} <= names
     assert "flowmagic" not in names   # linked, not installed: always the kernel's code
+    try:
+        kernel_cloudpickle = importlib.metadata.version("cloudpickle")
+    except importlib.metadata.PackageNotFoundError:
+        assert "cloudpickle" not in names
+    else:   # notebook-defined objects pickled by the kernel must load in the environment
+        assert f"cloudpickle=={kernel_cloudpickle}" in pandas_env.packages
 
 
 def test_environment_does_not_see_the_kernels_site_packages(pandas_env):
@@ -245,3 +253,33 @@ def test_conda_without_a_conda_tool_is_an_error_before_anything_runs(tmp_path, m
 def test_pypi_steps_pass_the_tool_check():
     step = SimpleNamespace(name="s", cell=1, options=SimpleNamespace(pypi=PANDAS_PIN, conda=None))
     check_environment_tools([step])   # uv is a dependency of flowmagic
+
+
+# ----------------------------------------------------------------- the prelude inside an environment
+
+_PRELUDE = '''from __future__ import annotations
+import json
+import nosuch_module_q as nq, os.path
+from nosuch_pkg_q import (a,
+    b as bee)
+def f():
+    import inner_missing_q   # inside a function: untouched, fails only when called
+X = json.dumps([1])
+'''
+
+
+def test_prelude_imports_missing_in_the_environment_become_placeholders():
+    namespace: dict = {}
+    exec(compile(prelude_for_environment(_PRELUDE), "<prelude>", "exec"), namespace)
+    assert namespace["X"] == "[1]" and namespace["os"].path.join("a", "b") == "a/b"
+    for name, module in (("nq", "nosuch_module_q"), ("a", "nosuch_pkg_q"), ("bee", "nosuch_pkg_q")):
+        with pytest.raises(ModuleNotFoundError) as info:
+            namespace[name].anything
+        assert module in str(info.value) and "--pypi" in str(info.value) and repr(name) in str(info.value)
+    with pytest.raises(ModuleNotFoundError):
+        namespace["f"]()
+
+
+@pytest.mark.parametrize("prelude", ["x = 1\n", "def broken(:\n", "import json; import nosuch_q\n"])
+def test_prelude_without_a_wrappable_import_is_left_as_it_is(prelude):
+    assert prelude_for_environment(prelude) == prelude

@@ -41,7 +41,9 @@ marks the environment complete.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -63,9 +65,12 @@ EnvKind = Literal["pypi", "conda"]
 
 # What flowmagic's task code imports inside the environment to load inputs
 # and save outputs; a user's own requirement for one of these names wins.
-WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "xxhash", "ipython")
+# cloudpickle: the kernel pickles notebook-defined functions and classes by
+# value with it when it has it, and loading those needs the same version.
+WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "xxhash", "ipython", "cloudpickle")
 # The same, named as conda-forge names them.
-CONDA_WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "python-xxhash", "ipython")
+CONDA_WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "python-xxhash", "ipython",
+                                              "cloudpickle")
 CONDA_TOOLS: tuple[str, ...] = ("micromamba", "mamba", "conda")
 CONDA_CHANNEL = "conda-forge"
 
@@ -113,7 +118,8 @@ class EnvSpec:
         """The user's packages plus each worker requirement the user did not name."""
         named = {requirement_name(p) for p in self.packages}
         worker = WORKER_REQUIREMENTS if self.kind == "pypi" else CONDA_WORKER_REQUIREMENTS
-        return list(self.packages) + [w for w in worker if requirement_name(w) not in named]
+        pinned = [_as_kernel_pin(w, self.kind) for w in worker if requirement_name(w) not in named]
+        return list(self.packages) + [p for p in pinned if p]
 
     def request_key(self) -> str:
         """Hash of the request itself: used to find an already resolved environment."""
@@ -185,6 +191,18 @@ def requirement_name(requirement: str) -> str:
     match = _NAME.match(requirement)
     name = match.group(1) if match else requirement
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
+    """cloudpickle must match the kernel's version (its pickles are not portable across
+    versions); without it in the kernel, nothing pickles with it, so leave it out."""
+    if requirement != "cloudpickle":
+        return requirement
+    try:
+        version = importlib.metadata.version("cloudpickle")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return f"cloudpickle=={version}" if kind == "pypi" else f"cloudpickle={version}"
 
 
 # ----------------------------------------------------------------- public entry points
@@ -383,6 +401,77 @@ def _site_packages(env: Path) -> Path:
     if not candidates:
         raise EnvironmentBuildError(f"no site-packages folder in {env}")
     return candidates[0]
+
+
+# ----------------------------------------------------------------- the prelude inside an environment
+
+_MISSING_HELPER = '''
+class _FlowmagicMissingModule:
+    """Stands for a prelude import that this step's environment does not have."""
+    def __init__(self, name, error):
+        object.__setattr__(self, "_fm_message", (
+            f"{error} in this step's isolated environment: the notebook's ordinary cells import it, "
+            f"but only the step's --pypi/--conda packages (and flowmagic's own) are installed there; "
+            f"add it to the step's package list to use {name!r} in this step"))
+    def __getattr__(self, attribute):
+        raise ModuleNotFoundError(object.__getattribute__(self, "_fm_message"))
+    def __call__(self, *args, **kwargs):
+        raise ModuleNotFoundError(object.__getattribute__(self, "_fm_message"))
+'''
+
+
+def prelude_for_environment(prelude: str) -> str:
+    """The prelude with every top-level import made tolerant of a missing module.
+
+    The notebook's ordinary cells were written for the kernel's packages; an
+    isolated environment holds only the step's own. A missing import must not
+    fail every step of that environment: the name is bound to a placeholder
+    whose first use raises ModuleNotFoundError saying what to add to --pypi.
+    """
+    try:
+        tree = ast.parse(prelude)
+    except SyntaxError:
+        return prelude   # the fork server reports it, as for the kernel's own prelude
+    lines = prelude.splitlines()
+    shared = _lines_holding_several_statements(tree)
+    future, pieces, done = [], [], 0
+    for node in tree.body:
+        start, end = node.lineno - 1, node.end_lineno
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or shared & set(range(start, end)):
+            continue   # not an import, or `import a; x = 1` on one line: left as it is
+        pieces.extend(lines[done:start])
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            future.extend(lines[start:end])   # must stay first, cannot be in a try
+        else:
+            pieces.extend(_tolerant_import(node))
+        done = end
+    if not done:
+        return prelude
+    pieces.extend(lines[done:])
+    return "\n".join([*future, _MISSING_HELPER, *pieces]) + "\n"
+
+
+def _lines_holding_several_statements(tree: ast.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for node in tree.body:
+        for line in range(node.lineno - 1, node.end_lineno):
+            seen[line] = seen.get(line, 0) + 1
+    return {line for line, count in seen.items() if count > 1}
+
+
+def _tolerant_import(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """One try per imported name, so a missing one does not hide the others."""
+    out = []
+    for alias in node.names:
+        single = type(node)(names=[alias], **({"module": node.module, "level": node.level}
+                                              if isinstance(node, ast.ImportFrom) else {}))
+        out += ["try:", "    " + ast.unparse(single), "except ImportError as _fm_error:"]
+        if alias.name == "*":
+            out.append("    pass")
+        else:
+            bound = alias.asname or alias.name.split(".")[0]
+            out.append(f"    {bound} = _FlowmagicMissingModule({bound!r}, _fm_error)")
+    return out
 
 
 # ----------------------------------------------------------------- listing and pruning
