@@ -1,0 +1,212 @@
+"""Live step states: folding orchestrator events into what the DAG shows.
+
+The orchestrator emits one event per task state change (`runtime.events`);
+a foreach step with 1,000 items emits thousands. The DAG view shows one
+record per step, so events are folded here into ``{"state", "attempt",
+"done", "total", "failed", "duration", "started"}`` per step, and
+:class:`Throttle` coalesces the pushes to the front end (at most one per
+interval, the last one always delivered).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+StepState = Literal[
+    "pending",      # not started in this run
+    "running",      # at least one task is running (or some done, some to go)
+    "retrying",     # a task failed an attempt and runs again
+    "failed",       # a task failed its last attempt (or was interrupted)
+    "caught",       # a task failed, --catch recorded the error, the run went on
+    "cloned",       # every task was cloned from the origin run (resume)
+    "cached",       # every task was cloned from a matching earlier task (--cache)
+    "stale",        # ran before, but a step upstream re-ran since (interactive)
+    "done",         # every task finished
+]
+STATES: tuple[str, ...] = StepState.__args__  # type: ignore[attr-defined]
+
+_ACTIVE = {"running", "retrying"}
+_OK = {"done", "cloned", "cached"}
+_BAD = {"failed", "interrupted", "killed", "timeout"}
+_TERMINAL = _OK | _BAD | {"caught"}
+
+
+@dataclass
+class _Task:
+    state: str = "pending"
+    attempt: int = 0
+    started: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class _Step:
+    tasks: dict[Any, _Task] = field(default_factory=dict)
+    expected: int = 0               # announced number of tasks (foreach), 0 if unknown
+    override: dict | None = None    # set explicitly (stale, or a state loaded from the store)
+
+
+class StepStates:
+    """Per-step live states of one run, built from task events.
+
+    Not thread-safe by itself: :class:`flowmagic.widgets.DagView` holds a
+    lock around it.
+    """
+
+    def __init__(self, steps: Iterable[str] = ()) -> None:
+        self._steps: dict[str, _Step] = {name: _Step() for name in steps}
+        self.run: dict[str, Any] = {}
+
+    def apply(self, event: Any) -> bool:
+        """Fold one runtime event in; True when the picture changed."""
+        kind = getattr(event, "kind", None)
+        if kind == "run":
+            self.run = {"run_id": event.run_id, "status": event.state}
+            return True
+        if kind != "task" or not event.step or not event.state:
+            return False
+        step = self._steps.setdefault(event.step, _Step())
+        step.override = None
+        data = event.data if isinstance(event.data, dict) else {}
+        if isinstance(data.get("total"), int):
+            step.expected = data["total"]
+        key = event.task_id if event.task_id is not None else (event.index or "_")
+        task = step.tasks.setdefault(key, _Task())
+        when = event.time or time.time()
+        task.state = event.state
+        if event.attempt is not None:
+            task.attempt = event.attempt
+        if event.state in _ACTIVE and task.started is None:
+            task.started = when
+        if event.state in _TERMINAL:
+            task.finished = when
+            if task.started is None and event.state in _BAD | {"caught"}:
+                task.started = when
+        return True
+
+    def set(self, name: str, record: Mapping[str, Any]) -> None:
+        """Show ``record`` for a step until its next task event (e.g. stale)."""
+        step = self._steps.setdefault(name, _Step())
+        step.override = _normalise(record)
+
+    def reset(self, steps: Iterable[str] | None = None) -> None:
+        """Forget every task: a new run starts (optionally with new steps)."""
+        names = list(steps) if steps is not None else list(self._steps)
+        self._steps = {name: _Step() for name in names}
+        self.run = {}
+
+    def snapshot(self) -> dict[str, dict]:
+        return {name: self._record(step) for name, step in self._steps.items()}
+
+    def _record(self, step: _Step) -> dict:
+        if step.override is not None:
+            return dict(step.override)
+        tasks = list(step.tasks.values())
+        total = max(step.expected, len(tasks))
+        done = sum(t.state in _OK for t in tasks)
+        failed = sum(t.state in _BAD or t.state == "caught" for t in tasks)
+        record = {
+            "state": _fold(tasks, total),
+            "attempt": max((t.attempt for t in tasks), default=0),
+            "done": done,
+            "total": total,
+            "failed": failed,
+            "duration": None,
+        }
+        starts = [t.started for t in tasks if t.started is not None]
+        if starts:
+            record["started"] = min(starts)
+            if record["state"] not in _ACTIVE:
+                ends = [t.finished for t in tasks if t.finished is not None]
+                if ends:
+                    record["duration"] = round(max(ends) - min(starts), 3)
+        return record
+
+
+def _fold(tasks: list[_Task], total: int) -> str:
+    """One word for a step from its tasks' states."""
+    if not tasks:
+        return "pending"
+    states = [t.state for t in tasks]
+    if "retrying" in states:
+        return "retrying"
+    if "running" in states:
+        return "running"
+    finished = [s for s in states if s in _TERMINAL]
+    if len(finished) < total:
+        return "running" if finished else "pending"
+    if any(s in _BAD for s in states):
+        return "failed" if "interrupted" not in states else "interrupted"
+    if "caught" in states:
+        return "caught"
+    for uniform in ("cloned", "cached"):
+        if all(s == uniform for s in states):
+            return uniform
+    return "done"
+
+
+def _normalise(record: Mapping[str, Any]) -> dict:
+    state = str(record.get("state", "pending"))
+    return {
+        "state": state,
+        "attempt": int(record.get("attempt") or 0),
+        "done": int(record.get("done") or 0),
+        "total": int(record.get("total") or 0),
+        "failed": int(record.get("failed") or 0),
+        "duration": record.get("duration"),
+        **({"started": record["started"]} if record.get("started") is not None else {}),
+    }
+
+
+def normalise_states(states: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Validate and fill in a ``{step: record}`` mapping given by a caller."""
+    return {str(name): _normalise(record) for name, record in states.items()}
+
+
+class Throttle:
+    """Calls ``push`` at most once per ``interval`` seconds, coalescing requests.
+
+    A request inside the interval is delivered by a timer at the interval's
+    end, so the last state always reaches the front end even if no further
+    event comes.
+    """
+
+    def __init__(self, push: Callable[[], None], interval: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._push = push
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._last = float("-inf")
+        self._timer: threading.Timer | None = None
+        self.pushes = 0
+
+    def request(self) -> None:
+        with self._lock:
+            wait = self._last + self.interval - self._clock()
+            if wait <= 0:
+                self._deliver()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Deliver now whatever is pending (end of a run, tests)."""
+        with self._lock:
+            self._deliver()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._deliver()
+
+    def _deliver(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._last = self._clock()
+        self.pushes += 1
+        self._push()

@@ -1,0 +1,23 @@
+// Builds the widget front end into flowmagic/widgets/static/, where the
+// Python package ships it (committed, so `pip install` needs no node).
+import { build } from "esbuild";
+import { copyFile, mkdir } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const outdir = join(here, "..", "flowmagic", "widgets", "static");
+
+await mkdir(outdir, { recursive: true });
+await build({
+  entryPoints: [join(here, "src", "index.js")],
+  bundle: true,
+  format: "esm",
+  minify: true,
+  target: ["es2020"],
+  outfile: join(outdir, "flowmagic.js"),
+  legalComments: "eof",
+  charset: "utf8",
+  logLevel: "info",
+});
+await copyFile(join(here, "src", "style.css"), join(outdir, "flowmagic.css"));

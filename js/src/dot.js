@@ -1,0 +1,94 @@
+// The flow's `show` document -> Graphviz DOT text. Graphviz only lays the
+// graph out: nodes are empty fixed-size boxes that dag.js fills afterwards,
+// so live state changes never move anything.
+
+const NAME_CHAR_PT = 7.6; // bold 13px UI font, one character, in points
+const STATUS_MIN_PT = 132; // room for "retrying #3 · 12 min 30 s"
+const NODE_PAD_PT = 22;
+export const NODE_HEIGHT_IN = 0.8;
+const MAX_EDGE_VARIABLES = 3;
+
+export function quote(text) {
+  return `"${String(text).replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, " ")}"`;
+}
+
+export function edgeLabel(variables) {
+  if (!variables || variables.length === 0) {
+    return "";
+  }
+  const shown = variables.slice(0, MAX_EDGE_VARIABLES).join(", ");
+  const rest = variables.length - MAX_EDGE_VARIABLES;
+  return rest > 0 ? `${shown} +${rest}` : shown;
+}
+
+export function nodeWidthInches(name) {
+  const points = Math.max(String(name).length * NAME_CHAR_PT, STATUS_MIN_PT) + NODE_PAD_PT;
+  return (points / 72).toFixed(2);
+}
+
+function parameterReaders(graph) {
+  const readers = new Map();
+  for (const param of graph.parameters || []) {
+    readers.set(param.name, []);
+  }
+  for (const step of graph.steps || []) {
+    for (const name of step.reads || []) {
+      if (readers.has(name)) {
+        readers.get(name).push(step.name);
+      }
+    }
+  }
+  return readers;
+}
+
+// Returns the DOT text and, for every id put in it, what it stands for.
+export function buildDot(graph, uid) {
+  const nodes = new Map(); // svg id -> {kind: "step"|"param", name}
+  const edges = new Map(); // svg id -> {from, to, variables, kind}
+  const stepId = new Map();
+  const lines = [
+    `digraph flow {`,
+    `  id=${quote(`${uid}_graph`)};`,
+    `  graph [rankdir=TB, nodesep=0.3, ranksep=0.42, bgcolor="transparent", pad=0.1];`,
+    `  node [shape=box, fixedsize=true, height=${NODE_HEIGHT_IN}, label="", fontname="Helvetica", fontsize=11];`,
+    `  edge [fontname="Helvetica", fontsize=10, arrowsize=0.7];`,
+  ];
+  (graph.steps || []).forEach((step, i) => {
+    const id = `${uid}_n${i}`;
+    stepId.set(step.name, id);
+    nodes.set(id, { kind: "step", name: step.name });
+    lines.push(`  ${quote(id)} [id=${quote(id)}, width=${nodeWidthInches(step.name)}];`);
+  });
+  const readers = parameterReaders(graph);
+  (graph.parameters || []).forEach((param, i) => {
+    const id = `${uid}_p${i}`;
+    nodes.set(id, { kind: "param", name: param.name });
+    const label = `${param.name} = ${JSON.stringify(param.default)}`.slice(0, 40);
+    lines.push(
+      `  ${quote(id)} [id=${quote(id)}, shape=box, style="rounded,dashed", fixedsize=false, ` +
+        `height=0.3, margin="0.08,0.03", label=${quote(label)}];`,
+    );
+    (readers.get(param.name) || []).forEach((reader, j) => {
+      if (!stepId.has(reader)) {
+        return;
+      }
+      const edgeId = `${uid}_pe${i}_${j}`;
+      edges.set(edgeId, { from: param.name, to: reader, variables: [param.name], kind: "param" });
+      lines.push(`  ${quote(id)} -> ${quote(stepId.get(reader))} [id=${quote(edgeId)}, style=dashed];`);
+    });
+  });
+  (graph.edges || []).forEach((edge, i) => {
+    if (!stepId.has(edge.from) || !stepId.has(edge.to)) {
+      return;
+    }
+    const id = `${uid}_e${i}`;
+    edges.set(id, { from: edge.from, to: edge.to, variables: edge.variables || [], kind: "data" });
+    const label = edgeLabel(edge.variables);
+    lines.push(
+      `  ${quote(stepId.get(edge.from))} -> ${quote(stepId.get(edge.to))} ` +
+        `[id=${quote(id)}, label=${quote(label ? ` ${label} ` : "")}, tooltip=${quote((edge.variables || []).join(", "))}];`,
+    );
+  });
+  lines.push("}");
+  return { dot: lines.join("\n"), nodes, edges };
+}
