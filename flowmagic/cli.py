@@ -1,0 +1,103 @@
+"""The console command ``flowmagic``: a thin layer over the engine.
+
+Subcommands live in a small table (:data:`COMMANDS`); to add one, write a
+``configure(parser)`` and a ``run(args) -> int`` and append a
+:class:`Subcommand`. A :class:`FlowmagicError` (or an unreadable file) becomes
+a one-line message on stderr and exit status 2; ``--json`` reports go to
+stdout as exactly one JSON document (DESIGN section 8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flowmagic.errors import FlowmagicError, UsageError
+
+EXIT_OK = 0
+EXIT_FAILED = 1   # a run that failed or was interrupted
+EXIT_USAGE = 2    # bad usage, or a flow that cannot be built
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def print_json(document: dict) -> None:
+    """The one JSON document a ``--json`` command prints."""
+    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+# --- show ----------------------------------------------------------------------
+
+def _configure_show(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("notebook", help="the .ipynb file")
+    parser.add_argument("--json", action="store_true", help="print the flow as one JSON document")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from flowmagic.notebook import load_flow
+    from flowmagic.report import render_show
+
+    graph = load_flow(args.notebook)
+    if args.json:
+        print_json(graph.to_json())
+    else:
+        sys.stdout.write(render_show(graph))
+    return EXIT_OK
+
+
+COMMANDS: list[Subcommand] = [
+    Subcommand("show", "show the flow a notebook defines: steps, options, edges, parameters",
+               _configure_show, _run_show),
+]
+
+
+# --- the parser and the entry point ----------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become UsageError (one line, exit 2) instead of SystemExit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flowmagic", description="Metaflow's model for Jupyter notebooks.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args._run(args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except FlowmagicError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write("flowmagic: error: " + " ".join(message.split()) + "\n")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Reading a saved ``.ipynb``: its cells, its flow's name and its store root."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from flowmagic.dag import FlowGraph, build_flow, flow_name_from_cells
+from flowmagic.errors import UsageError
+
+STORE_DIRNAME = ".flowmagic"
+
+
+def read_cells(path: str | os.PathLike) -> list[str]:
+    """Source of every cell in order; markdown and raw cells as "" so that
+    indices match the notebook's. Raises UsageError for a missing file or
+    anything that is not a notebook."""
+    import nbformat  # imported here: the dag does not need it
+
+    notebook_path = Path(path)
+    if not notebook_path.is_file():
+        raise UsageError(f"no such notebook: {notebook_path}")
+    try:
+        notebook = nbformat.read(notebook_path, as_version=4)
+    except Exception as exc:  # nbformat raises JSON, validation and reader errors
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UsageError(f"{notebook_path} is not a Jupyter notebook ({reason})") from None
+    return [_source(cell) for cell in notebook.get("cells", [])]
+
+
+def _source(cell) -> str:
+    if cell.get("cell_type") != "code":
+        return ""
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def camel_case(stem: str) -> str:
+    """``hello_flow`` -> ``HelloFlow``; the result is always a valid identifier."""
+    parts = [p for p in re.split(r"[\W_]+", stem) if p]
+    name = "".join(p[0].upper() + p[1:] for p in parts)
+    if not name or not name.isidentifier():
+        name = "Flow" + name
+    return name if name.isidentifier() else "Flow"
+
+
+def flow_name_for(path: str | os.PathLike, cells: list[str] | None = None) -> str:
+    """``%flow name NAME`` if a cell has one, else the file stem in CamelCase."""
+    found = flow_name_from_cells(cells if cells is not None else read_cells(path))
+    return found or camel_case(Path(path).stem)
+
+
+def store_root_for(notebook_path: str | os.PathLike) -> Path:
+    """``$FLOWMAGIC_HOME`` when set, else ``.flowmagic/`` next to the notebook."""
+    home = os.environ.get("FLOWMAGIC_HOME")
+    if home:
+        return Path(home).expanduser().absolute()
+    return Path(notebook_path).absolute().parent / STORE_DIRNAME
+
+
+def load_flow(path: str | os.PathLike) -> FlowGraph:
+    """Read a notebook and build its flow. Raises UsageError or FlowDefinitionError."""
+    cells = read_cells(path)
+    return build_flow(cells, name=camel_case(Path(path).stem))
