@@ -97,6 +97,12 @@ class _Server:
                 importlib.import_module(name)
             except Exception:  # an optional heavy module may be missing in an environment
                 pass
+        try:  # an IPython shell made once here is inherited ready-made by every task
+            from flowmagic.runtime.execute import prepare_shell
+
+            prepare_shell()
+        except ImportError:
+            pass
         # The prelude runs in a fresh ``__main__`` module, as notebook cells do in
         # a kernel: classes it defines pickle as ``__main__.X`` and load in the kernel.
         main = types.ModuleType("__main__")

@@ -1,0 +1,278 @@
+"""The code that runs inside a task process (forked by the fork server).
+
+It reads its *spec* (JSON) from the channel, binds parameters and inputs
+(loaded memory-mapped from the object store) into the prelude's namespace,
+executes the step's code like a notebook cell, saves every name the step
+writes, and sends back a manifest. It never touches metadata: that is the
+orchestrator's job (DESIGN section 9).
+
+Spec keys: ``objects_root``, ``step``, ``cell``, ``source``, ``code``,
+``filename``, ``first_line``, ``params`` (name -> JSON value), ``bindings``
+(name -> binding, see :func:`resolve_binding`), ``foreach`` (``{"binding",
+"index"}`` or None), ``inputs`` (list of name -> binding, or None),
+``catch`` (variable or None), ``catch_now`` (last attempt), ``writes``,
+``required`` (names a later step reads), ``foreach_vars`` (names a later
+foreach step iterates over), ``mutation_check``.
+
+Channel messages (JSON lines): ``{"type": "display", "data": mimebundle}``
+while running, then ``{"type": "manifest", "outcome", "artifacts",
+"exception", "outputs", "foreach", "warnings", "not_persisted"}``.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import traceback
+import types
+from typing import Any, Callable
+
+from flowmagic.errors import SerializationError
+from flowmagic.store.objects import ObjectStore
+from flowmagic.store.serializers import ArtifactRef, load_artifact, save_artifact, type_name_of, value_hash
+
+ITEM_REPR_MAX = 60
+ITEM_REPRS_MAX = 10_000
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
+
+
+def main(channel: socket.socket, namespace: dict) -> int:
+    """Entry point called by the fork server in the forked child."""
+    spec = json.loads(_recv_all(channel))
+    sender = _Sender(channel)
+    manifest = run_task(spec, namespace, sender.send)
+    sender.send({"type": "manifest", **manifest})
+    channel.close()
+    return 0
+
+
+def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
+    objects = ObjectStore(spec["objects_root"])
+    step = spec["step"]
+    outputs: list[dict] = []
+    warnings: list[str] = []
+
+    def emit(message: dict) -> None:
+        if message.get("type") == "display":
+            outputs.append(_store_output(objects, message.get("data") or {}))
+        send(message)
+
+    try:
+        bound = bind_inputs(spec, ns, objects)
+    except Exception as exc:  # noqa: BLE001 - a missing/unreadable input fails the task, clearly
+        return _manifest("failed", [], _exception_record(exc), outputs, {}, warnings, [])
+    before = _hashes(bound, spec) if spec.get("mutation_check") else {}
+    if spec.get("catch"):
+        ns[spec["catch"]] = None
+    ok, error = _execute(spec, ns, emit)
+    if not ok and not (spec.get("catch") and spec.get("catch_now")):
+        return _manifest("failed", [], error, outputs, {}, warnings, [])
+    if not ok:  # caught: names bound before the failure keep their values, the rest are None
+        for name in spec["writes"]:
+            ns.setdefault(name, None)
+        ns[spec["catch"]] = error
+    refs, not_persisted, save_error = _save_writes(spec, ns, objects, warnings)
+    if save_error is not None:
+        return _manifest("failed", [], save_error, outputs, {}, warnings, not_persisted)
+    if ok and before:
+        warnings.extend(_mutation_warnings(step, bound, before, spec))
+    for text in warnings:
+        print(f"flowmagic: warning: {text}", file=sys.stderr, flush=True)
+    foreach = {name: _foreach_info(ns[name]) for name in spec.get("foreach_vars", []) if name in ns}
+    manifest = _manifest("ok" if ok else "failed", refs, error, outputs, foreach, warnings, not_persisted)
+    manifest["caught"] = not ok
+    return manifest
+
+
+# -- inputs ---------------------------------------------------------------------
+
+
+def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
+    """A binding is ``{"ref": ArtifactRef dict}``, ``{"list": [bindings]}`` (a
+    gathered foreach value, nested for nested foreach), ``{"value": JSON}`` or
+    ``{"missing": message}``."""
+    if "ref" in binding:
+        return load_artifact(objects, ArtifactRef.from_dict(binding["ref"]))
+    if "list" in binding:
+        return [resolve_binding(b, objects) for b in binding["list"]]
+    if "value" in binding:
+        return binding["value"]
+    raise NameError(binding["missing"])
+
+
+def bind_inputs(spec: dict, ns: dict, objects: ObjectStore) -> dict[str, Any]:
+    """Put parameters, inputs, ``input`` and ``inputs`` into ``ns``; return the inputs."""
+    ns.update(spec.get("params", {}))
+    bound: dict[str, Any] = {}
+    for name, binding in spec.get("bindings", {}).items():
+        bound[name] = ns[name] = resolve_binding(binding, objects)
+    foreach = spec.get("foreach")
+    if foreach is not None:
+        items = _as_sequence(resolve_binding(foreach["binding"], objects))
+        ns["input"] = items[foreach["index"]]
+    if spec.get("inputs") is not None:
+        ns["inputs"] = [_LazyNamespace(b, objects) for b in spec["inputs"]]
+    return bound
+
+
+class _LazyNamespace(types.SimpleNamespace):
+    """One foreach task's artifacts (``inputs[i].x``), loaded on first access."""
+
+    def __init__(self, bindings: dict, objects: ObjectStore) -> None:
+        super().__init__()
+        object.__setattr__(self, "_bindings", bindings)
+        object.__setattr__(self, "_objects", objects)
+
+    def __getattr__(self, name: str) -> Any:
+        bindings = object.__getattribute__(self, "_bindings")
+        if name not in bindings:
+            raise AttributeError(f"this foreach task has no artifact '{name}' (it has: {', '.join(sorted(bindings))})")
+        value = resolve_binding(bindings[name], object.__getattribute__(self, "_objects"))
+        object.__setattr__(self, name, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"namespace({', '.join(sorted(object.__getattribute__(self, '_bindings')))})"
+
+    def __reduce__(self):
+        # Saved (a join's loop variable `for inp in inputs`) as a plain namespace of values.
+        values = {name: getattr(self, name) for name in object.__getattribute__(self, "_bindings")}
+        return (types.SimpleNamespace, (), values)
+
+
+def _as_sequence(value: Any) -> Any:
+    if isinstance(value, (list, tuple, range, str)):
+        return value
+    return list(value)
+
+
+# -- execution --------------------------------------------------------------------
+
+
+def _execute(spec: dict, ns: dict, emit: Callable[[dict], None]) -> tuple[bool, dict | None]:
+    try:
+        from flowmagic.runtime.execute import execute_cell
+    except ImportError:
+        return _plain_exec(spec, ns)
+    result = execute_cell(spec["source"], ns, filename=spec["filename"], first_line=spec["first_line"], emit=emit)
+    return result.ok, result.error
+
+
+def _plain_exec(spec: dict, ns: dict) -> tuple[bool, dict | None]:
+    """Fallback while the IPython-aware executor is unavailable."""
+    try:
+        code = compile("\n" * (spec["first_line"] - 1) + spec["code"], spec["filename"], "exec")
+        exec(code, ns)
+    except BaseException as exc:  # noqa: BLE001 - the step's error is the task's result
+        return False, _exception_record(exc, skip_frames=1)
+    return True, None
+
+
+def _exception_record(exc: BaseException, skip_frames: int = 0) -> dict:
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        tb = tb.tb_next if tb is not None else None
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+    }
+
+
+# -- outputs ----------------------------------------------------------------------
+
+
+def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]):
+    names = list(spec["writes"])
+    if spec.get("catch") and spec["catch"] not in names:
+        names.append(spec["catch"])
+    required = set(spec.get("required", ()))
+    refs: list[dict] = []
+    not_persisted: list[dict] = []
+    for name in names:
+        if name not in ns:
+            continue  # never bound (a branch not taken): a reader gets a clear NameError
+        value = ns[name]
+        try:
+            refs.append(save_artifact(objects, name, value, step=spec["step"]).to_dict())
+        except Exception as exc:  # noqa: BLE001 - SerializationError and anything a writer raises
+            type_name = type_name_of(value)
+            if name in required:
+                message = str(exc) if isinstance(exc, SerializationError) else (
+                    f"step '{spec['step']}': variable '{name}' of type {type_name} cannot be saved ({exc})")
+                return refs, not_persisted, {"type": "SerializationError", "message": message,
+                                             "traceback": f"SerializationError: {message}\n"}
+            not_persisted.append({"name": name, "type": type_name})
+            warnings.append(f"step '{spec['step']}': '{name}' ({type_name}) cannot be saved; "
+                            "no later step reads it, so it is not persisted")
+    return refs, not_persisted, None
+
+
+def _store_output(objects: ObjectStore, bundle: dict) -> dict:
+    key = objects.put_bytes(json.dumps(bundle, sort_keys=True).encode())
+    return {"hash": key, "mimetypes": sorted(bundle)}
+
+
+def _foreach_info(value: Any) -> dict:
+    try:
+        items = _as_sequence(value)
+        length = len(items)
+    except TypeError:
+        return {"length": None, "items": [], "error": f"a {type(value).__name__} cannot be iterated"}
+    reprs = []
+    for item in items[:ITEM_REPRS_MAX] if not isinstance(items, str) else items[:ITEM_REPRS_MAX]:
+        text = repr(item)
+        reprs.append(text if len(text) <= ITEM_REPR_MAX else text[: ITEM_REPR_MAX - 3] + "...")
+    return {"length": length, "items": reprs}
+
+
+def _hashes(bound: dict[str, Any], spec: dict) -> dict[str, str]:
+    writes = set(spec["writes"])
+    hashes = {}
+    for name, value in bound.items():
+        if name in writes or isinstance(value, _IMMUTABLE):
+            continue
+        try:
+            hashes[name] = value_hash(value)
+        except Exception:  # noqa: BLE001 - an unhashable input just is not checked
+            pass
+    return hashes
+
+
+def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: dict) -> list[str]:
+    changed = []
+    for name, digest in before.items():
+        try:
+            if value_hash(bound[name]) != digest:
+                changed.append(name)
+        except Exception:  # noqa: BLE001
+            pass
+    return [f"step '{step}' changed '{name}' in place (a method call such as .append() or "
+            f"inplace=True); the change is not saved: assign the result (`{name} = ...`) "
+            "to make it an output of this step" for name in changed]
+
+
+def _manifest(outcome, refs, exception, outputs, foreach, warnings, not_persisted) -> dict:
+    return {"outcome": outcome, "artifacts": refs, "exception": exception,
+            "outputs": outputs, "foreach": foreach, "warnings": warnings, "not_persisted": not_persisted}
+
+
+# -- plumbing -----------------------------------------------------------------------
+
+
+class _Sender:
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+
+    def send(self, message: dict) -> None:
+        try:
+            self.channel.sendall(json.dumps(message, default=str).encode() + b"\n")
+        except OSError:
+            pass  # the orchestrator is gone; the exit status is all that matters now
+
+
+def _recv_all(channel: socket.socket) -> bytes:
+    chunks = []
+    while chunk := channel.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
