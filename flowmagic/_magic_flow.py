@@ -8,8 +8,8 @@ ever shows a traceback of its own.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from flowmagic import _magic_views as views
@@ -92,38 +92,11 @@ def _show(magics: FlowMagics, words: list[str]) -> Any:
 
 
 # -- run / resume -------------------------------------------------------------
-_CONVERTERS: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "str": str, "json": json.loads,
-}
-
-
-def _to_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _converter(kind: str) -> Callable[[str], Any]:
-    convert = _to_bool if kind == "bool" else _CONVERTERS.get(kind, str)
-
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except (ValueError, json.JSONDecodeError):
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-    parse.__name__ = kind
-    return parse
-
-
 def _run_parser(graph: Any) -> MagicArgumentParser:
     parser = _parser("run", f"A fresh run of {graph.name}, every independent step in parallel.")
     group = parser.add_argument_group("parameters")
     for param in graph.params:
-        group.add_argument(f"--{param.name}", type=_converter(param.type), default=None,
-                           metavar=param.type.upper(),
+        group.add_argument(f"--{param.name}", default=None, metavar=param.type.upper(),
                            help=f"{param.help or ''} (default: {param.default!r})".strip())
     _add_run_options(parser)
     parser.add_argument("--cache", action="store_true", help="reuse matching succeeded tasks")
@@ -140,15 +113,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(magics: FlowMagics, words: list[str]) -> Any:
     from flowmagic.runtime import scheduler
+    from flowmagic.runtime.parameters import resolve_params
 
     graph = magics.graph()
     args = _run_parser(graph).parse_args(words)
-    params = {p.name: p.default for p in graph.params}
-    params.update({p.name: getattr(args, p.name) for p in graph.params
-                   if getattr(args, p.name, None) is not None})
+    params = resolve_params(graph, {p.name: getattr(args, p.name) for p in graph.params
+                                    if getattr(args, p.name, None) is not None})
     result = _drive(magics, graph, "run", lambda on_event: scheduler.run_flow(
         graph, magics.store(), params=params, tags=tuple(args.tag), max_workers=args.max_workers,
-        on_event=on_event, cache=args.cache))
+        on_event=on_event, cache=args.cache, workdir=str(Path.cwd())))
     magics.shell.user_ns.update(params)
     return _finish(magics, result, args.json)
 
@@ -170,7 +143,7 @@ def _resume(magics: FlowMagics, words: list[str]) -> Any:
                           f"{', '.join(s.name for s in graph.steps)}")
     result = _drive(magics, graph, "resume", lambda on_event: scheduler.resume_flow(
         graph, magics.store(), origin_run_id=origin, from_step=args.from_step, tags=tuple(args.tag),
-        max_workers=args.max_workers, on_event=on_event))
+        max_workers=args.max_workers, on_event=on_event, workdir=str(Path.cwd())))
     return _finish(magics, result, args.json)
 
 
@@ -193,6 +166,7 @@ def _drive(magics: FlowMagics, graph: Any, what: str, start: Callable[[Any], Any
                           "marked interrupted") from None
     finally:
         printer.close()
+        views.finish_run_view(view)
 
 
 def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:

@@ -6,6 +6,9 @@ imported here, lazily, so ``%load_ext flowmagic`` stays quick.
 """
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowmagic import _magic_views as views
@@ -56,7 +59,10 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> None:
     defined = record_cell(magics, "%%step", line, cell)
     from flowmagic.runtime import scheduler
 
-    graph = magics.graph()
+    try:
+        graph = magics.graph()
+    except FlowDefinitionError as exc:
+        raise _with_saved_notebook_hint(magics, exc) from None
     step = defined.step
     session = session_for(magics)
     _check_producers(magics, graph, session, step)
@@ -70,22 +76,55 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> None:
     session.states[step] = "running"
     views.refresh_view(magics, graph)
     try:
-        result = scheduler.run_step(graph, store, session.run_id, step, params=params, on_event=printer)
+        result = scheduler.run_step(graph, store, session.run_id, step, params=params,
+                                    on_event=printer, workdir=str(Path.cwd()))
     except KeyboardInterrupt:
         printer.close()
-        session.record(graph, step, "interrupted")
-        views.refresh_view(magics, graph)
+        _settle(magics, graph, session, step, "interrupted")
         raise Interrupted(f"step '{step}' was stopped; its tasks are ended and "
                           f"session run {session.run_id} is marked interrupted") from None
     printer.close()
     state = _OK_STATES.get(result.status, "failed")
-    stale = session.record(graph, step, state)
-    views.refresh_view(magics, graph)
+    stale = _settle(magics, graph, session, step, state)
     if state == "failed":
-        raise step_failure(step, result.exception, _failure_note(magics, step, session))
+        record = _relabel_traceback(magics, result.exception)
+        raise step_failure(step, record, _failure_note(magics, step, session))
     _bind_outputs(magics, store, result)
     if stale:
         print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
+
+
+def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:
+    """Record a step's outcome in the session and its run's status in the store."""
+    stale = session.record(graph, step, state)
+    status = session.status(graph)
+    # The session run's status follows the steps executed so far: failed or
+    # interrupted at once; succeeded when every step of the flow has run.
+    magics.store().meta.finish_run(graph.name, session.run_id, status)
+    views.refresh_view(magics, graph)
+    return stale
+
+
+def _with_saved_notebook_hint(magics: FlowMagics, exc: FlowDefinitionError) -> FlowDefinitionError:
+    """After a restart the kernel knows only the cells it executed: when a step
+    reads a name no executed step writes, say which saved cell writes it."""
+    notebook = magics.notebook()
+    if exc.variable is None or notebook is None or not notebook.exists():
+        return exc
+    try:
+        from flowmagic.notebook import load_flow
+
+        saved = load_flow(notebook)
+    except Exception:  # the saved file may be older, or broken: no hint then
+        return exc
+    writers = [s for s in saved.steps if exc.variable in s.writes and s.name != exc.step]
+    if not writers:
+        return exc
+    writer = writers[0]
+    hint = (f"\nthe saved notebook has step '{writer.name}' (cell {writer.cell} of {notebook.name}) "
+            f"writing '{exc.variable}': execute that cell first")
+    exc.args = (str(exc) + hint,)
+    return exc
 
 
 def _check_producers(magics: FlowMagics, graph: Any, session: SessionRun, step: str) -> None:
@@ -125,10 +164,41 @@ def _bind_outputs(magics: FlowMagics, store: Any, result: Any) -> None:
     """Bind the step's persisted outputs (frames and arrays memory-mapped)."""
     from flowmagic.store.serializers import load_artifact
 
-    values = {}
+    def load(ref: Any) -> Any:
+        if isinstance(ref, (list, tuple)):   # gathered over a foreach's tasks
+            return [load(r) for r in ref]
+        return None if ref is None else load_artifact(store.objects, ref)
+
+    values, unreadable = {}, []
     for name, ref in (result.artifacts or {}).items():
-        if isinstance(ref, (list, tuple)):
-            values[name] = [None if r is None else load_artifact(store.objects, r) for r in ref]
-        else:
-            values[name] = None if ref is None else load_artifact(store.objects, ref)
+        try:
+            values[name] = load(ref)
+        except Exception as exc:  # one bad artifact must not hide the others
+            unreadable.append(f"{name} ({type(exc).__name__}: {exc})")
     magics.shell.user_ns.update(values)
+    if unreadable:
+        print(f"[flowmagic] warning: not bound in the notebook: {'; '.join(unreadable)}",
+              file=sys.stderr)
+
+
+# The scheduler names a step's code "<cell N: step S>", N indexing the kernel's
+# cell list; a user knows the cell as In [n].
+_CELL_FILENAME = re.compile(r"<cell (\d+): step (\w+)>")
+
+
+def _relabel_traceback(magics: FlowMagics, record: dict | None) -> dict | None:
+    if not record:
+        return record
+
+    def label(match: re.Match) -> str:
+        cell = magics.definition.step_cell(match.group(2))
+        count = cell.execution_count if cell is not None else None
+        return f"Cell In[{count}], step {match.group(2)}" if count else f"step {match.group(2)}"
+
+    relabelled = dict(record)
+    for key in ("traceback",):
+        if isinstance(relabelled.get(key), str):
+            relabelled[key] = _CELL_FILENAME.sub(label, relabelled[key])
+    if isinstance(relabelled.get("traceback_lines"), list):
+        relabelled["traceback_lines"] = [_CELL_FILENAME.sub(label, ln) for ln in relabelled["traceback_lines"]]
+    return relabelled

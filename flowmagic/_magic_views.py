@@ -22,23 +22,62 @@ def _quietly(action: Callable[[], Any], default: Any = None) -> Any:
         return default
 
 
-def show_graph(magics: FlowMagics, graph: Any) -> None:
-    from flowmagic import report
+def session_states(magics: FlowMagics) -> dict[str, dict]:
+    """The session run's step states, as the DAG view draws them."""
+    session = magics.session
+    if session is None:
+        return {}
+    shown = {"interrupted": "failed"}
+    return {step: {"state": shown.get(state, state)} for step, state in session.states.items()}
 
-    print(report.show_text(graph))
+
+def show_graph(magics: FlowMagics, graph: Any) -> None:
+    """`%flow show`: the DAG (live: later step cells update this view)."""
+    from flowmagic import widgets
+
+    session = magics.session
+    run_id = session.run_id if session is not None else None
+    magics.view = _quietly(lambda: widgets.show_graph(graph.to_json(), session_states(magics), run_id=run_id))
+    if magics.view is None:
+        print(widgets.graph_text(graph.to_json(), session_states(magics)))
 
 
 def run_view(magics: FlowMagics, graph: Any) -> Callable[[Any], None] | None:
     """A live view above the streamed output of a whole run; its event callback."""
-    return None
+    from flowmagic.widgets import DagView
+
+    def make() -> Any:
+        view = DagView(graph.to_json())
+        view.display()
+        return view
+
+    view = _quietly(make)
+    return None if view is None else view.on_event
+
+
+def finish_run_view(callback: Callable[[Any], None] | None) -> None:
+    view = getattr(callback, "__self__", None)
+    if view is not None:
+        _quietly(view.finish)
 
 
 def refresh_view(magics: FlowMagics, graph: Any) -> None:
-    """Push the session run's step states to its view, if one is shown."""
+    """Push the session run's step states (stale ones included) to its view."""
+    view = magics.view
+    if view is None:
+        return
+
+    def push() -> None:
+        view.set_graph(graph.to_json())
+        view.set_states(session_states(magics), replace=True)
+        view.finish()
+    _quietly(push)
 
 
 def on_state(magics: FlowMagics, graph: Any, event: Any) -> None:
     """A task/run event of a step executed by hand, for the session view."""
+    if magics.view is not None and event.kind == "task":
+        _quietly(lambda: magics.view.on_event(event))
 
 
 def show_inspector(magics: FlowMagics, flow: str, path: str) -> None:

@@ -57,7 +57,8 @@ class FlowMagics(Magics):
     def backfill(self, history: list[str]) -> None:
         """Cells executed before ``%load_ext flowmagic`` still count."""
         for number, raw in enumerate(history, start=1):
-            if raw.strip():
+            # a flowmagic magic there could not run yet (it was not loaded): skip it
+            if raw.strip() and "%flow" not in raw and "%%step" not in raw and "%%params" not in raw:
                 self.record_ordinary(raw, None, number)
 
     # -- where, what --------------------------------------------------------

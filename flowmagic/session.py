@@ -164,7 +164,9 @@ class KernelFlowDefinition:
                 if name:
                     return name
         if notebook is not None:
-            return camel_case(notebook.stem) or DEFAULT_FLOW_NAME
+            from flowmagic.notebook import camel_case
+
+            return camel_case(notebook.stem)
         return DEFAULT_FLOW_NAME
 
     def build(self, name: str) -> FlowGraph:
@@ -200,15 +202,6 @@ class KernelFlowDefinition:
 
 # "cell 3" inside a message from build_flow refers to an index of our cell list
 _CELL_REFERENCE = re.compile(r"\bcell (\d+)\b")
-
-
-def camel_case(stem: str) -> str:
-    """``hello_flow`` -> ``HelloFlow``; ``model-selection v2`` -> ``ModelSelectionV2``."""
-    words = [w for w in re.split(r"[^0-9A-Za-z]+", stem) if w]
-    name = "".join(w[:1].upper() + w[1:] for w in words)
-    if name and name[0].isdigit():
-        name = "Flow" + name
-    return name
 
 
 # -- where the notebook is ---------------------------------------------------
