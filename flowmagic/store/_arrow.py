@@ -72,7 +72,12 @@ def write_table(table: pa.Table, fh: BinaryIO, meta: dict | None = None) -> None
         schema_meta = dict(table.schema.metadata or {})
         schema_meta[META_KEY] = json.dumps(meta).encode()
         table = table.replace_schema_metadata(schema_meta)
-    _write_batches(fh, table.schema, table.to_batches())
+    batches = table.to_batches()
+    if not batches:  # keep the (empty) columns: their dictionaries hold a categorical's categories
+        batches = [pa.RecordBatch.from_arrays(
+            [c.chunk(0) if c.num_chunks else pa.array([], type=c.type) for c in table.columns],
+            schema=table.schema)]
+    _write_batches(fh, table.schema, batches)
 
 
 def read_table(path: Path) -> tuple[pa.Table, mmap.mmap, pa.Buffer]:
@@ -128,19 +133,32 @@ def pandas_supported(df: Any) -> bool:
     if not df.columns.is_unique or not all(isinstance(c, str) for c in df.columns):
         return False
     for _, col in df.items():
-        if col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) not in _ARROW_SAFE_OBJECTS:
+        if col.dtype == object and not _arrow_safe_objects(col):
             return False
-    for level in _index_levels(df.index):
-        if level.dtype == object and pd.api.types.infer_dtype(level, skipna=True) not in _ARROW_SAFE_OBJECTS:
-            return False
+    if any(level.dtype == object for level in _index_levels(df.index)):
+        return False  # Arrow would give back a str index; pickle keeps it as it is
     try:
         empty = df.iloc[:0]
         back = pa.Table.from_pandas(empty).to_pandas()
-        return (list(back.columns) == list(df.columns) and back.dtypes.equals(df.dtypes)
+        return (list(back.columns) == list(df.columns) and _dtypes_equal(back.dtypes, df.dtypes)
                 and type(back.index) is type(df.index) and back.index.names == df.index.names
-                and back.columns.name == df.columns.name and _index_dtypes_equal(back.index, df.index))
+                and back.columns.name == df.columns.name
+                and _dtypes_equal([x.dtype for x in _index_levels(back.index)],
+                                  [x.dtype for x in _index_levels(df.index)]))
     except (pa.ArrowException, TypeError, ValueError):
         return False
+
+
+def _arrow_safe_objects(values: Any) -> bool:
+    """Object values Arrow gives back unchanged: strings, bytes or dates, with
+    None as the only missing value (Arrow turns NaN and NaT into None)."""
+    import pandas as pd
+
+    if pd.api.types.infer_dtype(values, skipna=True) not in _ARROW_SAFE_OBJECTS:
+        return False
+    missing = pd.isna(values)
+    missing = missing.to_numpy() if hasattr(missing, "to_numpy") else np.asarray(missing)
+    return not missing.any() or all(v is None for v in np.asarray(values, dtype=object)[missing])
 
 
 def _index_levels(index: Any) -> list:
@@ -151,18 +169,65 @@ def _index_levels(index: Any) -> list:
     return [index]
 
 
-def _index_dtypes_equal(a: Any, b: Any) -> bool:
-    return [x.dtype for x in _index_levels(a)] == [x.dtype for x in _index_levels(b)]
+def _dtypes_equal(a: Any, b: Any) -> bool:
+    """Strict dtype equality: pandas calls a categorical equal to "category"
+    whatever its categories, which would hide a lost set of categories."""
+    import pandas as pd
+
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if type(x) is not type(y) or str(x) != str(y):
+            return False
+        if isinstance(x, pd.CategoricalDtype) and (
+                x.ordered != y.ordered or not x.categories.equals(y.categories)
+                or x.categories.dtype != y.categories.dtype):
+            return False
+    return True
 
 
 def write_pandas(df: Any, fh: BinaryIO) -> None:
-    write_table(pa.Table.from_pandas(df), fh, {"kind": "pandas"})
+    meta: dict[str, Any] = {"kind": "pandas",
+                            "object_columns": [name for name, col in df.items() if col.dtype == object]}
+    freq = getattr(df.index, "freq", None)
+    if freq is not None:  # Arrow keeps the values of a DatetimeIndex, not its frequency
+        meta["index_freq"] = df.index.freqstr
+    write_table(_keep_nan(pa.Table.from_pandas(df), df), fh, meta)
+
+
+def _keep_nan(table: pa.Table, df: Any) -> pa.Table:
+    """Arrow turns NaN in float columns into nulls, which to_pandas must then
+    copy back into NaN; store the NaN bits instead, so the column maps
+    without copying."""
+    for name, col in df.items():
+        if isinstance(col.dtype, np.dtype) and col.dtype.kind == "f":
+            i = table.schema.get_field_index(name)
+            if i >= 0 and table.column(i).null_count:
+                table = table.set_column(i, table.schema.field(i),
+                                         pa.array(col.to_numpy(), from_pandas=False))
+    return table
 
 
 def read_pandas(path: Path) -> Any:
+    meta = schema_meta(path)
     table, mm, buf = read_table(path)
     df = table.to_pandas(split_blocks=True)  # one block per column: no consolidation copy
-    return _writable_frame(df, mm, buf)
+    df = _writable_frame(df, mm, buf)
+    for name in meta.get("object_columns", ()):
+        df[name] = _as_object(df[name])
+    if meta.get("index_freq"):
+        df.index.freq = meta["index_freq"]
+    return df
+
+
+def _as_object(col: Any) -> Any:
+    """Arrow gives strings back as pandas' str dtype; the frame had them as
+    objects with None for missing values, so restore exactly that."""
+    if col.dtype == object:
+        return col
+    values = col.to_numpy(dtype=object, na_value=None)
+    return col._constructor(values, index=col.index, name=col.name, dtype=object, copy=False)
 
 
 def _writable_frame(df: Any, mm: mmap.mmap, buf: pa.Buffer) -> Any:
