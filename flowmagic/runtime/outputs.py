@@ -117,17 +117,19 @@ class OutputBudget:
         limit = self.limits.max_item_bytes
         data = dict(output["data"])
         dropped = []
+        cut = False
         for mime, value in list(data.items()):
             size = payload_size(value)
             if size <= limit:
                 continue
             if mime == "text/plain" and isinstance(value, str):
                 data[mime] = value[:limit] + f"\n{_NOTE_PREFIX} text cut at {_human(limit)} (of {_human(size)})."
+                cut = True
                 continue
             del data[mime]
             dropped.append({"mimetype": mime, "size": size})
         if not dropped:
-            return output
+            return {**output, "data": data} if cut else output
         notes = "\n".join(f"{_NOTE_PREFIX} the {d['mimetype']} form of this output was dropped: "
                           f"{_human(d['size'])} is over the {_human(limit)} limit per output." for d in dropped)
         data["text/plain"] = f"{data['text/plain']}\n{notes}" if "text/plain" in data else notes

@@ -1,0 +1,131 @@
+"""Output bundles: size limits, and storage through the real content-addressed ObjectStore."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from flowmagic.runtime.outputs import (
+    INLINE_MAX_CHARS,
+    Output,
+    OutputBudget,
+    OutputLimits,
+    describe_outputs,
+    load_outputs,
+    make_output,
+    save_outputs,
+)
+from flowmagic.store.objects import ObjectStore
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+
+
+@pytest.fixture
+def objects(tmp_path):
+    return ObjectStore(tmp_path / "objects")
+
+
+def figure_output(png: bytes = PNG) -> dict:
+    return make_output("display", {"text/plain": "<Figure size 640x480 with 1 Axes>", "image/png": png})
+
+
+# -- building ------------------------------------------------------------------------
+
+
+def test_make_output_turns_binary_into_base64_and_text_bytes_into_str():
+    output = make_output("display", {"image/png": PNG, "text/html": b"<b>x</b>"}, None, {"display_id": "d1"})
+    assert base64.b64decode(output["data"]["image/png"]) == PNG
+    assert output["data"]["text/html"] == "<b>x</b>"
+    assert output["metadata"] == {} and output["transient"] == {"display_id": "d1"}
+    json.dumps(output)  # what a task sends over its channel
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+def test_budget_keeps_small_outputs_untouched():
+    budget = OutputBudget(OutputLimits())
+    output = make_output("display", {"text/plain": "1"})
+    assert budget.admit(output) is output
+
+
+def test_budget_drops_an_oversized_form_and_says_so_in_text():
+    budget = OutputBudget(OutputLimits(max_item_bytes=100))
+    kept = budget.admit(make_output("display", {"image/png": PNG}))
+    assert "image/png" not in kept["data"]
+    assert "image/png form of this output was dropped" in kept["data"]["text/plain"]
+    assert "over the 100 bytes limit" in kept["data"]["text/plain"]
+
+
+def test_budget_cuts_long_plain_text_instead_of_dropping_it():
+    budget = OutputBudget(OutputLimits(max_item_bytes=50))
+    kept = budget.admit(make_output("execute_result", {"text/plain": "y" * 500}))
+    text = kept["data"]["text/plain"]
+    assert text.startswith("y" * 50) and "text cut at 50 bytes" in text
+
+
+def test_budget_total_size_gives_one_note_then_silence():
+    budget = OutputBudget(OutputLimits(max_total_bytes=1000))
+    admitted = [budget.admit(make_output("display", {"text/plain": "z" * 400})) for _ in range(5)]
+    assert [a is not None for a in admitted] == [True, True, True, False, False]
+    assert "outputs over 1000 bytes in total" in admitted[2]["data"]["text/plain"]
+    assert budget.dropped == 3
+
+
+# -- storing ---------------------------------------------------------------------------
+
+
+def test_images_are_stored_as_real_files_once(objects):
+    refs = save_outputs(objects, [figure_output(), figure_output()])
+    first, second = (ref["data"]["image/png"] for ref in refs)
+    assert first == second and first["encoding"] == "base64" and first["size"] == len(PNG)
+    assert objects.path(first["object"]).read_bytes() == PNG
+    assert refs[0]["data"]["text/plain"] == {"inline": "<Figure size 640x480 with 1 Axes>"}
+    json.dumps(refs)  # what Metadata.record_attempt keeps
+
+
+def test_round_trip_gives_back_the_same_bundles(objects):
+    big_html = "<table>" + "<tr><td>1</td></tr>" * 1000 + "</table>"
+    outputs = [
+        figure_output(),
+        make_output("display", {"text/plain": "df", "text/html": big_html}, {"isolated": True}),
+        make_output("execute_result", {"text/plain": "42", "application/json": {"a": [1, 2]}}),
+    ]
+    refs = save_outputs(objects, outputs)
+    assert "object" in refs[1]["data"]["text/html"] and len(big_html) > INLINE_MAX_CHARS
+    assert refs[2]["data"]["application/json"] == {"inline": {"a": [1, 2]}}
+    assert load_outputs(objects, refs) == [{k: o[k] for k in ("type", "data", "metadata")} for o in outputs]
+
+
+def test_display_handles_are_not_persisted(objects):
+    output = make_output("display", {"text/plain": "x"}, None, {"display_id": "abc"})
+    assert "transient" not in save_outputs(objects, [output])[0]
+
+
+def test_a_missing_payload_becomes_a_note(objects):
+    refs = save_outputs(objects, [figure_output()])
+    objects.path(refs[0]["data"]["image/png"]["object"]).unlink()
+    loaded = load_outputs(objects, refs)[0]
+    assert "image/png" not in loaded["data"]
+    assert "image/png form of this output is missing from the store" in loaded["data"]["text/plain"]
+
+
+def test_describe_outputs_prints_text_and_image_paths(objects):
+    refs = save_outputs(objects, [make_output("display", {"text/plain": "   a\n0  1", "text/html": "<table/>"}),
+                                  figure_output(),
+                                  make_output("execute_result", {"text/plain": "42"})])
+    lines = describe_outputs(objects, refs)
+    png_path = objects.path(refs[1]["data"]["image/png"]["object"])
+    assert lines[:3] == ["[1] display", "       a", "    0  1"]
+    assert f"    image/png: {png_path} ({len(PNG) / 1024:.1f} KB)" in lines
+    assert lines[-2:] == ["[3] Out", "    42"]
+
+
+def test_output_objects_render_again_in_a_notebook(objects):
+    loaded = load_outputs(objects, save_outputs(objects, [figure_output()]))[0]
+    output = Output(**loaded)
+    data, metadata = output._repr_mimebundle_()
+    assert base64.b64decode(data["image/png"]) == PNG
+    assert output.text.startswith("<Figure") and output.mimetypes == ["image/png", "text/plain"]
+    assert "image/png" in repr(output)
