@@ -18,6 +18,7 @@ import argparse
 import ast
 import io
 import keyword
+import math
 import re
 import shlex
 import tokenize
@@ -123,7 +124,11 @@ def classify_cell(source: str, index: int) -> ParsedCell:
     magic = words[0]
     body_line = header_index + 2
     if magic == STEP_MAGIC:
-        name, options = parse_step_header(stripped[len(STEP_MAGIC):], cell=index)
+        try:
+            name, options = parse_step_header(stripped[len(STEP_MAGIC):], cell=index)
+        except FlowDefinitionError as exc:
+            raise FlowDefinitionError(exc.message, step=exc.step, cell=index, variable=exc.variable,
+                                      line=header_index + 1) from None
         return ParsedCell(index, "step", source, _body_after(source, header_index),
                           body_line, name, options)
     if magic == PARAMS_MAGIC:
@@ -364,6 +369,9 @@ def _literal(node: ast.AST, name: str, cell: int, line: int) -> Any:
 
 def _jsonable(value: Any, name: str, cell: int, line: int) -> Any:
     """Parameter values travel as JSON: tuples become lists; sets, bytes, complex are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FlowDefinitionError(f"parameter {name!r}: the value must be a finite number",
+                                  cell=cell, line=line, variable=name)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):

@@ -346,6 +346,10 @@ class _Resolver:
             self._resolve(draft, var, line, options, producers, reads, required=True)
         for var, line in sorted(analysis.maybe_reads.items(), key=lambda item: (item[1], item[0])):
             self._resolve(draft, var, line, options, producers, reads, required=False)
+        if JOIN_INPUTS in analysis.reads and JOIN_INPUTS not in self.latest_writer:
+            # After the other reads: `inputs` follows the foreach step they come from.
+            producers[JOIN_INPUTS] = self._inputs_producer(draft, producers, options)
+            reads.add(JOIN_INPUTS)
         spec = StepSpec(
             name=draft.name, cell=draft.cell.index, source=draft.cell.body, code=draft.code,
             body_line=draft.cell.body_line, reads=tuple(sorted(reads)), writes=tuple(sorted(writes)),
@@ -382,10 +386,7 @@ class _Resolver:
         if var == FOREACH_ITEM and options.foreach and var not in self.latest_writer:
             return  # the runtime binds this task's item
         if var == JOIN_INPUTS and var not in self.latest_writer:
-            if required:
-                producers[var] = self._inputs_producer(draft, producers, options)
-                reads.add(var)
-            return
+            return  # wired after the other reads
         if var.startswith("__") and var.endswith("__"):
             return  # module dunders (__name__, ...) exist in every namespace
         producer = self.latest_writer.get(var)
