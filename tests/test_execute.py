@@ -192,6 +192,13 @@ def test_a_figure_shown_as_the_value_is_not_shown_twice():
     assert _png(result.outputs[0]).startswith(b"\x89PNG")
 
 
+def test_a_figure_changed_after_display_is_shown_again_at_the_end():
+    result, _, _ = run("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2])\n"
+                       "display(fig)\nax.plot([2, 1]);\n")
+    assert kinds(result) == ["display", "display"]
+    assert _png(result.outputs[0]) != _png(result.outputs[1])
+
+
 def test_a_big_figure_gets_png_only():
     result, _, _ = run("import numpy as np, matplotlib.pyplot as plt\nplt.scatter(np.arange(20000), np.arange(20000));\n")
     assert result.ok, result.error
@@ -260,6 +267,17 @@ def test_shell_commands_write_to_the_task_stdout_descriptor_in_order():
     assert ok
     assert text.splitlines() == ["before", "shell 3", "after"]
     assert exit_code == 0
+
+
+def test_a_cell_magic_on_the_first_line_runs_the_whole_body():
+    result, names, _ = run("%%time\na = 2\nb = a * 3\n")
+    assert result.ok, result.error
+    assert names["a"] == 2 and names["b"] == 6
+
+
+def test_exit_in_a_step_is_an_error_not_a_missing_name():
+    result, _, _ = run("exit(4)\n")
+    assert not result.ok and result.error["type"] == "SystemExit"
 
 
 def test_unknown_magic_is_a_clear_error():

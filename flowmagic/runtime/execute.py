@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import builtins
 import inspect
 import linecache
 import os
@@ -188,7 +189,9 @@ def _create_shell() -> TaskShell:
     shell = TaskShell.instance(config=config)
     if main_module is not None:  # the shell installs a __main__ of its own; keep the process's
         sys.modules["__main__"] = main_module
-    shell.builtin_trap.__enter__()  # get_ipython, exit, quit as builtins from now on
+    # get_ipython() as a builtin, for the step and for the code that IPython's
+    # transformer writes (``get_ipython().run_line_magic(...)``); display() is one already.
+    builtins.get_ipython = shell.get_ipython
     _select_matplotlib_backend()
     return shell
 
