@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import linecache
 import os
 import queue
 import selectors
@@ -110,7 +111,10 @@ class _Server:
         sys.modules["__main__"] = main
         self.namespace = main.__dict__
         try:
-            code = compile(config.get("prelude", ""), "<prelude>", "exec")
+            prelude = config.get("prelude", "")
+            # Tracebacks through the prelude's functions show their source lines.
+            linecache.cache["<prelude>"] = (len(prelude), None, prelude.splitlines(keepends=True), "<prelude>")
+            code = compile(prelude, "<prelude>", "exec")
             exec(code, self.namespace)
         except BaseException as exc:  # noqa: BLE001 - report anything, SystemExit included
             return {"ok": False, "error": _error_record(exc)}
