@@ -33,10 +33,10 @@ def write_numpy(arr: np.ndarray, fh: BinaryIO) -> None:
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     flat = arr.ravel(order="K" if order == "F" else "C")  # no copy when contiguous
     dtype = arr.dtype
-    if dtype.kind in _NATIVE_KINDS and dtype.isnative and dtype.fields is None:
-        column = pa.array(flat) if flat.size else pa.array(flat, type=pa.from_numpy_dtype(dtype))
-    else:
-        column = pa.array(flat.view(np.uint8)) if flat.size else pa.array([], type=pa.uint8())
+    if not (dtype.kind in _NATIVE_KINDS and dtype.isnative and dtype.fields is None):
+        flat = flat.view(np.uint8)  # raw bytes; the descriptor says how to read them
+    # from_buffers wraps the memory as it is (pa.array would import pandas)
+    column = pa.Array.from_buffers(pa.from_numpy_dtype(flat.dtype), len(flat), [None, pa.py_buffer(flat)])
     meta = {"kind": "numpy", "dtype": np.lib.format.dtype_to_descr(dtype),
             "shape": list(arr.shape), "order": order}
     schema = pa.schema([pa.field("data", column.type)], metadata={META_KEY: json.dumps(meta)})
