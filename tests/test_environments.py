@@ -84,7 +84,9 @@ def test_user_pin_replaces_the_worker_requirement_of_the_same_name():
     requirements = EnvSpec("pypi", ("Pandas==2.2.3", "requests")).requirements()
     assert requirements[:2] == ["Pandas==2.2.3", "requests"]
     assert "pandas" not in requirements
-    assert {"pyarrow", "numpy", "xxhash", "ipython"} <= set(requirements)
+    assert {"pyarrow", "numpy", "xxhash", "ipython"} <= {requirement_name(r) for r in requirements}
+    # the task code runs against the kernel's IPython: the environment gets the same version
+    assert f"ipython=={importlib.metadata.version('ipython')}" in requirements
 
 
 def test_options_select_the_environment_kind():

@@ -65,12 +65,16 @@ EnvKind = Literal["pypi", "conda"]
 
 # What flowmagic's task code imports inside the environment to load inputs
 # and save outputs; a user's own requirement for one of these names wins.
-# cloudpickle: the kernel pickles notebook-defined functions and classes by
-# value with it when it has it, and loading those needs the same version.
 WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "xxhash", "ipython", "cloudpickle")
 # The same, named as conda-forge names them.
 CONDA_WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "python-xxhash", "ipython",
                                               "cloudpickle")
+# Pinned to the kernel's own versions: the task code is written against the
+# kernel's IPython (IPython 9 removed APIs it uses), cloudpickle's by-value
+# pickles only load with the version that wrote them, and content hashes must
+# agree with the kernel's. numpy/pyarrow/pandas stay free: the user's
+# packages decide those, and Arrow files cross versions.
+KERNEL_MATCHED: tuple[str, ...] = ("xxhash", "python-xxhash", "ipython", "cloudpickle")
 CONDA_TOOLS: tuple[str, ...] = ("micromamba", "mamba", "conda")
 CONDA_CHANNEL = "conda-forge"
 
@@ -194,15 +198,18 @@ def requirement_name(requirement: str) -> str:
 
 
 def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
-    """cloudpickle must match the kernel's version (its pickles are not portable across
-    versions); without it in the kernel, nothing pickles with it, so leave it out."""
-    if requirement != "cloudpickle":
+    """A worker requirement, pinned to the kernel's version where it must match.
+
+    cloudpickle is left out when the kernel has none (nothing pickles with it then).
+    """
+    if requirement not in KERNEL_MATCHED:
         return requirement
+    distribution = "xxhash" if requirement == "python-xxhash" else requirement
     try:
-        version = importlib.metadata.version("cloudpickle")
+        version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return None
-    return f"cloudpickle=={version}" if kind == "pypi" else f"cloudpickle={version}"
+        return None if requirement == "cloudpickle" else requirement
+    return f"{requirement}=={version}" if kind == "pypi" else f"{requirement}={version}"
 
 
 # ----------------------------------------------------------------- public entry points
@@ -218,6 +225,53 @@ def python_for(options: Any, store_root: Path, *, step: str | None = None) -> st
     if spec is None:
         return None
     return str(ensure_environment(spec, Path(store_root), step=step).python)
+
+
+def environment_server(step: Any, prelude: str, store: Any, *, flow: str, run_id: int,
+                       workdir: str | None = None):
+    """The warm fork server of a step's environment (one per environment), started on first use.
+
+    Builds or finds the environment, records its package list with the run
+    (see :func:`recorded_environments`), and starts the server with the
+    prelude's imports made tolerant of modules the environment lacks.
+    Raises EnvironmentBuildError (the resolver's message) or PreludeError.
+    """
+    from flowmagic.runtime.forkserver import get_server
+
+    spec = EnvSpec.from_options(step.options, step=step.name)
+    env = ensure_environment(spec, Path(store.root), step=step.name)
+    record_environment(store.meta, flow, run_id, step.name, env)
+    return get_server(prelude_for_environment(prelude), python=str(env.python), cwd=workdir)
+
+
+def record_environment(meta: Any, flow: str, run_id: int, step: str, env: Environment) -> None:
+    """Keep ``env.to_record()`` in the run's stored graph document, under ``"environments"``."""
+    graph = dict(meta.get_run(flow, run_id).graph or {})
+    environments = dict(graph.get("environments") or {})
+    if environments.get(step) == env.to_record():
+        return
+    environments[step] = env.to_record()
+    graph["environments"] = environments
+    meta.set_run_graph(flow, run_id, graph=graph)
+
+
+def recorded_environments(run: Any) -> dict[str, dict]:
+    """step -> environment record (kind, requested, key, python, packages) of a RunRecord."""
+    return dict((getattr(run, "graph", None) or {}).get("environments") or {})
+
+
+def graph_with_environments(graph: Any, run: Any) -> dict:
+    """``graph.to_json()`` keeping the run's environment records of steps that still have one.
+
+    A session run's graph document is rewritten whenever a cell changes; the
+    environments recorded by earlier steps must survive that.
+    """
+    document = graph.to_json()
+    current = {s.name for s in graph.steps if s.options.pypi or s.options.conda}
+    kept = {name: record for name, record in recorded_environments(run).items() if name in current}
+    if kept:
+        document["environments"] = kept
+    return document
 
 
 def check_environment_tools(steps: Iterable[Any]) -> None:

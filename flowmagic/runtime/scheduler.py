@@ -20,6 +20,7 @@ from typing import Any
 
 from flowmagic.errors import RunError, UsageError
 from flowmagic.runtime import inputs as plan
+from flowmagic.runtime import environments
 from flowmagic.runtime.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.events import Event, EventHandler, emit_to
 from flowmagic.runtime.forkserver import ForkServer, ForkServerDied, get_server
@@ -126,7 +127,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
                            f"which has not {'run' if not tasks else 'succeeded'} in this session yet: "
                            "execute that cell first")
         known[producer] = [_known_task(graph, store, t) for t in tasks]
-    meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=graph.to_json())
+    meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
     engine = _Engine(graph, store, run_id, values, targets={step}, known=known, max_workers=None,
                      on_event=on_event, workdir=workdir)
@@ -231,6 +232,7 @@ def _gathered_refs(engine: "_Engine", step: str) -> dict[str, Any]:
 
 def _warm_up(graph, store, workdir) -> ForkServer:
     """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
+    environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
     return get_server(graph.prelude, cwd=workdir)
 
 
@@ -359,7 +361,12 @@ class _Engine:
         while self.ready and len(self.running) < self.max_workers and not self.stopping:
             info, attempt = self.ready.popleft()
             spec = self._task_spec(info, attempt)
-            server = self._server_for(info.step)
+            try:
+                server = self._server_for(info.step)
+            except RunError as exc:  # its environment cannot be built, or the prelude fails in it
+                self._set_state(info, "running", attempt)
+                self._finish_attempt(info, attempt, _not_started(exc))
+                continue
             self._set_state(info, "running", attempt)
             timeout = self.graph.step(info.step).options.timeout
             thread = threading.Thread(target=self._attempt_thread, args=(info, attempt, server, spec, timeout),
@@ -390,7 +397,7 @@ class _Engine:
                 if tries:
                     result = _crashed(f"the fork server died and could not be restarted")
                     break
-                server = get_server(self.graph.prelude, python=server.python, cwd=self.workdir)
+                server = get_server(server.prelude, python=server.python, cwd=self.workdir)
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 result = _crashed(f"{type(exc).__name__}: {exc}")
                 break
@@ -474,15 +481,14 @@ class _Engine:
     def _server_for(self, step: str) -> ForkServer:
         if step not in self._servers:
             spec = self.graph.step(step)
-            python = None
-            if spec.options.pypi or spec.options.conda:
-                from flowmagic.runtime.environments import python_for
-
-                python = python_for(spec.options, self.store.root, step=step)
-            self._servers[step] = get_server(self.graph.prelude, python=python, cwd=self.workdir)
+            if spec.options.pypi or spec.options.conda:  # one warm server per environment
+                self._servers[step] = environments.environment_server(
+                    spec, self.graph.prelude, self.store, flow=self.flow, run_id=self.run_id, workdir=self.workdir)
+            else:
+                self._servers[step] = get_server(self.graph.prelude, cwd=self.workdir)
         server = self._servers[step]
         if not server.alive():
-            server = self._servers[step] = get_server(self.graph.prelude, python=server.python, cwd=self.workdir)
+            server = self._servers[step] = get_server(server.prelude, python=server.python, cwd=self.workdir)
         return server
 
     def _task_spec(self, info: TaskInfo, attempt: int) -> dict:
@@ -522,6 +528,13 @@ class _Engine:
             "foreach_vars": plan.foreach_vars(graph, step),
             "mutation_check": True,
         }
+
+
+def _not_started(exc: Exception) -> AttemptExit:
+    now = time.time()
+    message = str(exc)
+    return AttemptExit("failed", None, None, None, "", "", now, now, exception={
+        "type": type(exc).__name__, "message": message, "traceback": f"{type(exc).__name__}: {message}\n"})
 
 
 def _crashed(message: str) -> AttemptExit:
