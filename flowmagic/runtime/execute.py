@@ -175,6 +175,8 @@ def prepare_shell() -> TaskShell:
     global _SHELL
     if _SHELL is None:
         _SHELL = _create_shell()
+        # One throwaway cell warms the transformer and compiler caches before fork().
+        execute_cell("_ = 1\n_\n", {}, filename="<flowmagic warm-up>", first_line=1, emit=lambda _output: None)
     return _SHELL
 
 
@@ -354,8 +356,11 @@ def _flush_figures(shell: TaskShell, capture: _Capture) -> None:
         return
     from matplotlib._pylab_helpers import Gcf
 
+    managers = Gcf.get_all_fig_managers()
+    if not managers:
+        return  # close("all") would run a garbage collection for nothing
     try:
-        for manager in Gcf.get_all_fig_managers():
+        for manager in managers:
             fig = manager.canvas.figure
             if any(fig is shown for shown in capture.shown_figures) and not fig.stale:
                 continue  # already shown, unchanged since
