@@ -82,7 +82,7 @@ def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int)
         if ref is None:
             return {"missing": f"name '{var}' is not defined: step '{producer}' (task {task.task_id}) "
                                "did not assign it"}
-        return {"ref": ref}
+        return {"ref": ref, "step": producer}
     groups: dict[int, list[TaskInfo]] = {}
     for task in tasks:
         groups.setdefault(task.index[depth], []).append(task)

@@ -105,7 +105,10 @@ def bind_inputs(spec: dict, ns: dict, objects: ObjectStore) -> dict[str, Any]:
     ns.update(spec.get("params", {}))
     bound: dict[str, Any] = {}
     for name, binding in spec.get("bindings", {}).items():
-        bound[name] = ns[name] = resolve_binding(binding, objects)
+        try:
+            bound[name] = ns[name] = resolve_binding(binding, objects)
+        except ModuleNotFoundError as exc:  # pickled in another --pypi/--conda environment
+            raise _missing_module(spec["step"], name, binding, exc) from None
     foreach = spec.get("foreach")
     if foreach is not None:
         items = _as_sequence(resolve_binding(foreach["binding"], objects))
@@ -138,6 +141,14 @@ class _LazyNamespace(types.SimpleNamespace):
         # Saved (a join's loop variable `for inp in inputs`) as a plain namespace of values.
         values = {name: getattr(self, name) for name in object.__getattribute__(self, "_bindings")}
         return (types.SimpleNamespace, (), values)
+
+
+def _missing_module(step: str, name: str, binding: dict, exc: ModuleNotFoundError) -> ModuleNotFoundError:
+    writer = f" (written by step '{binding['step']}')" if binding.get("step") else ""
+    return ModuleNotFoundError(
+        f"step '{step}' cannot load its input '{name}'{writer}: the value is an object of module "
+        f"'{exc.name}', which is not installed where this step runs. Add that package to this step's "
+        "--pypi list, or hand on plain data (numbers, lists, dicts, a data frame) instead.", name=exc.name)
 
 
 def _as_sequence(value: Any) -> Any:
