@@ -1,0 +1,96 @@
+"""Rich output of steps, end to end: a real kernel (nbclient) runs a notebook
+whose steps display a data frame, end with an expression, draw a figure, use
+``%time``, run a foreach, and fail inside a helper. The cells show what a
+notebook would show, and the Client API reads the same outputs back."""
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import flowmagic
+from conftest import execute_notebook, kernel_env
+
+pytestmark = pytest.mark.slow
+
+FLOW = "RichOutputs"
+CELLS = {
+    "load": "%load_ext flowmagic",
+    "name": f"%flow name {FLOW}",
+    "prelude": "import pandas as pd\nimport matplotlib.pyplot as plt\n\ndef answer():\n    return 41\n",
+    "start": ("%%step start\n"
+              "table = pd.DataFrame({'city': ['Oslo', 'Lima'], 'rain': [7, 2]})\n"
+              "display(table)\n"
+              "plt.figure()\n"
+              "plt.bar(table['city'], table['rain'])\n"
+              "int(table['rain'].sum()) * 100\n"),
+    "timed": "%%step timed\n%time x = answer()\nsizes = [1, 2, 3]\n",
+    "each": "%%step each --foreach sizes\nsquare = input * input\ndisplay(f'square {square}')\n",
+    "after": "%%step after\ny = x + 1\nprint('y is', y)\n",
+    "broken": ("%%step broken\n"
+               "def ratio(a, b):\n"
+               "    return a / b\n"
+               "level = ratio(y, 0)\n"),
+}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> tuple[dict, Path]:
+    """The notebook, run top to bottom in a real kernel; its cells' outputs by name and the store root."""
+    workdir = tmp_path_factory.mktemp("rich")
+    path = workdir / "rich_outputs.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in CELLS.values()])
+    nbformat.write(nb, path)
+    store_root = workdir / "store"
+    nb = execute_notebook(path, workdir, kernel_env(store_root), allow_errors=True)
+    return dict(zip(CELLS, (cell.outputs for cell in nb.cells))), store_root
+
+
+def rich(outputs: list) -> list[dict]:
+    return [o["data"] for o in outputs if o["output_type"] in ("display_data", "execute_result")]
+
+
+def stdout(outputs: list) -> str:
+    return "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == "stdout")
+
+
+def test_a_steps_display_value_and_figure_reach_its_cell(executed):
+    cells, _ = executed
+    table, value, figure = rich(cells["start"])
+    assert "<table" in table["text/html"] and "Oslo" in table["text/html"]
+    assert value == {"text/plain": "900"}
+    assert base64.b64decode(figure["image/png"]).startswith(b"\x89PNG")
+    assert not [o for o in cells["start"] if o["output_type"] == "error"]
+
+
+def test_time_magic_in_a_step_binds_its_name_for_the_steps_below(executed):
+    cells, _ = executed
+    assert "Wall time" in stdout(cells["timed"])
+    assert "y is 42" in stdout(cells["after"])
+
+
+def test_foreach_outputs_are_labelled_with_their_task(executed):
+    cells, _ = executed
+    label = None
+    seen = {}
+    for output in cells["each"]:
+        if output["output_type"] == "stream":
+            label = output["text"].strip().splitlines()[-1]
+        elif output["output_type"] == "display_data":
+            seen[label] = output["data"]["text/plain"]
+    assert seen == {"[each/0]": "'square 1'", "[each/1]": "'square 4'", "[each/2]": "'square 9'"}
+
+
+def test_an_error_in_a_helper_shows_the_cells_own_lines(executed):
+    cells, _ = executed
+    (error,) = [o for o in cells["broken"] if o["output_type"] == "error"]
+    assert error["ename"] == "ZeroDivisionError"
+    text = ANSI.sub("", "\n".join(error["traceback"]))
+    assert re.search(r"line 4, in <module>\n\s+level = ratio\(y, 0\)", text), text
+    assert re.search(r"line 3, in ratio\n\s+return a / b", text), text
+    package_dir = str(Path(flowmagic.__file__).resolve().parent)
+    assert package_dir not in text and "flowmagic/runtime" not in text and "site-packages/IPython" not in text
