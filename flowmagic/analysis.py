@@ -58,12 +58,31 @@ def transform_ipython(source: str) -> str:
     return "\n" * blank_lines + _transformer().transform_cell(source)
 
 
-def parse_code(code: str, filename: str = "<cell>") -> ast.Module:
-    """Parse plain Python (top-level ``await`` allowed); raises SyntaxError."""
+def parse_code(code: str, filename: str = "<cell>", *, check: bool = True) -> ast.Module:
+    """Parse plain Python (top-level ``await`` allowed); raises SyntaxError.
+    ``check`` also runs the compiler's checks (``return`` or ``break`` at top level)."""
     tree = compile(code, filename, "exec", _FLAGS)
-    # The parser accepts `return` or `break` at top level; the compiler does not.
-    compile(tree, filename, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if check:
+        compile(tree, filename, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     return tree
+
+
+def prepare_code(source: str, filename: str = "<cell>", *, check: bool = True) -> tuple[str, ast.Module]:
+    """Plain Python for a cell body and its AST; raises SyntaxError.
+
+    Source that already parses as Python is what IPython's transformer would
+    return unchanged (its transforms only touch lines that are not valid
+    Python: magics, ``!``, ``?``, prompts, a leading indent), so it skips
+    the transformer, and the IPython import, entirely.
+    """
+    try:
+        tree = compile(source, filename, "exec", _FLAGS)
+    except SyntaxError:
+        code = transform_ipython(source)
+        return code, parse_code(code, filename, check=check)
+    if check:
+        compile(tree, filename, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    return (source if source.endswith("\n") or not source else source + "\n"), tree
 
 
 def analyze_cell(tree: ast.Module, prelude_reads: Mapping[str, frozenset[str]] | None = None) -> CellAnalysis:
@@ -664,12 +683,11 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
     computes: dict[str, int] = {}
     global_reads: dict[str, frozenset[str]] = {}
     for number, stmt in enumerate(tree.body):
-        names = _top_level_bindings([stmt])
         if not _is_prelude_statement(stmt):
-            for name in names:
+            for name in _top_level_bindings([stmt]):
                 computes[name] = stmt.lineno
             continue
-        for name in names:
+        for name in _prelude_bindings(stmt):
             defines[name] = stmt.lineno
             computes.pop(name, None)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -692,6 +710,23 @@ def _is_prelude_statement(stmt: ast.stmt) -> bool:
         types_ok = all(h.type is None or _is_dotted_names(h.type) for h in stmt.handlers)
         return types_ok and all(_is_prelude_statement(s) for s in bodies)
     return False
+
+
+def _prelude_bindings(stmt: ast.stmt) -> list[str]:
+    """Names a prelude statement binds (cheaper than a full scope walk)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    if isinstance(stmt, ast.Import):
+        return [a.asname or a.name.split(".")[0] for a in stmt.names]
+    if isinstance(stmt, ast.ImportFrom):
+        return [a.asname or a.name for a in stmt.names if a.name != "*"]
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    if isinstance(stmt, ast.Try):
+        bodies = stmt.body + stmt.orelse + stmt.finalbody + [s for h in stmt.handlers for s in h.body]
+        return [name for s in bodies for name in _prelude_bindings(s)]
+    return []
 
 
 def _is_name_target(node: ast.AST) -> bool:

@@ -149,6 +149,9 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
     if not words or words[0].startswith("-"):
         raise FlowDefinitionError("%%step needs a step name: %%step NAME [options]", cell=cell)
     step = words[0]
+    if len(words) == 1:  # the common case needs no option parser
+        _check_step_name(step, cell)
+        return step, ParsedOptions()
     try:
         ns = _STEP_PARSER.parse_args(words)
     except _OptionError as exc:

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmagic.analysis import (CellAnalysis, PreludePart, analyze_cell, parse_code,
-                                split_prelude, transform_ipython)
+from flowmagic.analysis import CellAnalysis, PreludePart, analyze_cell, prepare_code, split_prelude
 from flowmagic.cells import ParsedCell, classify_cell, flow_name_in, parse_params
 from flowmagic.errors import FlowDefinitionError
 
@@ -236,9 +235,8 @@ class _Prelude:
 
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:
-    code = transform_ipython(cell.body)
     try:
-        tree = parse_code(code, f"<cell {cell.index}>")
+        code, tree = prepare_code(cell.body, f"<cell {cell.index}>", check=False)
     except SyntaxError:
         # A broken exploratory cell defines nothing, as when the kernel runs it.
         return None
@@ -296,8 +294,7 @@ class _Draft:
 def _analyse_step(cell: ParsedCell, prelude: _Prelude) -> _Draft:
     step = cell.step_name
     try:
-        code = transform_ipython(cell.body)
-        tree = parse_code(code, f"<step {step}>")
+        code, tree = prepare_code(cell.body, f"<step {step}>")
     except SyntaxError as exc:
         line = cell.body_line + (exc.lineno or 1) - 1
         raise FlowDefinitionError(f"syntax error: {exc.msg}", step=step, cell=cell.index, line=line) from None
