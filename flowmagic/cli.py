@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flowmagic.errors import FlowmagicError, UsageError
+from flowmagic.export import command as _export_command
 
 EXIT_OK = 0
 EXIT_FAILED = 1   # a run that failed or was interrupted
@@ -56,6 +57,8 @@ def _run_show(args: argparse.Namespace) -> int:
 COMMANDS: list[Subcommand] = [
     Subcommand("show", "show the flow a notebook defines: steps, options, edges, parameters",
                _configure_show, _run_show),
+    Subcommand("export", "write the notebook's flow as a Metaflow FlowSpec script",
+               _export_command.configure, _export_command.run),
 ]
 
 
@@ -71,7 +74,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flowmagic", description="Metaflow's model for Jupyter notebooks.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for command in COMMANDS:
+    from flowmagic.cli_runs import COMMANDS as RUN_COMMANDS  # here: cli_runs imports this module
+
+    for command in [*COMMANDS, *RUN_COMMANDS]:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.configure(sub)
         sub.set_defaults(_run=command.run)

@@ -93,17 +93,7 @@ class _Server:
                 sys.path.insert(0, path)
         if config.get("cwd"):
             os.chdir(config["cwd"])
-        for name in config.get("preload", DEFAULT_PRELOAD):
-            try:
-                importlib.import_module(name)
-            except Exception:  # an optional heavy module may be missing in an environment
-                pass
-        try:  # an IPython shell made once here is inherited ready-made by every task
-            from flowmagic.runtime.execute import prepare_shell
-
-            prepare_shell()
-        except ImportError:
-            pass
+        preload(config.get("preload", ()))
         # The prelude runs in a fresh ``__main__`` module, as notebook cells do in
         # a kernel: classes it defines pickle as ``__main__.X`` and load in the kernel.
         main = types.ModuleType("__main__")
@@ -292,10 +282,28 @@ def _recv_all(channel: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
+def preload(modules) -> None:
+    """Import the heavy modules tasks use and make the IPython shell, once."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional heavy module may be missing in an environment
+            pass
+    try:  # an IPython shell made here is inherited ready-made by every task
+        from flowmagic.runtime.execute import prepare_shell
+
+        prepare_shell()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ctrl_fd, orchestrator_pid = int(argv[0]), int(argv[1])
     die_with_parent(orchestrator_pid)
+    # Imports first, before the prelude is known: a server can be started
+    # while the orchestrator is still reading the notebook.
+    preload(argv[2].split(",") if len(argv) > 2 and argv[2] else ())
     ctrl = socket.socket(fileno=ctrl_fd)
     data = ctrl.recv(_MAX_MESSAGE)
     if not data:
@@ -358,23 +366,12 @@ class ForkServer:
         return self
 
     def _start(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ if self.env is None else self.env)
-        self.proc = subprocess.Popen(
-            [self.python, "-m", "flowmagic.runtime.forkserver", str(child.fileno()), str(os.getpid())],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal's Ctrl-C goes to the orchestrator only
-            cwd=self.cwd,
-            env=env,
-        )
-        child.close()
-        self.ctrl = parent
+        self.proc, self.ctrl = _take_prestarted(self.python, self.preload, self.env) or _launch(
+            self.python, self.preload, self.env)
+        parent = self.ctrl
         config = {
             "op": "config",
             "prelude": self.prelude,
-            "preload": list(self.preload),
             "sys_path": [p for p in sys.path if p] if self.python == sys.executable else [],
             "cwd": self.cwd,
         }
@@ -473,6 +470,39 @@ def _read_line(fd: int) -> str:
             break
         data += chunk
     return data.decode().strip()
+
+
+def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket.socket]:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [python, "-m", "flowmagic.runtime.forkserver", str(child.fileno()), str(os.getpid()),
+         ",".join(preload_modules)],
+        pass_fds=[child.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a terminal's Ctrl-C goes to the orchestrator only
+        env=dict(os.environ if env is None else env),
+    )
+    child.close()
+    return proc, parent
+
+
+_prestarted: dict[tuple, tuple[subprocess.Popen, socket.socket]] = {}
+
+
+def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+    """Start a server process now, so its imports overlap with the caller's own
+    work (reading the notebook); the next :func:`get_server` configures it."""
+    key = (python or sys.executable, tuple(preload_modules), None)
+    if key not in _prestarted:
+        _on_spawner_thread(lambda: _prestarted.setdefault(key, _launch(key[0], preload_modules, None)))
+
+
+def _take_prestarted(python, preload_modules, env):
+    found = _prestarted.pop((python, tuple(preload_modules), None), None) if env is None else None
+    if found is not None and found[0].poll() is None:
+        return found
+    return None
 
 
 def prelude_hash(prelude: str) -> str:

@@ -410,9 +410,9 @@ class _Engine:
                             attempt=attempt, stream=message[3], text=message[4]))
         elif kind == "message":
             data = message[3]
-            if data.get("type") == "display":
+            if data.get("type") == "output":  # data: {"type", "data": mimebundle, "metadata"}
                 self.emit(Event("display", self.run_id, step=info.step, task_id=info.task_id,
-                                index=info.index, attempt=attempt, data=data.get("data")))
+                                index=info.index, attempt=attempt, data=data.get("output")))
         elif kind == "exit":
             self.running.pop(info.task_id, None)
             self._finish_attempt(info, attempt, message[3])

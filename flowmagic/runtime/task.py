@@ -14,8 +14,8 @@ Spec keys: ``objects_root``, ``step``, ``cell``, ``source``, ``code``,
 ``required`` (names a later step reads), ``foreach_vars`` (names a later
 foreach step iterates over), ``mutation_check``.
 
-Channel messages (JSON lines): ``{"type": "display", "data": mimebundle}``
-while running, then ``{"type": "manifest", "outcome", "artifacts",
+Channel messages (JSON lines): ``{"type": "output", "output": {"type",
+"data", "metadata"}}`` (see runtime/outputs.py) while running, then ``{"type": "manifest", "outcome", "artifacts",
 "exception", "outputs", "foreach", "warnings", "not_persisted"}``.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import types
 from typing import Any, Callable
 
 from flowmagic.errors import SerializationError
+from flowmagic.runtime.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
 from flowmagic.store.serializers import ArtifactRef, load_artifact, save_artifact, type_name_of, value_hash
 
@@ -52,10 +53,10 @@ def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
     outputs: list[dict] = []
     warnings: list[str] = []
 
-    def emit(message: dict) -> None:
-        if message.get("type") == "display":
-            outputs.append(_store_output(objects, message.get("data") or {}))
-        send(message)
+    def emit(output: dict) -> None:
+        # An output is {"type": "display"|"execute_result"|"update_display", "data", "metadata"}.
+        outputs.extend(save_outputs(objects, [output]))
+        send({"type": "output", "output": output})
 
     try:
         bound = bind_inputs(spec, ns, objects)
@@ -217,11 +218,6 @@ def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]
             warnings.append(f"step '{spec['step']}': '{name}' ({type_name}) cannot be saved; "
                             "no later step reads it, so it is not persisted")
     return refs, not_persisted, None
-
-
-def _store_output(objects: ObjectStore, bundle: dict) -> dict:
-    key = objects.put_bytes(json.dumps(bundle, sort_keys=True).encode())
-    return {"hash": key, "mimetypes": sorted(bundle)}
 
 
 def _foreach_info(value: Any) -> dict:
