@@ -683,9 +683,11 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
     computes: dict[str, int] = {}
     global_reads: dict[str, frozenset[str]] = {}
     for number, stmt in enumerate(tree.body):
+        # The later binding of a name wins, as when the cell runs.
         if not _is_prelude_statement(stmt):
             for name in _top_level_bindings([stmt]):
                 computes[name] = stmt.lineno
+                defines.pop(name, None)
             continue
         for name in _prelude_bindings(stmt):
             defines[name] = stmt.lineno

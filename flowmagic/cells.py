@@ -143,7 +143,7 @@ def classify_cell(source: str, index: int) -> ParsedCell:
 def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, ParsedOptions]:
     """Parse what follows ``%%step``: ``NAME [--retry [N]] [--timeout S] ...``."""
     try:
-        words = shlex.split(arguments)
+        words = shlex.split(arguments, comments=True)  # `%%step a  # a comment` is fine
     except ValueError as exc:
         raise FlowDefinitionError(f"cannot read the %%step line: {exc}", cell=cell) from None
     if not words or words[0].startswith("-"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +230,7 @@ class _Prelude:
                 computes.pop(var, None)
             for var, line in part.computes.items():
                 computes[var] = (cell.index, line)
+                defines.pop(var, None)  # computed by a later cell: no longer a prelude name
             direct.update(part.global_reads)
         closure = _transitive_reads(direct, set(defines))
         return cls("".join(chunks), defines, computes, closure)
@@ -343,7 +345,7 @@ class _Resolver:
             self._resolve(draft, var, line, options, producers, reads, required=True)
         for var, line in sorted(analysis.maybe_reads.items(), key=lambda item: (item[1], item[0])):
             self._resolve(draft, var, line, options, producers, reads, required=False)
-        if JOIN_INPUTS in analysis.reads and JOIN_INPUTS not in self.latest_writer:
+        if JOIN_INPUTS in analysis.reads:
             # After the other reads: `inputs` follows the foreach step they come from.
             producers[JOIN_INPUTS] = self._inputs_producer(draft, producers, options)
             reads.add(JOIN_INPUTS)
@@ -358,7 +360,9 @@ class _Resolver:
             self.latest_writer[var] = spec.name
 
     def _writes(self, draft: _Draft, options: StepOptions) -> set[str]:
-        writes = {var for var in draft.analysis.writes if not var.startswith("_")}
+        # `input`/`inputs` are bound by the runtime and never artifacts (`for input in inputs:`).
+        writes = {var for var in draft.analysis.writes
+                  if not var.startswith("_") and var not in (FOREACH_ITEM, JOIN_INPUTS)}
         if options.catch:
             writes.add(options.catch)
         for var in sorted(writes):
@@ -380,9 +384,9 @@ class _Resolver:
 
     def _resolve(self, draft: _Draft, var: str, line: int, options: StepOptions,
                  producers: dict[str, str], reads: set[str], *, required: bool) -> None:
-        if var == FOREACH_ITEM and options.foreach and var not in self.latest_writer:
+        if var == FOREACH_ITEM and options.foreach:
             return  # the runtime binds this task's item
-        if var == JOIN_INPUTS and var not in self.latest_writer:
+        if var == JOIN_INPUTS:
             return  # wired after the other reads
         if var.startswith("__") and var.endswith("__"):
             return  # module dunders (__name__, ...) exist in every namespace
@@ -434,9 +438,12 @@ class _Resolver:
             return FlowDefinitionError(
                 f"{what}, which ordinary cell {cell} computes; steps only see imports, defs, classes "
                 "and constants of ordinary cells: make that cell a step, or a parameter", **where)
+        known = set(self.latest_writer) | set(self.params) | set(self.prelude.defines)
+        close = difflib.get_close_matches(var, sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         return FlowDefinitionError(
             f"{what}, which no step above it writes and no parameter, import, def, class or "
-            "constant defines", **where)
+            f"constant defines{hint}", **where)
 
     def _later_writer(self, draft: _Draft, var: str) -> tuple[str, int] | None:
         for later in self.drafts:

@@ -460,3 +460,45 @@ def random_notebook(seed: int) -> list[str]:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_notebooks_match_run_all(seed):
     assert_same_as_run_all(random_notebook(seed))
+
+
+# --- details --------------------------------------------------------------------
+
+def test_input_and_inputs_are_never_artifacts():
+    graph = build_flow(cells(
+        "%%step s\nitems = [1, 2]",
+        "%%step f --foreach items\nv = input",
+        "%%step j\nfor input in inputs:\n    print(input.v)\nagain = list(items)",
+        "%%step g --foreach again\nw = input",
+    ))
+    assert graph.step("j").writes == ("again",)
+    assert "input" not in graph.producers("g")
+    assert graph.producers("g") == {"again": "j"}
+
+
+def test_step_header_may_end_with_a_comment():
+    graph = build_flow(["%%step a --retry 1  # flaky network\nx = 1\n"])
+    assert graph.step("a").options.retry == 1
+
+
+def test_unknown_name_suggests_a_close_one():
+    with pytest.raises(FlowDefinitionError, match="did you mean 'movies'"):
+        build_flow(cells("%%step a\nmovies = 1", "%%step b\ny = movie"))
+
+
+def test_a_name_a_later_ordinary_cell_computes_is_not_prelude():
+    with pytest.raises(FlowDefinitionError, match="ordinary cell 1 computes"):
+        build_flow(cells("def f():\n    return 1", "f = make_f()", "%%step a\ny = f()"))
+    graph = build_flow(cells("f = make_f()", "def f():\n    return 1", "%%step a\ny = f()"))
+    assert graph.step("a").reads == ("f",)
+
+
+def test_dag_imports_and_builds_plain_python_without_ipython():
+    import subprocess
+    import sys
+    code = ("import sys\nimport flowmagic.dag as d\nassert 'IPython' not in sys.modules\n"
+            "d.build_flow(['import os', '%%step a\\nx = 1', '%%step b\\ny = x'])\n"
+            "assert 'IPython' not in sys.modules, 'plain Python needs no transformer'\n"
+            "d.build_flow(['%%step a\\n%time x = 1'])\nassert 'IPython' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
