@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -41,6 +42,7 @@ TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cl
 OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
 
 SCHEMA_VERSION = 1
+_OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = """
@@ -360,6 +362,35 @@ class Metadata:
                 conn.execute("INSERT INTO artifacts SELECT ?, 0, name, type, size, hash, serializer, inline"
                              " FROM artifacts WHERE task_id = ? AND attempt = ?", (new_id, task_id, last))
         return int(new_id)
+
+    def delete_runs(self, flow: str, run_ids: Sequence[int]) -> None:
+        """Remove runs with their tasks, attempts, logs and artifact records
+        (gc only; objects are gc's business). Run ids are not reused."""
+        with self._write() as conn:
+            for run_id in run_ids:
+                tasks = "SELECT task_id FROM tasks WHERE flow = ? AND run_id = ?"
+                conn.execute(f"DELETE FROM artifacts WHERE task_id IN ({tasks})", (flow, run_id))
+                conn.execute(f"DELETE FROM attempts WHERE task_id IN ({tasks})", (flow, run_id))
+                conn.execute("DELETE FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
+                conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
+                conn.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+
+    def referenced_objects(self, exclude_runs: Sequence[tuple[str, int]] = ()) -> set[str]:
+        """Every object key a recorded artifact or stored output refers to
+        (ignoring the runs in ``exclude_runs``: what gc would delete)."""
+        excluded = {(f, int(r)) for f, r in exclude_runs}
+        keys = set()
+        for key, flow, run_id in self._read(
+                "SELECT a.hash, t.flow, t.run_id FROM artifacts a JOIN tasks t ON a.task_id = t.task_id"
+                " WHERE a.serializer != 'inline'"):
+            if (flow, run_id) not in excluded:
+                keys.add(key)
+        for outputs, flow, run_id in self._read(
+                "SELECT a.outputs, t.flow, t.run_id FROM attempts a JOIN tasks t ON a.task_id = t.task_id"
+                " WHERE a.outputs != '[]'"):
+            if (flow, run_id) not in excluded:
+                keys.update(_OBJECT_KEY_RE.findall(outputs))  # any key-shaped string: conservative
+        return keys
 
     # -- read side ---------------------------------------------------------------
     def list_flows(self) -> list[str]:
