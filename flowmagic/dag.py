@@ -183,10 +183,13 @@ def flow_name_from_cells(cells: Sequence[str]) -> str | None:
     return found
 
 
-def build_flow(cells: Sequence[str], name: str = "Flow") -> FlowGraph:
+DEFAULT_FLOW_NAME = "Flow"
+
+
+def build_flow(cells: Sequence[str], name: str | None = None) -> FlowGraph:
     """The flow defined by ``cells`` (source of every cell, in order; "" for
-    markdown/raw cells so indices match). ``name`` is used unless a cell has a
-    ``%flow name NAME`` line. Raises FlowDefinitionError."""
+    markdown/raw cells so indices match). Without ``name``, the flow is named
+    by a ``%flow name NAME`` line, else "Flow". Raises FlowDefinitionError."""
     parsed = [classify_cell(source, index) for index, source in enumerate(cells)]
     prelude = _Prelude.collect(parsed)
     params = _collect_params(parsed)
@@ -196,7 +199,7 @@ def build_flow(cells: Sequence[str], name: str = "Flow") -> FlowGraph:
     for draft in drafts:
         resolver.add(draft)
     return FlowGraph(
-        name=flow_name_from_cells(cells) or name,
+        name=name or flow_name_from_cells(cells) or DEFAULT_FLOW_NAME,
         prelude=prelude.source,
         params=tuple(params),
         steps=tuple(resolver.steps),

@@ -71,4 +71,4 @@ def store_root_for(notebook_path: str | os.PathLike) -> Path:
 def load_flow(path: str | os.PathLike) -> FlowGraph:
     """Read a notebook and build its flow. Raises UsageError or FlowDefinitionError."""
     cells = read_cells(path)
-    return build_flow(cells, name=camel_case(Path(path).stem))
+    return build_flow(cells, name=flow_name_for(path, cells))

@@ -318,11 +318,13 @@ def test_docstring_is_a_description_too():
     assert build_flow(['%%step a\n"""Fit the model.\n\nMore."""\nx = 1\n']).step("a").doc == "Fit the model."
 
 
-def test_flow_name_line_wins_over_the_given_name():
+def test_flow_name_from_the_argument_or_a_flow_name_line():
     sources = cells("%load_ext flowmagic\n%flow name MovieFlow", "%%step a\nx = 1")
     assert flow_name_from_cells(sources) == "MovieFlow"
-    assert build_flow(sources, name="Other").name == "MovieFlow"
-    assert build_flow(cells("%%step a\nx = 1"), name="Other").name == "Other"
+    assert build_flow(sources).name == "MovieFlow"
+    assert build_flow(sources, name="Other").name == "Other"  # the caller decided
+    assert build_flow(cells("%%step a\nx = 1")).name == "Flow"
+    assert flow_name_from_cells(cells("%%step a\n%flow name Inside\nx = 1")) is None
     with pytest.raises(FlowDefinitionError, match="invalid flow name"):
         build_flow(["%flow name 1bad\n"])
 
