@@ -23,11 +23,11 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from flowmagic._scopes import COMPREHENSIONS, free_names, header_expressions, scope_free, top_level_bindings
+from flowmagic.prelude import PreludePart, split_prelude  # re-exported
+
 
 _FLAGS = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
-           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
 @dataclass(frozen=True)
@@ -89,225 +89,9 @@ def analyze_cell(tree: ast.Module, prelude_reads: Mapping[str, frozenset[str]] |
     """Reads/writes of a parsed cell. ``prelude_reads`` maps prelude functions and
     classes to the globals they read (transitively); loading one counts as
     loading those globals."""
-    visitor = _CellVisitor(_top_level_bindings(tree.body), prelude_reads or {})
+    visitor = _CellVisitor(top_level_bindings(tree.body), prelude_reads or {})
     visitor.block(tree.body)
     return visitor.result()
-
-
-def free_names(node: ast.AST) -> frozenset[str]:
-    """Global names a def, class or lambda reads when it runs (its body's free names)."""
-    return frozenset(_scope_free(node).free)
-
-
-# --- nested scopes -------------------------------------------------------------
-
-@dataclass
-class _Free:
-    line: int
-    deferred: bool  # read when the function is called, not where it is defined
-
-
-@dataclass
-class _Scope:
-    free: dict[str, _Free]
-    global_binds: set[str]   # names a `global` statement lets the scope assign
-    walrus_binds: set[str]   # comprehension walrus targets: bound in the enclosing scope
-
-
-def _scope_free(node: ast.AST) -> _Scope:
-    """Free names of one nested scope (function, lambda, class, comprehension)."""
-    scope = _ScopeCollector(node)
-    scope.collect()
-    is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-    is_comprehension = isinstance(node, _COMPREHENSIONS)
-    global_binds = {name for name in scope.globals if name in scope.stores}
-    walrus_binds = set(scope.walrus) if is_comprehension else set()
-    local = set(scope.local)
-    children = [_scope_free(child) for child in scope.children]
-    for child in children:
-        global_binds |= child.global_binds
-        if is_comprehension:
-            walrus_binds |= child.walrus_binds
-        else:
-            local |= child.walrus_binds
-    free: dict[str, _Free] = {}
-    for name, line in scope.loads.items():
-        if (name not in local or name in scope.globals) and name not in walrus_binds:
-            free.setdefault(name, _Free(line, is_function))
-    for child in children:
-        for name, info in child.free.items():
-            # A class body's names are not visible inside its methods.
-            visible = name in local and name not in scope.globals and not isinstance(node, ast.ClassDef)
-            if not visible and name not in walrus_binds:
-                free.setdefault(name, _Free(info.line, info.deferred or is_function))
-    return _Scope(free, global_binds, walrus_binds)
-
-
-class _ScopeCollector(ast.NodeVisitor):
-    """Bindings and loads of one scope, without descending into nested scopes."""
-
-    def __init__(self, node: ast.AST) -> None:
-        self.node = node
-        self.local: set[str] = set()
-        self.stores: set[str] = set()
-        self.globals: set[str] = set()
-        self.walrus: set[str] = set()
-        self.loads: dict[str, int] = {}
-        self.children: list[ast.AST] = []
-
-    def collect(self) -> None:
-        node = self.node
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            self._arguments(node.args)
-            body = node.body if isinstance(node.body, list) else [node.body]
-            for stmt in body:
-                self.visit(stmt)
-        elif isinstance(node, ast.ClassDef):
-            for stmt in node.body:
-                self.visit(stmt)
-        else:  # comprehension: the first iterable belongs to the enclosing scope
-            for number, gen in enumerate(node.generators):
-                self._bind_target(gen.target)
-                if number:
-                    self.visit(gen.iter)
-                for cond in gen.ifs:
-                    self.visit(cond)
-            for part in ("elt", "key", "value"):
-                if hasattr(node, part):
-                    self.visit(getattr(node, part))
-        # In comprehensions, walrus targets bind in the enclosing scope.
-        if isinstance(node, _COMPREHENSIONS):
-            self.local -= self.walrus
-
-    def _arguments(self, args: ast.arguments) -> None:
-        for arg in args.posonlyargs + args.args + args.kwonlyargs:
-            self.local.add(arg.arg)
-        for arg in (args.vararg, args.kwarg):
-            if arg is not None:
-                self.local.add(arg.arg)
-
-    def _bind(self, name: str) -> None:
-        self.local.add(name)
-        self.stores.add(name)
-
-    def _bind_target(self, target: ast.AST) -> None:
-        for sub in ast.walk(target):
-            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
-                self._bind(sub.id)
-            elif isinstance(sub, (ast.Subscript, ast.Attribute)):
-                self.visit(sub.value)
-                if isinstance(sub, ast.Subscript):
-                    self.visit(sub.slice)
-
-    def _nested(self, node: ast.AST) -> None:
-        self.children.append(node)
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if isinstance(node.ctx, ast.Load):
-            self.loads.setdefault(node.id, node.lineno)
-        else:
-            self._bind(node.id)
-            if isinstance(node.ctx, ast.Del):
-                self.loads.setdefault(node.id, node.lineno)
-
-    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
-        self.visit(node.value)
-        self._bind(node.target.id)
-        self.walrus.add(node.target.id)
-
-    def visit_AugAssign(self, node: ast.AugAssign) -> None:
-        if isinstance(node.target, ast.Name):
-            self.loads.setdefault(node.target.id, node.lineno)
-        self.generic_visit(node)
-
-    def visit_Global(self, node: ast.Global) -> None:
-        self.globals.update(node.names)
-
-    def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
-        pass  # resolved by the enclosing function scope, which is also nested
-
-    def visit_Import(self, node: ast.Import) -> None:
-        for alias in node.names:
-            self._bind(alias.asname or alias.name.split(".")[0])
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        for alias in node.names:
-            if alias.name != "*":
-                self._bind(alias.asname or alias.name)
-
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
-        if node.name:
-            self._bind(node.name)
-        self.generic_visit(node)
-
-    def visit_MatchAs(self, node: ast.MatchAs) -> None:
-        if node.name:
-            self._bind(node.name)
-        self.generic_visit(node)
-
-    def visit_MatchStar(self, node: ast.MatchStar) -> None:
-        if node.name:
-            self._bind(node.name)
-
-    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
-        if node.rest:
-            self._bind(node.rest)
-        self.generic_visit(node)
-
-    def _def_header(self, node: ast.AST) -> None:
-        for expr in _header_expressions(node):
-            self.visit(expr)
-        self._nested(node)
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        self._bind(node.name)
-        self._def_header(node)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        self._bind(node.name)
-        self._def_header(node)
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        self._def_header(node)
-
-    def _comprehension(self, node: ast.AST) -> None:
-        self.visit(node.generators[0].iter)
-        self._nested(node)
-
-    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
-
-
-def _header_expressions(node: ast.AST) -> list[ast.AST]:
-    """Expressions of a def/class/lambda evaluated where it is defined."""
-    exprs: list[ast.AST] = list(getattr(node, "decorator_list", []))
-    if isinstance(node, ast.ClassDef):
-        exprs += node.bases + [kw.value for kw in node.keywords]
-        return exprs
-    args = node.args
-    exprs += [d for d in args.defaults + args.kw_defaults if d is not None]
-    if not isinstance(node, ast.Lambda):
-        for arg in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-            if arg is not None and arg.annotation is not None:
-                exprs.append(arg.annotation)
-        if node.returns is not None:
-            exprs.append(node.returns)
-    return exprs
-
-
-# --- the cell's top level ------------------------------------------------------
-
-def _top_level_bindings(body: Iterable[ast.stmt]) -> set[str]:
-    """Every name the cell's top level binds anywhere (for the deferred-read rule)."""
-    collector = _ScopeCollector(ast.Module(body=list(body), type_ignores=[]))
-    for stmt in collector.node.body:
-        collector.visit(stmt)
-    names = set(collector.local)
-    for child in collector.children:
-        scope = _scope_free(child)
-        names |= scope.global_binds | scope.walrus_binds
-    return names
 
 
 def _join(*states):
@@ -585,7 +369,7 @@ class _CellVisitor:
             self.expr(node.value)
             self.bind(node.target.id, node.lineno)
             return
-        if isinstance(node, (ast.Lambda, *_COMPREHENSIONS)):
+        if isinstance(node, (ast.Lambda, *COMPREHENSIONS)):
             self.nested(node)
             return
         if isinstance(node, ast.Call) and self._ipython_magic(node):
@@ -597,12 +381,12 @@ class _CellVisitor:
 
     def nested(self, node: ast.AST) -> None:
         """A def, class, lambda or comprehension: header now, body by the deferred rule."""
-        if isinstance(node, _COMPREHENSIONS):
+        if isinstance(node, COMPREHENSIONS):
             self.expr(node.generators[0].iter)
         else:
-            for header in _header_expressions(node):
+            for header in header_expressions(node):
                 self.expr(header)
-        scope = _scope_free(node)
+        scope = scope_free(node)
         for name in scope.walrus_binds:
             self.bind(name, node.lineno)
         for name, info in sorted(scope.free.items(), key=lambda item: item[1].line):
@@ -653,112 +437,5 @@ def _root_name(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
-# --- the prelude: what ordinary cells contribute -------------------------------
-
-@dataclass(frozen=True)
-class PreludePart:
-    """What one ordinary cell gives the prelude, and what it computes besides."""
-
-    source: str                            # kept statements, in order (plain Python)
-    defines: Mapping[str, int]             # name -> line: imports, defs, classes, constants
-    computes: Mapping[str, int]            # name -> line: bound by anything else (not prelude)
-    global_reads: Mapping[str, frozenset[str]]  # def/class name -> globals its body reads
-
-
-_LITERAL_NODES = (ast.Constant, ast.UnaryOp, ast.BinOp, ast.BoolOp, ast.Compare, ast.Tuple,
-                  ast.List, ast.Dict, ast.Set, ast.unaryop, ast.operator, ast.boolop, ast.cmpop,
-                  ast.expr_context)
-
-
-def split_prelude(tree: ast.Module, code: str) -> PreludePart:
-    """Keep imports, defs, classes and literal constants of an ordinary cell.
-
-    Magics (``%load_ext``, ``%flow ...``) arrive as ``get_ipython()`` calls and
-    are dropped like any other computation.
-    """
-    lines = code.splitlines()
-    spans = [_span(stmt) for stmt in tree.body]
-    kept: list[str] = []
-    defines: dict[str, int] = {}
-    computes: dict[str, int] = {}
-    global_reads: dict[str, frozenset[str]] = {}
-    for number, stmt in enumerate(tree.body):
-        # The later binding of a name wins, as when the cell runs.
-        if not _is_prelude_statement(stmt):
-            for name in _top_level_bindings([stmt]):
-                computes[name] = stmt.lineno
-                defines.pop(name, None)
-            continue
-        for name in _prelude_bindings(stmt):
-            defines[name] = stmt.lineno
-            computes.pop(name, None)
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            global_reads[stmt.name] = free_names(stmt)
-        kept.append(_statement_text(stmt, number, spans, lines))
-    source = "\n".join(kept) + "\n" if kept else ""
-    return PreludePart(source, defines, computes, global_reads)
-
-
-def _is_prelude_statement(stmt: ast.stmt) -> bool:
-    if isinstance(stmt, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
-                         ast.ClassDef, ast.Pass)):
-        return True
-    if isinstance(stmt, ast.Assign):
-        return all(_is_name_target(t) for t in stmt.targets) and _is_literal(stmt.value)
-    if isinstance(stmt, ast.AnnAssign):
-        return isinstance(stmt.target, ast.Name) and stmt.value is not None and _is_literal(stmt.value)
-    if isinstance(stmt, ast.Try):  # `try: import x` / `except ImportError: x = None`
-        bodies = stmt.body + stmt.orelse + stmt.finalbody + [s for h in stmt.handlers for s in h.body]
-        types_ok = all(h.type is None or _is_dotted_names(h.type) for h in stmt.handlers)
-        return types_ok and all(_is_prelude_statement(s) for s in bodies)
-    return False
-
-
-def _prelude_bindings(stmt: ast.stmt) -> list[str]:
-    """Names a prelude statement binds (cheaper than a full scope walk)."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [stmt.name]
-    if isinstance(stmt, ast.Import):
-        return [a.asname or a.name.split(".")[0] for a in stmt.names]
-    if isinstance(stmt, ast.ImportFrom):
-        return [a.asname or a.name for a in stmt.names if a.name != "*"]
-    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-    if isinstance(stmt, ast.Try):
-        bodies = stmt.body + stmt.orelse + stmt.finalbody + [s for h in stmt.handlers for s in h.body]
-        return [name for s in bodies for name in _prelude_bindings(s)]
-    return []
-
-
-def _is_name_target(node: ast.AST) -> bool:
-    if isinstance(node, ast.Name):
-        return True
-    return isinstance(node, (ast.Tuple, ast.List)) and all(_is_name_target(e) for e in node.elts)
-
-
-def _is_literal(node: ast.AST) -> bool:
-    """Literals and arithmetic on literals (``2 ** 10``), no names or calls."""
-    return all(isinstance(sub, _LITERAL_NODES) for sub in ast.walk(node))
-
-
-def _is_dotted_names(node: ast.AST) -> bool:
-    if isinstance(node, ast.Tuple):
-        return all(_is_dotted_names(e) for e in node.elts)
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return isinstance(node, ast.Name)
-
-
-def _span(stmt: ast.stmt) -> tuple[int, int]:
-    first = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])])
-    return first, stmt.end_lineno or stmt.lineno
-
-
-def _statement_text(stmt: ast.stmt, number: int, spans: list[tuple[int, int]], lines: list[str]) -> str:
-    first, last = spans[number]
-    shares_line = (number > 0 and spans[number - 1][1] >= first) or (
-        number + 1 < len(spans) and spans[number + 1][0] <= last)
-    if shares_line:  # `import a; x = f()`: take only this statement
-        return ast.unparse(stmt)
-    return "\n".join(lines[first - 1:last])
+__all__ = ["CellAnalysis", "PreludePart", "analyze_cell", "free_names", "parse_code", "prepare_code",
+           "split_prelude", "transform_ipython"]

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowmagic.analysis import CellAnalysis, PreludePart, analyze_cell, prepare_code, split_prelude
+from flowmagic.analysis import CellAnalysis, analyze_cell, prepare_code
+from flowmagic.prelude import PreludePart, split_prelude
 from flowmagic.cells import ParsedCell, classify_cell, flow_name_in, parse_params
 from flowmagic.errors import FlowDefinitionError
 
