@@ -345,3 +345,21 @@ def test_export_command_writes_the_script_and_reports_json(tmp_path, capsys):
     assert [s["name"] for s in document["steps"]] == ["start", "compute", "join", "end"]
     assert "class Catch(FlowSpec):" in target.read_text()
     assert main(["export", str(tmp_path / "missing.ipynb")]) == 2
+
+
+def test_catch_step_that_rebinds_an_upstream_name_says_what_differs():
+    graph = flow("%%step start\nx = 1", "%%step end --catch oops\nx = x + 1\ny = 2")
+    body = method_source(export_flow(graph), "end")
+    assert "self.y = None" in body and "self.x = None" not in body
+    assert "fails before it rebinds x" in body
+
+
+def test_display_in_a_step_is_imported_from_ipython():
+    script = export_flow(flow("%%step start\nx = 1\ndisplay(x)"))
+    assert "from IPython.display import display" in script
+    assert "from IPython" not in export_flow(flow("%%step start\nx = 1"))
+
+
+def test_a_notebook_without_steps_cannot_be_exported():
+    with pytest.raises(FlowDefinitionError, match="no %%step cell"):
+        export_flow(flow("x = 1"))

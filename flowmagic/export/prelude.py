@@ -46,9 +46,27 @@ def plan_prelude(graph: FlowGraph) -> Prelude:
         raise FlowDefinitionError(
             f"the notebook defines {name!r}, which the exported script imports from metaflow; rename it",
             variable=name)
-    parts = [_render(s, used, needs) for s in kept]
-    source = "\n".join(p for p in parts if p)
-    return Prelude(source + "\n" if source else "", defines, needs)
+    source = _layout([(s.node, _render(s, used, needs)) for s in kept])
+    return Prelude(source, defines, needs)
+
+
+def _layout(parts: list[tuple[ast.stmt, str]]) -> str:
+    """PEP 8 spacing: two blank lines around defs and classes, one after the imports."""
+    lines: list[str] = []
+    previous: ast.stmt | None = None
+    for node, text in parts:
+        definition = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        if previous is not None:
+            was_definition = isinstance(previous, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            was_import = isinstance(previous, (ast.Import, ast.ImportFrom))
+            is_import = isinstance(node, (ast.Import, ast.ImportFrom))
+            if definition or was_definition:
+                lines += ["", ""]
+            elif was_import and not is_import:
+                lines.append("")
+        lines.append(text.strip("\n"))
+        previous = node
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _statements(prelude: str) -> list[_Statement]:
@@ -138,10 +156,7 @@ def _render(statement: _Statement, used: set[str], needs: dict[str, tuple[str, .
         return ast.unparse(node)
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _touches_needy(node, needs):
         return ast.unparse(_with_arguments(node, needs))
-    text = statement.text
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        text = "\n" + text + "\n"   # PEP 8: blank lines around definitions
-    return text
+    return statement.text
 
 
 def _touches_needy(node: ast.AST, needs: dict[str, tuple[str, ...]]) -> bool:

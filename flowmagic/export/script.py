@@ -78,7 +78,7 @@ def _check_parameters(graph: FlowGraph, structure: Structure, class_name: str) -
 # --- the script ------------------------------------------------------------------
 
 def render_script(plan: ExportPlan) -> str:
-    methods = [_method(plan, node) for node in plan.structure.steps.values()]
+    methods = [_method(plan, plan.structure.steps[name]) for name in _reading_order(plan)]
     decorators = {d for m in methods for d in m[1]}
     imports = sorted({"FlowSpec", "step"} | decorators | _parameter_imports(plan.graph.params))
     needs_display = any(_uses_display(spec, plan.prelude) for spec in plan.graph.steps)
@@ -102,6 +102,31 @@ def render_script(plan: ExportPlan) -> str:
     lines.append("\n\n".join(text for text, _ in methods))
     lines += ["", "", 'if __name__ == "__main__":', f"{INDENT}{plan.class_name}()", ""]
     return "\n".join(lines)
+
+
+def _reading_order(plan: ExportPlan) -> list[str]:
+    """Steps in flow order, ties broken by notebook order (added steps follow their inputs)."""
+    steps = plan.structure.steps
+    position = {spec.name: float(i) for i, spec in enumerate(plan.graph.steps)}
+
+    def rank(name: str) -> float:
+        if name not in position:
+            inputs = steps[name].inputs_from
+            position[name] = max((rank(i) for i in inputs), default=-1.0) + 0.5
+        return position[name]
+
+    pending = {name: len(node.inputs_from) for name, node in steps.items()}
+    ready = [name for name, count in pending.items() if count == 0]
+    order: list[str] = []
+    while ready:
+        ready.sort(key=rank)
+        name = ready.pop(0)
+        order.append(name)
+        for child in steps[name].next:
+            pending[child] -= 1
+            if pending[child] == 0:
+                ready.append(child)
+    return order
 
 
 def _parameter_imports(params: tuple[Parameter, ...]) -> set[str]:
@@ -207,11 +232,19 @@ def _join_lines(plan: JoinPlan, node: MfStep) -> list[str]:
 def _catch_lines(plan: ExportPlan, spec: StepSpec) -> list[str]:
     if not spec.options.catch:
         return []
-    unset = sorted((set(spec.writes) & plan.attributes[spec.name]) - set(spec.reads) - {spec.options.catch})
-    if not unset:
-        return []
-    lines = ["# @catch: what the step has not set when it fails stays None, as in the notebook."]
-    return lines + [f"self.{var} = None" for var in unset]
+    written = (set(spec.writes) & plan.attributes[spec.name]) - {spec.options.catch}
+    unset = sorted(written - set(spec.reads))
+    lines = []
+    if unset:
+        lines.append("# @catch: what the step has not set when it fails stays None, as in the notebook.")
+        lines += [f"self.{var} = None" for var in unset]
+    upstream = sorted(written & set(spec.reads))
+    if upstream:
+        # Setting these to None first would change what the step reads; say so instead.
+        names = ", ".join(upstream)
+        lines.append(f"# @catch: if this step fails before it rebinds {names}, Metaflow keeps the "
+                     f"upstream value (the notebook run sets None).")
+    return lines
 
 
 def _step_code(plan: ExportPlan, spec: StepSpec) -> str:
