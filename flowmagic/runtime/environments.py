@@ -42,6 +42,7 @@ marks the environment complete.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -83,7 +84,7 @@ SOURCE_LINK_DIR = "flowmagic-src"
 PTH_FILE = "_flowmagic_source.pth"
 # A build holds the lock for as long as it takes; a waiter gives up after this.
 LOCK_TIMEOUT_SECONDS = 30 * 60
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2   # part of the key: a new layout builds new environments
 
 
 class EnvironmentBuildError(RunError):
@@ -204,12 +205,19 @@ def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
     """
     if requirement not in KERNEL_MATCHED:
         return requirement
-    distribution = "xxhash" if requirement == "python-xxhash" else requirement
-    try:
-        version = importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
+    version = _kernel_version("xxhash" if requirement == "python-xxhash" else requirement)
+    if version is None:
         return None if requirement == "cloudpickle" else requirement
     return f"{requirement}=={version}" if kind == "pypi" else f"{requirement}={version}"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_version(distribution: str) -> str | None:
+    """Cached: importlib.metadata scans every path entry, a few ms per call."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # ----------------------------------------------------------------- public entry points
@@ -304,7 +312,8 @@ def ensure_environment(spec: EnvSpec, store_root: Path, *, step: str | None = No
         return cached
     if spec.kind == "pypi":
         pins = _resolve_pypi(tool, spec, step)
-        key = _digest({"kind": "pypi", "pins": pins, "python": spec.python, "interpreter": spec.interpreter})
+        key = _digest({"kind": "pypi", "pins": pins, "python": spec.python, "interpreter": spec.interpreter,
+                       "layout": _RECORD_VERSION})
         build = lambda final: _build_pypi(tool, spec, pins, envs, final, step)  # noqa: E731
     else:
         pins, key = [], spec.request_key()   # the conda tool resolves inside its `create`
@@ -385,8 +394,10 @@ def _build_pypi(uv: str, spec: EnvSpec, pins: list[str], envs: Path, final: Path
                   spec, step, action="create the environment")
         requirements = temp / "flowmagic-requirements.txt"
         requirements.write_text("\n".join(pins) + "\n")
-        _run_tool([uv, "pip", "sync", "--quiet", "--python", str(temp / "bin" / "python"), str(requirements)],
-                  spec, step, action="install the packages")
+        # Compiled now, once: a fork server must not compile pandas on every start (and
+        # with PYTHONDONTWRITEBYTECODE set, as here, it would never be cached).
+        _run_tool([uv, "pip", "sync", "--quiet", "--compile-bytecode", "--python", str(temp / "bin" / "python"),
+                   str(requirements)], spec, step, action="install the packages")
         packages = _freeze(uv, temp, spec, step)
         _install_source_link(temp)
         _write_record(temp, spec, final.name, pins, packages)
