@@ -135,9 +135,8 @@ class _CellVisitor:
 
     # names ---------------------------------------------------------------
     def load(self, name: str, line: int, *, deferred: bool = False, via: str | None = None) -> None:
-        bound = self.bound if self.bound is not None else set()
-        if name in bound:
-            return
+        if self.bound is None or name in self.bound:
+            return  # unreachable code, or surely bound here
         required = name not in (self.all_bound if deferred else self.ever)
         if required:
             if name not in self.reads:
@@ -252,12 +251,16 @@ class _CellVisitor:
         bind_target()
         self.block(node.body)
         breaks, continues = self.loops.pop()
-        body_end = _join(self.bound, *continues) if (self.bound is not None or continues) else None
-        # The loop ends normally after zero or more iterations (never, for `while True`).
-        self.bound = None if always_enters else _join(before, body_end)
+        # A loop is taken to run at least once: otherwise every loop variable
+        # (`for i in ...`) would look like a read of an upstream `i`. It ends
+        # normally after its last iteration (never, for `while True`).
+        normal = None if always_enters else _join(self.bound, *continues)
+        if normal is None and not breaks and not always_enters:
+            normal = before  # every iteration raises: only an empty loop gets past it
+        self.bound = normal
         if self.bound is not None:
             self.block(node.orelse)
-        self.bound = _join(self.bound, *breaks) if (self.bound is not None or breaks) else None
+        self.bound = _join(self.bound, *breaks)
 
     def stmt_Break(self, node: ast.Break) -> None:
         if self.loops:

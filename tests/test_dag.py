@@ -52,6 +52,8 @@ GRAPH_CASES = [
      {("a", "b", ("x",)), ("b", "c", ("x",))}),
     ("a maybe-unbound name with no upstream is fine",
      cells("%%step a\nfor i in range(3):\n    last = i\nprint(last)"), set()),
+    ("loop variables reused by later steps are not wired",
+     cells("%%step a\nfor i in range(3):\n    total = i", "%%step b\nfor i in range(2):\n    print(i)"), set()),
     ("IPython syntax in a step", cells("%%step a\n%time x = 1\n!echo hi", "%%step b\ny = x"),
      {("a", "b", ("x",))}),
     ("catch variable is a write",
