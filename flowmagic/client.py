@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import NotFoundError, UsageError
+from .runtime.outputs import Output, load_outputs
 from .store import Store, open_store, store_root
 from .store.metadata import AttemptRecord, RunRecord, TaskRecord
 from .store.serializers import ArtifactRef, load_artifact
@@ -508,10 +509,14 @@ class Task(_ClientObject):
         return TaskException(str(e.get("type", "")), str(e.get("message", "")), str(e.get("traceback", "")))
 
     @property
-    def outputs(self) -> list[dict]:
-        """Stored rich outputs (mimebundle records) of the last attempt."""
+    def outputs(self) -> list[Output]:
+        """Rich outputs of the last attempt (display() calls, the last value, figures),
+        in order; each has ``.type``, ``.data`` (a mimebundle), ``.text`` and shows
+        its rich form again when displayed in a notebook."""
         last = self._last_attempt()
-        return list(last.outputs) if last is not None else []
+        if last is None:
+            return []
+        return [Output(**bundle) for bundle in load_outputs(self._store.objects, last.outputs)]
 
     # artifacts
     def _artifacts(self) -> dict[str, "DataArtifact"]:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client import KernelManager
+from nbclient import NotebookClient
 
 import flowmagic
-from conftest import execute_notebook, kernel_env
+from conftest import kernel_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,9 @@ def executed(tmp_path_factory) -> tuple[dict, Path]:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in CELLS.values()])
     nbformat.write(nb, path)
     store_root = workdir / "store"
-    nb = execute_notebook(path, workdir, kernel_env(store_root), allow_errors=True)
+    client = NotebookClient(nb, km=KernelManager(kernel_name="python3"), timeout=180, allow_errors=True,
+                            resources={"metadata": {"path": str(workdir)}})
+    client.execute(cwd=str(workdir), env=kernel_env(store_root))
     return dict(zip(CELLS, (cell.outputs for cell in nb.cells))), store_root
 
 
@@ -94,3 +98,26 @@ def test_an_error_in_a_helper_shows_the_cells_own_lines(executed):
     assert re.search(r"line 3, in ratio\n\s+return a / b", text), text
     package_dir = str(Path(flowmagic.__file__).resolve().parent)
     assert package_dir not in text and "flowmagic/runtime" not in text and "site-packages/IPython" not in text
+
+
+def test_the_client_api_reads_the_same_outputs_back(executed):
+    from flowmagic.client import Flow
+
+    _, store_root = executed
+    run = Flow(FLOW, root=store_root).latest_run
+    table, value, figure = run["start"].task.outputs
+    assert [table.type, value.type, figure.type] == ["display", "execute_result", "display"]
+    assert "<table" in table.data["text/html"] and "Oslo" in table.text
+    assert value.text == "900"
+    assert base64.b64decode(figure.data["image/png"]).startswith(b"\x89PNG")
+    assert figure._repr_mimebundle_()[0]["image/png"] == figure.data["image/png"]  # shows again in a notebook
+    assert run["after"].task.data.y == 42
+
+
+def test_the_client_api_keeps_foreach_outputs_per_task(executed):
+    from flowmagic.client import Flow
+
+    _, store_root = executed
+    tasks = Flow(FLOW, root=store_root).latest_run["each"].tasks()
+    assert [(t.index, [o.text for o in t.outputs]) for t in tasks] == [
+        ((0,), ["'square 1'"]), ((1,), ["'square 4'"]), ((2,), ["'square 9'"])]
