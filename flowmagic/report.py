@@ -36,14 +36,18 @@ def _names(names) -> str:
 
 def render_show(graph: FlowGraph) -> str:
     """A readable listing of the flow, in the spirit of Metaflow's ``show``."""
-    lines = [f"Flow {graph.name}", ""]
+    roots = graph.roots()
+    summary = f"{len(graph.steps)} step{'s' if len(graph.steps) != 1 else ''}"
+    if roots:
+        summary += f", starts at {', '.join(roots)}"
+    lines = [f"Flow {graph.name}  ({summary})", ""]
     if graph.params:
         lines.append("Parameters")
-        width = max(len(p.name) for p in graph.params)
-        for param in graph.params:
-            default = json.dumps(param.default)
-            text = f"{_INDENT}--{param.name:<{width}}  {param.type:<5}  default {default}"
-            lines.append(f"{text}  {param.help}".rstrip() if param.help else text)
+        rows = [(f"--{p.name}", p.type, f"default {json.dumps(p.default)}", p.help) for p in graph.params]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:
+            text = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+            lines.append((_INDENT + text + "  " + row[3]).rstrip())
         lines.append("")
     if not graph.steps:
         lines.append("No steps: start a cell with `%%step NAME` to make it a step.")

@@ -51,7 +51,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_show_text_listing(movie_notebook, capsys):
     assert main(["show", str(movie_notebook)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Flow MovieFlow\n")
+    assert out.startswith("Flow MovieFlow  (4 steps, starts at start)\n")
     assert "--alpha" in out and "default 0.01" in out and "Learning rate" in out
     assert '--genre' in out and '"Sci-Fi"' in out and "Filter genre" in out
     assert "Step start  (cell 4)" in out and "Load the movies" in out
