@@ -21,3 +21,6 @@ await build({
   logLevel: "info",
 });
 await copyFile(join(here, "src", "style.css"), join(outdir, "flowmagic.css"));
+// Graphviz is shipped once per kernel as an asset model (see src/viz.js).
+await copyFile(join(here, "node_modules", "@viz-js", "viz", "dist", "viz.js"), join(outdir, "viz.js"));
+await copyFile(join(here, "node_modules", "@viz-js", "viz", "LICENSE"), join(outdir, "viz.LICENSE")).catch(() => {});

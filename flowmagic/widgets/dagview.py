@@ -12,8 +12,9 @@ import threading
 from typing import Any, Mapping
 
 import traitlets
+from ipywidgets import widget_serialization
 
-from ._base import FlowmagicWidget
+from ._base import FlowmagicWidget, VizAsset, viz_asset
 from .live import StepStates, Throttle, normalise_states
 from .static import graph_svg, graph_text
 
@@ -50,10 +51,12 @@ class DagMixin(traitlets.HasTraits):
     states = traitlets.Dict().tag(sync=True)
     run = traitlets.Dict().tag(sync=True)               # {"run_id", "status"}
     selected_step = traitlets.Unicode("").tag(sync=True)
+    _viz = traitlets.Instance(VizAsset, allow_none=True).tag(sync=True, **widget_serialization)
 
     def _init_dag(self, graph_json: Mapping[str, Any], states: Mapping[str, Mapping] | None,
                   run_id: int | None, interval: float) -> None:
         self._live_lock = threading.RLock()
+        self._viz = viz_asset()
         self.graph = check_graph(graph_json)
         self._live = StepStates(s["name"] for s in self.graph["steps"])
         for name, record in normalise_states(states or {}).items():

@@ -80,29 +80,23 @@ function buildStepNode(group, step) {
   const box = polygonBox(polygon);
   polygon.classList.add("fm-layout-box");
   const cx = box.x + box.width / 2;
+  const text = (cls, y, content) => svgEl("text", { class: cls, x: cx, y, "text-anchor": "middle" }, content);
   const parts = {
     box,
-    rect: svgEl("rect", {
-      class: "fm-node-box",
-      x: box.x,
-      y: box.y,
-      width: box.width,
-      height: box.height,
-      rx: 7,
-      ry: 7,
-    }),
-    name: svgEl("text", { class: "fm-node-name", x: cx, y: box.y + 19, "text-anchor": "middle" }, step.name),
-    status: svgEl("text", { class: "fm-node-status", x: cx, y: box.y + 35, "text-anchor": "middle" }, "pending"),
+    rect: svgEl("rect", { class: "fm-node-box", x: box.x, y: box.y, width: box.width, height: box.height, rx: 7, ry: 7 }),
+    name: text("fm-node-name", box.y + 19, step.name),
+    status: text("fm-node-status", box.y + 35, "pending"),
     progress: svgEl("g", { class: "fm-progress" }),
   };
   const barX = box.x + 10;
   const barWidth = box.width - 20;
-  const barY = box.y + box.height - 13;
+  const barY = box.y + 43;
   parts.bar = { x: barX, width: barWidth };
   parts.barBg = svgEl("rect", { class: "fm-bar-bg", x: barX, y: barY, width: barWidth, height: 6, rx: 3 });
   parts.barDone = svgEl("rect", { class: "fm-bar-done", x: barX, y: barY, width: 0, height: 6, rx: 3 });
   parts.barFailed = svgEl("rect", { class: "fm-bar-failed", x: barX, y: barY, width: 0, height: 6, rx: 3 });
-  parts.progress.append(parts.barBg, parts.barDone, parts.barFailed);
+  parts.counts = text("fm-node-counts", barY + 18, "");
+  parts.progress.append(parts.barBg, parts.barDone, parts.barFailed, parts.counts);
   group.append(parts.rect, parts.name, parts.status, parts.progress);
   group.setAttribute("data-step", step.name);
   group.setAttribute("tabindex", "0");
@@ -115,7 +109,24 @@ function buildStepNode(group, step) {
   if (tooltip) {
     tooltip.textContent = describeStep(step);
   }
+  fitText(parts.name, box.width - 10);
   return parts;
+}
+
+// Squeezes a text that the browser's font draws wider than its box.
+function fitText(textEl, width) {
+  textEl.removeAttribute("textLength");
+  textEl.removeAttribute("lengthAdjust");
+  let drawn = 0;
+  try {
+    drawn = textEl.getComputedTextLength();
+  } catch (error) {
+    drawn = 0; // not in the document yet: nothing to measure
+  }
+  if (drawn > width) {
+    textEl.setAttribute("textLength", String(width));
+    textEl.setAttribute("lengthAdjust", "spacingAndGlyphs");
+  }
 }
 
 function describeStep(step) {
@@ -145,16 +156,17 @@ function updateStepNode(group, parts, st, isForeach) {
   group.setAttribute("data-failed", String(failed));
   const duration = formatDuration(liveDuration(st));
   const words = [statusWord(st)];
-  const showProgress = isForeach || total > 1;
-  if (showProgress && total > 0) {
-    words.push(`${done}/${total}` + (failed ? ` (${failed} failed)` : ""));
-  }
   if (duration) {
     words.push(duration);
   }
   parts.status.textContent = words.join(" · ");
+  fitText(parts.status, parts.box.width - 10);
+  // Only a foreach step has room for a progress bar (its box is taller).
+  const showProgress = isForeach;
   parts.progress.style.display = showProgress ? "" : "none";
   if (showProgress) {
+    parts.counts.textContent = total > 0 ? `${done}/${total} tasks` + (failed ? ` · ${failed} failed` : "") : "";
+    fitText(parts.counts, parts.box.width - 10);
     const scale = total > 0 ? parts.bar.width / total : 0;
     parts.barDone.setAttribute("width", String(Math.min(done, total) * scale));
     parts.barFailed.setAttribute("x", String(parts.bar.x + Math.min(done, total) * scale));
@@ -297,7 +309,7 @@ export function renderDag(model, el) {
     const ids = buildDot(graph, uid);
     let svg;
     try {
-      const viz = await getViz();
+      const viz = await getViz(model);
       svg = viz.renderSVGElement(ids.dot);
     } catch (error) {
       canvas.textContent = `flowmagic: could not lay out the flow: ${error}`;

@@ -2,10 +2,11 @@
 // graph out: nodes are empty fixed-size boxes that dag.js fills afterwards,
 // so live state changes never move anything.
 
-const NAME_CHAR_PT = 7.6; // bold 13px UI font, one character, in points
+const NAME_CHAR_PT = 8.4; // bold 13px UI font, one character, in points
 const STATUS_MIN_PT = 132; // room for "retrying #3 · 12 min 30 s"
 const NODE_PAD_PT = 22;
-export const NODE_HEIGHT_IN = 0.8;
+export const NODE_HEIGHT_IN = 0.72;
+export const FOREACH_HEIGHT_IN = 0.95;
 const MAX_EDGE_VARIABLES = 3;
 
 export function quote(text) {
@@ -57,7 +58,8 @@ export function buildDot(graph, uid) {
     const id = `${uid}_n${i}`;
     stepId.set(step.name, id);
     nodes.set(id, { kind: "step", name: step.name });
-    lines.push(`  ${quote(id)} [id=${quote(id)}, width=${nodeWidthInches(step.name)}];`);
+    const height = step.options && step.options.foreach ? FOREACH_HEIGHT_IN : NODE_HEIGHT_IN;
+    lines.push(`  ${quote(id)} [id=${quote(id)}, width=${nodeWidthInches(step.name)}, height=${height}];`);
   });
   const readers = parameterReaders(graph);
   (graph.parameters || []).forEach((param, i) => {
@@ -66,7 +68,7 @@ export function buildDot(graph, uid) {
     const label = `${param.name} = ${JSON.stringify(param.default)}`.slice(0, 40);
     lines.push(
       `  ${quote(id)} [id=${quote(id)}, shape=box, style="rounded,dashed", fixedsize=false, ` +
-        `height=0.3, margin="0.08,0.03", label=${quote(label)}];`,
+        `height=0.3, margin="0.12,0.04", fontsize=10, label=${quote(label)}];`,
     );
     (readers.get(param.name) || []).forEach((reader, j) => {
       if (!stepId.has(reader)) {

@@ -1,0 +1,161 @@
+"""The DAG view in a real JupyterLab, fed from Python with the `show`
+document and runtime events (no flow runs here: the magics' tests do that)."""
+from __future__ import annotations
+
+import json
+import time
+
+from labpage import open_notebook, run_all, save, screenshot, wait_idle, write_notebook
+
+GRAPH = {
+    "flow": "MovieFlow",
+    "parameters": [{"name": "alpha", "default": 0.01, "type": "float", "help": "Learning rate"}],
+    "steps": [
+        {"name": "start", "cell": 1, "reads": [], "writes": ["movies"], "options": {}, "next": ["split"]},
+        {"name": "split", "cell": 2, "reads": ["alpha", "movies"], "writes": ["genres", "params"],
+         "options": {"retry": 2}, "next": ["compute", "report"]},
+        {"name": "compute", "cell": 3, "reads": ["params"], "writes": ["x"],
+         "options": {"foreach": "params", "catch": "compute_failed"}, "next": ["join"]},
+        {"name": "report", "cell": 4, "reads": ["genres"], "writes": ["summary"], "options": {}, "next": ["join"]},
+        {"name": "join", "cell": 5, "reads": ["compute_failed", "summary", "x"], "writes": ["failed"],
+         "options": {}, "next": []},
+    ],
+    "edges": [
+        {"from": "start", "to": "split", "variables": ["movies"]},
+        {"from": "split", "to": "compute", "variables": ["params"]},
+        {"from": "split", "to": "report", "variables": ["genres"]},
+        {"from": "compute", "to": "join", "variables": ["compute_failed", "x"]},
+        {"from": "report", "to": "join", "variables": ["summary"]},
+    ],
+}
+
+LONG = {
+    "flow": "ThirtySteps",
+    "parameters": [],
+    "steps": [{"name": f"preprocess_stage_{i:02d}", "cell": i, "reads": [f"v{i - 1}"] if i else [],
+               "writes": [f"v{i}"], "options": {}, "next": []} for i in range(30)],
+    "edges": [{"from": f"preprocess_stage_{i:02d}", "to": f"preprocess_stage_{i + 1:02d}",
+               "variables": [f"v{i}", "model", "scores", "weights"]} for i in range(29)],
+}
+
+SETUP = f"""
+import json, pathlib, time
+from flowmagic.runtime.events import Event
+from flowmagic.widgets import DagView
+view = DagView(json.loads({json.dumps(json.dumps(GRAPH))}), interval=0.1)
+view.observe(lambda change: pathlib.Path("selected.txt").write_text(change["new"]), "selected_step")
+def task(step, state, tid=1, **kw):
+    view.on_event(Event("task", run_id=1, step=step, task_id=tid, state=state, **kw))
+view
+"""
+
+DRIVE = """
+view.on_event(Event("run", run_id=1, state="running"))
+task("start", "running"); time.sleep(3); task("start", "done")
+task("split", "running", attempt=1); time.sleep(0.3)
+task("split", "retrying", attempt=2); time.sleep(1.5); task("split", "done", attempt=2)
+task("report", "running", tid=2); task("report", "done", tid=2)
+for i in range(1000):
+    task("compute", "running", tid=100 + i, data={"total": 1000})
+    task("compute", "caught" if i == 7 else "done", tid=100 + i)
+task("join", "running", tid=3); time.sleep(0.3); task("join", "failed", tid=3)
+view.on_event(Event("run", run_id=1, state="failed"))
+view.flush()
+print("pushes", view.pushes)
+"""
+
+SECOND_VIEW = f"""
+long_view = DagView(json.loads({json.dumps(json.dumps(LONG))}))
+long_view
+"""
+
+NODE = 'g.fm-step[data-step="{}"]'
+
+
+def state_of(page, step: str) -> str:
+    return page.locator(NODE.format(step)).first.get_attribute("data-state")
+
+
+def wait_state(page, step: str, state: str, timeout: float = 20_000) -> None:
+    page.wait_for_selector(f'{NODE.format(step)}[data-state="{state}"]', timeout=timeout, state="attached")
+
+
+def test_dag_view_shows_steps_edges_and_live_states(lab, lab_page):
+    page = lab_page
+    write_notebook(lab.root / "dag_demo.ipynb", [SETUP, DRIVE, SECOND_VIEW])
+    (lab.root / "selected.txt").unlink(missing_ok=True)
+    open_notebook(page, lab, "dag_demo.ipynb")
+    started = time.monotonic()
+    run_all(page)
+
+    # every step and every edge of the show document is drawn
+    page.wait_for_selector('.fm-dag[data-layout="ready"]', timeout=30_000)
+    first = page.locator(".fm-dag").first
+    steps = first.locator("g.fm-step")
+    assert sorted(steps.evaluate_all("els => els.map(e => e.dataset.step)")) == sorted(
+        s["name"] for s in GRAPH["steps"])
+    edges = first.locator("g.fm-edge").evaluate_all(
+        "els => els.map(e => [e.dataset.edgeFrom, e.dataset.edgeTo, e.dataset.variables])")
+    assert sorted(edges) == sorted([e["from"], e["to"], ",".join(e["variables"])] for e in GRAPH["edges"])
+    assert first.locator('g.fm-param[data-param="alpha"]').count() == 1
+    assert "compute_failed, x" in first.locator("g.fm-edge", has_text="compute_failed").text_content()
+
+    # live: the sleeping step is seen running, then done; the retry shows its attempt
+    wait_state(page, "start", "running")
+    screenshot(page, "dag-live-running", first)
+    wait_state(page, "start", "done")
+    wait_state(page, "split", "retrying")
+    assert "retrying #2" in page.locator(NODE.format("split")).first.text_content()
+    wait_state(page, "join", "failed")
+    wait_state(page, "compute", "caught")
+    compute = page.locator(NODE.format("compute")).first
+    assert (compute.get_attribute("data-done"), compute.get_attribute("data-total"),
+            compute.get_attribute("data-failed")) == ("999", "1000", "1")
+    page.wait_for_selector('.fm-dag[data-run-status="failed"]', state="attached")
+    wait_idle(page)
+    output = page.locator(".jp-OutputArea-output", has_text="pushes").first.inner_text()
+    pushes = int(output.split()[-1])
+    assert pushes < 80, f"{pushes} pushes for ~2,000 events: throttling is not working"
+    assert time.monotonic() - started < 60
+
+    # a 30-step flow fits the output area's width; ids are unique on the page
+    page.wait_for_selector('.fm-dag[data-layout="ready"] >> nth=1')
+    long_dag = page.locator(".fm-dag").nth(1)
+    assert long_dag.locator("g.fm-step").count() == 30
+    sizes = long_dag.evaluate(
+        "el => [el.scrollWidth, el.clientWidth, el.querySelector('svg').getBoundingClientRect().width,"
+        " el.getBoundingClientRect().width]")
+    assert sizes[0] <= sizes[1] + 1 and sizes[2] <= sizes[3], sizes
+    duplicates = page.evaluate(
+        "() => { const ids = [...document.querySelectorAll('.fm-root [id]')].map(e => e.id);"
+        " return ids.filter((id, i) => ids.indexOf(id) !== i); }")
+    assert duplicates == []
+
+    # a click on a node reaches Python as selected_step
+    page.locator(NODE.format("split")).first.click()
+    page.wait_for_selector(f'{NODE.format("split")}[data-selected="true"]', state="attached")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (lab.root / "selected.txt").exists():
+        time.sleep(0.1)
+    assert (lab.root / "selected.txt").read_text() == "split"
+    screenshot(page, "dag-light", first)
+    first.scroll_into_view_if_needed()
+    screenshot(page, "dag-light-page")
+    assert page.js_errors == []
+
+    # after a reload (dark theme now) the same states come back from the kernel
+    save(page)
+    lab.set_theme("JupyterLab Dark")
+    try:
+        page.reload()
+        page.wait_for_selector('.fm-dag[data-layout="ready"]', timeout=60_000)
+        wait_state(page, "join", "failed")
+        wait_state(page, "compute", "caught")
+        assert state_of(page, "split") == "done"
+        assert page.locator(f'{NODE.format("split")}[data-selected="true"]').count() == 1
+        assert page.evaluate("() => document.body.dataset.jpThemeLight") == "false"
+        page.locator(".fm-dag").first.scroll_into_view_if_needed()
+        screenshot(page, "dag-dark", page.locator(".fm-dag").first)
+        screenshot(page, "dag-dark-page")
+    finally:
+        lab.set_theme("JupyterLab Light")
