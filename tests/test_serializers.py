@@ -223,10 +223,21 @@ def test_frames_arrow_would_change_fall_back_to_pickle(objects: ObjectStore, nam
     assert back.attrs == df.attrs
 
 
-def test_series_roundtrip(objects: ObjectStore) -> None:
-    s = pd.Series([1.0, None, 3.0], name="x", index=["a", "b", "c"])
-    back, _ = roundtrip(objects, s)
-    pd.testing.assert_series_equal(back, s)
+@pytest.mark.parametrize("series, serializer", [
+    (pd.Series([1.0, None, 3.0], name="x", index=pd.Index(["a", "b", "c"], dtype="str")), "arrow-pandas"),
+    (pd.Series([1, 2], name=None), "arrow-pandas"),
+    (pd.Series(pd.Categorical(["a", "b"]), name=7), "arrow-pandas"),
+    (pd.Series(pd.date_range("2024", periods=3, tz="UTC"), name="__series__"), "arrow-pandas"),
+    (pd.Series([1, "mixed"], name="m"), "pickle"),
+    (pd.Series([1], name=("tuple", "name")), "pickle"),
+])
+def test_series_roundtrip(objects: ObjectStore, series: pd.Series, serializer: str) -> None:
+    back, ref = roundtrip(objects, series)
+    assert ref.serializer == serializer and ref.type == "pandas.Series"
+    pd.testing.assert_series_equal(back, series)
+    if serializer == "arrow-pandas" and series.dtype == np.float64:
+        assert backed_by_mmap(back.to_numpy())
+        back.iloc[0] = 5.0
 
 
 def test_arrow_tables_roundtrip(objects: ObjectStore) -> None:
@@ -238,7 +249,7 @@ def test_arrow_tables_roundtrip(objects: ObjectStore) -> None:
 
 
 def test_polars_frames_roundtrip(objects: ObjectStore) -> None:
-    pl = pytest.importorskip("polars")
+    import polars as pl  # in the test extra
     df = pl.DataFrame({"a": [1, 2], "b": ["x", None]})
     back, ref = roundtrip(objects, df)
     assert ref.serializer == "arrow-polars" and back.equals(df)

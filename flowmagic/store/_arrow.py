@@ -187,8 +187,29 @@ def _dtypes_equal(a: Any, b: Any) -> bool:
     return True
 
 
-def write_pandas(df: Any, fh: BinaryIO) -> None:
-    meta: dict[str, Any] = {"kind": "pandas",
+_SERIES_COLUMN = "__series__"
+
+
+def series_supported(series: Any) -> bool:
+    """A Series goes through Arrow as a one-column frame, when its name can
+    be kept in JSON."""
+    import pandas as pd
+
+    return (type(series) is pd.Series and type(series.name) in (str, int, float, type(None))
+            and not series.attrs and pandas_supported(series.to_frame(_SERIES_COLUMN)))
+
+
+def write_series(series: Any, fh: BinaryIO) -> None:
+    write_pandas(series.to_frame(_SERIES_COLUMN), fh, series_name=series.name)
+
+
+_NOT_A_SERIES: Any = object()
+
+
+def write_pandas(df: Any, fh: BinaryIO, *, series_name: Any = _NOT_A_SERIES) -> None:
+    is_series = series_name is not _NOT_A_SERIES
+    meta: dict[str, Any] = {"kind": "pandas-series" if is_series else "pandas",
+                            "series_name": series_name if is_series else None,
                             "object_columns": [name for name, col in df.items() if col.dtype == object]}
     freq = getattr(df.index, "freq", None)
     if freq is not None:  # Arrow keeps the values of a DatetimeIndex, not its frequency
@@ -218,6 +239,8 @@ def read_pandas(path: Path) -> Any:
         df[name] = _as_object(df[name])
     if meta.get("index_freq"):
         df.index.freq = meta["index_freq"]
+    if meta.get("kind") == "pandas-series":
+        return df[_SERIES_COLUMN].rename(meta.get("series_name"))
     return df
 
 

@@ -167,6 +167,8 @@ def _choose_writer(value: Any):
     module = type(value).__module__.split(".")[0]
     if module == "pandas" and _arrow.pandas_supported(value):
         return "arrow-pandas", _arrow.write_pandas
+    if module == "pandas" and _arrow.series_supported(value):
+        return "arrow-pandas", _arrow.write_series
     if module == "pyarrow":
         import pyarrow as pa
 
