@@ -375,8 +375,10 @@ class _CellVisitor:
         if isinstance(node, (ast.Lambda, *COMPREHENSIONS)):
             self.nested(node)
             return
-        if isinstance(node, ast.Call) and self._ipython_magic(node):
-            return
+        if isinstance(node, ast.Call):
+            if self._ipython_magic(node):
+                return
+            self._shell_expansions(node)
         if isinstance(node, (ast.stmt, ast.expr_context)):
             return
         for child in ast.iter_child_nodes(node):
@@ -418,6 +420,37 @@ class _CellVisitor:
             self.block(inner.body)
             self.bound, self.ever, self.deleted, self.mutated = saved
         return True
+
+
+    def _shell_expansions(self, node: ast.Call) -> None:
+        """`!ls {folder} $name` expands names from the namespace: they are reads."""
+        command = _shell_command(node)
+        if command is None:
+            return
+        from IPython.utils.text import DollarFormatter  # IPython's own expansion rules
+
+        try:
+            fields = [field for _, field, _, _ in DollarFormatter().parse(command) if field]
+        except ValueError:
+            return
+        for field in fields:
+            try:
+                expression = ast.parse(field.strip(), mode="eval")
+            except SyntaxError:
+                continue
+            ast.increment_lineno(expression, node.lineno - 1)
+            self.expr(expression.body)
+
+
+def _shell_command(node: ast.Call) -> str | None:
+    """The command of `get_ipython().system('...')` / `.getoutput('...')` (a `!` line)."""
+    func = node.func
+    if (isinstance(func, ast.Attribute) and func.attr in ("system", "getoutput")
+            and isinstance(func.value, ast.Call) and isinstance(func.value.func, ast.Name)
+            and func.value.func.id == "get_ipython" and len(node.args) == 1
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return node.args[0].value
+    return None
 
 
 def _line_magic(node: ast.Call) -> tuple[str, str, int] | None:

@@ -100,7 +100,8 @@ CASES = [
     ("except name is unbound after the handler", "try:\n    pass\nexcept E as e:\n    pass", {"E"}, set(), set()),
     ("IPython %time runs its statement here", "%time x = f(y)", {"f", "y"}, set(), {"x"}),
     ("IPython %timeit only reads", "%timeit g(z)", {"g", "z"}, set(), set()),
-    ("IPython shell capture", "files = !ls {folder}", set(), set(), {"files"}),
+    ("IPython shell capture expands names", "files = !ls {folder}", {"folder"}, set(), {"files"}),
+    ("IPython shell expansions", "!echo $name {a + 1} $$HOME {{literal}}", {"name", "a"}, set(), set()),
     ("IPython help", "x?", set(), set(), set()),
     ("raise ends a path", "if bad:\n    raise ValueError()\nelse:\n    r = 1\nprint(r)", {"bad"}, set(), {"r"}),
 ]
