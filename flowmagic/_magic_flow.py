@@ -169,10 +169,20 @@ def _drive(magics: FlowMagics, graph: Any, what: str, start: Callable[[Any], Any
         views.finish_run_view(view)
 
 
-def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:
+def _summary(result: Any) -> str:
     from flowmagic import report
 
-    print(report.run_summary(result))
+    render = getattr(report, "render_run_summary", None)
+    if render is not None:
+        return render(result).rstrip("\n")
+    counts = f"{result.tasks} tasks" + (f", {result.cloned} cloned" if result.cloned else "")
+    lines = [f"run {result.flow}/{result.run_id} {result.status} in {result.duration:.1f} s ({counts})"]
+    lines += [f"  step '{step}': {line}" for step, line in result.failed]
+    return "\n".join(lines)
+
+
+def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:
+    print(_summary(result))
     if as_json:
         return result.to_json()
     if result.status != "succeeded":

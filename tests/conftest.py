@@ -162,16 +162,23 @@ def live_kernel(tmp_path: Path):
         kernel.shutdown()
 
 
-def execute_notebook(path: Path, workdir: Path, env: dict[str, str], *, allow_errors: bool = False,
+def execute_notebook(path: Path, workdir: Path, env: dict[str, str], *, may_fail: bool = False,
                      timeout: int = 120):
-    """Execute a notebook top to bottom with nbclient in a real kernel; returns the notebook."""
+    """Run All with nbclient in a real kernel: stops at the first error, as a
+    notebook does. Returns the notebook with its outputs and the error, if any
+    (``may_fail``; otherwise the error is raised)."""
     import nbformat
     from jupyter_client import KernelManager
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
     km = KernelManager(kernel_name="python3")
-    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=allow_errors,
-                            resources={"metadata": {"path": str(workdir)}})
-    client.execute(cwd=str(workdir), env=env)
-    return nb
+    client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(workdir)}})
+    try:
+        client.execute(cwd=str(workdir), env=env)
+    except CellExecutionError as error:
+        if not may_fail:
+            raise
+        return nb, error
+    return nb, None
