@@ -288,6 +288,7 @@ class _Draft:
     cell: ParsedCell
     code: str
     analysis: CellAnalysis
+    docstring: str | None
 
     @property
     def name(self) -> str:
@@ -305,7 +306,7 @@ def _analyse_step(cell: ParsedCell, prelude: _Prelude) -> _Draft:
         line = cell.body_line + (exc.lineno or 1) - 1
         raise FlowDefinitionError(f"syntax error: {exc.msg}", step=step, cell=cell.index, line=line) from None
     analysis = analyze_cell(tree, prelude.global_reads)
-    draft = _Draft(cell, code, analysis)
+    draft = _Draft(cell, code, analysis, ast.get_docstring(tree))
     if analysis.star_import_line is not None:
         raise FlowDefinitionError(
             "`from ... import *` is not allowed in a step: its names cannot be known before it runs; "
@@ -356,7 +357,7 @@ class _Resolver:
         spec = StepSpec(
             name=draft.name, cell=draft.cell.index, source=draft.cell.body, code=draft.code,
             body_line=draft.cell.body_line, reads=tuple(sorted(reads)), writes=tuple(sorted(writes)),
-            options=options, doc=_doc_line(draft.cell.body))
+            options=options, doc=_doc_line(draft.cell.body, draft.docstring))
         self._add_edges(spec, producers)
         self.specs[spec.name] = spec
         self.steps.append(spec)
@@ -463,8 +464,8 @@ class _Resolver:
             self.edges.append(Edge(source, spec.name, tuple(sorted(by_source[source]))))
 
 
-def _doc_line(body: str) -> str:
-    """The first comment line of the body (or its docstring's first line)."""
+def _doc_line(body: str, docstring: str | None) -> str:
+    """The first comment line of the body, else its docstring's first line."""
     for line in body.splitlines():
         text = line.strip()
         if not text:
@@ -472,9 +473,4 @@ def _doc_line(body: str) -> str:
         if text.startswith("#"):
             return text.lstrip("#").strip()
         break
-    try:
-        tree = ast.parse(body)
-    except SyntaxError:
-        return ""
-    doc = ast.get_docstring(tree)
-    return doc.strip().splitlines()[0] if doc else ""
+    return docstring.strip().splitlines()[0] if docstring and docstring.strip() else ""
