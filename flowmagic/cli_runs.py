@@ -190,7 +190,31 @@ def _configure_dump(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pathspec", metavar="RUN[/STEP[/TASK]]")
     parser.add_argument("--include", action="append", default=[], metavar="NAME",
                         help="only these artifacts (repeatable, or comma-separated)")
+    parser.add_argument("--outputs", action="store_true",
+                        help="also show each task's rich outputs: their text and the paths of saved images")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _task_outputs(store, tasks) -> list[tuple[object, list[dict]]]:
+    """(task, stored output refs of its last attempt) for the tasks that have outputs."""
+    found = []
+    for task in tasks:
+        attempts = store.meta.attempts(task.task_id)
+        if attempts and attempts[-1].outputs:
+            found.append((task, list(attempts[-1].outputs)))
+    return found
+
+
+def _render_outputs(store, found) -> str:
+    from flowmagic.runtime.outputs import describe_outputs
+
+    if not found:
+        return "no outputs\n"
+    lines = []
+    for task, refs in found:
+        lines.append(f"Outputs of {task.step}/{task.task_id}")
+        lines.extend(describe_outputs(store.objects, refs))
+    return "\n".join(lines) + "\n"
 
 
 def _run_dump(args: argparse.Namespace) -> int:
@@ -213,10 +237,16 @@ def _run_dump(args: argparse.Namespace) -> int:
                 except Exception as exc:  # noqa: BLE001 - a preview must not hide the others
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
+    found = _task_outputs(store, tasks) if args.outputs else []
     if args.json:
-        print_json({"flow": flow, "run_id": run_id, "artifacts": rows})
+        document = {"flow": flow, "run_id": run_id, "artifacts": rows}
+        if args.outputs:
+            document["outputs"] = [{"step": t.step, "task": t.task_id, "outputs": refs} for t, refs in found]
+        print_json(document)
     else:
         sys.stdout.write(render_dump(flow, run_id, rows))
+        if args.outputs:
+            sys.stdout.write(_render_outputs(store, found))
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,32 @@ def test_output_objects_render_again_in_a_notebook(objects):
     assert base64.b64decode(data["image/png"]) == PNG
     assert output.text.startswith("<Figure") and output.mimetypes == ["image/png", "text/plain"]
     assert "image/png" in repr(output)
+
+
+# -- the console command ---------------------------------------------------------------
+
+
+def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
+    from runtime_helpers import flowmagic, flowmagic_json, write_notebook
+
+    store = tmp_path / "store"
+    nb = write_notebook(tmp_path / "plots.ipynb", [
+        "import matplotlib.pyplot as plt",
+        "%%step start\nvalues = [3, 1, 2]\ndisplay(f'{len(values)} values')\nplt.plot(values)\nsum(values)",
+        "%%step end\ntotal = sum(values)",
+    ])
+    assert flowmagic("run", nb, store=store).returncode == 0
+    text = flowmagic("dump", nb, "1/start", "--outputs", store=store)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert any(line.startswith("Outputs of start/") for line in lines)
+    assert "    '3 values'" in lines and "[2] Out" in lines and "    6" in lines
+    (png_line,) = [line for line in lines if line.strip().startswith("image/png: ")]
+    png_path = Path(png_line.split("image/png: ")[1].rsplit(" (", 1)[0])
+    assert png_path.read_bytes().startswith(b"\x89PNG") and str(store) in str(png_path)
+
+    doc = flowmagic_json("dump", nb, "1", "--outputs", store=store)
+    (start,) = doc["outputs"]
+    assert start["step"] == "start" and [o["type"] for o in start["outputs"]] == ["display", "execute_result", "display"]
+    assert "artifacts" in doc
+    assert "outputs" not in flowmagic_json("dump", nb, "1", store=store)  # the stable document, unchanged
