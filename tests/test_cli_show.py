@@ -134,3 +134,21 @@ def test_usage_errors(capsys):
     assert main(["frobnicate"]) == 2
     assert main(["--help"]) == 0
     assert main(["show", "--help"]) == 0
+
+
+def test_render_show_nested_foreach_options_and_empty_flows():
+    from flowmagic.dag import build_flow
+    from flowmagic.report import render_show
+
+    text = render_show(build_flow([
+        "%%step start\nouter = [1, 2]\n",
+        '%%step a --foreach outer --pypi "pandas==2.2.3 pyarrow>=15" --cache\ninner = [input]\n',
+        "%%step b --foreach inner --timeout 2.5\ny = input\n",
+        "%%step j\nz = y\n",
+    ], name="Nest"))
+    assert "Step a  (cell 1)  --foreach outer --pypi 'pandas==2.2.3 pyarrow>=15' --cache" in text
+    assert "Step b  (cell 2)  --timeout 2.5 --foreach inner" in text
+    assert "nested in the foreach of a" in text
+    assert "joins the foreach of b" in text
+    assert "=> (end)" in text
+    assert "No steps" in render_show(build_flow(["import os\n"]))
