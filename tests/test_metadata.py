@@ -174,6 +174,45 @@ def test_a_forked_child_reads_through_its_own_connection(meta: Metadata) -> None
     assert [r.run_id for r in meta.list_runs("F")] == [2, 1]
 
 
+def test_fork_while_another_thread_holds_the_lock(meta: Metadata) -> None:
+    """The orchestrator has threads; a fork taken while one of them is inside
+    a metadata call must not leave the child waiting for that lock forever."""
+    import threading
+
+    run_id = meta.new_run("F", params={}, code={})
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with meta._lock:
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if meta.get_run("F", run_id).run_id == run_id else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child deadlocked on the metadata lock")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        thread.join()
+
+
 # -- damaged or foreign stores ---------------------------------------------------
 def test_a_store_from_a_newer_flowmagic_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "metadata.sqlite"

@@ -362,3 +362,30 @@ def test_saving_the_same_value_twice_adds_no_bytes(objects: ObjectStore) -> None
 
 def _disk_usage(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_is_a_store_error_not_a_serialization_error(objects: ObjectStore,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk cannot be made for real in a test: the temporary file's
+    writes fail as the kernel's would (ENOSPC); the value is fine."""
+    from flowmagic.store import objects as objects_module
+
+    class FullDiskTemp(objects_module._TempFile):
+        def __enter__(self):
+            fh, path = super().__enter__()
+            return _FullFile(), path
+
+    monkeypatch.setattr(objects, "_temp_file", lambda: FullDiskTemp(objects.tmp_dir))
+    with pytest.raises(StoreError, match="artifact 'arr' of step 'load' could not be written.*No space left"):
+        save_artifact(objects, "arr", np.arange(1000), step="load")
+    assert list(objects.keys()) == [] and list(objects.tmp_dir.iterdir()) == []
+
+
+class _FullFile:
+    def write(self, data) -> int:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        pass

@@ -15,6 +15,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,14 @@ class Metadata:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        _instances.add(self)
         self._connect()
+
+    def _after_fork_in_child(self) -> None:
+        """A fork copies the lock in whatever state another thread held it,
+        and the parent's connection: start the child with fresh ones."""
+        self._lock = threading.RLock()
+        self._conn = None
 
     # -- connection ------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -457,6 +465,17 @@ class Metadata:
         shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
         return NotFoundError(f"run {flow}/{run_id} does not exist; runs of {flow}: {shown or '(none)'}")
 
+
+_instances: "weakref.WeakSet[Metadata]" = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for meta in list(_instances):
+        meta._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 _RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
                 " finished_at, graph")

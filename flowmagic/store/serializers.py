@@ -76,6 +76,9 @@ def save_artifact(objects: ObjectStore, name: str, value: Any, step: str | None 
         key, size = objects.put_stream(lambda fh: write(value, fh))
     except SerializationError:
         raise
+    except OSError as exc:  # the disk, not the value: full, read-only, gone
+        raise StoreError(f"artifact '{name}'{f' of step {step!r}' if step else ''} could not be written "
+                         f"to {objects.root}: {exc}") from exc
     except Exception as exc:  # pickling fails with many types: TypeError, PicklingError, AttributeError...
         raise _unserialisable(name, value, step, exc) from exc
     return ArtifactRef(name, type_name, size, key, serializer)
