@@ -261,3 +261,170 @@ def test_thirty_step_flow_renders_in_both_fallbacks():
     assert view.fallback_text().count("\n") >= 30
     if shutil.which("dot"):
         assert view.fallback_svg().count('class="node"') == 30
+
+
+# -- the inspector and the run view over a real store -------------------------------------
+@pytest.fixture
+def recorded_run(tmp_path):
+    """A store with two runs of MovieFlow: the newer one failed in `join`."""
+    import numpy as np
+    import pandas as pd
+
+    from flowmagic.store import open_store, save_artifact
+
+    store = open_store(tmp_path / "store")
+    meta = store.meta
+    older = meta.new_run("MovieFlow", params={"alpha": 0.01}, code={}, tags=["baseline"])
+    meta.finish_run("MovieFlow", older, "succeeded")
+    run = meta.new_run("MovieFlow", params={"alpha": 0.5}, code={}, tags=["try"], graph=movie_graph())
+    now = time.time()
+
+    def task_with(step, artifacts=(), outcome="ok", state="done", index=None, item=None, **attempt):
+        task_id = meta.new_task("MovieFlow", run, step, index=index, item=item)
+        refs = [save_artifact(store.objects, name, value, step=step) for name, value in artifacts]
+        meta.record_attempt(task_id, attempt.pop("attempt", 1), outcome=outcome, started_at=now - 2,
+                            finished_at=now - 1, artifacts=refs, **attempt)
+        meta.set_task_state(task_id, state)
+        return task_id
+
+    movies = pd.DataFrame({"title": [f"film {i}" for i in range(500)], "rating": np.linspace(1, 10, 500)})
+    task_with("start", [("movies", movies)], stdout="loaded 500 movies\n")
+    task_with("split", [("params", [0.1, 0.2, 0.0]), ("weights", np.arange(12.0).reshape(3, 4))])
+    for i, div in enumerate([0.1, 0.2, 0.0]):
+        task_with("compute", [("x", 5 / div if div else None)], index=(i,), item=repr(div),
+                  outcome="ok" if div else "failed", state="done" if div else "caught",
+                  exception=None if div else {"type": "ZeroDivisionError", "message": "division by zero",
+                                              "traceback": "Traceback (most recent call last):\n"
+                                                           "  Cell In[4], line 2\n    x = 5 / div\n"
+                                                           "ZeroDivisionError: division by zero\n"})
+    failed_join = task_with("join", outcome="failed", state="failed", stderr="about to fail\n",
+                            exception={"type": "KeyError", "message": "'genre'",
+                                       "traceback": "Traceback (most recent call last):\nKeyError: 'genre'\n"})
+    meta.finish_run("MovieFlow", run, "failed")
+    return {"store": store, "root": tmp_path / "store", "run": run, "older": older, "failed_join": failed_join}
+
+
+def test_inspector_opens_on_the_newest_run_and_its_failed_step(recorded_run):
+    from flowmagic.widgets import Inspector
+
+    view = Inspector(recorded_run["root"], "MovieFlow")
+    assert [r["value"] for r in view.runs] == [recorded_run["run"], recorded_run["older"]]
+    assert "failed" in view.runs[0]["label"] and "tags: try" in view.runs[0]["label"]
+    assert view.run_id == recorded_run["run"]
+    assert [s["value"] for s in view.steps] == ["start", "split", "compute", "join"]
+    assert view.step == "compute"  # the first step that did not simply succeed: caught here
+    compute_tasks = view.tasks
+    assert [t["state"] for t in compute_tasks] == ["done", "done", "caught"]
+    assert view.task_id == compute_tasks[2]["value"]
+    attempt = view.detail["attempts"][0]
+    assert attempt["exception"]["type"] == "ZeroDivisionError"
+    assert "x = 5 / div" in attempt["exception"]["traceback"]
+
+
+def test_picking_a_step_shows_its_artifacts_with_previews(recorded_run):
+    from flowmagic.widgets import Inspector
+
+    view = Inspector(recorded_run["store"], "MovieFlow")
+    view.step = "start"  # what the front end's picker does
+    artifacts = {a["name"]: a for a in view.detail["artifacts"]}
+    frame = artifacts["movies"]["preview"]
+    assert frame["kind"] == "frame" and frame["shape"] == [500, 2]
+    assert frame["columns"] == ["title", "rating"] and frame["rows"][0][0] == "film 0"
+    assert len(frame["rows"]) == 8 and "of 500 rows" in frame["truncated"]
+    assert view.detail["attempts"][0]["stdout"] == "loaded 500 movies\n"
+    view.step = "split"
+    artifacts = {a["name"]: a for a in view.detail["artifacts"]}
+    assert artifacts["weights"]["preview"] == {"kind": "array", "shape": [3, 4], "dtype": "float64",
+                                               "min": "0", "max": "11"}
+    assert artifacts["params"]["preview"] == {"kind": "text", "text": "[0.1, 0.2, 0.0]"}
+    view.run_id = recorded_run["older"]
+    assert view.steps == [] and view.detail["artifacts"] == []
+
+
+def test_inspector_text_fallback_lists_artifacts_and_exceptions(recorded_run):
+    from flowmagic.widgets import Inspector
+
+    view = Inspector(recorded_run["root"], "MovieFlow", step="join")
+    data, _ = view._repr_mimebundle_()
+    text = data["text/plain"]
+    assert "run 2 · failed" in text and "KeyError: 'genre'" in text
+    view.step = "start"
+    assert re.search(r"movies\s+pandas.DataFrame\s+[\d.]+ KB\s+500 rows × 2 columns", view.fallback_text())
+
+
+def test_inspector_on_a_flow_without_runs_says_so(tmp_path):
+    from flowmagic.widgets import Inspector
+
+    view = Inspector(tmp_path / "empty", "NoFlow")
+    assert view.runs == [] and "has no runs" in view.message
+
+
+def test_big_artifacts_are_previewed_without_loading_them(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from flowmagic.store import open_store, save_artifact
+    from flowmagic.widgets.preview import preview_artifact
+
+    store = open_store(tmp_path)
+    big_array = save_artifact(store.objects, "big", np.zeros(10_000_000))
+    preview = preview_artifact(store.objects, big_array)
+    assert preview["shape"] == [10_000_000] and "min" not in preview and "too big" in preview["note"]
+    frame = pd.DataFrame({"a": np.arange(2_000_000), "b": np.ones(2_000_000)})
+    ref = save_artifact(store.objects, "frame", frame)
+    started = time.perf_counter()
+    preview = preview_artifact(store.objects, ref)
+    assert preview["shape"] == [2_000_000, 2] and len(preview["rows"]) == 8
+    assert time.perf_counter() - started < 0.5
+    blob = save_artifact(store.objects, "blob", [bytes(3_000_000)])
+    assert "not loaded" in preview_artifact(store.objects, blob)["text"]
+
+
+def test_run_view_links_node_clicks_to_the_inspector(recorded_run):
+    from flowmagic.widgets import RunView
+
+    view = RunView(recorded_run["root"], "MovieFlow")
+    assert view.graph["flow"] == "MovieFlow" and view.run["status"] == "failed"
+    assert view.states["join"]["state"] == "failed"
+    assert view.states["compute"] == {**view.states["compute"], "state": "caught", "done": 2, "failed": 1,
+                                      "total": 3}
+    assert view.selected_step == view.step == "compute"
+    view.selected_step = "start"  # a click on the node
+    assert view.step == "start" and view.detail["artifacts"][0]["name"] == "movies"
+    view.step = "join"  # the inspector's picker
+    assert view.selected_step == "join"
+    data, _ = view._repr_mimebundle_()
+    assert "join" in data["text/plain"] and "KeyError" in data["text/plain"]
+    if shutil.which("dot"):
+        assert "<svg" in data["image/svg+xml"]
+
+
+def test_run_view_follows_a_live_run_from_its_events(recorded_run):
+    from flowmagic.widgets import RunView
+
+    store, run = recorded_run["store"], recorded_run["run"]
+    view = RunView(store, "MovieFlow", movie_graph(), run_id=recorded_run["older"], interval=0.01)
+    new_run = store.meta.new_run("MovieFlow", params={}, code={}, graph=movie_graph())
+    view.start_run(None)
+    view.on_event(Event("run", run_id=new_run, state="running"))
+    assert view.run_id == new_run and view.run == {"run_id": new_run, "status": "running"}
+    task_id = store.meta.new_task("MovieFlow", new_run, "start")
+    view.on_event(Event("task", run_id=new_run, step="start", task_id=task_id, state="running"))
+    store.meta.set_task_state(task_id, "done")
+    view.on_event(Event("task", run_id=new_run, step="start", task_id=task_id, state="done"))
+    view.finish()
+    assert view.states["start"]["state"] == "done"
+    assert [s["value"] for s in view.steps] == ["start", "split", "compute", "join"]
+    assert run != new_run
+
+
+def test_states_from_store_and_graph_of_a_run_without_graph(recorded_run):
+    from flowmagic.widgets import graph_of_run, states_from_store
+
+    states = states_from_store(recorded_run["store"], "MovieFlow", recorded_run["run"])
+    assert states["start"]["state"] == "done" and states["join"]["state"] == "failed"
+    store = recorded_run["store"]
+    bare = store.meta.new_run("MovieFlow", params={}, code={})
+    store.meta.new_task("MovieFlow", bare, "only")
+    graph = graph_of_run(store, "MovieFlow", bare)
+    assert [s["name"] for s in graph["steps"]] == ["only"] and graph["edges"] == []

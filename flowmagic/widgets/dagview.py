@@ -97,11 +97,11 @@ class DagMixin(traitlets.HasTraits):
                 self.selected_step = ""
         self.flush()
 
-    def start_run(self, run_id: int, status: str = "running") -> None:
-        """A new run begins in this view: every step back to pending."""
+    def start_run(self, run_id: int | None, status: str = "running") -> None:
+        """A new run begins in this view: every step back to pending (run id None: not known yet)."""
         with self._live_lock:
             self._live.reset(s["name"] for s in self.graph["steps"])
-            self._live.run = {"run_id": run_id, "status": status}
+            self._live.run = {"run_id": run_id, "status": status} if run_id is not None else {}
         self.flush()
 
     def flush(self) -> None:

@@ -210,3 +210,18 @@ class Throttle:
         self._last = self._clock()
         self.pushes += 1
         self._push()
+
+
+def states_from_tasks(tasks: Iterable[Any]) -> dict[str, dict]:
+    """Step records of a recorded run, from its task records (store read side).
+
+    Durations span the tasks' creation to their last state change, which is
+    what the metadata keeps per task.
+    """
+    live = StepStates()
+    for record in tasks:
+        step = live._steps.setdefault(record.step, _Step())
+        finished = record.updated_at if record.state in _TERMINAL else None
+        started = record.created_at if record.state in _ACTIVE | _BAD | {"caught", "done"} else None
+        step.tasks[record.task_id] = _Task(record.state, 0, started, finished)
+    return live.snapshot()
