@@ -142,6 +142,27 @@ def test_display_handles_can_be_updated():
     assert update["data"]["text/plain"] == "'two'"
 
 
+def test_a_widget_keeps_its_text_form_and_says_why():
+    result, _, _ = run("import ipywidgets\ndisplay(ipywidgets.IntSlider(value=3))\n")
+    assert result.ok, result.error
+    data = result.outputs[0]["data"]
+    assert set(data) == {"text/plain"}
+    assert "IntSlider" in data["text/plain"] and "cannot run inside a step" in data["text/plain"]
+
+
+def test_displays_from_threads_arrive_whole():
+    result, _, emitted = run(
+        "import threading\n"
+        "def show(k):\n"
+        "    for i in range(50):\n"
+        "        display({'thread': k, 'i': i}, raw=True)\n"
+        "threads = [threading.Thread(target=show, args=(k,)) for k in range(4)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n")
+    assert result.ok, result.error
+    assert len(result.outputs) == 200 and emitted == result.outputs
+
+
 def test_an_emit_that_fails_does_not_fail_the_step():
     def body():
         def broken(_output):
@@ -352,6 +373,11 @@ def test_chained_exceptions_keep_both_parts_without_machinery():
 def test_system_exit_is_the_steps_error():
     result, names, _ = run("x = 1\nraise SystemExit(3)\n")
     assert not result.ok and result.error["type"] == "SystemExit" and names["x"] == 1
+
+
+def test_an_exception_whose_str_fails_is_still_reported():
+    result, _, _ = run("class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError('no')\nraise Odd()\n")
+    assert result.error["type"] == "Odd" and "str() failed" in result.error["message"]
 
 
 def test_a_user_exception_class_is_named_plainly():

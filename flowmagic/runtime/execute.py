@@ -24,6 +24,7 @@ import linecache
 import os
 import subprocess
 import sys
+import threading
 import tokenize
 import traceback
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from IPython.core.interactiveshell import DummyMod, InteractiveShell
 from traitlets import Type
 from traitlets.config import Config
 
-from flowmagic.runtime.outputs import OutputBudget, OutputLimits, make_output, note_output
+from flowmagic.runtime.outputs import OutputBudget, OutputLimits, make_output, note_output, without_live_widgets
 
 Emit = Callable[[dict], None]
 
@@ -77,21 +78,24 @@ class _Capture:
         self.outputs: list[dict] = []
         self.shown_figures: list[Any] = []   # drawn by display(); skipped at the end unless changed
         self._emit_failed = False
+        # display() may come from the step's own threads: one output at a time on the channel.
+        self._lock = threading.Lock()
 
     def publish(self, kind: str, data: dict, metadata: dict | None, transient: dict | None = None) -> None:
-        output = self.budget.admit(make_output(kind, data, metadata, transient))
-        if output is None:
-            return
-        self.outputs.append(output)
-        # Text printed before this output must reach the pipe before it.
-        _flush_std_streams()
-        try:
-            self.emit(output)
-        except Exception as exc:  # noqa: BLE001 - a broken channel must not fail the step
-            if not self._emit_failed:
-                self._emit_failed = True
-                print(f"flowmagic: could not forward an output live ({exc}); it is still stored",
-                      file=sys.stderr)
+        with self._lock:
+            output = self.budget.admit(without_live_widgets(make_output(kind, data, metadata, transient)))
+            if output is None:
+                return
+            self.outputs.append(output)
+            # Text printed before this output must reach the pipe before it.
+            _flush_std_streams()
+            try:
+                self.emit(output)
+            except Exception as exc:  # noqa: BLE001 - a broken channel must not fail the step
+                if not self._emit_failed:
+                    self._emit_failed = True
+                    print(f"flowmagic: could not forward an output live ({exc}); it is still stored",
+                          file=sys.stderr)
 
 
 class CapturingDisplayPublisher(DisplayPublisher):
@@ -393,7 +397,7 @@ def format_error(exc: BaseException, filename: str) -> dict:
     text = "".join(summary.format())
     return {
         "type": _type_name(type(exc)),
-        "message": str(exc),
+        "message": _safe_str(exc),
         "traceback": text,
         "traceback_lines": text.splitlines(),
         "line": _cell_line(exc, summary, filename),
@@ -414,6 +418,13 @@ def _drop_machinery_frames(summary: traceback.TracebackException, seen: set[int]
 
 def _is_machinery(path: str) -> bool:
     return path.startswith(_HIDDEN_DIRS) or path.startswith("<decorator-gen-")
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error itself
+        return f"<{type(exc).__name__}: str() failed>"
 
 
 def _type_name(cls: type) -> str:

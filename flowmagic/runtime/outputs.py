@@ -64,6 +64,23 @@ def _jsonable(mime: str, value: Any) -> Any:
     return value
 
 
+#: forms that only work while a kernel holds the widget's model: a task process has none.
+LIVE_WIDGET_MIMETYPES = ("application/vnd.jupyter.widget-view+json",)
+
+
+def without_live_widgets(output: dict) -> dict:
+    """A widget displayed in a step cannot be interactive (its model dies with the
+    task): keep its text form, say why."""
+    found = [mime for mime in LIVE_WIDGET_MIMETYPES if mime in output["data"]]
+    if not found:
+        return output
+    data = {mime: value for mime, value in output["data"].items() if mime not in found}
+    note = (f"{_NOTE_PREFIX} an interactive widget cannot run inside a step (its task process is gone); "
+            "showing its text form. Create widgets in ordinary cells, from the step's artifacts.")
+    data["text/plain"] = f"{data['text/plain']}\n{note}" if "text/plain" in data else note
+    return {**output, "data": data}
+
+
 def payload_size(value: Any) -> int:
     """Size of a bundle value as it travels (characters of its JSON text)."""
     if isinstance(value, str):
