@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import io
 import keyword
 import math
@@ -137,7 +138,18 @@ def classify_cell(source: str, index: int) -> ParsedCell:
                 f"%%params takes no options (got {words[1]!r}); declare parameters in the cell body",
                 cell=index, line=header_index + 1)
         return ParsedCell(index, "params", source, _body_after(source, header_index), body_line)
+    _check_magic_typo(magic, index, header_index + 1)
     return ParsedCell(index, "ordinary", source, source, 1)
+
+
+def _check_magic_typo(magic: str, cell: int, line: int) -> None:
+    """`%%stpe a` would silently become an ordinary cell: say what was meant."""
+    if not magic.startswith("%%"):
+        return
+    close = difflib.get_close_matches(magic, [STEP_MAGIC, PARAMS_MAGIC], n=1, cutoff=0.8)
+    if close:
+        raise FlowDefinitionError(f"unknown cell magic {magic!r}: did you mean {close[0]}?",
+                                  cell=cell, line=line)
 
 
 def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, ParsedOptions]:

@@ -254,6 +254,8 @@ BAD_HEADERS = [
     ("%%step a --pypi ''", "--pypi"),
     ('%%step a --pypi "unclosed', "cannot read"),
     ("%%params --x", "no options"),
+    ("%%stpe a", "did you mean %%step?"),
+    ("%%param", "did you mean %%params?"),
 ]
 
 
@@ -478,6 +480,12 @@ def test_input_and_inputs_are_never_artifacts():
     assert graph.step("j").writes == ("again",)
     assert "input" not in graph.producers("g")
     assert graph.producers("g") == {"again": "j"}
+
+
+def test_other_cell_magics_make_ordinary_cells():
+    graph = build_flow(["%%time\nimport os\n", "%%capture\nx = 1\n", "%%step a\ny = 1\n"])
+    assert [s.name for s in graph.steps] == ["a"]
+    assert graph.prelude == ""
 
 
 def test_step_header_may_end_with_a_comment():
