@@ -96,6 +96,7 @@ class _Pump:
         sel.register(self.proc.stderr, selectors.EVENT_READ, "stderr")
         sel.register(self.proc.status, selectors.EVENT_READ, "status")
         sel.register(self.proc.channel, selectors.EVENT_READ, "channel")
+        self.sel = sel
         exited_at = None
         while sel.get_map():
             if exited_at is not None and time.monotonic() - exited_at > DRAIN_AFTER_EXIT:
@@ -103,11 +104,29 @@ class _Pump:
             for key, _ in sel.select(timeout=0.1):
                 if not self._read(key.data, key.fileobj):
                     sel.unregister(key.fileobj)
+            if self.manifest is not None and self.wait_status is None:
+                # The task flushed its output, then sent its manifest: it is done.
+                # Tearing down a big forked process takes tens of milliseconds;
+                # the fork server reaps it (and kills its group) without us.
+                self._drain_available(sel)
+                self.wait_status = 0
+                break
             if self.wait_status is not None and exited_at is None:
                 exited_at = time.monotonic()
             self._enforce_limits()
         sel.close()
         return self._result()
+
+    def _drain_available(self, sel) -> None:
+        for key in list(sel.get_map().values()):
+            if key.data not in ("stdout", "stderr"):
+                continue
+            os.set_blocking(key.fileobj, False)
+            try:
+                while self._read(key.data, key.fileobj):
+                    pass
+            except BlockingIOError:
+                pass
 
     def _read(self, what: str, fileobj) -> bool:
         if what == "channel":
@@ -143,6 +162,8 @@ class _Pump:
             if msg.get("type") == "manifest":
                 self.manifest = msg
             else:
+                # The task flushed what it printed before sending this output: pass that text on first.
+                self._drain_available(self.sel)
                 self.messages.append(msg)
                 self.on_message(msg)
 

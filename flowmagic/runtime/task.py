@@ -42,6 +42,10 @@ def main(channel: socket.socket, namespace: dict) -> int:
     spec = json.loads(_recv_all(channel))
     sender = _Sender(channel)
     manifest = run_task(spec, namespace, sender.send)
+    # Output first: the orchestrator treats the manifest as the end of the task
+    # and does not wait for this process to finish exiting.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     sender.send({"type": "manifest", **manifest})
     channel.close()
     return 0
