@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from flowmagic import _magic_runs
 from flowmagic import _magic_views as views
 from flowmagic._magic_output import Interrupted, LivePrinter, usage_error
 from flowmagic.errors import RunError
@@ -53,12 +54,15 @@ def flow_command(magics: FlowMagics, line: str) -> Any:
         return None
     command, rest = words[0], words[1:]
     handler = _HANDLERS.get(command)
-    if handler is None:
+    if handler is None and command not in _magic_runs.READERS:
         raise usage_error(f"%flow: unknown sub-command {command!r}; one of: {', '.join(SUBCOMMANDS)}\n"
                           "usage: %flow SUBCOMMAND [options]  (%flow --help for the list)")
     try:
+        if command in _magic_runs.READERS:
+            args = _magic_runs.console_parser(command, _parser).parse_args(rest)
+            return _magic_runs.READERS[command](magics, args)
         return handler(magics, rest)
-    except _HelpShown:
+    except (_HelpShown, SystemExit):   # --help was printed
         return None
 
 
@@ -73,7 +77,7 @@ def _overview() -> str:
             "  logs RUN/STEP[/TASK]          stdout/stderr of each attempt\n"
             "  new                           start a new session run at the next step cell\n"
             "  name NAME                     name the flow (default: the notebook's name)\n"
-            "  export [-o FILE]              write a Metaflow FlowSpec script\n"
+            "  export [-o FILE] [--name C]   the flow as a Metaflow FlowSpec script\n"
             "  forget STEP                   drop a deleted step cell from the flow\n"
             "  reset                         forget all step and params cells executed so far\n\n"
             "%flow SUBCOMMAND --help for its options")
@@ -81,9 +85,7 @@ def _overview() -> str:
 
 # -- show ---------------------------------------------------------------------
 def _show(magics: FlowMagics, words: list[str]) -> Any:
-    parser = _parser("show", "The flow the kernel has defined: steps, parameters, edges.")
-    parser.add_argument("--json", action="store_true", help="return the `show` JSON document")
-    args = parser.parse_args(words)
+    args = _magic_runs.console_parser("show", _parser).parse_args(words)
     graph = magics.graph()
     if args.json:
         return graph.to_json()
@@ -92,23 +94,16 @@ def _show(magics: FlowMagics, words: list[str]) -> Any:
 
 
 # -- run / resume -------------------------------------------------------------
-def _run_parser(graph: Any) -> MagicArgumentParser:
-    parser = _parser("run", f"A fresh run of {graph.name}, every independent step in parallel.")
-    group = parser.add_argument_group("parameters")
-    for param in graph.params:
-        group.add_argument(f"--{param.name}", default=None, metavar=param.type.upper(),
-                           help=f"{param.help or ''} (default: {param.default!r})".strip())
-    _add_run_options(parser)
-    parser.add_argument("--cache", action="store_true", help="reuse matching succeeded tasks")
+def _console_run_parser(graph: Any, command: str) -> argparse.ArgumentParser:
+    """The console's `run`/`resume` options (the flow's parameters included)."""
+    from flowmagic.cli_runs import _run_options
+
+    parser = _run_options(graph, command, "")
+    parser.prog = f"%flow {command}"
+    if command == "run":
+        parser.add_argument("--cache", action="store_true",
+                            help="reuse a matching succeeded task instead of running a step again")
     return parser
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-workers", type=int, default=None, metavar="N",
-                        help="tasks running at once (default: the number of cores)")
-    parser.add_argument("--tag", action="append", default=[], metavar="T", help="tag the run (repeatable)")
-    parser.add_argument("--json", action="store_true",
-                        help="return {flow, run_id, status, origin_run_id} instead of the run")
 
 
 def _run(magics: FlowMagics, words: list[str]) -> Any:
@@ -116,9 +111,9 @@ def _run(magics: FlowMagics, words: list[str]) -> Any:
     from flowmagic.runtime.parameters import resolve_params
 
     graph = magics.graph()
-    args = _run_parser(graph).parse_args(words)
-    params = resolve_params(graph, {p.name: getattr(args, p.name) for p in graph.params
-                                    if getattr(args, p.name, None) is not None})
+    args = _console_run_parser(graph, "run").parse_args(words)
+    given = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("param:") and v is not None}
+    params = resolve_params(graph, given)
     result = _drive(magics, graph, "run", lambda on_event: scheduler.run_flow(
         graph, magics.store(), params=params, tags=tuple(args.tag), max_workers=args.max_workers,
         on_event=on_event, cache=args.cache, workdir=str(Path.cwd())))
@@ -129,29 +124,12 @@ def _run(magics: FlowMagics, words: list[str]) -> Any:
 def _resume(magics: FlowMagics, words: list[str]) -> Any:
     from flowmagic.runtime import scheduler
 
-    parser = _parser("resume", "A new run that clones what succeeded in RUN (default: the latest) "
-                               "and re-runs the rest with the current code.")
-    parser.add_argument("run", nargs="?", default=None, help="the origin run id (default: the latest)")
-    parser.add_argument("--from", dest="from_step", default=None, metavar="STEP",
-                        help="re-run from this step, even if it succeeded")
-    _add_run_options(parser)
-    args = parser.parse_args(words)
-    origin = _run_id(args.run) if args.run is not None else None
     graph = magics.graph()
-    if args.from_step is not None and args.from_step not in {s.name for s in graph.steps}:
-        raise usage_error(f"%flow resume: no step {args.from_step!r}; steps: "
-                          f"{', '.join(s.name for s in graph.steps)}")
+    args = _console_run_parser(graph, "resume").parse_args(words)
     result = _drive(magics, graph, "resume", lambda on_event: scheduler.resume_flow(
-        graph, magics.store(), origin_run_id=origin, from_step=args.from_step, tags=tuple(args.tag),
+        graph, magics.store(), origin_run_id=args.run_id, from_step=args.from_step, tags=tuple(args.tag),
         max_workers=args.max_workers, on_event=on_event, workdir=str(Path.cwd())))
     return _finish(magics, result, args.json)
-
-
-def _run_id(text: str) -> int:
-    tail = text.rsplit("/", 1)[-1]
-    if not tail.isdigit():
-        raise usage_error(f"%flow: {text!r} is not a run id (a number, or FLOW/NUMBER)")
-    return int(tail)
 
 
 def _drive(magics: FlowMagics, graph: Any, what: str, start: Callable[[Any], Any]) -> Any:
@@ -192,69 +170,6 @@ def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:
     return magics.client_run(result.flow, result.run_id)
 
 
-# -- reading past runs --------------------------------------------------------
-def _status(magics: FlowMagics, words: list[str]) -> Any:
-    from flowmagic import report
-
-    parser = _parser("status", "The flow's runs, newest first.")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(words)
-    flow = magics.flow_name()
-    document = report.status_json(magics.store(), flow)
-    if args.json:
-        return document
-    print(report.status_text(magics.store(), flow))
-    return None
-
-
-def _dump(magics: FlowMagics, words: list[str]) -> Any:
-    from flowmagic import report
-
-    parser = _parser("dump", "Artifacts of a run, a step or a task, with type, size and a preview.")
-    parser.add_argument("path", metavar="RUN[/STEP[/TASK]]")
-    parser.add_argument("--include", action="append", default=[], metavar="NAME",
-                        help="only these artifacts (repeatable)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(words)
-    flow = magics.flow_name()
-    if args.json:
-        return report.dump_json(magics.store(), flow, args.path, include=args.include)
-    views.show_inspector(magics, flow, args.path)
-    print(report.dump_text(magics.store(), flow, args.path, include=args.include))
-    return None
-
-
-def _tag(magics: FlowMagics, words: list[str]) -> Any:
-    parser = _parser("tag", "Add, remove or list a run's tags.")
-    parser.add_argument("action", choices=("add", "remove", "list"))
-    parser.add_argument("run", metavar="RUN")
-    parser.add_argument("tags", nargs="*", metavar="TAG")
-    args = parser.parse_args(words)
-    if args.action != "list" and not args.tags:
-        raise usage_error(f"%flow tag {args.action}: give at least one TAG\n{parser.format_usage().strip()}")
-    store, flow, run_id = magics.store(), magics.flow_name(), _run_id(args.run)
-    if args.action == "add":
-        store.meta.add_tags(flow, run_id, args.tags)
-    elif args.action == "remove":
-        store.meta.remove_tags(flow, run_id, args.tags)
-    tags = sorted(store.meta.get_run(flow, run_id).tags)
-    print(f"{flow}/{run_id}: {', '.join(tags) if tags else '(no tags)'}")
-    return None
-
-
-def _logs(magics: FlowMagics, words: list[str]) -> Any:
-    from flowmagic import report
-
-    parser = _parser("logs", "stdout and stderr of each attempt of a step's tasks.")
-    parser.add_argument("path", metavar="RUN/STEP[/TASK]")
-    parser.add_argument("--stderr", action="store_true", help="only stderr")
-    parser.add_argument("--stdout", action="store_true", help="only stdout")
-    args = parser.parse_args(words)
-    print(report.logs_text(magics.store(), magics.flow_name(), args.path,
-                           stdout=not args.stderr or args.stdout, stderr=not args.stdout or args.stderr))
-    return None
-
-
 # -- the kernel's flow --------------------------------------------------------
 def _new(magics: FlowMagics, words: list[str]) -> Any:
     _parser("new", "Start a new session run: the next %%step cell executed creates it.").parse_args(words)
@@ -279,17 +194,6 @@ def _name(magics: FlowMagics, words: list[str]) -> Any:
     return None
 
 
-def _export(magics: FlowMagics, words: list[str]) -> Any:
-    from flowmagic import export
-
-    parser = _parser("export", "Write the flow as a Metaflow FlowSpec script.")
-    parser.add_argument("-o", "--output", default=None, metavar="FILE",
-                        help="where to write it (default: FLOWNAME.py next to the notebook)")
-    args = parser.parse_args(words)
-    graph = magics.graph()
-    return views.export_script(magics, export, graph, args.output)
-
-
 def _reset(magics: FlowMagics, words: list[str]) -> Any:
     _parser("reset", "Forget every step and params cell executed so far, and the session run "
                      "(as after a kernel restart; imports and defs stay).").parse_args(words)
@@ -312,6 +216,5 @@ def _forget(magics: FlowMagics, words: list[str]) -> Any:
 
 
 _HANDLERS: dict[str, Callable[[Any, list[str]], Any]] = {
-    "show": _show, "run": _run, "resume": _resume, "status": _status, "dump": _dump,
-    "tag": _tag, "logs": _logs, "new": _new, "reset": _reset, "name": _name, "export": _export, "forget": _forget,
+    "show": _show, "run": _run, "resume": _resume, "new": _new, "reset": _reset, "name": _name, "forget": _forget,
 }

@@ -43,15 +43,11 @@ def show_graph(magics: FlowMagics, graph: Any) -> None:
 
 
 def run_view(magics: FlowMagics, graph: Any) -> Callable[[Any], None] | None:
-    """A live view above the streamed output of a whole run; its event callback."""
-    from flowmagic.widgets import DagView
+    """A live view (DAG + inspector) above the streamed output of a whole run;
+    returns its event callback, None when widgets cannot be shown."""
+    from flowmagic import widgets
 
-    def make() -> Any:
-        view = DagView(graph.to_json())
-        view.display()
-        return view
-
-    view = _quietly(make)
+    view = _quietly(lambda: widgets.live_run(graph.to_json(), store=magics.store(), flow=graph.name))
     return None if view is None else view.on_event
 
 
@@ -80,14 +76,23 @@ def on_state(magics: FlowMagics, graph: Any, event: Any) -> None:
         _quietly(lambda: magics.view.on_event(event))
 
 
-def show_inspector(magics: FlowMagics, flow: str, path: str) -> None:
-    """The artifact inspector for `%flow dump`, when widgets can be shown."""
+def show_inspector(magics: FlowMagics, flow: str, run_id: int, pathspec: str) -> bool:
+    """`%flow dump`: the run's DAG and inspector (a task's inspector for RUN/STEP/TASK).
+    False when no widget could be shown (the caller prints text then)."""
+    from flowmagic import widgets
+
+    parts = pathspec.strip("/").split("/")
+    step = parts[1] if len(parts) > 1 else None
+    task = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+
+    def show() -> Any:
+        if step is None:
+            return widgets.show_run(magics.store(), flow, run_id)
+        inspector = widgets.Inspector(magics.store(), flow, run_id, step, task)
+        from IPython.display import display
+
+        display(inspector)
+        return inspector
+    return _quietly(show) is not None
 
 
-def export_script(magics: FlowMagics, export: Any, graph: Any, output: str | None) -> Path:
-    notebook = magics.notebook()
-    folder = notebook.parent if notebook is not None else Path.cwd()
-    target = Path(output) if output else folder / f"{graph.name.lower()}.py"
-    path = export.export_flow(graph, target)
-    print(f"[flowmagic] wrote {path or target}")
-    return Path(path or target)

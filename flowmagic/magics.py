@@ -33,6 +33,7 @@ class FlowMagics(Magics):
         self._current: tuple[str, str | None, int | None] | None = None  # raw, cell id, In[n]
         self._stores: dict[Path, Any] = {}
         self.view: Any = None          # the session run's live DAG view, once shown
+        self._graph: tuple[tuple, Any] | None = None   # (flow name + sources, FlowGraph)
 
     # -- shell events: which cells the kernel executed --------------------
     def pre_run_cell(self, info: Any) -> None:
@@ -74,10 +75,26 @@ class FlowMagics(Magics):
         root = store_root_for(self.notebook())
         if root not in self._stores:
             self._stores[root] = open_store(root)
+            self._point_client_at(root)
         return self._stores[root]
 
+    @staticmethod
+    def _point_client_at(root: Path) -> None:
+        """`Flow("X")` in a cell must read the store the magics write, even when
+        the kernel's cwd is not the notebook's folder (VS Code)."""
+        from flowmagic.store import store_root
+
+        if store_root().absolute() != root.absolute():
+            from flowmagic.client import namespace_root
+
+            namespace_root(root)
+
     def graph(self) -> Any:
-        return self.definition.build(self.flow_name())
+        """The kernel's flow; rebuilt only when an executed cell changed it."""
+        key = (self.flow_name(), tuple(self.definition.sources()))
+        if self._graph is None or self._graph[0] != key:
+            self._graph = (key, self.definition.build(key[0]))
+        return self._graph[1]
 
     def client_run(self, flow: str, run_id: int) -> Any:
         """The run as the Client API shows it (what `r = %flow run` binds)."""

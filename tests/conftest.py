@@ -138,11 +138,12 @@ class LiveKernel:
         return execution
 
     def value(self, expression: str) -> Any:
-        """Evaluate an expression in the kernel; its repr, read back with literal_eval."""
+        """Evaluate an expression (a line magic too) in the kernel; its repr,
+        printed last, read back with literal_eval."""
         import ast
 
-        execution = self.ok(f"print(repr({expression}))")
-        return ast.literal_eval(execution.stdout.strip())
+        execution = self.ok(f"_value_ = {expression}\nprint(repr(_value_))")
+        return ast.literal_eval(execution.stdout.strip().splitlines()[-1])
 
     def shutdown(self) -> None:
         try:

@@ -250,6 +250,32 @@ def test_run_overrides_a_parameter_and_returns_the_run(kernel):
     assert "--alpha" in help_text and "Learning rate" in help_text
 
 
+def test_reading_commands_mirror_the_console(kernel, tmp_path):
+    fresh_flow(kernel, "Reading")
+    kernel.ok("%%step start\nimport numpy as np\nvalues = np.arange(6)\nprint('made', len(values))")
+    kernel.ok("%%step end\ntotal = int(values.sum())")
+    run_id = kernel.value("%flow run --json")["run_id"]
+    status = kernel.value("%flow status --json")
+    assert [r["run_id"] for r in status["runs"]] == [run_id, run_id - 1]     # newest first
+    assert status["runs"][1]["interactive"] and status["runs"][1]["status"] == "succeeded"
+    dumped = kernel.value(f"%flow dump {run_id}/end --json")
+    assert [(a["step"], a["name"], a["type"]) for a in dumped["artifacts"]] == [("end", "total", "int")]
+    shown = kernel.ok(f"%flow dump {run_id}")
+    assert "values" in "".join(d.get("text/plain", "") for d in shown.displays()) + shown.stdout
+    assert kernel.value(f"%flow tag add {run_id} best --json")["tags"] == ["best"]
+    logs = kernel.ok(f"%flow logs {run_id}/start").stdout
+    assert "made 6" in logs
+    script = tmp_path / "reading.py"
+    kernel.ok(f"%flow export -o {script}")
+    assert "class Reading(FlowSpec)" in script.read_text()
+    shown = kernel.ok("%flow show")
+    (bundle,) = shown.displays()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "start" in bundle["text/plain"]
+    assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"]}]
+    failing = kernel.execute("%flow dump 999")
+    assert failing.status == "error" and "999" in failing.error_text and "Traceback" not in failing.error_text
+
+
 def test_a_step_whose_producer_has_not_run_names_it(kernel):
     fresh_flow(kernel, "Order")
     kernel.ok("%%step load\nrows = list(range(10))")

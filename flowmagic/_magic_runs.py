@@ -1,0 +1,147 @@
+"""``%flow status|dump|tag|logs|export``: the console command's reading
+sub-commands, on the kernel's flow and store.
+
+The options are the console command's own (its ``configure`` functions, in
+cli.py / cli_runs.py / export/command.py), minus the notebook argument; the
+texts are :mod:`flowmagic.report`'s. Only where the console reads a saved
+notebook do these read the kernel's flow instead.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from flowmagic import _magic_views as views
+
+if TYPE_CHECKING:
+    from flowmagic.magics import FlowMagics
+
+
+def console_parser(command: str, make: Callable[[str, str], argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """The console sub-command's parser, without its notebook argument."""
+    from flowmagic.cli import COMMANDS
+    from flowmagic.cli_runs import COMMANDS as RUN_COMMANDS
+
+    spec = next(c for c in [*COMMANDS, *RUN_COMMANDS] if c.name == command)
+    parser = make(command, spec.help)
+    spec.configure(parser)
+    drop_argument(parser, "notebook")
+    return parser
+
+
+def drop_argument(parser: argparse.ArgumentParser, dest: str) -> None:
+    for action in [a for a in parser._actions if a.dest == dest]:
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+
+
+def status(magics: FlowMagics, args: argparse.Namespace) -> Any:
+    from flowmagic.report import render_status
+
+    flow = magics.flow_name()
+    runs = magics.store().meta.list_runs(flow, tag=args.tag)
+    if args.json:
+        return {"flow": flow, "runs": [
+            {"run_id": r.run_id, "status": r.status, "tags": list(r.tags), "started_at": r.started_at,
+             "finished_at": r.finished_at, "origin_run_id": r.origin_run_id, "interactive": r.interactive}
+            for r in runs]}
+    print(render_status(flow, runs), end="")
+    return None
+
+
+def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
+    from flowmagic.cli_runs import _render_outputs, _select_tasks, _task_outputs
+    from flowmagic.report import preview, render_dump
+    from flowmagic.store import load_artifact
+
+    flow, store = magics.flow_name(), magics.store()
+    run_id, tasks = _select_tasks(store, flow, args.pathspec)
+    include = {n for item in args.include for n in item.split(",") if n}
+    rows = []
+    for task in tasks:
+        for ref in store.meta.artifacts(task.task_id):
+            if include and ref.name not in include:
+                continue
+            row = {"step": task.step, "task": task.task_id, "name": ref.name, "type": ref.type,
+                   "size": ref.size, "hash": ref.hash}
+            if not args.json:
+                try:
+                    row["preview"] = preview(load_artifact(store.objects, ref))
+                except Exception as exc:  # a preview must not hide the others
+                    row["preview"] = f"<cannot load: {exc}>"
+            rows.append(row)
+    found = _task_outputs(store, tasks) if args.outputs else []
+    if args.json:
+        document = {"flow": flow, "run_id": run_id, "artifacts": rows}
+        if args.outputs:
+            document["outputs"] = [{"step": t.step, "task": t.task_id, "outputs": refs} for t, refs in found]
+        return document
+    if not views.show_inspector(magics, flow, run_id, args.pathspec):
+        print(render_dump(flow, run_id, rows), end="")
+    if args.outputs:
+        print(_render_outputs(store, found), end="")
+    return None
+
+
+def tag(magics: FlowMagics, args: argparse.Namespace) -> Any:
+    from flowmagic.errors import UsageError
+
+    flow, store = magics.flow_name(), magics.store()
+    if args.action != "list" and not args.tags:
+        raise UsageError(f"tag {args.action}: give at least one TAG")
+    if args.action == "add":
+        store.meta.add_tags(flow, args.run_id, args.tags)
+    elif args.action == "remove":
+        store.meta.remove_tags(flow, args.run_id, args.tags)
+    tags = list(store.meta.get_run(flow, args.run_id).tags)
+    if args.json:
+        return {"flow": flow, "run_id": args.run_id, "tags": tags}
+    print(" ".join(tags) or "(no tags)")
+    return None
+
+
+def logs(magics: FlowMagics, args: argparse.Namespace) -> Any:
+    from flowmagic.cli_runs import _select_tasks
+    from flowmagic.report import render_logs
+
+    flow, store = magics.flow_name(), magics.store()
+    run_id, tasks = _select_tasks(store, flow, args.pathspec)
+    rows = [{"step": t.step, "task": t.task_id, "index": list(t.index) if t.index else None, "state": t.state,
+             "attempts": [{"attempt": a.attempt, "outcome": a.outcome, "stdout": a.stdout, "stderr": a.stderr,
+                           "exception": a.exception, "exit_code": a.exit_code, "signal": a.signal}
+                          for a in store.meta.attempts(t.task_id)]}
+            for t in tasks]
+    if args.json:
+        return {"flow": flow, "run_id": run_id, "tasks": rows}
+    print(render_logs(flow, run_id, rows), end="")
+    return None
+
+
+def export(magics: FlowMagics, args: argparse.Namespace) -> Any:
+    """The flow as a Metaflow FlowSpec script: printed, or written to -o FILE."""
+    from flowmagic.export.script import plan_export, render_script
+
+    plan = plan_export(magics.graph(), args.name)
+    source = render_script(plan)
+    if args.output:
+        target = Path(args.output)
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(source, encoding="utf-8")
+        temporary.replace(target)   # never a half-written script
+    if args.json:
+        return {"flow": plan.graph.name, "class": plan.class_name, "output": args.output,
+                "steps": [{"name": s.name, "added": not s.real, "next": s.next, "foreach": s.foreach,
+                           "join": s.join} for s in plan.structure.steps.values()]}
+    if args.output:
+        print(f"wrote {args.output} (class {plan.class_name})")
+    else:
+        print(source, end="")
+    return None
+
+
+READERS: dict[str, Callable[[Any, argparse.Namespace], Any]] = {
+    "status": status, "dump": dump, "tag": tag, "logs": logs, "export": export,
+}
