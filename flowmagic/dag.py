@@ -213,6 +213,7 @@ class _Prelude:
     source: str
     defines: dict[str, int]                 # name -> cell
     computes: dict[str, tuple[int, int]]    # name -> (cell, line): bound by a non-prelude statement
+    computed_in: dict[str, list[int]]       # name -> every ordinary cell that computes it
     global_reads: dict[str, frozenset[str]]  # def/class -> non-prelude globals it reads, transitively
 
     @classmethod
@@ -220,6 +221,7 @@ class _Prelude:
         chunks: list[str] = []
         defines: dict[str, int] = {}
         computes: dict[str, tuple[int, int]] = {}
+        computed_in: dict[str, list[int]] = {}
         direct: dict[str, frozenset[str]] = {}
         for cell in cells:
             if cell.kind != "ordinary":
@@ -234,10 +236,11 @@ class _Prelude:
                 computes.pop(var, None)
             for var, line in part.computes.items():
                 computes[var] = (cell.index, line)
+                computed_in.setdefault(var, []).append(cell.index)
                 defines.pop(var, None)  # computed by a later cell: no longer a prelude name
             direct.update(part.global_reads)
         closure = _transitive_reads(direct, set(defines))
-        return cls("".join(chunks), defines, computes, closure)
+        return cls("".join(chunks), defines, computes, computed_in, closure)
 
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:
@@ -397,14 +400,29 @@ class _Resolver:
             return  # module dunders (__name__, ...) exist in every namespace
         producer = self.latest_writer.get(var)
         if producer is not None and not var.startswith("_"):
+            self._check_not_recomputed(draft, var, line, self.specs[producer].cell, f"step {producer!r}")
             producers[var] = producer
             reads.add(var)
-        elif var in self.params or var in self.prelude.defines:
+        elif var in self.params:
+            self._check_not_recomputed(draft, var, line, self.params[var].cell, "the parameter")
+            reads.add(var)
+        elif var in self.prelude.defines:
             reads.add(var)
         elif var in BUILTIN_NAMES or not required:
             return
         else:
             raise self._unresolved(draft, var, line)
+
+    def _check_not_recomputed(self, draft: _Draft, var: str, line: int, source_cell: int, source: str) -> None:
+        """An ordinary cell between the producer and the step that rebinds the
+        name would change it under Run All but not in a flow run."""
+        between = [c for c in self.prelude.computed_in.get(var, ()) if source_cell < c < draft.cell.index]
+        if between:
+            raise FlowDefinitionError(
+                f"reads {var!r} from {source} (cell {source_cell}), but ordinary cell {between[-1]} "
+                "assigns it in between, which a flow run would not see: make that cell a step, "
+                "or use another name there", step=draft.name, cell=draft.cell.index, variable=var,
+                line=draft.cell_line(line))
 
     def _inputs_producer(self, draft: _Draft, producers: Mapping[str, str], options: StepOptions) -> str:
         nested_in = producers.get(options.foreach) if options.foreach else None

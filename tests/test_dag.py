@@ -213,6 +213,12 @@ ERROR_CASES = [
      "a", 1, "cfg", None, ["parameter"]),
     ("parameter declared twice", cells("%%params\nalpha = 1", "%%params\nalpha = 2"),
      None, 1, "alpha", 2, ["declared twice"]),
+    ("an ordinary cell rebinds a step's output before the reader",
+     cells("%%step a\ndf = [1, None]", "df = [v for v in df if v]", "%%step b\nn = len(df)"),
+     "b", 2, "df", 2, ["step 'a' (cell 0)", "ordinary cell 1 assigns it in between", "make that cell a step"]),
+    ("an ordinary cell rebinds a parameter",
+     cells("%%params\nalpha = 1", "alpha = alpha * 2", "%%step b\nn = alpha"),
+     "b", 2, "alpha", 2, ["ordinary cell 1 assigns it in between"]),
     ("inputs without a foreach step", cells("%%step a\nx = 1", "%%step j\ny = [i.x for i in inputs]"),
      "j", 1, "inputs", None, ["join"]),
     ("ambiguous inputs", cells("%%step s\na = [1]\nb = [2]", "%%step f --foreach a\nu = input",
@@ -480,6 +486,11 @@ def test_input_and_inputs_are_never_artifacts():
     assert graph.step("j").writes == ("again",)
     assert "input" not in graph.producers("g")
     assert graph.producers("g") == {"again": "j"}
+
+
+def test_ordinary_cells_rebinding_outside_the_producer_reader_span_are_fine():
+    graph = build_flow(cells("df = make()", "%%step a\ndf = [1]", "%%step b\nn = len(df)", "df = df * 2"))
+    assert graph.producers("b") == {"df": "a"}
 
 
 def test_other_cell_magics_make_ordinary_cells():
