@@ -1,0 +1,135 @@
+"""The scheduler's Python API (what the magics call): real fork server, real store."""
+from __future__ import annotations
+
+import pytest
+
+from flowmagic.dag import build_flow
+from flowmagic.errors import RunError, UsageError
+from flowmagic.runtime.forkserver import PreludeError
+from flowmagic.runtime.scheduler import new_session_run, resume_flow, run_flow, run_step
+from flowmagic.store import load_artifact, open_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def values(store, refs):
+    if isinstance(refs, list):
+        return [values(store, r) for r in refs]
+    return load_artifact(store.objects, refs)
+
+
+def collect():
+    events = []
+    return events, events.append
+
+
+def test_run_flow_emits_ordered_events_and_labels(store, tmp_path):
+    graph = build_flow(["%%step start\nitems = [1, 2]\nprint('hi')",
+                        "%%step each --foreach items\nsq = input ** 2\nprint('sq', sq)",
+                        "%%step end\ntotal = sum(sq)"], name="Events")
+    events, on_event = collect()
+    result = run_flow(graph, store, on_event=on_event, workdir=str(tmp_path))
+    assert result.status == "succeeded" and result.tasks == 4
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "run" and events[0].state == "running"
+    assert kinds[-1] == "run" and events[-1].state == "succeeded"
+    outputs = {(e.label, e.text) for e in events if e.kind == "output"}
+    assert ("each/0", "sq 1\n") in outputs and ("each/1", "sq 4\n") in outputs
+    done = [e.step for e in events if e.kind == "task" and e.state == "done"]
+    assert done.index("start") < done.index("each") and done[-1] == "end"
+
+
+def test_session_run_step_by_step(store, tmp_path):
+    cells = ["%%params\nscale = 2  # Multiplier",
+             "%%step start\nitems = [1, 2, 3]",
+             "%%step each --foreach items\ny = input * scale",
+             "%%step end\ntotal = sum(y)"]
+    graph = build_flow(cells, name="Session")
+    run_id = new_session_run(graph, store)
+    with pytest.raises(RunError, match=r"'each'.*cell 2.*execute that cell first"):
+        run_step(graph, store, run_id, "end", workdir=str(tmp_path))
+    first = run_step(graph, store, run_id, "start", workdir=str(tmp_path))
+    assert first.status == "succeeded" and values(store, first.artifacts["items"]) == [1, 2, 3]
+    each = run_step(graph, store, run_id, "each", workdir=str(tmp_path))
+    assert len(each.task_ids) == 3 and values(store, each.artifacts["y"]) == [2, 4, 6]
+    # Re-executing a cell adds a generation; readers use the latest one.
+    graph2 = build_flow(cells[:1] + ["%%step start\nitems = [10]"] + cells[2:], name="Session")
+    run_step(graph2, store, run_id, "start", workdir=str(tmp_path))
+    run_step(graph2, store, run_id, "each", workdir=str(tmp_path))
+    end = run_step(graph2, store, run_id, "end", workdir=str(tmp_path))
+    assert values(store, end.artifacts["total"]) == 20
+    assert store.meta.get_run("Session", run_id).interactive
+
+
+def test_failed_step_reports_its_exception(store, tmp_path):
+    graph = build_flow(["%%step start\nx = 1\nraise ValueError('nope')"], name="Fails")
+    run_id = new_session_run(graph, store)
+    result = run_step(graph, store, run_id, "start", workdir=str(tmp_path))
+    assert result.status == "failed"
+    assert result.exception["type"] == "ValueError" and "nope" in result.exception["message"]
+
+
+def test_in_place_mutation_is_reported(store, tmp_path):
+    graph = build_flow(["%%step start\nlst = [1]\ncfg = {'a': 1}",
+                        "%%step grow\nlst.append(2)\ncfg.update(b=2)\nn = len(lst)"], name="Mutates")
+    events, on_event = collect()
+    result = run_flow(graph, store, on_event=on_event, workdir=str(tmp_path))
+    assert result.status == "succeeded"
+    warnings = [e.text for e in events if e.kind == "warning"]
+    assert any("'lst' in place" in w and "assign the result" in w for w in warnings), warnings
+    assert any("'cfg' in place" in w for w in warnings), warnings
+
+
+def test_unserialisable_values_warn_when_unused_and_fail_when_read(store, tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("hello")
+    unused = build_flow([f"%%step start\nf = open({str(path)!r})\ntext = f.read()",
+                         "%%step end\nn = len(text)"], name="Unused")
+    events, on_event = collect()
+    assert run_flow(unused, store, on_event=on_event, workdir=str(tmp_path)).status == "succeeded"
+    assert any("'f'" in e.text and "not persisted" in e.text for e in events if e.kind == "warning")
+
+    used = build_flow([f"%%step start\nf = open({str(path)!r})",
+                       "%%step end\ntext = f.read()"], name="Used")
+    result = run_flow(used, store, workdir=str(tmp_path))
+    assert result.status == "failed"
+    [(step, line)] = result.failed
+    assert step == "start" and "SerializationError" in line
+    [task] = store.meta.tasks("Used", result.run_id, "start")
+    exception = store.meta.attempts(task.task_id)[-1].exception
+    assert "'f'" in exception["message"] and "TextIOWrapper" in exception["message"]
+
+
+def test_prelude_error_stops_before_the_run(store, tmp_path):
+    graph = build_flow(["import nonexistent_module_xyz", "%%step start\nx = 1"], name="BadPrelude")
+    with pytest.raises(PreludeError, match="nonexistent_module_xyz"):
+        run_flow(graph, store, workdir=str(tmp_path))
+    assert store.meta.list_runs("BadPrelude") == []
+
+
+def test_parameters_are_validated(store, tmp_path):
+    graph = build_flow(["%%params\nn = 3  # count", "%%step start\nx = n * 2"], name="P")
+    with pytest.raises(UsageError, match="parameter 'n'"):
+        run_flow(graph, store, params={"n": "three"})
+    with pytest.raises(UsageError, match="unknown parameter 'm'"):
+        run_flow(graph, store, params={"m": 1})
+    result = run_flow(graph, store, params={"n": "5"}, workdir=str(tmp_path))
+    [task] = store.meta.tasks("P", result.run_id, "start")
+    assert [values(store, r) for r in store.meta.artifacts(task.task_id)] == [10]
+
+
+def test_resume_from_a_step_reruns_it_and_downstream_only(store, tmp_path):
+    graph = build_flow(["%%step a\nx = 1", "%%step b\ny = x + 1", "%%step c\nz = y + 1",
+                        "%%step side\nw = 5"], name="Chain")
+    first = run_flow(graph, store, workdir=str(tmp_path))
+    resumed = resume_flow(graph, store, from_step="b", workdir=str(tmp_path))
+    assert resumed.status == "succeeded" and resumed.origin_run_id == first.run_id
+    states = {t.step: t.state for t in store.meta.tasks("Chain", resumed.run_id)}
+    assert states == {"a": "cloned", "b": "done", "c": "done", "side": "cloned"}
+    with pytest.raises(UsageError, match="no step 'nope'"):
+        resume_flow(graph, store, from_step="nope")
