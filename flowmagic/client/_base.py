@@ -1,0 +1,113 @@
+"""Shared by the client's handles: where the store is, pathspecs, formatting."""
+from __future__ import annotations
+
+import datetime as dt
+import html
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFoundError, UsageError
+from ..store import Store, open_store, store_root
+from ..store.metadata import RunRecord
+
+_root_override: Path | None = None
+_stores: dict[Path, Store] = {}
+_UNSET: Any = object()
+
+
+def namespace_root(path: str | Path | None = _UNSET) -> Path:
+    """Point the client at the store in ``path`` (``None``: back to the
+    default, ``$FLOWMAGIC_HOME`` or ``./.flowmagic``); return the root in use."""
+    global _root_override
+    if path is not _UNSET:
+        _root_override = Path(path).expanduser().absolute() if path is not None else None
+    return _root_override or store_root()
+
+
+def _open_store(root: str | Path | None = None) -> Store:
+    path = Path(root).expanduser().absolute() if root is not None else namespace_root()
+    store = _stores.get(path)
+    if store is None:
+        if not (path / "metadata.sqlite").exists():
+            raise NotFoundError(f"no flowmagic store at {path}: run a flow first, set FLOWMAGIC_HOME, "
+                                "or call namespace_root(path) to read another store")
+        store = _stores[path] = open_store(path)
+    return store
+
+
+def _parts(pathspec: str, n: int, example: str, cls: str) -> list[str]:
+    parts = str(pathspec).strip("/").split("/")
+    if len(parts) != n or not all(parts):
+        raise UsageError(f"{cls}() takes a pathspec like '{example}', got '{pathspec}'")
+    return parts
+
+
+def _int_id(text: str, what: str, pathspec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise NotFoundError(f"'{text}' in '{pathspec}' is not a {what} id (ids are integers)") from None
+
+
+def _when(ts: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(ts).astimezone() if ts is not None else None
+
+
+def _short_list(items: list[str], limit: int = 20) -> str:
+    if not items:
+        return "(none)"
+    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+class _ClientObject:
+    """Shared by every handle: pathspec, equality, repr."""
+
+    _store: Store
+    pathspec: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pathspec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is type(self) and other.pathspec == self.pathspec  # type: ignore[attr-defined]
+                and other._store.root == self._store.root)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.pathspec))
+
+
+def _fmt_time(when: dt.datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S") if when is not None else ""
+
+
+def _fmt_duration(record: RunRecord) -> str:
+    if record.finished_at is None:
+        return ""
+    return f"{record.finished_at - record.started_at:.1f}s"
+
+
+def _fmt_duration_tasks(tasks: list) -> str:
+    spans = [(a.started_at, a.finished_at) for t in tasks for a in t.attempts
+             if a.started_at is not None and a.finished_at is not None]
+    if not spans:
+        return ""
+    return f"{max(e for _, e in spans) - min(s for s, _ in spans):.1f}s"
+
+
+def _fmt_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th style='text-align:left'>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{esc(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    empty = "" if rows else f"<tr><td colspan='{len(header)}'><i>nothing yet</i></td></tr>"
+    return (f"<div class='flowmagic-client'><b>{esc(title)}</b>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}{empty}</tbody></table></div>")

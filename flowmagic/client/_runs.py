@@ -1,0 +1,313 @@
+"""Metaflow, Flow, Run and Step: the run-level handles."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from ..errors import NotFoundError
+from ..store import Store
+from ..store.metadata import RunRecord, TaskRecord
+from ._base import (_ClientObject, _fmt_duration, _fmt_duration_tasks, _fmt_time, _html_table, _int_id,
+                    _open_store, _parts, _short_list, _when)
+from ._tasks import Task
+
+if TYPE_CHECKING:
+    from ._tasks import TaskData
+
+
+class Metaflow(_ClientObject):
+    """The whole store: ``Metaflow().flows``."""
+
+    def __init__(self, *, root: str | Path | None = None) -> None:
+        self._store = _open_store(root)
+        self.pathspec = ""
+
+    @property
+    def flows(self) -> list["Flow"]:
+        return [Flow(name, _store=self._store) for name in self._store.meta.list_flows()]
+
+    def __iter__(self) -> Iterator["Flow"]:
+        return iter(self.flows)
+
+    def __repr__(self) -> str:
+        return f"Metaflow({str(self._store.root)!r})"
+
+
+class Flow(_ClientObject):
+    """A flow: its runs, newest first."""
+
+    def __init__(self, name: str, *, root: str | Path | None = None, _store: Store | None = None) -> None:
+        self._store = _store or _open_store(root)
+        (self.name,) = _parts(name, 1, "HelloFlow", "Flow")
+        self.pathspec = self.id = self.name
+        if _store is None and self.name not in self._store.meta.list_flows():
+            raise NotFoundError(f"flow '{self.name}' does not exist in the store at {self._store.root}; "
+                                f"flows there: {_short_list(self._store.meta.list_flows())}")
+
+    def runs(self, *tags: str) -> list["Run"]:
+        """Runs newest first; with tags, only the runs carrying all of them."""
+        records = self._store.meta.list_runs(self.name, tag=tags[0] if tags else None)
+        return [Run._from_record(r, self._store) for r in records if set(tags) <= set(r.tags)]
+
+    def __iter__(self) -> Iterator["Run"]:
+        return iter(self.runs())
+
+    def __getitem__(self, run_id: int | str) -> "Run":
+        return Run(f"{self.name}/{run_id}", _store=self._store)
+
+    def __contains__(self, run_id: int | str) -> bool:
+        try:
+            self[run_id]
+            return True
+        except NotFoundError:
+            return False
+
+    @property
+    def latest_run(self) -> "Run | None":
+        runs = self._store.meta.list_runs(self.name)
+        return Run._from_record(runs[0], self._store) if runs else None
+
+    @property
+    def latest_successful_run(self) -> "Run | None":
+        for record in self._store.meta.list_runs(self.name):
+            if record.status == "succeeded":
+                return Run._from_record(record, self._store)
+        return None
+
+    def _repr_html_(self) -> str:
+        rows = [[r.id, r.status, r.user or "", _fmt_time(r.created_at), _fmt_duration(r._record),
+                 ", ".join(sorted(r.tags))] for r in self.runs()[:20]]
+        return _html_table(f"Flow {self.name}", ["run", "status", "user", "started", "duration", "tags"], rows)
+
+
+# -- Run ----------------------------------------------------------------------------
+class Run(_ClientObject):
+    """One run: ``Run("HelloFlow/3")``; ``run["start"]`` is a step."""
+
+    def __init__(self, pathspec: str, *, root: str | Path | None = None, _store: Store | None = None) -> None:
+        self._store = _store or _open_store(root)
+        flow, run = _parts(pathspec, 2, "HelloFlow/3", "Run")
+        if run == "latest":
+            latest = Flow(flow, _store=self._store).latest_run
+            if latest is None:
+                raise NotFoundError(f"flow '{flow}' has no runs")
+            run = latest.id
+        self._record = self._store.meta.get_run(flow, _int_id(run, "run", pathspec))
+        self._init_names()
+
+    @classmethod
+    def _from_record(cls, record: RunRecord, store: Store) -> "Run":
+        self = cls.__new__(cls)
+        self._store, self._record = store, record
+        self._init_names()
+        return self
+
+    def _init_names(self) -> None:
+        self.flow_name = self._record.flow
+        self.run_id = self._record.run_id
+        self.id = str(self.run_id)
+        self.pathspec = self._record.pathspec
+
+    def _refresh(self) -> RunRecord:
+        self._record = self._store.meta.get_run(self.flow_name, self.run_id)
+        return self._record
+
+    # what the run recorded
+    @property
+    def status(self) -> str:
+        return self._refresh().status
+
+    @property
+    def successful(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def finished_at(self) -> dt.datetime | None:
+        return _when(self._refresh().finished_at)
+
+    @property
+    def created_at(self) -> dt.datetime:
+        return _when(self._record.started_at)  # type: ignore[return-value]
+
+    @property
+    def tags(self) -> frozenset[str]:
+        return frozenset(self._refresh().tags)
+
+    @property
+    def user(self) -> str | None:
+        return self._record.user
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self._record.params)
+
+    @property
+    def code(self) -> dict[str, str]:
+        """Source of every step (and ``_prelude``) as the run executed it."""
+        return dict(self._refresh().code)
+
+    @property
+    def graph(self) -> dict | None:
+        return self._refresh().graph
+
+    @property
+    def interactive(self) -> bool:
+        return self._record.interactive
+
+    @property
+    def origin_run(self) -> "Run | None":
+        origin = self._record.origin_run_id
+        return Run(f"{self.flow_name}/{origin}", _store=self._store) if origin is not None else None
+
+    @property
+    def flow(self) -> Flow:
+        return Flow(self.flow_name, _store=self._store)
+
+    # tags
+    def add_tag(self, tag: str) -> None:
+        self.add_tags([tag])
+
+    def add_tags(self, tags: list[str] | tuple[str, ...]) -> None:
+        self._store.meta.add_tags(self.flow_name, self.run_id, list(tags))
+
+    def remove_tag(self, tag: str) -> None:
+        self.remove_tags([tag])
+
+    def remove_tags(self, tags: list[str] | tuple[str, ...]) -> None:
+        self._store.meta.remove_tags(self.flow_name, self.run_id, list(tags))
+
+    # steps
+    def step_names(self) -> list[str]:
+        """Steps that have tasks, in the flow's order."""
+        present: list[str] = []
+        for task in self._store.meta.tasks(self.flow_name, self.run_id):
+            if task.step not in present:
+                present.append(task.step)
+        order = [s["name"] for s in (self.graph or {}).get("steps", [])]
+        return sorted(present, key=lambda s: (order.index(s) if s in order else len(order), present.index(s)))
+
+    def steps(self) -> list["Step"]:
+        return [Step._make(self, name) for name in self.step_names()]
+
+    def __iter__(self) -> Iterator["Step"]:
+        return iter(self.steps())
+
+    def __getitem__(self, step: str) -> "Step":
+        if step not in self.step_names():
+            raise NotFoundError(f"step '{step}' has no task in run {self.pathspec}; steps with tasks: "
+                                f"{_short_list(self.step_names())}")
+        return Step._make(self, step)
+
+    def __contains__(self, step: str) -> bool:
+        return step in self.step_names()
+
+    @property
+    def end_task(self) -> "Task | None":
+        """The task of the flow's last step (a step with no successor)."""
+        names = self.step_names()
+        if not names:
+            return None
+        steps = {s["name"]: s for s in (self.graph or {}).get("steps", [])}
+        sinks = [n for n in names if not steps.get(n, {}).get("next")]
+        return Step._make(self, (sinks or names)[-1]).task
+
+    @property
+    def data(self) -> "TaskData | None":
+        """The artifacts of the end task, as ``run.data.NAME`` (Metaflow's rule)."""
+        task = self.end_task
+        return task.data if task is not None else None
+
+    def _repr_html_(self) -> str:
+        record = self._refresh()
+        rows = []
+        for step in self.steps():
+            tasks = step.tasks()
+            states = sorted({t.state for t in tasks})
+            rows.append([step.name, str(len(tasks)), ", ".join(states), _fmt_duration_tasks(tasks)])
+        title = (f"Run {self.pathspec}: {record.status}"
+                 + (f" (resumed from {record.origin_run_id})" if record.origin_run_id else "")
+                 + (f", tags: {', '.join(record.tags)}" if record.tags else ""))
+        return _html_table(title, ["step", "tasks", "state", "duration"], rows)
+
+
+# -- Step ---------------------------------------------------------------------------
+class Step(_ClientObject):
+    """A step of a run: ``step.task`` (the task, or the first of a foreach),
+    ``step.tasks()``; in a session run, the tasks of its latest execution."""
+
+    def __init__(self, pathspec: str, *, root: str | Path | None = None, _store: Store | None = None) -> None:
+        flow, run, step = _parts(pathspec, 3, "HelloFlow/3/start", "Step")
+        run_obj = Run(f"{flow}/{run}", root=root, _store=_store)
+        run_obj[step]  # raises NotFoundError listing the steps
+        self._init(run_obj, step)
+
+    @classmethod
+    def _make(cls, run: Run, name: str) -> "Step":
+        self = cls.__new__(cls)
+        self._init(run, name)
+        return self
+
+    def _init(self, run: Run, name: str) -> None:
+        self._store, self._run, self.name = run._store, run, name
+        self.id = name
+        self.pathspec = f"{run.pathspec}/{name}"
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def _records(self) -> list[TaskRecord]:
+        return self._store.meta.tasks(self._run.flow_name, self._run.run_id, self.name)
+
+    def tasks(self) -> list["Task"]:
+        """The tasks of the step's latest execution, in foreach order."""
+        return [Task._make(self, r) for r in _latest_generation(self._records())]
+
+    def all_tasks(self) -> list["Task"]:
+        """Every task of the step in this run, re-executions included."""
+        return [Task._make(self, r) for r in self._records()]
+
+    def __iter__(self) -> Iterator["Task"]:
+        return iter(self.tasks())
+
+    def __getitem__(self, task_id: int | str) -> "Task":
+        records = self._records()
+        for r in records:
+            if str(r.task_id) == str(task_id):
+                return Task._make(self, r)
+        raise NotFoundError(f"task {task_id} is not a task of {self.pathspec}; its tasks: "
+                            f"{_short_list([str(r.task_id) for r in records])}")
+
+    @property
+    def task(self) -> "Task":
+        return self.tasks()[0]
+
+    @property
+    def finished_at(self) -> dt.datetime | None:
+        times = [t.finished_at for t in self.tasks()]
+        return None if not times or None in times else max(times)  # type: ignore[type-var]
+
+    @property
+    def created_at(self) -> dt.datetime:
+        return min(t.created_at for t in self.tasks())
+
+    def _repr_html_(self) -> str:
+        rows = [[t.id, "" if t.index is None else str(list(t.index)), t.item or "", t.state,
+                 ", ".join(a.name for a in t)] for t in self.tasks()]
+        return _html_table(f"Step {self.pathspec}", ["task", "index", "item", "state", "artifacts"], rows)
+
+
+def _latest_generation(tasks: list[TaskRecord]) -> list[TaskRecord]:
+    """A session run may execute a step several times; each execution adds a
+    generation of tasks, created together, first index first."""
+    if not tasks:
+        return []
+    tasks = sorted(tasks, key=lambda t: t.task_id)
+    starts = [t.task_id for t in tasks if not t.index or not any(t.index)]
+    first = max(starts) if starts else tasks[0].task_id
+    return [t for t in tasks if t.task_id >= first]
