@@ -383,12 +383,17 @@ class _Resolver:
 
     def _foreach_producer(self, draft: _Draft, var: str) -> str:
         producer = self.latest_writer.get(var)
-        if producer is None:
-            raise FlowDefinitionError(
-                f"--foreach {var}: no step above this one writes {var!r}; assign the list of items "
-                f"in an earlier step (for example `{var} = [...]`)",
-                step=draft.name, cell=draft.cell.index, variable=var)
-        return producer
+        if producer is not None:
+            return producer
+        if var in self.params:
+            advice = f"a parameter cannot be iterated over directly: in an earlier step write `{var}_items = list({var})`"
+        elif (later := self._later_writer(draft, var)) is not None:
+            advice = f"step {later[0]!r} (cell {later[1]}) writes it further down: move this step below it"
+        else:
+            advice = f"assign the list of items in an earlier step (for example `{var} = [...]`)"
+        raise FlowDefinitionError(
+            f"--foreach {var}: no step above this one writes {var!r}; {advice}",
+            step=draft.name, cell=draft.cell.index, variable=var, line=draft.cell.body_line - 1)
 
     def _resolve(self, draft: _Draft, var: str, line: int, options: StepOptions,
                  producers: dict[str, str], reads: set[str], *, required: bool) -> None:
