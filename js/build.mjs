@@ -1,7 +1,8 @@
 // Builds the widget front end into flowmagic/widgets/static/, where the
 // Python package ships it (committed, so `pip install` needs no node).
 import { build } from "esbuild";
-import { copyFile, mkdir } from "node:fs/promises";
+import { copyFile, mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { gzipSync } from "node:zlib";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -21,6 +22,8 @@ await build({
   logLevel: "info",
 });
 await copyFile(join(here, "src", "style.css"), join(outdir, "flowmagic.css"));
-// Graphviz is shipped once per kernel as an asset model (see src/viz.js).
-await copyFile(join(here, "node_modules", "@viz-js", "viz", "dist", "viz.js"), join(outdir, "viz.js"));
-await copyFile(join(here, "node_modules", "@viz-js", "viz", "LICENSE"), join(outdir, "viz.LICENSE")).catch(() => {});
+// Graphviz is shipped once per kernel as an asset model (see src/viz.js),
+// gzipped: 1.2 MB of JavaScript becomes 0.47 MB of binary comm buffer.
+const viz = await readFile(join(here, "node_modules", "@viz-js", "viz", "dist", "viz.js"));
+await writeFile(join(outdir, "viz.js.gz"), gzipSync(viz, { level: 9 }));
+await rm(join(outdir, "viz.js"), { force: true });

@@ -11,18 +11,19 @@ import traitlets
 STATIC = Path(__file__).parent / "static"
 ESM = STATIC / "flowmagic.js"
 CSS = STATIC / "flowmagic.css"
-VIZ = STATIC / "viz.js"   # @viz-js/viz (Graphviz compiled to WASM, MIT), 1.2 MB
+VIZ = STATIC / "viz.js.gz"   # @viz-js/viz (Graphviz compiled to WASM, MIT), gzipped: 0.47 MB
 
 
 class VizAsset(anywidget.AnyWidget):
     """Graphviz for the front end, sent once per kernel and shared by every view.
 
     Views point to it with their ``_viz`` trait (a widget reference), so the
-    1.2 MB module is neither repeated per widget nor per saved widget state.
+    module is neither repeated per widget nor per saved widget state. It
+    travels gzipped as a binary buffer; the browser inflates it.
     """
 
     _esm = "export default {};"
-    source = traitlets.Unicode().tag(sync=True)
+    source = traitlets.Bytes().tag(sync=True)
 
 
 _viz_asset: VizAsset | None = None
@@ -32,7 +33,7 @@ def viz_asset() -> VizAsset:
     """The kernel's one Graphviz asset (made again if it was closed)."""
     global _viz_asset
     if _viz_asset is None or _viz_asset.comm is None:
-        _viz_asset = VizAsset(source=VIZ.read_text(encoding="utf-8"))
+        _viz_asset = VizAsset(source=VIZ.read_bytes())
     return _viz_asset
 
 
