@@ -9,12 +9,16 @@ The analysis is flow-sensitive at the cell's top level, which is what makes
 
 - a name loaded where no path of the cell has bound it yet is a *read*
   (it must come from upstream);
-- a name loaded where only some paths bound it (``if``, loop bodies,
-  ``try``), or written but not bound on every path to the end of the cell, is a
+- a name loaded where only some paths bound it (``if``, ``try``, ``match``),
+  or written but not bound on every path to the end of the cell, is a
   *maybe-read*: wired to upstream when a producer exists, harmless otherwise;
+- loops are taken to run at least once, or every ``for i in ...`` would read
+  an upstream ``i``;
 - free names of functions and lambdas (run later, when called) are reads
   unless the cell binds them before the ``def``; maybe-reads when the cell
-  binds them somewhere.
+  binds them somewhere;
+- ``%time stmt`` is analysed as ``stmt``; names a shell escape expands
+  (``!ls {folder}``) are reads.
 """
 from __future__ import annotations
 
