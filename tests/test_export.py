@@ -240,6 +240,8 @@ DEFINITION_ERRORS = [
     ("start not first", ("%%step a\nx = 1", "%%step start\ny = x"), "start", "first step"),
     ("end not last", ("%%step end\nx = 1", "%%step b\ny = x"), "end", "last step"),
     ("a reserved Metaflow attribute", ("%%step a\nindex = 1",), "a", "reserves"),
+    ("an uppercase step name", ("%%step Train\nx = 1",), "Train", "lowercase"),
+    ("a step Metaflow reserves", ("%%step cmd\nx = 1",), "cmd", "lowercase"),
 ]
 
 
@@ -363,3 +365,8 @@ def test_display_in_a_step_is_imported_from_ipython():
 def test_a_notebook_without_steps_cannot_be_exported():
     with pytest.raises(FlowDefinitionError, match="no %%step cell"):
         export_flow(flow("x = 1"))
+
+
+def test_class_name_must_not_clash_with_the_prelude():
+    with pytest.raises(FlowDefinitionError, match="class name"):
+        export_flow(flow("def Model():\n    return 1\n", "%%step start\nm = Model()"), "Model")

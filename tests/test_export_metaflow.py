@@ -204,7 +204,15 @@ def test_branches_nested_foreach_helpers_and_parameters(tmp_path):
 
 # --- show: same steps and transitions ----------------------------------------------------------
 
+def metaflow_check(script: Path, env: dict[str, str]) -> None:
+    """Metaflow's own graph linter (`show` does not run it)."""
+    done = metaflow(script, env, "check")
+    assert done.returncode == 0 and "Validity checker" not in done.stdout + done.stderr, \
+        done.stdout + done.stderr
+
+
 def metaflow_show(script: Path, env: dict[str, str]) -> dict[str, list[str]]:
+    metaflow_check(script, env)
     done = metaflow(script, env, "show")
     assert done.returncode == 0, done.stderr
     transitions: dict[str, list[str]] = {}
@@ -274,3 +282,29 @@ def test_show_lists_the_same_steps_and_transitions(notebook, tmp_path):
     exported = contracted(theirs, steps)
     assert ours <= exported
     assert all(a == "start" or b == "end" for a, b in exported - ours), exported - ours
+
+
+# --- Metaflow's linter accepts every shape the export produces -------------------------------
+
+SHAPES = {
+    "not series-parallel": ["%%step a\nx = 1", "%%step b\ny = 2", "%%step c\nz = x", "%%step d\nw = x + y"],
+    "foreach inside a branch": ["%%step load\nitems = [1, 2]\nbase = 10", "%%step describe\nn = len(items)",
+                                "%%step fit --foreach items\nscore = input * base", "%%step pick\nbest = max(score)",
+                                "%%step report\nout = (n, best)"],
+    "foreach after parallel steps": ["%%step a\nx = [1]", "%%step b\ny = [2]",
+                                     "%%step f --foreach x\nv = input + y[0]", "%%step j\nw = v"],
+    "catch before a foreach, foreach at the end": ["%%step start --catch oops\nitems = [1, 2]",
+                                                   "%%step sq --foreach items\nv = input"],
+    "several leaves, end named": ["%%step start\nx = 1", "%%step b\ny = x", "%%step c\nz = x",
+                                  "%%step end\nprint(x)"],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_metaflow_accepts_the_exported_structure(shape, tmp_path):
+    notebook = write_notebook(tmp_path / "shape.ipynb", SHAPES[shape])
+    plan = plan_export(load_flow(notebook))
+    script = tmp_path / "flow.py"
+    export_notebook(notebook, script)
+    shown = metaflow_show(script, metaflow_env(tmp_path))
+    assert shown == {s.name: s.next for s in plan.structure.steps.values()}

@@ -44,6 +44,9 @@ def plan_export(graph: FlowGraph, class_name: str | None = None) -> ExportPlan:
         raise FlowDefinitionError(f"{class_name!r} is not a valid Python class name for the flow")
     structure = Structure(graph)
     prelude = plan_prelude(graph)
+    if class_name in prelude.defines or class_name in {"FlowSpec", "Parameter", "JSONType"}:
+        raise FlowDefinitionError(f"the flow's class name {class_name!r} is also a name the script "
+                                  "defines or imports: pick another with --name")
     downstream = read_downstream(graph)
     attributes, local = {}, {}
     for spec in graph.steps:

@@ -18,6 +18,7 @@ structure:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -25,6 +26,15 @@ from flowmagic.dag import FlowGraph
 from flowmagic.errors import FlowDefinitionError
 
 JoinKind = Literal["static", "foreach"]
+# Step names Metaflow's linter refuses (lint.check_reserved_words).
+RESERVED_STEP_NAMES = frozenset({"name", "next", "input", "index", "cmd"})
+
+
+def _check_step_name(name: str, cell: int) -> None:
+    if re.search("[^a-z0-9_]", name) or name in RESERVED_STEP_NAMES:
+        raise FlowDefinitionError(
+            f"Metaflow step names are lowercase ASCII letters, digits and '_' and not one of "
+            f"{', '.join(sorted(RESERVED_STEP_NAMES))}: rename the step", step=name, cell=cell)
 
 
 @dataclass
@@ -130,6 +140,8 @@ class Structure:
         names = [s.name for s in graph.steps]
         if not names:
             raise FlowDefinitionError("the notebook has no %%step cell: there is no flow to export")
+        for spec in graph.steps:
+            _check_step_name(spec.name, spec.cell)
         first = self._fixed_first(names)
         last = self._fixed_last(names, first)
         core = [n for n in names if n not in (first, last)]
