@@ -277,3 +277,36 @@ def test_a_client_in_another_process_reads_a_run_being_written(store: Store) -> 
     store.meta.finish_run("MovieFlow", run_id, "succeeded")
     out, _ = proc.communicate(timeout=30)
     assert out.startswith("written ") and "('5', 'succeeded')" in out
+
+
+@pytest.mark.slow
+def test_two_identical_runs_through_the_real_cli_share_their_objects(tmp_path: Path) -> None:
+    """End to end: `flowmagic run` twice on a notebook, read back with the
+    client; the second run adds almost no bytes to the store."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import numpy as np\nimport pandas as pd"),
+                nbformat.v4.new_code_cell("%%step start\narr = np.arange(2_500_000, dtype=np.float64)\n"
+                                          "df = pd.DataFrame({'a': arr[:100_000], 'b': ['x'] * 100_000})"),
+                nbformat.v4.new_code_cell("%%step end\ntotal = float(arr.sum()) + len(df)")]
+    path = tmp_path / "dedup_flow.ipynb"
+    nbformat.write(nb, path)
+    env = {**os.environ, "FLOWMAGIC_HOME": str(tmp_path / "store")}
+
+    def run_and_measure() -> int:
+        subprocess.run(["flowmagic", "run", str(path), "--json"], check=True, env=env, cwd=tmp_path,
+                       capture_output=True, timeout=120)
+        return sum(p.stat().st_size for p in (tmp_path / "store").rglob("*") if p.is_file())
+
+    first = run_and_measure()
+    second = run_and_measure()
+    assert first > 20_000_000  # the array is stored once...
+    assert second - first < 0.01 * first  # ...and the identical run adds under 1%
+
+    runs = Flow("DedupFlow", root=tmp_path / "store").runs()
+    assert [r.status for r in runs] == ["succeeded", "succeeded"]
+    arrays = [r["start"].task["arr"] for r in runs]
+    assert arrays[0].hash == arrays[1].hash and arrays[0].serializer == "arrow-numpy"
+    assert runs[0]["end"].task.data.total == float(np.arange(2_500_000).sum()) + 100_000
+    assert runs[0].data.total == runs[1].data.total

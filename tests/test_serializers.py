@@ -117,6 +117,17 @@ def test_numpy_arrays_roundtrip_through_arrow(objects: ObjectStore, name: str) -
         np.testing.assert_array_equal(again, arr)
 
 
+def test_memmaps_and_array_subclasses(objects: ObjectStore, tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(1000.0))
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    back, ref = roundtrip(objects, mapped)
+    assert ref.serializer == "arrow-numpy" and type(back) is np.ndarray
+    np.testing.assert_array_equal(back, np.arange(1000.0))
+    masked = np.ma.masked_array([1, 2, 3], mask=[0, 1, 0])
+    back, ref = roundtrip(objects, masked)
+    assert ref.serializer == "pickle" and back.mask.tolist() == [False, True, False]
+
+
 def test_object_arrays_are_pickled(objects: ObjectStore) -> None:
     arr = np.array([{"a": 1}, None, "x"], dtype=object)
     back, ref = roundtrip(objects, arr)

@@ -26,7 +26,9 @@ _NATIVE_KINDS = "iuf"
 
 # -- numpy -------------------------------------------------------------------
 def numpy_supported(arr: np.ndarray) -> bool:
-    return type(arr) is np.ndarray and not arr.dtype.hasobject
+    # np.memmap (np.load(..., mmap_mode=...)) is a plain array on disk; other
+    # subclasses (matrix, masked arrays) carry more than the buffer: pickle them
+    return type(arr) in (np.ndarray, np.memmap) and not arr.dtype.hasobject
 
 
 def write_numpy(arr: np.ndarray, fh: BinaryIO) -> None:
