@@ -133,7 +133,7 @@ def classify_cell(source: str, index: int) -> ParsedCell:
         return ParsedCell(index, "step", source, _body_after(source, header_index),
                           body_line, name, options)
     if magic == PARAMS_MAGIC:
-        if len(words) > 1:
+        if len(words) > 1 and not words[1].startswith("#"):
             raise FlowDefinitionError(
                 f"%%params takes no options (got {words[1]!r}); declare parameters in the cell body",
                 cell=index, line=header_index + 1)

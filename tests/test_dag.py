@@ -173,6 +173,10 @@ def test_parameters(line, expected):
     assert param.cell == 0
 
 
+def test_params_header_may_carry_a_comment():
+    assert [p.name for p in build_flow(["%%params  # the knobs\na = 1\n"]).params] == ["a"]
+
+
 def test_parameters_across_cells_keep_order():
     graph = build_flow(cells("%%params\nb = 1\na = 2", "x = 1", "%%params\nc = 'z'"))
     assert [(p.name, p.cell) for p in graph.params] == [("b", 0), ("a", 0), ("c", 2)]
