@@ -237,6 +237,8 @@ DEFINITION_ERRORS = [
     ("a def read by a later step", ("%%step a\ndef f():\n    return 1", "%%step b\ny = f()"), "a", "defines"),
     ("an import read by a later step", ("%%step a\nimport math", "%%step b\ny = math.pi"), "a", "imports"),
     ("IPython syntax", ("%%step a\n%time x = 1",), "a", "IPython syntax"),
+    ("top-level await", ("import asyncio", "%%step a\nawait asyncio.sleep(0)\nx = 1"), "a", "await"),
+    ("a lambda read by a later step", ("%%step a\nf = lambda v: v", "%%step b\ny = f(1)"), "a", "defines"),
     ("start not first", ("%%step a\nx = 1", "%%step start\ny = x"), "start", "first step"),
     ("end not last", ("%%step end\nx = 1", "%%step b\ny = x"), "end", "last step"),
     ("a reserved Metaflow attribute", ("%%step a\nindex = 1",), "a", "reserves"),

@@ -48,8 +48,10 @@ class _KindCollector(ast.NodeVisitor):
         self.visit(target)
 
     def visit_Assign(self, node: ast.Assign) -> None:
+        # `f = lambda ...` defines a function: Metaflow could not pickle it as an artifact.
+        kind = "def" if isinstance(node.value, ast.Lambda) else "assign"
         for target in node.targets:
-            self._targets(target, "assign")
+            self._targets(target, kind)
         self.visit(node.value)
 
     def visit_AugAssign(self, node: ast.AugAssign | ast.AnnAssign) -> None:

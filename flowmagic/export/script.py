@@ -257,11 +257,23 @@ def _step_code(plan: ExportPlan, spec: StepSpec) -> str:
         if isinstance(node, ast.Name) and node.id == "get_ipython":
             raise where.error("uses IPython syntax (a magic, `!cmd` or `?`), which a Metaflow step "
                               "cannot run: write it as plain Python", node)
+    for node in _outside_async_functions(tree):
+        if isinstance(node, (ast.Await, ast.AsyncFor, ast.AsyncWith)):
+            raise where.error("uses top-level `await`, which a Metaflow step (a plain method) cannot "
+                              "run: wrap it in `asyncio.run(...)`", node)
     helpers = {h: plan.prelude.helper_needs[h] for h in spec.reads if h in plan.prelude.helper_needs}
     names = StepNames(plan.attributes[spec.name], foreach=spec.options.foreach is not None,
                       helper_args=helpers)
     code = rewrite_step_code(spec.code, names, where)
     return _drop_doc_comment(code, spec.doc)
+
+
+def _outside_async_functions(tree: ast.AST):
+    """Every node not inside an `async def` (where `await` is fine)."""
+    for child in ast.iter_child_nodes(tree):
+        if not isinstance(child, ast.AsyncFunctionDef):
+            yield child
+            yield from _outside_async_functions(child)
 
 
 def _drop_doc_comment(code: str, doc: str) -> str:
