@@ -67,6 +67,10 @@ GRAPH_CASES = [
      cells("def clean():\n    return movies * 2\ndef outer():\n    return clean()",
            "%%step a\nmovies = 1", "%%step b\nz = outer()"),
      {("a", "b", ("movies",))}),
+    ("prelude class whose method reads a step-written global",
+     cells("class Model:\n    def fit(self):\n        return movies", "%%step a\nmovies = 1",
+           "%%step b\nm = Model().fit()"),
+     {("a", "b", ("movies",))}),
     ("a step binding the global before calling needs no edge",
      cells("def clean():\n    return movies * 2", "%%step a\nmovies = 1", "%%step b\nmovies = 3\nz = clean()"),
      set()),
@@ -76,6 +80,11 @@ GRAPH_CASES = [
 @pytest.mark.parametrize("sources, expected", [c[1:] for c in GRAPH_CASES], ids=[c[0] for c in GRAPH_CASES])
 def test_edges(sources, expected):
     assert edges_of(build_flow(sources)) == expected
+
+
+def test_prelude_function_reading_a_parameter_makes_the_caller_read_it():
+    graph = build_flow(cells("def scaled(v):\n    return v * alpha", "%%params\nalpha = 2", "%%step a\ny = scaled(3)"))
+    assert graph.step("a").reads == ("alpha", "scaled")
 
 
 def test_reads_include_prelude_and_parameters_writes_exclude_private():
