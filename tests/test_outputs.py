@@ -159,3 +159,26 @@ def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
     assert start["step"] == "start" and [o["type"] for o in start["outputs"]] == ["display", "execute_result", "display"]
     assert "artifacts" in doc
     assert "outputs" not in flowmagic_json("dump", nb, "1", store=store)  # the stable document, unchanged
+
+
+# -- the artifact inspector ------------------------------------------------------------------
+
+
+def test_the_inspector_shows_a_tasks_outputs(tmp_path):
+    from flowmagic.dag import build_flow
+    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.store import open_store
+    from flowmagic.widgets.inspector import Inspector
+
+    store = open_store(tmp_path / "store")
+    graph = build_flow(["import pandas as pd\nimport matplotlib.pyplot as plt",
+                        "%%step start\ndisplay(pd.DataFrame({'a': [1]}))\nplt.plot([1, 2])\n6 * 7"], name="Shown")
+    assert run_flow(graph, store).status == "succeeded"
+    inspector = Inspector(store, "Shown", step="start")
+    outputs = inspector.detail["outputs"]
+    assert [(o["label"], o["kind"]) for o in outputs] == [
+        ("display [1]", "html"), ("Out [2]", "text"), ("display [3]", "image")]
+    assert "<table" in outputs[0]["html"] and outputs[1]["text"] == "42"
+    assert base64.b64decode(outputs[2]["src"].split(",", 1)[1]).startswith(b"\x89PNG")
+    text = inspector.inspector_text()
+    assert "  Out [2]: 42" in text and "  display [3]: image/png" in text

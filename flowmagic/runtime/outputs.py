@@ -231,6 +231,36 @@ def describe_outputs(objects: Any, refs: Sequence[dict]) -> list[str]:
     return lines
 
 
+#: richest first: what the inspector draws for an output
+_PREVIEW_ORDER = ("image/png", "image/jpeg", "image/svg+xml", "text/html", "text/markdown", "text/plain")
+PREVIEW_MAX_CHARS = 2 * _MB
+
+
+def output_previews(objects: Any, refs: Sequence[dict]) -> list[dict]:
+    """One drawable record per stored output, for the artifact inspector:
+    ``{"type", "label", "kind": "image"|"html"|"text", "mimetype", "src"|"html"|"text"}``."""
+    previews = []
+    for number, bundle in enumerate(load_outputs(objects, refs), 1):
+        data = bundle["data"]
+        label = f"Out [{number}]" if bundle["type"] == "execute_result" else f"display [{number}]"
+        record = {"type": bundle["type"], "label": label, "kind": "text", "mimetype": "text/plain",
+                  "text": str(data.get("text/plain", ""))}
+        for mime in _PREVIEW_ORDER:
+            value = data.get(mime)
+            if not isinstance(value, str) or len(value) > PREVIEW_MAX_CHARS:
+                continue
+            if mime.startswith("image/"):
+                encoded = value if mime in BINARY_MIMETYPES else base64.b64encode(value.encode()).decode("ascii")
+                record.update(kind="image", mimetype=mime, src=f"data:{mime};base64,{encoded}")
+            elif mime == "text/html":
+                record.update(kind="html", mimetype=mime, html=value)
+            else:
+                record.update(mimetype=mime, text=value)
+            break
+        previews.append(record)
+    return previews
+
+
 class Output:
     """One stored output, as the Client API hands it back (``task.outputs``).
 

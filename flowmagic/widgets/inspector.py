@@ -12,6 +12,7 @@ from typing import Any
 
 import traitlets
 
+from ..runtime.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
 from .preview import format_size, preview_artifact
@@ -168,6 +169,8 @@ class InspectorMixin(traitlets.HasTraits):
         self.detail = {
             "artifacts": [artifact_record(self._store.objects, ref) for ref in meta.artifacts(self.task_id)],
             "attempts": [attempt_record(a) for a in attempts],
+            # display() calls, last values and figures of the visible attempt (runtime/outputs.py)
+            "outputs": output_previews(self._store.objects, attempts[-1].outputs) if attempts else [],
             "note": note,
         }
 
@@ -211,6 +214,9 @@ class InspectorMixin(traitlets.HasTraits):
             for a in artifacts:
                 lines.append(f"  {a['name']:<{width}}  {a['type']:<{type_width}}  {a['size_text']:>9}  "
                              f"{_preview_line(a['preview'])}")
+        for output in self.detail.get("outputs") or []:
+            shown = output["text"].replace("\n", " ")[:60] if output["kind"] == "text" else output["mimetype"]
+            lines.append(f"  {output['label']}: {shown}")
         for attempt in self.detail.get("attempts") or []:
             lines.append(f"  {attempt['label']}")
             if attempt["exception"]:

@@ -122,6 +122,27 @@ function artifactsTable(artifacts) {
   return table;
 }
 
+// A step's display() calls, last value and figures (see runtime/outputs.py
+// output_previews): images as data URIs, HTML as a notebook shows it, else text.
+function outputsBlock(outputs) {
+  const wrap = h("div", { className: "fm-outputs" });
+  for (const output of outputs) {
+    const item = h("div", { className: "fm-output", "data-output-kind": output.kind, "data-mimetype": output.mimetype });
+    item.append(h("div", { className: "fm-preview-meta" }, output.label));
+    if (output.kind === "image") {
+      item.append(h("img", { className: "fm-output-image", src: output.src, alt: output.text || output.label }));
+    } else if (output.kind === "html") {
+      const body = h("div", { className: "fm-output-html" });
+      body.innerHTML = output.html;
+      item.append(body);
+    } else {
+      item.append(h("pre", { className: "fm-preview fm-preview-text" }, output.text));
+    }
+    wrap.append(item);
+  }
+  return wrap;
+}
+
 function logBlock(label, text) {
   if (!text) {
     return null;
@@ -152,7 +173,8 @@ function attemptBlock(attempt) {
       ),
     );
   }
-  block.append(logBlock("stdout", attempt.stdout), logBlock("stderr", attempt.stderr));
+  // DOM append() would write a null as the text "null": keep only the logs that exist.
+  block.append(...[logBlock("stdout", attempt.stdout), logBlock("stderr", attempt.stderr)].filter(Boolean));
   if (!exc && !attempt.stdout && !attempt.stderr) {
     block.append(h("div", { className: "fm-preview-meta" }, "no output"));
   }
@@ -193,6 +215,9 @@ export function renderInspector(model, el) {
     }
     if (detail.artifacts) {
       root.append(h("div", { className: "fm-section" }, "artifacts"), artifactsTable(detail.artifacts));
+    }
+    if (detail.outputs && detail.outputs.length) {
+      root.append(h("div", { className: "fm-section" }, "outputs"), outputsBlock(detail.outputs));
     }
     if (detail.attempts && detail.attempts.length) {
       root.append(h("div", { className: "fm-section" }, "attempts"));
