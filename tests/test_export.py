@@ -238,6 +238,9 @@ DEFINITION_ERRORS = [
     ("an import read by a later step", ("%%step a\nimport math", "%%step b\ny = math.pi"), "a", "imports"),
     ("IPython syntax", ("%%step a\n%time x = 1",), "a", "IPython syntax"),
     ("top-level await", ("import asyncio", "%%step a\nawait asyncio.sleep(0)\nx = 1"), "a", "await"),
+    ("a nested foreach with a step in between",
+     ("%%step start\nouter = [[1], [2]]", "%%step row --foreach outer\ncells = input",
+      "%%step cell --foreach cells\nv = input", "%%step j\nw = cells", "%%step k\nz = v"), "cell", "straight to it"),
     ("a lambda read by a later step", ("%%step a\nf = lambda v: v", "%%step b\ny = f(1)"), "a", "defines"),
     ("start not first", ("%%step a\nx = 1", "%%step start\ny = x"), "start", "first step"),
     ("end not last", ("%%step end\nx = 1", "%%step b\ny = x"), "end", "last step"),
@@ -360,7 +363,7 @@ def test_catch_step_that_rebinds_an_upstream_name_says_what_differs():
 
 def test_display_in_a_step_is_imported_from_ipython():
     script = export_flow(flow("%%step start\nx = 1\ndisplay(x)"))
-    assert "from IPython.display import display" in script
+    assert "from IPython.display import display" in script and "display = print" in script
     assert "from IPython" not in export_flow(flow("%%step start\nx = 1"))
 
 

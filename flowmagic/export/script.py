@@ -93,7 +93,9 @@ def render_script(plan: ExportPlan) -> str:
         lines.append("Run it with `python <this file> run`.")
     lines += ['"""', f"from metaflow import {', '.join(imports)}"]
     if needs_display:
-        lines.append("from IPython.display import display")
+        lines += ["try:", f"{INDENT}from IPython.display import display",
+                  "except ImportError:  # a step environment without IPython: print instead",
+                  f"{INDENT}display = print"]
     if plan.prelude.source:
         lines += ["", plan.prelude.source.strip("\n")]
     lines += ["", "", f"class {plan.class_name}(FlowSpec):",
