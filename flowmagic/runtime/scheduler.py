@@ -29,6 +29,10 @@ from flowmagic.runtime.parameters import resolve_params
 from flowmagic.store.serializers import ArtifactRef, save_artifact
 
 PRELUDE_KEY = "_prelude"
+# Seconds before a failed attempt is retried (Metaflow waits minutes): long
+# enough for a flaky cause (a clock, a busy service) to change, short enough
+# for a notebook.
+RETRY_DELAY = 1.0
 
 
 @dataclass
@@ -260,6 +264,7 @@ class _Engine:
         self.tasks.update(known)
         self.step_state = {s.name: ("pending" if s.name in targets else "done") for s in graph.steps}
         self.ready: deque[tuple[TaskInfo, int]] = deque()
+        self.delayed: list[tuple[float, TaskInfo, int]] = []   # retries waiting for RETRY_DELAY
         self.running: dict[int, tuple[TaskInfo, int, threading.Thread]] = {}
         self.events: queue.Queue = queue.Queue()
         self.cancel = threading.Event()
@@ -281,9 +286,10 @@ class _Engine:
     def run_tasks(self, *, finish_run: bool) -> str:
         try:
             self._schedule_steps()
-            while self.ready or self.running:
+            while self.ready or self.running or self.delayed:
+                self._release_delayed()
                 self._launch()
-                if not self.running:
+                if not self.running and not self.delayed:
                     break
                 try:
                     message = self.events.get(timeout=0.25)
@@ -311,9 +317,10 @@ class _Engine:
                 continue  # a second Ctrl-C: keep cleaning up
         for info, _attempt, _thread in list(self.running.values()):
             self._set_state(info, "interrupted")
-        for info, _attempt in self.ready:
+        for info, _attempt in [*self.ready, *((i, a) for _due, i, a in self.delayed)]:
             self._set_state(info, "interrupted")
         self.ready.clear()
+        self.delayed.clear()
         if finish_run:
             self.meta.finish_run(self.flow, self.run_id, "interrupted")
             self.emit(Event("run", self.run_id, state="interrupted", data={"flow": self.flow}))
@@ -374,9 +381,17 @@ class _Engine:
             self.running[info.task_id] = (info, attempt, thread)
             thread.start()
         if self.stopping:
-            for info, _attempt in self.ready:
+            for info, _attempt in [*self.ready, *((i, a) for _due, i, a in self.delayed)]:
                 self._set_state(info, "failed" if not self.cancel.is_set() else "interrupted")
             self.ready.clear()
+            self.delayed.clear()
+
+    def _release_delayed(self) -> None:
+        now = time.time()
+        due = [item for item in self.delayed if item[0] <= now]
+        if due:
+            self.delayed = [item for item in self.delayed if item[0] > now]
+            self.ready.extendleft((info, attempt) for _due, info, attempt in reversed(due))
 
     def _attempt_thread(self, info: TaskInfo, attempt: int, server: ForkServer, spec: dict,
                         timeout: float | None) -> None:
@@ -450,7 +465,7 @@ class _Engine:
         info.exception = result.exception
         self._set_state(info, state, attempt, data={"exception": result.exception} if result.exception else None)
         if state == "retrying":
-            self.ready.appendleft((info, attempt + 1))
+            self.delayed.append((time.time() + RETRY_DELAY, info, attempt + 1))
         elif state in ("done", "caught"):
             info.artifacts = {r.name: r.to_dict() for r in artifacts}
             info.foreach = manifest.get("foreach", {})
