@@ -17,147 +17,17 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import NotFoundError, StoreError
+from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
+    OUTCOMES, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
+    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, run_record, task_record)
 from .serializers import ArtifactRef
 
-RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
-TaskState = Literal[
-    "pending",      # created, waiting for its inputs
-    "running",      # an attempt is executing
-    "retrying",     # an attempt failed, another one is coming
-    "done",         # the last attempt succeeded
-    "failed",       # the last attempt failed and nothing caught it
-    "caught",       # the last attempt failed, --catch recorded it, the run goes on
-    "cloned",       # copied from an earlier run by resume
-    "cached",       # copied from an identical earlier task by the step cache
-    "interrupted",  # stopped by the user
-]
-Outcome = Literal["ok", "failed", "timeout", "killed", "interrupted"]
-
-RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
-TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cloned", "cached", "interrupted")
-OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
-
-SCHEMA_VERSION = 1
 _OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")
 BUSY_TIMEOUT_S = 60.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS flows (
-    name TEXT PRIMARY KEY,
-    next_run_id INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    flow TEXT NOT NULL REFERENCES flows(name),
-    run_id INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    params TEXT NOT NULL,           -- JSON object
-    code TEXT NOT NULL,             -- JSON object: step name (and "_prelude") -> source
-    graph TEXT,                     -- JSON `show` document, or NULL
-    user TEXT,
-    interactive INTEGER NOT NULL DEFAULT 0,
-    origin_run_id INTEGER,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    PRIMARY KEY (flow, run_id));
-CREATE TABLE IF NOT EXISTS run_tags (
-    flow TEXT NOT NULL, run_id INTEGER NOT NULL, tag TEXT NOT NULL,
-    PRIMARY KEY (flow, run_id, tag));
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused, even after gc
-    flow TEXT NOT NULL,
-    run_id INTEGER NOT NULL,
-    step TEXT NOT NULL,
-    foreach_index TEXT,             -- JSON list of ints (nested foreach), or NULL
-    item TEXT,                      -- repr of the foreach item, for display
-    state TEXT NOT NULL,
-    origin_task_id INTEGER,         -- the task a cloned/cached task copies
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (flow, run_id, step);
-CREATE TABLE IF NOT EXISTS attempts (
-    task_id INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    exit_code INTEGER,
-    signal INTEGER,
-    exception TEXT,                 -- JSON {type, message, traceback}, or NULL
-    stdout TEXT NOT NULL DEFAULT '',
-    stderr TEXT NOT NULL DEFAULT '',
-    outputs TEXT NOT NULL DEFAULT '[]',   -- JSON list of stored mimebundle records
-    PRIMARY KEY (task_id, attempt));
-CREATE TABLE IF NOT EXISTS artifacts (
-    task_id INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    type TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    serializer TEXT NOT NULL,
-    inline TEXT,
-    PRIMARY KEY (task_id, attempt, name));
-CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (hash);
-"""
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    flow: str
-    run_id: int
-    status: str
-    params: dict
-    code: dict
-    tags: tuple[str, ...]
-    user: str | None
-    interactive: bool
-    origin_run_id: int | None
-    started_at: float
-    finished_at: float | None
-    graph: dict | None = field(default=None, repr=False)
-
-    @property
-    def pathspec(self) -> str:
-        return f"{self.flow}/{self.run_id}"
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    task_id: int
-    flow: str
-    run_id: int
-    step: str
-    index: tuple[int, ...] | None
-    item: str | None
-    state: str
-    origin_task_id: int | None
-    created_at: float
-    updated_at: float
-
-    @property
-    def pathspec(self) -> str:
-        return f"{self.flow}/{self.run_id}/{self.step}/{self.task_id}"
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    task_id: int
-    attempt: int
-    outcome: str
-    started_at: float | None
-    finished_at: float | None
-    exit_code: int | None
-    signal: int | None
-    exception: dict | None
-    stdout: str
-    stderr: str
-    outputs: list
 
 
 class Metadata:
@@ -216,7 +86,7 @@ class Metadata:
             raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
                              f"(tables: {', '.join(t[0] for t in tables)})")
         with self._write(conn):
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO schema_info VALUES ('version', ?)", (str(SCHEMA_VERSION),))
@@ -406,36 +276,36 @@ class Metadata:
 
     def list_runs(self, flow: str, tag: str | None = None) -> list[RunRecord]:
         """Runs of ``flow``, newest first; with ``tag``, only runs carrying it."""
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE flow = ?"
+        sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ?"
         args: list[Any] = [flow]
         if tag is not None:
             sql += " AND run_id IN (SELECT run_id FROM run_tags WHERE flow = ? AND tag = ?)"
             args += [flow, tag]
         rows = self._read(sql + " ORDER BY run_id DESC", args)
         tags = self._tags_by_run(flow)
-        return [_run_record(r, tags.get(r[1], ())) for r in rows]
+        return [run_record(r, tags.get(r[1], ())) for r in rows]
 
     def get_run(self, flow: str, run_id: int) -> RunRecord:
-        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
         if not rows:
             raise self._missing_run(flow, run_id)
         tags = self._read("SELECT tag FROM run_tags WHERE flow = ? AND run_id = ? ORDER BY tag", (flow, run_id))
-        return _run_record(rows[0], tuple(t[0] for t in tags))
+        return run_record(rows[0], tuple(t[0] for t in tags))
 
     def tasks(self, flow: str, run_id: int, step: str | None = None) -> list[TaskRecord]:
         """Tasks of a run (of one step), in creation order."""
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE flow = ? AND run_id = ?"
+        sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE flow = ? AND run_id = ?"
         args: list[Any] = [flow, run_id]
         if step is not None:
             sql += " AND step = ?"
             args.append(step)
-        return [_task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
+        return [task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
 
     def get_task(self, task_id: int) -> TaskRecord:
-        rows = self._read(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+        rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             raise NotFoundError(f"task {task_id} does not exist")
-        return _task_record(rows[0])
+        return task_record(rows[0])
 
     def attempts(self, task_id: int) -> list[AttemptRecord]:
         rows = self._read("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))
@@ -477,22 +347,6 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
-_RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
-                " finished_at, graph")
-_TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin_task_id, created_at,"
-                 " updated_at")
-
-
-def _run_record(r: tuple, tags: tuple[str, ...]) -> RunRecord:
-    return RunRecord(flow=r[0], run_id=r[1], status=r[2], params=json.loads(r[3]), code=json.loads(r[4]),
-                     tags=tags, user=r[5], interactive=bool(r[6]), origin_run_id=r[7], started_at=r[8],
-                     finished_at=r[9], graph=json.loads(r[10]) if r[10] else None)
-
-
-def _task_record(r: tuple) -> TaskRecord:
-    return TaskRecord(task_id=r[0], flow=r[1], run_id=r[2], step=r[3],
-                      index=tuple(json.loads(r[4])) if r[4] else None, item=r[5], state=r[6],
-                      origin_task_id=r[7], created_at=r[8], updated_at=r[9])
 
 
 def _as_ref(a: ArtifactRef | dict) -> ArtifactRef:

@@ -1,0 +1,159 @@
+"""The shape of the metadata: states, the SQLite schema, and the records
+the read side returns (frozen dataclasses)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
+TaskState = Literal[
+    "pending",      # created, waiting for its inputs
+    "running",      # an attempt is executing
+    "retrying",     # an attempt failed, another one is coming
+    "done",         # the last attempt succeeded
+    "failed",       # the last attempt failed and nothing caught it
+    "caught",       # the last attempt failed, --catch recorded it, the run goes on
+    "cloned",       # copied from an earlier run by resume
+    "cached",       # copied from an identical earlier task by the step cache
+    "interrupted",  # stopped by the user
+]
+Outcome = Literal["ok", "failed", "timeout", "killed", "interrupted"]
+
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cloned", "cached", "interrupted")
+OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flows (
+    name TEXT PRIMARY KEY,
+    next_run_id INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    flow TEXT NOT NULL REFERENCES flows(name),
+    run_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,           -- JSON object
+    code TEXT NOT NULL,             -- JSON object: step name (and "_prelude") -> source
+    graph TEXT,                     -- JSON `show` document, or NULL
+    user TEXT,
+    interactive INTEGER NOT NULL DEFAULT 0,
+    origin_run_id INTEGER,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (flow, run_id));
+CREATE TABLE IF NOT EXISTS run_tags (
+    flow TEXT NOT NULL, run_id INTEGER NOT NULL, tag TEXT NOT NULL,
+    PRIMARY KEY (flow, run_id, tag));
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused, even after gc
+    flow TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    foreach_index TEXT,             -- JSON list of ints (nested foreach), or NULL
+    item TEXT,                      -- repr of the foreach item, for display
+    state TEXT NOT NULL,
+    origin_task_id INTEGER,         -- the task a cloned/cached task copies
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (flow, run_id, step);
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    exception TEXT,                 -- JSON {type, message, traceback}, or NULL
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT '',
+    outputs TEXT NOT NULL DEFAULT '[]',   -- JSON list of stored mimebundle records
+    PRIMARY KEY (task_id, attempt));
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    serializer TEXT NOT NULL,
+    inline TEXT,
+    PRIMARY KEY (task_id, attempt, name));
+CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (hash);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    flow: str
+    run_id: int
+    status: str
+    params: dict
+    code: dict
+    tags: tuple[str, ...]
+    user: str | None
+    interactive: bool
+    origin_run_id: int | None
+    started_at: float
+    finished_at: float | None
+    graph: dict | None = field(default=None, repr=False)
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: int
+    flow: str
+    run_id: int
+    step: str
+    index: tuple[int, ...] | None
+    item: str | None
+    state: str
+    origin_task_id: int | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}/{self.step}/{self.task_id}"
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    task_id: int
+    attempt: int
+    outcome: str
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    signal: int | None
+    exception: dict | None
+    stdout: str
+    stderr: str
+    outputs: list
+
+
+# column lists of the SELECTs that run_record / task_record read
+RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
+               " finished_at, graph")
+TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin_task_id, created_at,"
+                " updated_at")
+
+
+def run_record(r: tuple, tags: tuple[str, ...]) -> RunRecord:
+    return RunRecord(flow=r[0], run_id=r[1], status=r[2], params=json.loads(r[3]), code=json.loads(r[4]),
+                     tags=tags, user=r[5], interactive=bool(r[6]), origin_run_id=r[7], started_at=r[8],
+                     finished_at=r[9], graph=json.loads(r[10]) if r[10] else None)
+
+
+def task_record(r: tuple) -> TaskRecord:
+    return TaskRecord(task_id=r[0], flow=r[1], run_id=r[2], step=r[3],
+                      index=tuple(json.loads(r[4])) if r[4] else None, item=r[5], state=r[6],
+                      origin_task_id=r[7], created_at=r[8], updated_at=r[9])
