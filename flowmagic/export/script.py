@@ -198,7 +198,7 @@ def _environment_decorator(kind: str, text: str, spec: StepSpec) -> str:
 
     packages: dict[str, str] = {}
     python = None
-    for item in text.replace(",", " ").split():
+    for item in text.split():   # "pkg==1.0 other>=2,<3": one requirement per word
         try:
             req = Requirement(item)
         except InvalidRequirement:

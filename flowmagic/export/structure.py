@@ -88,8 +88,7 @@ def decompose(names: list[str], reach: dict[str, set[str]]) -> Block:
     groups = _independent_groups(names, reach)
     if len(groups) > 1:
         return Parallel(tuple(decompose(g, reach) for g in groups))
-    cuts = [k for k in range(1, len(names))
-            if all(v in reach[u] for u in names[:k] for v in names[k:])]
+    cuts = _series_cuts(names, reach)
     if not cuts:
         cuts = [1]  # not series-parallel: run the first step before the rest
     bounds = [0] + cuts + [len(names)]
@@ -98,6 +97,17 @@ def decompose(names: list[str], reach: dict[str, set[str]]) -> Block:
         part = decompose(names[lo:hi], reach)
         parts.extend(part.parts if isinstance(part, Series) else [part])
     return Series(tuple(parts))
+
+
+def _series_cuts(names: list[str], reach: dict[str, set[str]]) -> list[int]:
+    """Positions k where every step before k reaches every step from k on."""
+    cuts = []
+    common = set(names)   # what every step of the prefix reaches
+    for k in range(1, len(names)):
+        common &= reach[names[k - 1]]
+        if common.issuperset(names[k:]):
+            cuts.append(k)
+    return cuts
 
 
 def _independent_groups(names: list[str], reach: dict[str, set[str]]) -> list[list[str]]:
