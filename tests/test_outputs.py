@@ -182,3 +182,21 @@ def test_the_inspector_shows_a_tasks_outputs(tmp_path):
     assert base64.b64decode(outputs[2]["src"].split(",", 1)[1]).startswith(b"\x89PNG")
     text = inspector.inspector_text()
     assert "  Out [2]: 42" in text and "  display [3]: image/png" in text
+
+
+def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
+    from flowmagic.client import Flow
+    from flowmagic.dag import build_flow
+    from flowmagic.runtime.scheduler import resume_flow, run_flow
+    from flowmagic.store import open_store
+
+    store = open_store(tmp_path / "store")
+    cells = ["%%step start\nvalues = [1, 2]\ndisplay('from start')\nlen(values)",
+             "%%step end\ntotal = sum(values) / 0"]
+    assert run_flow(build_flow(cells, name="Resumed"), store).status == "failed"
+    cells[1] = "%%step end\ntotal = sum(values)"
+    resumed = resume_flow(build_flow(cells, name="Resumed"), store)
+    assert resumed.status == "succeeded"
+    clone = Flow("Resumed", root=store.root)[resumed.run_id]["start"].task
+    assert clone.origin is not None
+    assert [o.text for o in clone.outputs] == ["'from start'", "2"]

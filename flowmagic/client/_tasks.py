@@ -145,8 +145,9 @@ class Task(_ClientObject):
         from ..runtime.outputs import Output, load_outputs  # owned by the runtime
 
         last = self._last_attempt()
-        if last is None:
-            return []
+        if last is None:  # a cloned or cached task shows what its origin showed
+            origin = self.origin
+            return origin.outputs if origin is not None else []
         return [Output(**bundle) for bundle in load_outputs(self._store.objects, last.outputs)]
 
     # artifacts
