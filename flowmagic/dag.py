@@ -215,6 +215,7 @@ class _Prelude:
     computes: dict[str, tuple[int, int]]    # name -> (cell, line): bound by a non-prelude statement
     computed_in: dict[str, list[int]]       # name -> every ordinary cell that computes it
     global_reads: dict[str, frozenset[str]]  # def/class -> non-prelude globals it reads, transitively
+    star_imports: tuple[str, ...] = ()      # `from M import *` modules: any other name may come from them
 
     @classmethod
     def collect(cls, cells: Sequence[ParsedCell]) -> _Prelude:
@@ -223,6 +224,7 @@ class _Prelude:
         computes: dict[str, tuple[int, int]] = {}
         computed_in: dict[str, list[int]] = {}
         direct: dict[str, frozenset[str]] = {}
+        stars: list[str] = []
         for cell in cells:
             if cell.kind != "ordinary":
                 continue
@@ -239,8 +241,9 @@ class _Prelude:
                 computed_in.setdefault(var, []).append(cell.index)
                 defines.pop(var, None)  # computed by a later cell: no longer a prelude name
             direct.update(part.global_reads)
+            stars += part.star_imports
         closure = _transitive_reads(direct, set(defines))
-        return cls("".join(chunks), defines, computes, computed_in, closure)
+        return cls("".join(chunks), defines, computes, computed_in, closure, tuple(stars))
 
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:
@@ -415,6 +418,8 @@ class _Resolver:
             reads.add(var)
         elif var in BUILTIN_NAMES or not required:
             return
+        elif self.prelude.star_imports and var not in self.prelude.computes and not var.startswith("_"):
+            reads.add(var)  # may come from `from M import *`: only running the prelude can tell
         else:
             raise self._unresolved(draft, var, line)
 

@@ -22,6 +22,7 @@ class PreludePart:
     defines: Mapping[str, int]             # name -> line: imports, defs, classes, constants
     computes: Mapping[str, int]            # name -> line: bound by anything else (not prelude)
     global_reads: Mapping[str, frozenset[str]]  # def/class name -> globals its body reads
+    star_imports: tuple[str, ...] = ()     # modules of `from M import *`: names unknown until run
 
 
 _LITERAL_NODES = (ast.Constant, ast.UnaryOp, ast.BinOp, ast.BoolOp, ast.Compare, ast.Tuple,
@@ -55,7 +56,9 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
             global_reads[stmt.name] = free_names(stmt)
         kept.append(_statement_text(stmt, number, spans, lines))
     source = "\n".join(kept) + "\n" if kept else ""
-    return PreludePart(source, defines, computes, global_reads)
+    stars = tuple("." * (stmt.level or 0) + (stmt.module or "") for stmt in tree.body
+                  if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names))
+    return PreludePart(source, defines, computes, global_reads, stars)
 
 
 def _is_prelude_statement(stmt: ast.stmt) -> bool:

@@ -87,6 +87,14 @@ def test_prelude_function_reading_a_parameter_makes_the_caller_read_it():
     assert graph.step("a").reads == ("alpha", "scaled")
 
 
+def test_star_import_in_an_ordinary_cell_may_provide_any_name():
+    graph = build_flow(cells("from math import *", "%%step a\ny = floor(pi)"))
+    assert graph.step("a").reads == ("floor", "pi")
+    assert "from math import *" in graph.prelude
+    with pytest.raises(FlowDefinitionError, match="ordinary cell 1 computes"):
+        build_flow(cells("from math import *", "z = floor(2.5)", "%%step a\ny = z"))
+
+
 def test_reads_include_prelude_and_parameters_writes_exclude_private():
     graph = build_flow(cells(
         "import math\nK = 3\ndef f(v):\n    return v * K",
