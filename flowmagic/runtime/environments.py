@@ -104,7 +104,8 @@ class EnvSpec:
     kind: EnvKind
     packages: tuple[str, ...]
     python: str = field(default_factory=lambda: ".".join(map(str, sys.version_info[:3])))
-    interpreter: str = field(default_factory=lambda: sys.executable)
+    # resolved: `python` and `python3.11` (or a venv's link) are one interpreter, one cache key
+    interpreter: str = field(default_factory=lambda: os.path.realpath(sys.executable))
 
     @classmethod
     def from_options(cls, options: Any, *, step: str | None = None) -> "EnvSpec | None":
@@ -391,13 +392,13 @@ def _build_pypi(uv: str, spec: EnvSpec, pins: list[str], envs: Path, final: Path
     temp = envs / f".build-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         _run_tool([uv, "venv", "--quiet", "--relocatable", "--python", spec.interpreter, str(temp)],
-                  spec, step, action="create the environment")
+                  spec, step, action="create the environment for")
         requirements = temp / "flowmagic-requirements.txt"
         requirements.write_text("\n".join(pins) + "\n")
         # Compiled now, once: a fork server must not compile pandas on every start (and
         # with PYTHONDONTWRITEBYTECODE set, as here, it would never be cached).
         _run_tool([uv, "pip", "sync", "--quiet", "--compile-bytecode", "--python", str(temp / "bin" / "python"),
-                   str(requirements)], spec, step, action="install the packages")
+                   str(requirements)], spec, step, action="install the packages of")
         packages = _freeze(uv, temp, spec, step)
         _install_source_link(temp)
         _write_record(temp, spec, final.name, pins, packages)
@@ -410,7 +411,7 @@ def _build_pypi(uv: str, spec: EnvSpec, pins: list[str], envs: Path, final: Path
 
 def _freeze(uv: str, env: Path, spec: EnvSpec, step: str | None) -> list[str]:
     out = _run_tool([uv, "pip", "freeze", "--python", str(env / "bin" / "python")], spec, step,
-                    action="list the packages")
+                    action="list the packages of")
     return sorted(line.strip() for line in out.splitlines() if line.strip())
 
 
@@ -423,7 +424,7 @@ def _build_conda(tool: str, spec: EnvSpec, final: Path, step: str | None) -> lis
     command = [tool, "create", "--yes", "--quiet", "--prefix", str(final), "--channel", CONDA_CHANNEL,
                f"python={major_minor}", *spec.requirements()]
     try:
-        _run_tool(command, spec, step, action="create the conda environment")
+        _run_tool(command, spec, step, action="create the conda environment for")
         packages = _freeze(_uv_binary(step), final, spec, step)
         _install_source_link(final)
         _write_record(final, spec, final.name, [], packages)
@@ -643,10 +644,12 @@ def _conda_binary(step: str | None = None) -> str:
 
 
 def _run_tool(command: list[str], spec: EnvSpec, step: str | None, *, action: str, stdin: str | None = None) -> str:
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True)
+    # NO_COLOR: uv then writes plain "error: ... / cause: ..." lines, not a wrapped, decorated report.
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True,
+                            env={**os.environ, "NO_COLOR": "1"})
     if result.returncode != 0:
         message = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
-        raise EnvironmentBuildError(f"cannot {action} for {spec.describe()}:\n{message}", step=step, spec=spec)
+        raise EnvironmentBuildError(f"cannot {action} {spec.describe()}:\n{message}", step=step, spec=spec)
     return result.stdout
 
 
