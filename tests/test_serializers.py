@@ -221,6 +221,7 @@ FRAMES_PICKLED = {
     "attrs": pd.DataFrame({"x": [1]}).pipe(lambda d: d.attrs.update(source="db") or d),
     "multiindex-columns": pd.DataFrame([[1, 2]], columns=pd.MultiIndex.from_tuples([("a", "b"), ("a", "c")])),
     "no-columns": pd.DataFrame(index=[1, 2]),
+    "not-utf8-strings": pd.DataFrame({"s": pd.Series(["ok", "lone surrogate \ud800"], dtype=object)}),
     "object-nan-missing": pd.DataFrame({"o": pd.Series(["x", np.nan], dtype=object)}),
 }
 

@@ -73,7 +73,16 @@ def save_artifact(objects: ObjectStore, name: str, value: Any, step: str | None 
                            "inline", text)
     serializer, write = _choose_writer(value)
     try:
-        key, size = objects.put_stream(lambda fh: write(value, fh))
+        try:
+            key, size = objects.put_stream(lambda fh: write(value, fh))
+        except (ValueError, TypeError, ArithmeticError, NotImplementedError) as exc:
+            if serializer == "pickle":
+                raise
+            # Arrow refused a value the cheap checks let through (e.g. a string
+            # that is not valid UTF-8): pickle keeps it exactly as it is
+            del exc
+            serializer = "pickle"
+            key, size = objects.put_stream(lambda fh: _write_pickle(value, fh))
     except SerializationError:
         raise
     except OSError as exc:  # the disk, not the value: full, read-only, gone
