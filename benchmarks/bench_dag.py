@@ -4,6 +4,9 @@ Times ``flowmagic.dag.build_flow`` on it (median of several runs, after one
 warm-up that pays IPython's import), and, in the same run, the real
 ``metaflow`` package building the graph of an equivalent 250-step FlowSpec
 (``metaflow.graph.FlowGraph``: source, AST, edges), then prints the ratio.
+Finally both show commands end to end in fresh processes: ``flowmagic show
+--json`` on the notebook, ``python flow.py --no-pylint show`` on the twin.
+The machine is shared: CPU time is the steadier figure.
 
     python benchmarks/bench_dag.py [--cells 500] [--repeat 7]
 """
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -118,6 +123,36 @@ def time_metaflow(steps: list[tuple[str, str]], repeat: int) -> tuple[tuple[floa
         return _measure(lambda: FlowGraph(module.BenchFlow), repeat), len(list(graph))
 
 
+def time_show_commands(cells: list[str], steps: list[tuple[str, str]], repeat: int) -> tuple[float, float]:
+    """End to end, in fresh processes: `flowmagic show --json nb.ipynb` against
+    Metaflow's own `python flow.py show` on the twin FlowSpec (median wall time)."""
+    import nbformat
+
+    with tempfile.TemporaryDirectory() as folder:
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_code_cell(c) if c else nbformat.v4.new_markdown_cell("notes")
+                          for c in cells]
+        nb_path = Path(folder) / "bench_flow.ipynb"
+        nbformat.write(notebook, nb_path)
+        flow_path = Path(folder) / "bench_flow.py"
+        flow_path.write_text(metaflow_source(steps) + "\nif __name__ == '__main__':\n    BenchFlow()\n")
+        env = dict(os.environ, FLOWMAGIC_HOME=str(Path(folder) / "store"), USERNAME="bench",
+                   METAFLOW_HOME=folder)
+        commands = {
+            "flowmagic": [sys.executable, "-m", "flowmagic.cli", "show", "--json", str(nb_path)],
+            "metaflow": [sys.executable, str(flow_path), "--no-pylint", "show"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(repeat):
+            for name, command in commands.items():
+                started = time.perf_counter()
+                result = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env)
+                times[name].append(time.perf_counter() - started)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{name} show failed: {result.stderr[-500:]}")
+        return statistics.median(times["flowmagic"]), statistics.median(times["metaflow"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=500)
@@ -140,6 +175,9 @@ def main() -> None:
     print(f"ratio flowmagic / metaflow: {cpu / mf_cpu:.2f}x CPU, {wall / mf_wall:.2f}x wall "
           "(flowmagic also infers reads and writes, which Metaflow takes from `self.next`)")
     print(f"per step (CPU): flowmagic {cpu / n_steps * 1e6:.0f} us, metaflow {mf_cpu / mf_steps * 1e6:.0f} us")
+    fm_show, mf_show = time_show_commands(cells, steps, max(1, args.repeat // 3))
+    print(f"show command, fresh process: `flowmagic show --json` {fm_show * 1000:.0f} ms, "
+          f"`python flow.py --no-pylint show` {mf_show * 1000:.0f} ms, ratio {fm_show / mf_show:.2f}x")
 
 
 if __name__ == "__main__":
