@@ -71,18 +71,8 @@ def save_artifact(objects: ObjectStore, name: str, value: Any, step: str | None 
     if text is not None:
         return ArtifactRef(name, type_name, len(text.encode()), xxhash.xxh3_128_hexdigest(text.encode()),
                            "inline", text)
-    serializer, write = _choose_writer(value)
     try:
-        try:
-            key, size = objects.put_stream(lambda fh: write(value, fh))
-        except (ValueError, TypeError, ArithmeticError, NotImplementedError) as exc:
-            if serializer == "pickle":
-                raise
-            # Arrow refused a value the cheap checks let through (e.g. a string
-            # that is not valid UTF-8): pickle keeps it exactly as it is
-            del exc
-            serializer = "pickle"
-            key, size = objects.put_stream(lambda fh: _write_pickle(value, fh))
+        serializer, key, size = _write_object(objects, value)
     except SerializationError:
         raise
     except OSError as exc:  # the disk, not the value: full, read-only, gone
@@ -171,6 +161,17 @@ def _plain(value: Any, depth: int) -> bool:
     if t is dict:
         return len(value) <= 64 and all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _write_object(objects: ObjectStore, value: Any) -> tuple[str, str, int]:
+    """Store ``value`` as an object: ``(serializer, key, size)``."""
+    serializer, write = _choose_writer(value)
+    if serializer != "pickle":
+        try:
+            return (serializer, *objects.put_stream(lambda fh: write(value, fh)))
+        except (ValueError, TypeError, ArithmeticError, NotImplementedError):
+            pass  # Arrow refused what the cheap checks let through (say, a string that is not UTF-8)
+    return ("pickle", *objects.put_stream(lambda fh: _write_pickle(value, fh)))
 
 
 def _choose_writer(value: Any):
