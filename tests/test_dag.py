@@ -467,22 +467,40 @@ def test_flow_run_matches_run_all(sources):
 
 
 def random_notebook(seed: int) -> list[str]:
-    """Steps that read earlier variables and (re)write a few, some conditionally."""
+    """Steps that read earlier variables and (re)write a few, through many
+    syntax forms, some conditionally; a prelude function reads a step global."""
     rng = random.Random(seed)
     variables = [f"v{i}" for i in range(6)]
-    sources = ["%%params\np0 = 1"]
+    sources = ["%%params\np0 = 1", "K = 3\ndef twice():\n    return 2 * v0 + K"]
+    forms = ["plain", "cond", "aug", "loop", "func", "comp", "lambda", "try", "walrus", "prelude", "del"]
     for number in range(12):
         lines = []
-        readable = [v for v in variables if any(f"{v} =" in s for s in sources)] + ["p0"]
+        readable = [v for v in variables if any(f"{v} =" in s for s in sources[2:])] + ["p0"]
         for target in rng.sample(variables, rng.randint(1, 3)):
             expr = " + ".join(rng.sample(readable, min(len(readable), rng.randint(1, 3)))) + f" + {number}"
-            form = rng.choice(["plain", "cond", "aug", "loop"])
-            if form == "cond" and any(f"{target} =" in s for s in sources):
-                lines.append(f"if {expr} % 2:\n    {target} = {expr}")
-            elif form == "aug" and target in readable:
+            form = rng.choice(forms)
+            known = target in readable
+            if form == "cond" and known:
+                lines.append(f"if ({expr}) % 2:\n    {target} = {expr}")
+            elif form == "aug" and known:
                 lines.append(f"{target} += {expr}")
             elif form == "loop":
                 lines.append(f"for _k in range(2):\n    {target} = {expr} + _k")
+            elif form == "func":
+                lines.append(f"def _f():\n    return {expr}\n{target} = _f()")
+            elif form == "comp":
+                lines.append(f"{target} = [{expr} + _j for _j in range(2)][-1]")
+            elif form == "lambda":
+                lines.append(f"{target} = (lambda _a=1: {expr} + _a)()")
+            elif form == "try" and known:
+                lines.append(f"try:\n    {target} = ({expr}) // (number_{number} := {number % 2})\n"
+                             f"except ZeroDivisionError:\n    pass")
+            elif form == "walrus":
+                lines.append(f"{target} = (_w := {expr}) + _w")
+            elif form == "prelude" and "v0" in readable:
+                lines.append(f"{target} = twice() + {expr}")
+            elif form == "del":
+                lines.append(f"_t = {expr}\n{target} = _t\ndel _t")
             else:
                 lines.append(f"{target} = {expr}")
             readable.append(target)
@@ -490,7 +508,7 @@ def random_notebook(seed: int) -> list[str]:
     return sources
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_random_notebooks_match_run_all(seed):
     assert_same_as_run_all(random_notebook(seed))
 
