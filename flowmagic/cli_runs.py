@@ -308,22 +308,24 @@ def _run_logs(args: argparse.Namespace) -> int:
 
 def _configure_gc(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("notebook", help="the .ipynb file (its store is collected)")
+    parser.add_argument("--keep", type=int, default=None, metavar="N",
+                        help="keep only the newest N runs of each flow (default: keep every run)")
     parser.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def _run_gc(args: argparse.Namespace) -> int:
-    try:
-        from flowmagic.store.gc import collect_garbage
-    except ImportError:
-        raise UsageError("gc is not available in this version of flowmagic") from None
+    from flowmagic.store.gc import gc
+
     _flow, store = _open(args.notebook)
-    report = collect_garbage(store, dry_run=args.dry_run)
-    document = report if isinstance(report, dict) else getattr(report, "__dict__", {"result": str(report)})
+    try:
+        result = gc(store, args.keep, dry_run=args.dry_run)
+    except ValueError as exc:
+        raise UsageError(f"gc: {exc}") from None
     if args.json:
-        print_json(document)
+        print_json(result.to_json())
     else:
-        sys.stdout.write("".join(f"{k}: {v}\n" for k, v in document.items()))
+        sys.stdout.write(result.summary() + "\n")
     return EXIT_OK
 
 

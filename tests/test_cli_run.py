@@ -301,3 +301,15 @@ def test_a_flow_that_cannot_be_built_exits_2(tmp_path, store):
     proc = flowmagic("run", nb, store=store)
     assert proc.returncode == 2
     assert "undefined_name" in proc.stderr
+
+
+def test_gc_keeps_the_newest_runs(tmp_path, store):
+    nb = write_notebook(tmp_path / "hello_flow.ipynb", ["%%step start\nimport numpy as np\narr = np.arange(10)"])
+    for _ in range(2):
+        flowmagic_json("run", nb, store=store)
+    dry = flowmagic_json("gc", nb, "--keep", "1", "--dry-run", store=store)
+    assert dry["dry_run"] and dry["runs_removed"] == [{"flow": "HelloFlow", "run_id": 1}]
+    done = flowmagic_json("gc", nb, "--keep", "1", store=store)
+    assert done["runs_removed"] == [{"flow": "HelloFlow", "run_id": 1}]
+    assert [r["run_id"] for r in flowmagic_json("status", nb, store=store)["runs"]] == [2]
+    assert artifacts(store, "HelloFlow", 2, "start")[0]["arr"].tolist() == list(range(10))

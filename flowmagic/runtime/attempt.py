@@ -54,14 +54,18 @@ def run_attempt(
     on_start: Callable[[TaskProcess], None] | None = None,
 ) -> AttemptExit:
     started = time.time()
-    proc = server.spawn()
-    if on_start is not None:
-        on_start(proc)
+    server.hold(+1)  # a server with running tasks is never closed for a newer prelude
     try:
-        _send_spec(proc, spec)
-        return _Pump(proc, timeout, on_output, on_message, cancel, started).run()
+        proc = server.spawn()
+        if on_start is not None:
+            on_start(proc)
+        try:
+            _send_spec(proc, spec)
+            return _Pump(proc, timeout, on_output, on_message, cancel, started).run()
+        finally:
+            proc.close()
     finally:
-        proc.close()
+        server.hold(-1)
 
 
 def _send_spec(proc: TaskProcess, spec: dict) -> None:
@@ -96,12 +100,13 @@ class _Pump:
         sel.register(self.proc.stderr, selectors.EVENT_READ, "stderr")
         sel.register(self.proc.status, selectors.EVENT_READ, "status")
         sel.register(self.proc.channel, selectors.EVENT_READ, "channel")
-        self.sel = sel
         exited_at = None
         while sel.get_map():
             if exited_at is not None and time.monotonic() - exited_at > DRAIN_AFTER_EXIT:
                 break  # something outside the group holds a pipe open: stop waiting
-            for key, _ in sel.select(timeout=0.1):
+            # Outputs first: a task sends one only once its earlier text was read (execute.py),
+            # so text waiting beside it in this round was written after it.
+            for key, _ in sorted(sel.select(timeout=0.1), key=lambda event: event[0].data != "channel"):
                 if not self._read(key.data, key.fileobj):
                     sel.unregister(key.fileobj)
             if self.manifest is not None and self.wait_status is None:
@@ -162,8 +167,6 @@ class _Pump:
             if msg.get("type") == "manifest":
                 self.manifest = msg
             else:
-                # The task flushed what it printed before sending this output: pass that text on first.
-                self._drain_available(self.sel)
                 self.messages.append(msg)
                 self.on_message(msg)
 

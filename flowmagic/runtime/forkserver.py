@@ -439,6 +439,10 @@ class ForkServer:
             raise ForkServerDied("the fork server died while forking a task")
         return TaskProcess(int(line.split()[1]), out_r, err_r, st_r, chan, self)
 
+    def hold(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         try:
             with self._lock:
