@@ -200,3 +200,24 @@ def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
     clone = Flow("Resumed", root=store.root)[resumed.run_id]["start"].task
     assert clone.origin is not None
     assert [o.text for o in clone.outputs] == ["'from start'", "2"]
+
+
+def test_outputs_reach_the_ui_in_order_with_the_printed_text(tmp_path):
+    """A task's text (prints and `!cmd`) and its outputs travel on different pipes;
+    the UI must still see them in the order the step produced them."""
+    from flowmagic.dag import build_flow
+    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.store import open_store
+
+    body = "".join(f"print('line {i}')\ndisplay('shown {i}')\n!echo shell {i}\n" for i in range(25))
+    graph = build_flow(["%%step start\n" + body + "done = True"], name="Ordered")
+    seen: list[str] = []
+
+    def on_event(event) -> None:
+        if event.kind == "display":
+            seen.append(event.data["data"]["text/plain"].strip("'"))
+        elif event.kind == "output" and event.stream == "stdout":
+            seen.extend(line for line in event.text.splitlines() if line)
+
+    assert run_flow(graph, open_store(tmp_path / "store"), on_event=on_event).status == "succeeded"
+    assert seen == [text for i in range(25) for text in (f"line {i}", f"shown {i}", f"shell {i}")]

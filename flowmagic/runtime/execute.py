@@ -19,12 +19,17 @@ from __future__ import annotations
 import ast
 import asyncio
 import builtins
+import fcntl
 import inspect
 import linecache
 import os
+import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
+import time
 import tokenize
 import traceback
 from dataclasses import dataclass, field
@@ -87,8 +92,9 @@ class _Capture:
             if output is None:
                 return
             self.outputs.append(output)
-            # Text printed before this output must reach the pipe before it.
+            # Text printed before this output must reach the orchestrator before it.
             _flush_std_streams()
+            _wait_until_read()
             try:
                 self.emit(output)
             except Exception as exc:  # noqa: BLE001 - a broken channel must not fail the step
@@ -305,6 +311,33 @@ def _ends_with_semicolon(code: str) -> bool:
     except (tokenize.TokenError, SyntaxError, IndentationError):
         return False
     return bool(tokens) and tokens[-1].type == tokenize.OP and tokens[-1].string == ";"
+
+
+#: longest wait for the orchestrator to read the task's pipes before an output is sent
+READ_WAIT_SECONDS = 0.1
+
+
+def _wait_until_read(timeout: float = READ_WAIT_SECONDS) -> None:
+    """Wait, briefly, until whoever reads this process's stdout/stderr pipes has
+    read everything written so far (``!cmd`` output included), so an output sent
+    now on another channel cannot overtake that text."""
+    deadline = None
+    for fd in (1, 2):
+        while _unread_pipe_bytes(fd) > 0:
+            now = time.monotonic()
+            deadline = deadline or now + timeout
+            if now > deadline:
+                return
+            time.sleep(0.0002)
+
+
+def _unread_pipe_bytes(fd: int) -> int:
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return 0
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _flush_std_streams() -> None:
