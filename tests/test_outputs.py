@@ -104,6 +104,27 @@ def test_display_handles_are_not_persisted(objects):
     assert "transient" not in save_outputs(objects, [output])[0]
 
 
+def test_updates_of_a_display_handle_fold_into_it_when_read(objects):
+    refs = save_outputs(objects, [
+        make_output("display", {"text/plain": "0%"}, None, {"display_id": "bar"}),
+        make_output("display", {"text/plain": "other"}),
+        *(make_output("update_display", {"text/plain": f"{p}%"}, None, {"display_id": "bar"}) for p in (50, 100)),
+        make_output("update_display", {"text/plain": "orphan"}, None, {"display_id": "gone"}),
+    ])
+    loaded = load_outputs(objects, refs)
+    assert [(o["type"], o["data"]["text/plain"]) for o in loaded] == [
+        ("display", "100%"), ("display", "other"), ("display", "orphan")]
+    assert describe_outputs(objects, refs)[:2] == ["[1] display", "    100%"]
+
+
+def test_updates_do_not_use_up_the_output_count():
+    budget = OutputBudget(OutputLimits(max_outputs=2))
+    assert budget.admit(make_output("display", {"text/plain": "0%"}, None, {"display_id": "bar"})) is not None
+    for p in range(100):
+        assert budget.admit(make_output("update_display", {"text/plain": f"{p}%"}, None, {"display_id": "bar"}))
+    assert budget.admit(make_output("display", {"text/plain": "next"}))["data"]["text/plain"] == "next"
+
+
 def test_a_missing_payload_becomes_a_note(objects):
     refs = save_outputs(objects, [figure_output()])
     objects.path(refs[0]["data"]["image/png"]["object"]).unlink()

@@ -118,6 +118,9 @@ class OutputBudget:
         """The output to keep (trimmed, or a note in its place), or None to drop it silently."""
         output = self._trim_items(output)
         size = sum(payload_size(v) for v in output["data"].values())
+        if output["type"] == "update_display" and not self._told_full and self.total + size <= self.limits.max_total_bytes:
+            self.total += size  # a progress display updated many times is still one output
+            return output
         if self.count >= self.limits.max_outputs or self.total + size > self.limits.max_total_bytes:
             self.dropped += 1
             if self._told_full:
@@ -179,7 +182,31 @@ def _save_one(objects: Any, output: dict) -> dict:
             data[mime] = {"object": objects.put_bytes(raw), "size": len(raw), "encoding": "utf-8"}
         else:
             data[mime] = {"inline": value}
-    return {"type": output.get("type", "display"), "data": data, "metadata": dict(output.get("metadata") or {})}
+    ref = {"type": output.get("type", "display"), "data": data, "metadata": dict(output.get("metadata") or {})}
+    display_id = (output.get("transient") or {}).get("display_id")
+    if display_id:  # kept so that reading folds later updates into this output
+        ref["display_id"] = str(display_id)
+    return ref
+
+
+def fold_updates(refs: Sequence[dict]) -> list[dict]:
+    """Stored refs as a saved notebook would show them: each ``update_display``
+    replaces the content of the earlier output with the same display id (and is
+    not an output of its own); an update with no such output stays, as a display."""
+    folded: list[dict] = []
+    by_id: dict[str, int] = {}
+    for ref in refs:
+        display_id = ref.get("display_id")
+        if ref.get("type") == "update_display" and display_id in by_id:
+            position = by_id[display_id]
+            folded[position] = {**folded[position], "data": ref["data"], "metadata": ref.get("metadata", {})}
+            continue
+        if ref.get("type") == "update_display":
+            ref = {**ref, "type": "display"}
+        if display_id:
+            by_id.setdefault(display_id, len(folded))
+        folded.append(ref)
+    return folded
 
 
 def load_outputs(objects: Any, refs: Sequence[dict]) -> list[dict]:
@@ -188,7 +215,7 @@ def load_outputs(objects: Any, refs: Sequence[dict]) -> list[dict]:
     A payload whose object is missing (a pruned or damaged store) becomes a
     note in ``text/plain`` instead of failing the whole read.
     """
-    return [_load_one(objects, ref) for ref in refs]
+    return [_load_one(objects, ref) for ref in fold_updates(refs)]
 
 
 def _load_one(objects: Any, ref: dict) -> dict:
@@ -215,7 +242,7 @@ def describe_outputs(objects: Any, refs: Sequence[dict]) -> list[str]:
     """Text lines for ``dump --outputs``: each output's text/plain form and the
     paths of its stored payloads (images), without loading the images."""
     lines: list[str] = []
-    for number, ref in enumerate(refs, 1):
+    for number, ref in enumerate(fold_updates(refs), 1):
         label = "Out" if ref.get("type") == "execute_result" else "display"
         lines.append(f"[{number}] {label}")
         data = ref.get("data", {})
