@@ -206,11 +206,14 @@ def test_check_graph_keeps_the_show_keys():
 
 
 # -- the fallback without a widget front end -------------------------------------------
-def test_mimebundle_has_widget_text_and_svg():
+def test_mimebundle_has_widget_text_and_svg(monkeypatch):
+    monkeypatch.setenv("FLOWMAGIC_WIDGETS", "on")
     view = DagView(movie_graph(), {"start": {"state": "done", "duration": 0.4},
                                    "compute": {"state": "running", "done": 3, "total": 10, "failed": 1}})
+    assert view._viz is None  # Graphviz goes to the front end only with a view
     data, _ = view._repr_mimebundle_()
     assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == view.model_id
+    assert view._viz is not None and len(view._viz.source) > 100_000
     text = data["text/plain"]
     assert "MovieFlow" in text
     assert re.search(r"start\s+done · 0.4 s\s+-> split \[movies\]", text)
@@ -221,6 +224,22 @@ def test_mimebundle_has_widget_text_and_svg():
         assert svg.startswith("<svg")
         for name in ("start", "split", "compute", "join", "movies", "params"):
             assert f">{name}<" in svg or f">{name} <" in svg or name in svg
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"FLOWMAGIC_WIDGETS": "on"}, True),
+    ({"FLOWMAGIC_WIDGETS": "off", "JPY_SESSION_NAME": "nb.ipynb"}, False),
+    ({"JPY_SESSION_NAME": "nb.ipynb"}, True),   # a kernel started by JupyterLab / Notebook 7
+    ({}, False),                                 # nbconvert, papermill, a terminal
+])
+def test_the_widget_view_is_sent_only_where_a_widget_front_end_is_expected(monkeypatch, env, expected):
+    for name in ("FLOWMAGIC_WIDGETS", "JPY_SESSION_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    data, _ = DagView(movie_graph())._repr_mimebundle_()
+    assert ("application/vnd.jupyter.widget-view+json" in data) is expected
+    assert "MovieFlow" in data["text/plain"]
 
 
 def test_static_svgs_have_ids_unique_across_renderings():

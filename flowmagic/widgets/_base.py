@@ -2,6 +2,8 @@
 mimebundle that still shows something where widgets cannot run."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,35 @@ def viz_asset() -> VizAsset:
     return _viz_asset
 
 
+def widget_frontend_expected() -> bool:
+    """Whether the kernel's client can show widgets (else only SVG and text are sent).
+
+    A notebook executed by nbconvert/nbclient/papermill keeps every output
+    and is viewed later where no kernel runs the widget (HTML export,
+    GitHub): there the static SVG is the right output, and nbconvert would
+    pick the widget over it. Kernels started by a Jupyter server
+    (JupyterLab, Notebook 7) have ``JPY_SESSION_NAME``; VS Code and Colab
+    are recognised too. ``FLOWMAGIC_WIDGETS=on|off`` overrides the guess.
+    """
+    setting = os.environ.get("FLOWMAGIC_WIDGETS", "auto").strip().lower()
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if os.environ.get("JPY_SESSION_NAME") or "google.colab" in sys.modules:
+        return True
+    shell = _ipython()
+    return shell is not None and "__vsc_ipynb_file__" in getattr(shell, "user_ns", {})
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
 class FlowmagicWidget(anywidget.AnyWidget):
     """Base of the DAG view, the inspector and the run view.
 
@@ -54,15 +85,22 @@ class FlowmagicWidget(anywidget.AnyWidget):
     def fallback_svg(self) -> str | None:
         return None
 
+    def _before_widget_display(self) -> None:
+        """Hook: runs before the widget view is sent (e.g. to attach assets)."""
+
     def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The widget for front ends that have one; SVG and text for the rest.
 
         JupyterLab picks the widget view; nbconvert, terminals and GitHub
-        pick the SVG or the text.
+        pick the SVG or the text (see :func:`widget_frontend_expected`).
         """
-        parent = super()._repr_mimebundle_(**kwargs) or ({}, {})
-        data, metadata = parent if isinstance(parent, tuple) else (parent, {})
-        data = dict(data)
+        data: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        if widget_frontend_expected():
+            self._before_widget_display()
+            parent = super()._repr_mimebundle_(**kwargs) or ({}, {})
+            data, metadata = parent if isinstance(parent, tuple) else (parent, {})
+            data = dict(data)
         data["text/plain"] = self.fallback_text()
         svg = self.fallback_svg()
         if svg:

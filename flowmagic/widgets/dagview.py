@@ -56,7 +56,7 @@ class DagMixin(traitlets.HasTraits):
     def _init_dag(self, graph_json: Mapping[str, Any], states: Mapping[str, Mapping] | None,
                   run_id: int | None, interval: float) -> None:
         self._live_lock = threading.RLock()
-        self._viz = viz_asset()
+        self.on_msg(self._on_front_end_message)
         self.graph = check_graph(graph_json)
         self._live = StepStates(s["name"] for s in self.graph["steps"])
         for name, record in normalise_states(states or {}).items():
@@ -121,6 +121,16 @@ class DagMixin(traitlets.HasTraits):
         return self._throttle.pushes
 
     # -- showing it ---------------------------------------------------------
+    def _on_front_end_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        if isinstance(content, dict) and content.get("type") == "need-viz":
+            self._before_widget_display()
+
+    def _before_widget_display(self) -> None:
+        # Graphviz goes to the front end only when a view will draw it (its
+        # trait message precedes the display message on the same channel).
+        if self._viz is None or self._viz.comm is None:
+            self._viz = viz_asset()
+
     def display(self) -> Any:
         """Display the view (a display id is kept, so :meth:`finish` can refresh the fallback)."""
         from IPython.display import display

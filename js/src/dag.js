@@ -4,7 +4,7 @@
 // model's traits (graph, states, run, selected_step): a re-rendered cell or
 // a reloaded page shows the same picture.
 import { buildDot } from "./dot.js";
-import { getViz } from "./viz.js";
+import { getViz, hasVizAsset } from "./viz.js";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const TERMINAL = new Set(["done", "failed", "caught", "cloned", "cached"]);
@@ -307,6 +307,13 @@ export function renderDag(model, el) {
       return;
     }
     const ids = buildDot(graph, uid);
+    if (!hasVizAsset(model)) {
+      // Python attaches Graphviz when it displays the view; a view shown some
+      // other way (inside a container) asks for it.
+      canvas.textContent = "Loading the graph layout…";
+      model.send({ type: "need-viz" });
+      return;
+    }
     let svg;
     try {
       const viz = await getViz(model);
@@ -347,6 +354,7 @@ export function renderDag(model, el) {
   const onRun = () => renderHeader(header, model);
   const onSelected = () => applySelection();
   model.on("change:graph", onGraph);
+  model.on("change:_viz", onGraph);
   model.on("change:states", onStates);
   model.on("change:run", onRun);
   model.on("change:selected_step", onSelected);
@@ -357,6 +365,7 @@ export function renderDag(model, el) {
   return () => {
     clearInterval(ticker);
     model.off("change:graph", onGraph);
+    model.off("change:_viz", onGraph);
     model.off("change:states", onStates);
     model.off("change:run", onRun);
     model.off("change:selected_step", onSelected);

@@ -30,6 +30,10 @@ async function loadViz(model) {
   return module.instance();
 }
 
+export function hasVizAsset(model) {
+  return Boolean(globalThis[KEY]) || String(model.get("_viz") || "").startsWith(REF_PREFIX);
+}
+
 export function getViz(model) {
   if (!globalThis[KEY]) {
     const pending = loadViz(model);
