@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flowmagic.errors import FlowmagicError, UsageError
+from flowmagic import cli_env as _env_command
 from flowmagic.export import command as _export_command
 
 EXIT_OK = 0
@@ -59,6 +60,8 @@ COMMANDS: list[Subcommand] = [
                _configure_show, _run_show),
     Subcommand("export", "write the notebook's flow as a Metaflow FlowSpec script",
                _export_command.configure, _export_command.run),
+    Subcommand("env", "list or prune the cached --pypi/--conda step environments",
+               _env_command.configure, _env_command.run),
 ]
 
 

@@ -380,21 +380,30 @@ def test_prune_leaves_an_environment_being_built_alone(two_runs, pandas_env):
     assert (store / "envs" / pandas_env.key / "bin" / "python").exists()
 
 
-def test_list_and_prune(two_runs, pandas_env):
+def test_list_and_prune_from_the_console(two_runs, pandas_env):
+    from runtime_helpers import flowmagic, flowmagic_json
+
     store = two_runs[0]
+    env_path = store / "envs" / pandas_env.key
     abandoned = store / "envs" / f".build-{pandas_env.key}-deadbeef"   # left by a killed build
     abandoned.mkdir()
     listed = list_environments(store)
     assert [e.key for e in listed] == [pandas_env.key]
     assert listed[0].requested == (PANDAS_PIN,) and PANDAS_PIN in listed[0].packages
     assert listed[0].size > 1_000_000
+    document = flowmagic_json("env", "list", store=store)
+    assert [e["key"] for e in document["environments"]] == [pandas_env.key]
+    assert document["environments"][0]["requested"] == [PANDAS_PIN]
+    text = flowmagic("env", "list", store=store).stdout
+    assert pandas_env.key in text and f'--pypi "{PANDAS_PIN}"' in text
 
-    assert prune_environments(store, unused_for_days=1) == [abandoned]
+    assert flowmagic_json("env", "prune", "--unused-days", "1", store=store)["removed"] == [str(abandoned)]
     assert [e.key for e in list_environments(store)] == [pandas_env.key]   # used just now: kept
 
-    assert prune_environments(store) == [store / "envs" / pandas_env.key]
+    assert flowmagic_json("env", "prune", store=store)["removed"] == [str(env_path)]
     assert list_environments(store) == [] and _env_dirs(store) == []
     assert not list((store / "envs" / "requests").iterdir())   # the next use resolves and builds anew
+    assert "no environments" in flowmagic("env", "list", store=store).stdout
 
 
 # ----------------------------------------------------------------- in a notebook (real kernels)

@@ -130,7 +130,7 @@ class EnvSpec:
     def request_key(self) -> str:
         """Hash of the request itself: used to find an already resolved environment."""
         return _digest({"kind": self.kind, "requirements": sorted(self.requirements()),
-                        "python": self.python, "interpreter": self.interpreter})
+                        "python": self.python, "interpreter": self.interpreter, "layout": _RECORD_VERSION})
 
     def describe(self) -> str:
         return f"--{self.kind} \"{' '.join(self.packages)}\""
