@@ -113,6 +113,7 @@ class LivePrinter:
         self.on_state = on_state
         self._lock = threading.Lock()
         self._partial: dict[tuple, tuple[str, str]] = {}   # (task, stream) -> (prefix, text)
+        self.result: dict | None = None    # a lone step's last value, kept for take_result()
 
     def __call__(self, event: Any) -> None:
         with self._lock:
@@ -159,15 +160,21 @@ class LivePrinter:
         self._stream(stream).write(f"{self.label(event)}{text}\n")
 
     def _display(self, event: Any) -> None:
-        from IPython.display import display
-
-        bundle = event.data or {}
-        data = bundle.get("data", bundle) if isinstance(bundle, dict) else bundle
-        metadata = bundle.get("metadata", {}) if isinstance(bundle, dict) and "data" in bundle else {}
+        """One output of a task: ``{"type", "data", "metadata", "transient"}``."""
+        output = event.data or {}
+        kind = output.get("type", "display")
+        if kind == "execute_result" and not self.label_tasks:
+            # A lone step's last value becomes the cell's own Out[n] when it ends.
+            self.result = output
+            return
         if self.label_tasks:
             sys.stdout.write(f"{self.label(event).strip()}\n")
-        sys.stdout.flush()
-        display(data, raw=True, metadata=metadata)
+        _show_output(output)
+
+    def take_result(self) -> Any:
+        """The step's last value as the cell's result (displayed as Out[n])."""
+        output, self.result = self.result, None
+        return None if output is None else CellResult(output)
 
     def close(self) -> None:
         """Flush lines that did not end with a newline."""
@@ -177,3 +184,31 @@ class LivePrinter:
             self._partial.clear()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _show_output(output: dict) -> None:
+    from IPython.display import display
+
+    sys.stdout.flush()
+    data = output.get("data", {})
+    metadata = output.get("metadata") or {}
+    display_id = (output.get("transient") or {}).get("display_id")
+    if output.get("type") == "update_display" and display_id:
+        display(data, raw=True, metadata=metadata, display_id=display_id, update=True)
+    elif display_id:
+        display(data, raw=True, metadata=metadata, display_id=display_id)
+    else:
+        display(data, raw=True, metadata=metadata)
+
+
+class CellResult:
+    """A step's last value, shown as the cell's Out[n] with its stored mimebundle."""
+
+    def __init__(self, output: dict) -> None:
+        self.output = output
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self.output.get("data", {}), self.output.get("metadata") or {}
+
+    def __repr__(self) -> str:
+        return str(self.output.get("data", {}).get("text/plain", "<step result>"))

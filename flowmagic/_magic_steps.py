@@ -55,7 +55,7 @@ def define_params(magics: FlowMagics, line: str, cell: str) -> None:
 
 
 # -- %%step -------------------------------------------------------------------
-def run_step_cell(magics: FlowMagics, line: str, cell: str) -> None:
+def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
     defined = record_cell(magics, "%%step", line, cell)
     from flowmagic.runtime import scheduler
 
@@ -86,12 +86,16 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> None:
     printer.close()
     state = _OK_STATES.get(result.status, "failed")
     stale = _settle(magics, graph, session, step, state)
+    value = printer.take_result()
     if state == "failed":
+        if value is not None:
+            views.show_output(value)
         record = _relabel_traceback(magics, result.exception)
         raise step_failure(step, record, _failure_note(magics, step, session))
     _bind_outputs(magics, store, result)
     if stale:
         print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
+    return value
 
 
 def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:

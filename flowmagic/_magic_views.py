@@ -22,6 +22,12 @@ def _quietly(action: Callable[[], Any], default: Any = None) -> Any:
         return default
 
 
+def show_output(value: Any) -> None:
+    from IPython.display import display
+
+    display(value)
+
+
 def session_states(magics: FlowMagics) -> dict[str, dict]:
     """The session run's step states, as the DAG view draws them."""
     session = magics.session

@@ -206,7 +206,8 @@ def test_parameter_flow_fails_in_its_cell_then_fixed_cell_and_resume_succeed(tmp
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     folder = tmp_path_factory.mktemp("magics-kernel")
-    live = LiveKernel(folder, kernel_env(folder / "store"))
+    # FLOWMAGIC_WIDGETS=on: this kernel stands for a JupyterLab one (widget views sent)
+    live = LiveKernel(folder, kernel_env(folder / "store", FLOWMAGIC_WIDGETS="on"))
     live.store_root = folder / "store"
     live.ok("%load_ext flowmagic")
     try:
@@ -274,6 +275,56 @@ def test_reading_commands_mirror_the_console(kernel, tmp_path):
     assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"]}]
     failing = kernel.execute("%flow dump 999")
     assert failing.status == "error" and "999" in failing.error_text and "Traceback" not in failing.error_text
+
+
+def test_rich_output_reaches_the_cell_and_foreach_tasks_are_labelled(kernel):
+    fresh_flow(kernel, "Rich")
+    execution = kernel.ok(textwrap.dedent("""\
+        %%step table
+        import pandas as pd
+        from IPython.display import display
+        display(pd.DataFrame({"a": [1, 2]}))
+        41 + 1
+        """))
+    assert any("<table" in b.get("text/html", "") for b in execution.displays())
+    assert execution.result == {"text/plain": "42"}              # the cell's own Out[n], as in a plain cell
+    kernel.ok("%%step items\nitems = [1, 2, 3]")
+    execution = kernel.ok("%%step square --foreach items\nsq = input * input\nprint('squared', sq)")
+    assert sorted(line.split("] ", 1)[0] + "]" for line in execution.stdout.splitlines()) == [
+        "[square/0]", "[square/1]", "[square/2]"]
+    assert kernel.value("sq") == [1, 4, 9]                       # the gathered list, in item order
+
+
+def test_the_view_of_flow_show_follows_the_session_run(kernel):
+    fresh_flow(kernel, "Viewed")
+    kernel.ok("%%step a\nx = 1")
+    kernel.ok("%%step b\ny = x + 1")
+    kernel.ok("%flow show")
+    states = "{k: v['state'] for k, v in get_ipython()._flowmagic.view.states.items()}"
+    assert kernel.value(states) == {"a": "done", "b": "done"}
+    kernel.ok("%%step a\nx = 5")
+    assert kernel.value(states) == {"a": "done", "b": "stale"}
+    kernel.ok("%%step b\ny = x + 1")
+    assert kernel.value(states) == {"a": "done", "b": "done"}
+
+
+def test_the_extension_loads_from_the_kernel_config(tmp_path):
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tmp_path), env=kernel_env(tmp_path / "store"),
+                    extra_arguments=["--InteractiveShellApp.extensions=flowmagic"])
+    kernel = LiveKernel.__new__(LiveKernel)
+    kernel.cwd, kernel.km = tmp_path, km
+    kernel.kc = km.client()
+    kernel.kc.start_channels()
+    kernel.kc.wait_for_ready(timeout=60)
+    try:
+        kernel.ok("import math")
+        kernel.ok("%%step start\nroot = math.sqrt(16)")
+        assert kernel.value("root") == 4.0
+    finally:
+        kernel.shutdown()
 
 
 def test_a_step_whose_producer_has_not_run_names_it(kernel):
