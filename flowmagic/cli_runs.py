@@ -66,6 +66,8 @@ def _run_options(graph, command: str, notebook: str) -> argparse.ArgumentParser:
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the run (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON document; logs go to stderr")
     if command == "run":
+        parser.add_argument("--cache", action="store_true",
+                            help="reuse identical earlier tasks of every step (as `%%%%step NAME --cache` does for one)")
         group = parser.add_argument_group("parameters of the flow")
         for p in graph.params:
             default = p.default if not isinstance(p.default, float) else _number(p.default)
@@ -90,7 +92,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
     return _drive(args, opts, graph, lambda on_event: run_flow(
         graph, store, params=params, tags=opts.tag, max_workers=opts.max_workers, on_event=on_event,
-        workdir=_workdir(args.notebook)))
+        cache=opts.cache, workdir=_workdir(args.notebook)))
 
 
 def _run_resume(args: argparse.Namespace) -> int:

@@ -136,11 +136,11 @@ class RunPrinter:
     def _task(self, event) -> None:
         counts = self._counts.setdefault(event.step, [0, 0])
         state = event.state
-        if state in ("pending", "cloned"):
+        if state in ("pending", "cloned", "cached"):
             counts[1] += 1
-        if state == "cloned":
+        if state in ("cloned", "cached"):
             counts[0] += 1
-            self._step_done_maybe(event.step, cloned=True)
+            self._step_done_maybe(event.step, reused=state)
         elif state == "running" and event.step not in self._started:
             self._started[event.step] = event.time
             total = counts[1]
@@ -157,12 +157,13 @@ class RunPrinter:
             counts[0] += 1
             self._step_done_maybe(event.step)
 
-    def _step_done_maybe(self, step: str, cloned: bool = False) -> None:
+    def _step_done_maybe(self, step: str, reused: str | None = None) -> None:
         done, total = self._counts[step]
         if done != total:
             return
-        if cloned:
-            self.out.write(f"Step {step} cloned from the origin run\n")
+        if reused:
+            how = "cloned from the origin run" if reused == "cloned" else "cached (identical earlier task)"
+            self.out.write(f"Step {step} {how}\n")
             return
         started = self._started.get(step)
         took = f" in {_seconds(time.time() - started)}" if started else ""
@@ -193,6 +194,7 @@ def render_run_summary(result, notebook: str | None = None) -> str:
     """The lines printed when a run ends: status, id, time, failures, how to resume."""
     lines = [f"Run {result.flow}/{result.run_id} {result.status} in {_seconds(result.duration)} "
              f"({result.tasks} tasks run, {result.cloned} cloned"
+             + (f", {result.cached} cached" if getattr(result, "cached", 0) else "")
              + (f", resumed from run {result.origin_run_id}" if result.origin_run_id else "") + ")"]
     for step, line in result.failed:
         lines.append(f"  step {step} failed: {line}")

@@ -133,3 +133,33 @@ def test_resume_from_a_step_reruns_it_and_downstream_only(store, tmp_path):
     assert states == {"a": "cloned", "b": "done", "c": "done", "side": "cloned"}
     with pytest.raises(UsageError, match="no step 'nope'"):
         resume_flow(graph, store, from_step="nope")
+
+
+def test_step_cache_reuses_identical_tasks_only(store, tmp_path):
+    cells = ["%%params\nk = 1  # factor",
+             "%%step start\nitems = [1, 2, 3]",
+             "%%step square --foreach items --cache\nsq = input * input * k",
+             "%%step end\ntotal = sum(sq)"]
+    graph = build_flow(cells, name="Cached")
+    first = run_flow(graph, store, workdir=str(tmp_path))
+    second = run_flow(graph, store, workdir=str(tmp_path))
+    assert second.cached == 3 and second.status == "succeeded"
+    states = [t.state for t in store.meta.tasks("Cached", second.run_id, "square")]
+    assert states == ["cached"] * 3
+    [end] = store.meta.tasks("Cached", second.run_id, "end")
+    assert [values(store, r) for r in store.meta.artifacts(end.task_id)] == [14]
+    # Different inputs, a different parameter value or different code: executed again.
+    changed = build_flow(cells[:1] + ["%%step start\nitems = [1, 2, 4]"] + cells[2:], name="Cached")
+    third = run_flow(changed, store, workdir=str(tmp_path))
+    assert third.cached == 0 and third.status == "succeeded"  # the list it iterates over changed
+    assert run_flow(graph, store, params={"k": 2}, workdir=str(tmp_path)).cached == 0
+    recoded = build_flow(cells[:2] + ["%%step square --foreach items --cache\nsq = input * k"] + cells[3:],
+                         name="Cached")
+    assert run_flow(recoded, store, workdir=str(tmp_path)).cached == 0
+    # Without --cache on the step, only cache=True reuses.
+    plain = build_flow(cells[:2] + ["%%step square --foreach items\nsq = input * input * k"] + cells[3:],
+                       name="Plain")
+    run_flow(plain, store, workdir=str(tmp_path))
+    assert run_flow(plain, store, workdir=str(tmp_path)).cached == 0
+    assert run_flow(plain, store, cache=True, workdir=str(tmp_path)).cached == 5
+    assert first.cached == 0

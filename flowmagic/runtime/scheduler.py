@@ -22,6 +22,7 @@ from flowmagic.errors import RunError, UsageError
 from flowmagic.runtime import inputs as plan
 from flowmagic.runtime import environments
 from flowmagic.runtime.attempt import AttemptExit, run_attempt
+from flowmagic.runtime.cache import cache_enabled, find_cached
 from flowmagic.runtime.events import Event, EventHandler, emit_to
 from flowmagic.runtime.forkserver import ForkServer, ForkServerDied, get_server
 from flowmagic.runtime.inputs import TaskInfo
@@ -45,6 +46,7 @@ class RunResult:
     duration: float = 0.0
     tasks: int = 0                   # tasks executed (not cloned)
     cloned: int = 0
+    cached: int = 0                  # tasks reused by the step cache
 
     def to_json(self) -> dict:
         return {"flow": self.flow, "run_id": self.run_id, "status": self.status,
@@ -72,7 +74,7 @@ def run_flow(graph, store, *, params: dict | None = None, tags=(), max_workers: 
     run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
                                 graph=graph.to_json())
     engine = _Engine(graph, store, run_id, values, targets=set(graph.topological_order()), known={},
-                     max_workers=max_workers, on_event=on_event, workdir=workdir)
+                     max_workers=max_workers, on_event=on_event, workdir=workdir, cache=cache)
     return engine.run_to_end(origin_run_id=None)
 
 
@@ -252,7 +254,8 @@ def _last_line(exception: dict | None) -> str:
 
 class _Engine:
     def __init__(self, graph, store, run_id: int, params: dict, *, targets: set[str],
-                 known: dict[str, list[TaskInfo]], max_workers: int | None, on_event, workdir) -> None:
+                 known: dict[str, list[TaskInfo]], max_workers: int | None, on_event, workdir,
+                 cache: bool = False) -> None:
         self.graph, self.store, self.run_id, self.params = graph, store, run_id, params
         self.flow = graph.name
         self.meta = store.meta
@@ -273,6 +276,8 @@ class _Engine:
         self.outputs: dict[str, list[dict]] = {}
         self.executed = 0
         self.cloned = 0
+        self.cached = 0
+        self.cache = cache
         self.started = time.time()
         self._servers: dict[str, ForkServer] = {}
 
@@ -281,7 +286,7 @@ class _Engine:
         self.emit(Event("run", self.run_id, state="running", data={"flow": self.flow}))
         status = self.run_tasks(finish_run=True)
         return RunResult(self.flow, self.run_id, status, origin_run_id, self.failed,
-                         time.time() - self.started, self.executed, self.cloned)
+                         time.time() - self.started, self.executed, self.cloned, self.cached)
 
     def run_tasks(self, *, finish_run: bool) -> str:
         try:
@@ -355,14 +360,26 @@ class _Engine:
                     return
                 indices = plan.foreach_indices(var, producer, self.tasks[producer])
         self.step_state[name] = "running"
+        use_cache = cache_enabled(spec, self.cache)
         for index, item in indices:
+            cached = find_cached(self, name, index) if use_cache else None
+            if cached is not None:
+                info = self._cached_task(cached)
+                self.tasks[name].append(info)
+                self.emit(Event("task", self.run_id, step=name, task_id=info.task_id, index=index, state="cached"))
+                continue
             task_id = self.meta.new_task(self.flow, self.run_id, name, index=index or None, item=item)
             info = TaskInfo(task_id, name, index)
             self.tasks[name].append(info)
             self.ready.append((info, 0))
             self.emit(Event("task", self.run_id, step=name, task_id=task_id, index=index, state="pending"))
-        if not indices:  # an empty foreach: nothing to do, the join gets empty lists
+        if all(t.finished_ok for t in self.tasks[name]):  # empty foreach, or all cached
             self._step_finished(name)
+
+    def _cached_task(self, origin_task_id: int) -> TaskInfo:
+        new_id = self.meta.clone_task(origin_task_id, self.run_id, state="cached")
+        self.cached += 1
+        return _known_task(self.graph, self.store, self.meta.get_task(new_id))
 
     def _launch(self) -> None:
         while self.ready and len(self.running) < self.max_workers and not self.stopping:
