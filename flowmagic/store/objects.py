@@ -14,6 +14,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -26,6 +27,7 @@ KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _SHARD = 2
 # Big writes go straight to the file; the hash is fed the same memoryview.
 _COPY_CHUNK = 64 * 1024 * 1024
+_PARALLEL_HASH_MIN = 8 * 1024 * 1024
 
 
 def hash_bytes(data: bytes | memoryview) -> str:
@@ -47,13 +49,27 @@ class _HashingWriter(io.RawIOBase):
 
     def write(self, data) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        written = 0
-        while written < len(view):  # os-level writes may be short for huge buffers
-            n = self._raw.write(view[written:written + _COPY_CHUNK])
-            written += n if n is not None else len(view[written:written + _COPY_CHUNK])
+        if len(view) < _PARALLEL_HASH_MIN:
+            self._hash.update(view)
+            self._write_all(view)
+        else:
+            # hash while the kernel copies: os.write releases the GIL, so the
+            # hash costs (almost) no extra time on big buffers
+            hasher = threading.Thread(target=self._hash.update, args=(view,))
+            hasher.start()
+            try:
+                self._write_all(view)
+            finally:
+                hasher.join()
         self.size += len(view)
         return len(view)
+
+    def _write_all(self, view: memoryview) -> None:
+        written = 0
+        while written < len(view):  # os-level writes may be short for huge buffers
+            chunk = view[written:written + _COPY_CHUNK]
+            n = self._raw.write(chunk)
+            written += n if n is not None else len(chunk)
 
     def tell(self) -> int:
         return self.size
