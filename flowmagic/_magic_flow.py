@@ -100,7 +100,7 @@ def _console_run_parser(graph: Any, command: str) -> argparse.ArgumentParser:
 
     parser = _run_options(graph, command, "")
     parser.prog = f"%flow {command}"
-    if command == "run":
+    if command == "run" and "--cache" not in parser._option_string_actions:
         parser.add_argument("--cache", action="store_true",
                             help="reuse a matching succeeded task instead of running a step again")
     return parser
