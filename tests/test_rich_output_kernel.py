@@ -64,7 +64,11 @@ def stdout(outputs: list) -> str:
 
 def test_a_steps_display_value_and_figure_reach_its_cell(executed):
     cells, _ = executed
-    table, value, figure = rich(cells["start"])
+    outputs = rich(cells["start"])
+    assert len(outputs) == 3
+    (table,) = [o for o in outputs if "text/html" in o]
+    (value,) = [o for o in outputs if o.get("text/plain") == "900"]
+    (figure,) = [o for o in outputs if "image/png" in o]
     assert "<table" in table["text/html"] and "Oslo" in table["text/html"]
     assert value == {"text/plain": "900"}
     assert base64.b64decode(figure["image/png"]).startswith(b"\x89PNG")
