@@ -152,7 +152,9 @@ def _summary(result: Any) -> str:
 
     render = getattr(report, "render_run_summary", None)
     if render is not None:
-        return render(result).rstrip("\n")
+        # its resume hint is the console's; the error below gives the notebook's
+        lines = render(result).rstrip("\n").splitlines()
+        return "\n".join(ln for ln in lines if "flowmagic resume" not in ln)
     counts = f"{result.tasks} tasks" + (f", {result.cloned} cloned" if result.cloned else "")
     lines = [f"run {result.flow}/{result.run_id} {result.status} in {result.duration:.1f} s ({counts})"]
     lines += [f"  step '{step}': {line}" for step, line in result.failed]

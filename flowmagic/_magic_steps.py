@@ -103,8 +103,11 @@ def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, stat
     stale = session.record(graph, step, state)
     status = session.status(graph)
     # The session run's status follows the steps executed so far: failed or
-    # interrupted at once; succeeded when every step of the flow has run.
-    magics.store().meta.finish_run(graph.name, session.run_id, status)
+    # interrupted at once; succeeded when every step of the flow has run;
+    # running again when a failed step was fixed and others are still to run.
+    if status != session.recorded:
+        magics.store().meta.finish_run(graph.name, session.run_id, status)
+        session.recorded = status
     views.refresh_view(magics, graph)
     return stale
 

@@ -247,6 +247,7 @@ class SessionRun:
     root: Path
     run_id: int | None = None
     states: dict[str, str] = field(default_factory=dict)
+    recorded: str = "running"     # the status last written to the store
 
     def missing_producers(self, graph: FlowGraph, step: str) -> list[str]:
         """Parent steps of ``step`` whose outputs this run does not have."""
