@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from flowmagic.errors import FlowDefinitionError, FlowmagicError
+from flowmagic.errors import FlowDefinitionError
 from flowmagic.session import (KernelFlowDefinition, SessionRun, notebook_path,
                                store_root_for)
 from flowmagic import _magic_output as output
