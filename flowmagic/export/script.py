@@ -294,7 +294,8 @@ def _transition(node: MfStep) -> str:
         return ""
     targets = ", ".join(f"self.{n}" for n in node.next)
     if node.foreach:
-        return f"self.next({targets}, foreach={node.foreach!r})"
+        return (f"# Metaflow refuses an empty {node.foreach} (\"zero splits\"); the notebook's join "
+                f"would get empty lists.\nself.next({targets}, foreach={node.foreach!r})")
     return f"self.next({targets})"
 
 
