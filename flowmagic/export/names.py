@@ -2,9 +2,10 @@
 
 A step's reads from other steps and from parameters, and its writes, become
 ``self.<name>``. Names only bound by a loop, a ``with``, an ``except``, an
-import or a def, that no other step reads, stay locals of the step method:
-they are throwaway names (a loop index over ``inputs``, an open file, a module),
-and some of them are values Metaflow cannot pickle.
+import, a def or a lambda, that no other step reads, stay locals of the step
+method: they are throwaway names (a loop index over ``inputs``, an open file,
+a module), and some of them are values Metaflow cannot pickle. A function or
+module that a later step does read is an error: Metaflow cannot pass it.
 """
 from __future__ import annotations
 
