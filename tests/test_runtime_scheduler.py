@@ -163,3 +163,16 @@ def test_step_cache_reuses_identical_tasks_only(store, tmp_path):
     assert run_flow(plain, store, workdir=str(tmp_path)).cached == 0
     assert run_flow(plain, store, cache=True, workdir=str(tmp_path)).cached == 5
     assert first.cached == 0
+
+
+def test_catch_records_a_crashed_process_and_the_run_goes_on(store, tmp_path):
+    graph = build_flow(["%%step start\nitems = [0, 1]",
+                        "%%step risky --foreach items --catch err\nimport os\nv = input\nif v == 0:\n    os._exit(3)",
+                        "%%step end\nerrors = [e['type'] if e else None for e in err]\nvs = v"], name="CrashCatch")
+    result = run_flow(graph, store, workdir=str(tmp_path))
+    assert result.status == "succeeded"
+    states = [t.state for t in sorted(store.meta.tasks("CrashCatch", result.run_id, "risky"), key=lambda t: t.index)]
+    assert states == ["caught", "done"]
+    [end] = store.meta.tasks("CrashCatch", result.run_id, "end")
+    got = {r.name: values(store, r) for r in store.meta.artifacts(end.task_id)}
+    assert got == {"errors": ["ProcessExited", None], "vs": [None, 1]}
