@@ -105,6 +105,29 @@ def test_explicit_state_holds_until_the_next_task_event():
     assert live.snapshot()["join"]["state"] == "running"
 
 
+def test_a_bare_agreeing_state_keeps_the_detail_of_the_task_events():
+    live = StepStates(["compute"])
+    live.apply(task("compute", "running", task_id=1, t=10.0))
+    live.apply(task("compute", "caught", task_id=1, t=11.0))
+    live.set("compute", {"state": "done"})      # what the session knows: the step succeeded
+    assert live.snapshot()["compute"]["state"] == "caught"
+    assert live.snapshot()["compute"]["duration"] == 1.0
+    live.set("compute", {"state": "stale"})     # a different story wins
+    assert live.snapshot()["compute"]["state"] == "stale"
+
+
+def test_a_step_executed_again_starts_from_fresh_tasks():
+    live = StepStates(["compute"])
+    live.apply(task("compute", "running", task_id=1))
+    live.apply(task("compute", "failed", task_id=1))
+    live.set("compute", {"state": "running"})           # the cell was fixed and runs again
+    assert live.snapshot()["compute"]["state"] == "running"
+    live.apply(task("compute", "running", task_id=2))
+    live.apply(task("compute", "done", task_id=2))
+    record = live.snapshot()["compute"]
+    assert (record["state"], record["total"], record["failed"]) == ("done", 1, 0)
+
+
 def test_run_events_set_the_run_record_and_other_events_change_nothing():
     live = StepStates(["start"])
     assert live.apply(Event("run", run_id=3, state="running"))

@@ -80,18 +80,25 @@ class DagMixin(traitlets.HasTraits):
             self._throttle.request()
 
     def set_states(self, states: Mapping[str, Mapping[str, Any]], *, replace: bool = False) -> None:
-        """Show these records (``{step: {"state", ...}}``), e.g. ``stale`` steps; immediate."""
+        """Show these records (``{step: {"state", ...}}``), e.g. ``stale`` steps; immediate.
+
+        With ``replace``, steps not given go back to pending. A bare
+        ``{"state": "done"}`` for a step whose task events said ``caught``
+        keeps the richer record (see :meth:`StepStates.set`).
+        """
         with self._live_lock:
-            if replace:
-                self._live.reset(s["name"] for s in self.graph["steps"])
-            for name, record in normalise_states(states).items():
-                self._live.set(name, record)
+            if replace:  # steps not given go back to pending
+                self._live.reset([s["name"] for s in self.graph["steps"] if s["name"] not in states],
+                                 keep_run=True)
+            for name, record in states.items():
+                self._live.set(str(name), record)
         self.flush()
 
     def set_graph(self, graph_json: Mapping[str, Any]) -> None:
         """The flow changed (a %%step cell was edited): keep the states of steps that remain."""
         graph = check_graph(graph_json)
         with self._live_lock:
+            self._live.keep_only(s["name"] for s in graph["steps"])
             self.graph = graph
             if self.selected_step and self.selected_step not in {s["name"] for s in graph["steps"]}:
                 self.selected_step = ""

@@ -87,15 +87,42 @@ class StepStates:
         return True
 
     def set(self, name: str, record: Mapping[str, Any]) -> None:
-        """Show ``record`` for a step until its next task event (e.g. stale)."""
-        step = self._steps.setdefault(name, _Step())
-        step.override = _normalise(record)
+        """Show ``record`` for a step until its next task event (e.g. stale).
 
-    def reset(self, steps: Iterable[str] | None = None) -> None:
-        """Forget every task: a new run starts (optionally with new steps)."""
+        A bare ``{"state": ...}`` that agrees with what the step's task
+        events already say (``done`` for a step seen ``caught``, say) keeps
+        the richer record built from those events: counts, duration, caught.
+        ``pending`` or ``running`` means the step starts again: the tasks of
+        its earlier execution are forgotten.
+        """
+        step = self._steps.setdefault(name, _Step())
+        given = _normalise(record)
+        bare = set(record) <= {"state"}
+        if given["state"] in ("pending", "running"):
+            # the step starts (again, for a %%step cell executed once more):
+            # the tasks of its earlier execution no longer describe it
+            step.tasks.clear()
+            step.expected = 0
+        elif bare and step.tasks and _outcome(self._record(_Step(step.tasks, step.expected))["state"]) \
+                == _outcome(given["state"]) is not None:
+            step.override = None
+            return
+        step.override = given
+
+    def reset(self, steps: Iterable[str] | None = None, *, keep_run: bool = False) -> None:
+        """Forget every task of ``steps`` (all by default): a new run starts."""
         names = list(steps) if steps is not None else list(self._steps)
-        self._steps = {name: _Step() for name in names}
-        self.run = {}
+        for name in names:
+            self._steps[name] = _Step()
+        if steps is None:
+            self._steps = {name: self._steps[name] for name in names}
+        if not keep_run:
+            self.run = {}
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Drop the steps that are no longer in the flow; add new ones as pending."""
+        wanted = list(names)
+        self._steps = {name: self._steps.get(name) or _Step() for name in wanted}
 
     def snapshot(self) -> dict[str, dict]:
         return {name: self._record(step) for name, step in self._steps.items()}
@@ -123,6 +150,15 @@ class StepStates:
                 if ends:
                     record["duration"] = round(max(ends) - min(starts), 3)
         return record
+
+
+def _outcome(state: str) -> str | None:
+    """Success or failure, for states that end a step; None for the others."""
+    if state in _OK or state == "caught":
+        return "ok"
+    if state in _BAD:
+        return "bad"
+    return None
 
 
 def _fold(tasks: list[_Task], total: int) -> str:
