@@ -56,6 +56,7 @@ class ParsedOptions:
     pypi: str | None = None
     conda: str | None = None
     cache: bool = False
+    memory: int | None = None   # MB a task may use (its process group's memory)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def _make_step_parser() -> _StrictParser:
     parser.add_argument("--pypi", default=None)
     parser.add_argument("--conda", default=None)
     parser.add_argument("--cache", action="store_true")
+    parser.add_argument("--memory", default=None)
     return parser
 
 
@@ -177,6 +179,7 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
         pypi=_check_spec("--pypi", ns.pypi, step, cell),
         conda=_check_spec("--conda", ns.conda, step, cell),
         cache=bool(ns.cache),
+        memory=_parse_memory(ns.memory, step, cell),
     )
 
 
@@ -218,6 +221,20 @@ def _parse_timeout(text: str | None, step: str, cell: int | None) -> float | Non
             f"bad value for --timeout: {text!r} (expected a positive number of seconds)",
             step=step, cell=cell)
     return seconds
+
+
+def _parse_memory(text: str | None, step: str, cell: int | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        megabytes = int(text)
+    except ValueError:
+        megabytes = 0
+    if megabytes <= 0:
+        raise FlowDefinitionError(
+            f"bad value for --memory: {text!r} (expected a whole number of megabytes, e.g. --memory 4000)",
+            step=step, cell=cell)
+    return megabytes
 
 
 def _check_variable(option: str, name: str | None, step: str, cell: int | None) -> str | None:

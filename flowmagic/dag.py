@@ -37,13 +37,14 @@ class StepOptions:
     pypi: str | None = None     # "pandas==2.2.3 pyarrow>=15"
     conda: str | None = None
     cache: bool = False
+    memory: int | None = None   # MB (Metaflow's @resources(memory=...)); None: runtime/memory.py default
 
     def as_dict(self) -> dict:
         """Only the options that are set (the JSON ``options`` object)."""
         result: dict[str, Any] = {}
         if self.retry:
             result["retry"] = self.retry
-        for key in ("timeout", "foreach", "catch", "pypi", "conda"):
+        for key in ("timeout", "foreach", "catch", "pypi", "conda", "memory"):
             value = getattr(self, key)
             if value is not None:
                 result[key] = value

@@ -17,7 +17,7 @@ from flowmagic.errors import FlowDefinitionError
 
 # Names the script imports from metaflow; the prelude must not redefine them.
 METAFLOW_NAMES = frozenset({"FlowSpec", "Parameter", "JSONType", "step", "retry", "catch", "timeout",
-                            "pypi", "conda"})
+                            "pypi", "conda", "resources"})
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,8 @@ def _decorators(spec: StepSpec) -> list[str]:
         found.append(f"@retry(times={options.retry})")
     if options.timeout:
         found.append(f"@timeout(seconds={max(1, math.ceil(options.timeout))})")
+    if options.memory:
+        found.append(f"@resources(memory={options.memory})")
     for kind in ("pypi", "conda"):
         spec_text = getattr(options, kind)
         if spec_text:

@@ -20,7 +20,7 @@ from typing import Any
 
 from flowmagic.errors import RunError, UsageError
 from flowmagic.runtime import inputs as plan
-from flowmagic.runtime import environments
+from flowmagic.runtime import environments, memory
 from flowmagic.runtime.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.cache import cache_enabled, find_cached
 from flowmagic.runtime.events import Event, EventHandler, emit_to
@@ -420,10 +420,12 @@ class _Engine:
         def on_message(message: dict) -> None:
             post(("message", info, attempt, message))
 
+        options = self.graph.step(info.step).options
+        watch = memory.MemoryWatch(info.step, options.memory)   # kills the group over its memory limit
         for tries in range(2):
             try:
                 result = run_attempt(server, spec, timeout=timeout, on_output=on_output,
-                                     on_message=on_message, cancel=self.cancel)
+                                     on_message=on_message, cancel=self.cancel, on_start=watch.start)
                 break
             except ForkServerDied:
                 if tries:
@@ -433,7 +435,7 @@ class _Engine:
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 result = _crashed(f"{type(exc).__name__}: {exc}")
                 break
-        post(("exit", info, attempt, result))
+        post(("exit", info, attempt, watch.verdict(result)))
 
     def _handle(self, message: tuple) -> None:
         kind, info, attempt = message[:3]
