@@ -8,8 +8,10 @@ mixed data frame, saved and loaded through
   - np.save / np.load, and df.to_parquet / pd.read_parquet,
   - Metaflow's local datastore (the real `metaflow` package: FlowDataStore +
     TaskDataStore with LocalStorage, as a task saves and a client loads).
-Each figure is the median of --repeat runs; every save goes to a fresh
-directory so content de-duplication never skips work. Loads read from the
+Each figure is the median of --repeat runs (at most 3 for Metaflow, whose
+saves take seconds); flowmagic and the file format alternate repetition by
+repetition, so a busy machine slows both alike; every save writes a new file,
+so content de-duplication never skips work. Loads read from the
 page cache for every contender alike. Targets (issue 4): save within 1.5x of
 np.save; memory-mapped array load under a tenth of np.load; both at least 3x
 faster than Metaflow's datastore.
@@ -75,39 +77,50 @@ class Scratch:
 
 
 # -- contenders --------------------------------------------------------------------
-def bench_flowmagic(value: Any, root: Path, repeat: int) -> dict:
-    scratch = Scratch(root, "flowmagic")
-    refs = {}
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
 
-    def save() -> None:
-        refs["ref"] = save_artifact(ObjectStore(scratch.current), "value", value)
 
-    save_s = median_time(save, repeat, scratch.fresh)
-    objects = ObjectStore(scratch.current)
-    ref = refs["ref"]
-    load_s = median_time(lambda: load_artifact(objects, ref), repeat)
-    load_touch_s = median_time(lambda: _touch(load_artifact(objects, ref)), repeat)
-    before = _disk(scratch.current)
+def bench_against_files(value: Any, root: Path, repeat: int, file_name: str,
+                        file_save: Callable[[Path], Any], file_loads: dict[str, Callable[[Path], Any]]
+                        ) -> tuple[dict, dict]:
+    """flowmagic and a file format, interleaved repetition by repetition so
+    both meet the same machine load; every save writes a new file."""
+    fm_dirs, file_dirs = Scratch(root, "flowmagic"), Scratch(root, "files")
+    times: dict[str, list[float]] = {}
+    ref = None
+    for _ in range(repeat):
+        fm_dirs.fresh()
+        file_dirs.fresh()
+        elapsed, ref = timed(lambda: save_artifact(ObjectStore(fm_dirs.current), "value", value))
+        times.setdefault("fm save", []).append(elapsed)
+        times.setdefault("file save", []).append(timed(lambda: file_save(file_dirs.current / file_name))[0])
+    objects, path = ObjectStore(fm_dirs.current), file_dirs.current / file_name
+    for _ in range(repeat):
+        times.setdefault("fm load", []).append(timed(lambda: load_artifact(objects, ref))[0])
+        times.setdefault("fm load+read", []).append(timed(lambda: _touch(load_artifact(objects, ref)))[0])
+        for label, load in file_loads.items():
+            times.setdefault(label, []).append(timed(lambda: load(path))[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    before = _disk(fm_dirs.current)
     save_artifact(objects, "again", value)  # identical value, second time
-    return {"save": save_s, "load": load_s, "load+read": load_touch_s, "bytes": ref.size,
-            "dedup_added_bytes": _disk(scratch.current) - before, "serializer": ref.serializer}
+    flowmagic = {"save": med["fm save"], "load": med["fm load"], "load+read": med["fm load+read"],
+                 "bytes": ref.size, "dedup_added_bytes": _disk(fm_dirs.current) - before,
+                 "serializer": ref.serializer}
+    files = {"save": med["file save"], **{label: med[label] for label in file_loads},
+             "bytes": path.stat().st_size}
+    return flowmagic, files
 
 
-def bench_numpy(arr: np.ndarray, root: Path, repeat: int) -> dict:
-    path = root / "np" / "arr.npy"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_s = median_time(lambda: np.save(path, arr), repeat)
-    load_s = median_time(lambda: np.load(path), repeat)
-    mmap_s = median_time(lambda: np.load(path, mmap_mode="r"), repeat)
-    return {"save": save_s, "load": load_s, "load(mmap_mode)": mmap_s, "bytes": path.stat().st_size}
+def bench_array(arr: np.ndarray, root: Path, repeat: int) -> tuple[dict, dict]:
+    return bench_against_files(arr, root, repeat, "arr.npy", lambda p: np.save(p, arr),
+                               {"load": np.load, "load(mmap_mode)": lambda p: np.load(p, mmap_mode="r")})
 
 
-def bench_parquet(df: pd.DataFrame, root: Path, repeat: int) -> dict:
-    path = root / "pq" / "df.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_s = median_time(lambda: df.to_parquet(path), repeat)
-    load_s = median_time(lambda: pd.read_parquet(path), repeat)
-    return {"save": save_s, "load": load_s, "bytes": path.stat().st_size}
+def bench_frame(df: pd.DataFrame, root: Path, repeat: int) -> tuple[dict, dict]:
+    return bench_against_files(df, root, repeat, "df.parquet", df.to_parquet, {"load": pd.read_parquet})
 
 
 def bench_metaflow(value: Any, root: Path, repeat: int) -> dict:
@@ -154,16 +167,17 @@ def _disk(root: Path) -> int:
 
 # -- report ------------------------------------------------------------------------
 def run(repeat: int) -> dict:
+    metaflow_repeat = max(1, min(repeat, 3))  # seconds per save: a few suffice for a 10x gap
     with tempfile.TemporaryDirectory(prefix="flowmagic-bench-") as tmp:
         root = Path(tmp)
         arr, df = make_array(), make_frame()
+        fm_array, numpy_files = bench_array(arr, root / "a", repeat)
+        fm_frame, parquet_files = bench_frame(df, root / "f", repeat)
         results = {
-            "array": {"flowmagic": bench_flowmagic(arr, root / "a", repeat),
-                      "numpy": bench_numpy(arr, root / "a", repeat),
-                      "metaflow": bench_metaflow(arr, root / "a", repeat)},
-            "frame": {"flowmagic": bench_flowmagic(df, root / "f", repeat),
-                      "parquet": bench_parquet(df, root / "f", repeat),
-                      "metaflow": bench_metaflow(df, root / "f", repeat)},
+            "array": {"flowmagic": fm_array, "numpy": numpy_files,
+                      "metaflow": bench_metaflow(arr, root / "a", metaflow_repeat)},
+            "frame": {"flowmagic": fm_frame, "parquet": parquet_files,
+                      "metaflow": bench_metaflow(df, root / "f", metaflow_repeat)},
         }
     a, f = results["array"], results["frame"]
     results["ratios"] = {
