@@ -119,8 +119,12 @@ class RunPrinter:
         elif kind == "display":
             data = (event.data or {}).get("data", {})
             text = data.get("text/plain") if isinstance(data, dict) else None
-            kinds = ", ".join(sorted(data)) if isinstance(data, dict) else "output"
-            self._line(event, text if text and "\n" not in text else f"<{kinds}>")
+            if text:  # what a terminal can show of a rich output
+                for line in str(text).splitlines() or [""]:
+                    self._line(event, line)
+            else:
+                kinds = ", ".join(sorted(data)) if isinstance(data, dict) else "output"
+                self._line(event, f"<{kinds}>")
         elif kind == "warning":
             self._line(event, f"warning: {event.text}")
         elif kind == "task":
