@@ -122,7 +122,7 @@ def test_display_of_png_bytes_is_base64_text():
     assert base64.b64decode(result.outputs[0]["data"]["image/png"]) == png
 
 
-def test_a_broken_repr_html_falls_back_to_text_and_the_step_goes_on():
+def test_a_broken_repr_html_falls_back_to_text_and_the_step_goes_on(capfd):
     result, names, _ = run(
         "class Bad:\n"
         "    def _repr_html_(self): raise ValueError('no html')\n"
@@ -132,6 +132,9 @@ def test_a_broken_repr_html_falls_back_to_text_and_the_step_goes_on():
     assert result.ok, result.error
     assert result.outputs[0]["data"] == {"text/plain": "Bad()"}
     assert names["after"] is True
+    reported = capfd.readouterr().err  # the task's stderr: where the problem is, as a notebook shows it
+    assert "in _repr_html_" in reported and "raise ValueError('no html')" in reported
+    assert "ValueError: no html" in reported and "IPython" not in reported
 
 
 def test_display_handles_can_be_updated():

@@ -135,6 +135,7 @@ class TaskShell(InteractiveShell):
 
     display_pub_class = Type(CapturingDisplayPublisher)
     capture: _Capture | None = None
+    cell_filename: str = ""
 
     def init_display_formatter(self) -> None:
         self.display_formatter = FigureFormatter(parent=self)
@@ -157,7 +158,7 @@ class TaskShell(InteractiveShell):
             # %time and friends print the error and carry on; a step must fail instead.
             raise value.with_traceback(tb)
         # Elsewhere (a broken _repr_html_): report it and go on, as a notebook does.
-        print(format_error(value, filename or "")["traceback"], file=sys.stderr, end="")
+        print(format_error(value, self.cell_filename)["traceback"], file=sys.stderr, end="")
 
     def showsyntaxerror(self, filename=None, running_compiled_code=False) -> None:
         self.showtraceback()
@@ -233,6 +234,7 @@ def execute_cell(code: str, namespace: dict, *, filename: str, first_line: int, 
     _bind_namespace(shell, namespace)
     _register_source(filename, code, first_line)
     shell.capture = capture
+    shell.cell_filename = filename
     error = None
     try:
         python = shell.input_transformer_manager.transform_cell(code)
@@ -425,6 +427,8 @@ def format_error(exc: BaseException, filename: str) -> dict:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
+    if tb is None:  # not raised through the cell (a library's _repr_html_): keep every non-machinery frame
+        tb = exc.__traceback__
     summary = traceback.TracebackException(type(exc), exc, tb, compact=True)
     _drop_machinery_frames(summary)
     text = "".join(summary.format())
