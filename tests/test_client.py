@@ -310,3 +310,17 @@ def test_two_identical_runs_through_the_real_cli_share_their_objects(tmp_path: P
     assert arrays[0].hash == arrays[1].hash and arrays[0].serializer == "arrow-numpy"
     assert runs[0]["end"].task.data.total == float(np.arange(2_500_000).sum()) + 100_000
     assert runs[0].data.total == runs[1].data.total
+
+
+def test_a_store_deleted_and_recreated_is_read_afresh(store: Store) -> None:
+    import shutil
+
+    assert Flow("MovieFlow").latest_run.id == "3"
+    root = store.root
+    store.close()
+    shutil.rmtree(root)
+    fresh = open_store(root)
+    fresh.meta.new_run("NewFlow", params={}, code={})
+    assert [f.name for f in Metaflow().flows] == ["NewFlow"]
+    with pytest.raises(NotFoundError, match="flows there: NewFlow"):
+        Flow("MovieFlow")

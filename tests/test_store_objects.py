@@ -109,3 +109,11 @@ def test_sigkill_mid_object_leaves_no_visible_partial_object(objects: ObjectStor
         assert xxhash.xxh3_128_hexdigest(objects.get_bytes(key)) == key
     # and the store keeps working
     assert objects.put_bytes(b"after") in set(objects.keys())
+
+
+def test_writing_after_tmp_was_removed(objects: ObjectStore) -> None:
+    import shutil
+
+    shutil.rmtree(objects.root)
+    key = objects.put_bytes(b"the store dir was deleted under a running kernel")
+    assert objects.get_bytes(key).startswith(b"the store")

@@ -11,7 +11,7 @@ from ..store import Store, open_store, store_root
 from ..store.metadata import RunRecord
 
 _root_override: Path | None = None
-_stores: dict[Path, Store] = {}
+_stores: dict[Path, tuple[int, Store]] = {}  # root -> (database inode, store)
 _UNSET: Any = object()
 
 
@@ -25,14 +25,21 @@ def namespace_root(path: str | Path | None = _UNSET) -> Path:
 
 
 def _open_store(root: str | Path | None = None) -> Store:
+    """The store at ``root`` (default: :func:`namespace_root`), opened once
+    per process, and again if its database file was replaced (a user who
+    deleted ``.flowmagic`` and ran again must not read the old, unlinked one)."""
     path = Path(root).expanduser().absolute() if root is not None else namespace_root()
-    store = _stores.get(path)
-    if store is None:
-        if not (path / "metadata.sqlite").exists():
-            raise NotFoundError(f"no flowmagic store at {path}: run a flow first, set FLOWMAGIC_HOME, "
-                                "or call namespace_root(path) to read another store")
-        store = _stores[path] = open_store(path)
-    return store
+    try:
+        inode = (path / "metadata.sqlite").stat().st_ino
+    except FileNotFoundError:
+        raise NotFoundError(f"no flowmagic store at {path}: run a flow first, set FLOWMAGIC_HOME, "
+                            "or call namespace_root(path) to read another store") from None
+    cached = _stores.get(path)
+    if cached is None or cached[0] != inode:
+        if cached is not None:
+            cached[1].close()
+        cached = _stores[path] = (inode, open_store(path))
+    return cached[1]
 
 
 def _parts(pathspec: str, n: int, example: str, cls: str) -> list[str]:

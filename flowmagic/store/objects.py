@@ -185,7 +185,12 @@ class _TempFile:
     """A temporary file in the store's tmp dir, removed unless published."""
 
     def __init__(self, directory: Path) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=f"w{os.getpid()}-{int(time.time())}-")
+        prefix = f"w{os.getpid()}-{int(time.time())}-"
+        try:
+            fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
+        except FileNotFoundError:  # someone removed tmp/ (or the whole store) under us
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
         self.path = Path(name)
         self.fh = os.fdopen(fd, "wb", buffering=0)
 
