@@ -117,3 +117,45 @@ def test_writing_after_tmp_was_removed(objects: ObjectStore) -> None:
     shutil.rmtree(objects.root)
     key = objects.put_bytes(b"the store dir was deleted under a running kernel")
     assert objects.get_bytes(key).startswith(b"the store")
+
+
+_ARRAY_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from flowmagic.store.objects import ObjectStore
+    from flowmagic.store.serializers import save_artifact
+    big = np.ones(100_000_000)                        # 800 MB
+    print("saving", flush=True)
+    save_artifact(ObjectStore(sys.argv[1]), "big", big, step="train")
+    print("saved", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_a_huge_array(tmp_path: Path) -> None:
+    """A task killed while it writes an 800 MB array leaves no object, and gc
+    removes its temporary file once the grace period has passed."""
+    from flowmagic.store import open_store
+    from flowmagic.store.gc import gc
+
+    store = open_store(tmp_path / "store")
+    run_id = store.meta.new_run("F", params={}, code={})
+    proc = subprocess.Popen([sys.executable, "-c", _ARRAY_WRITER, str(store.objects.root)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until the object is partly written
+        sizes = [p.stat().st_size for p in store.objects.tmp_dir.iterdir()]
+        if sizes and max(sizes) > 50 << 20:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.stdout.read() == ""  # it never finished
+
+    assert list(store.objects.keys()) == []
+    assert store.meta.get_run("F", run_id).status == "running"  # metadata unharmed
+    assert gc(store, grace_seconds=0).temp_files_removed == 0  # the run is live: its writer may be too
+    store.meta.finish_run("F", run_id, "failed")  # the orchestrator records the killed task
+    assert gc(store, grace_seconds=0).temp_files_removed == 1
+    assert list(store.objects.tmp_dir.iterdir()) == []

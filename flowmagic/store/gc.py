@@ -8,7 +8,8 @@ them (and may re-use an existing object by touching it):
   (mtime) than the start of every running run, so objects a live run wrote
   or re-used but has not recorded yet survive; an object no run ever
   recorded (a task that crashed) also waits for the grace period;
-- temporary files (writers that died) are removed after the grace period.
+- temporary files (writers that died) are removed under the same rule as
+  unrecorded objects: older than the grace period and every running run.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def gc(store: Store, keep: int | None = None, *, dry_run: bool = False,
             continue
         result.objects_removed += 1
         result.bytes_freed += size if dry_run else store.objects.delete(key)
-    result.temp_files_removed = _remove_stale_temps(store, started - grace_seconds, dry_run)
+    result.temp_files_removed = _remove_stale_temps(store, orphan_cutoff, dry_run)  # live writers' too
     return result
 
 
