@@ -13,11 +13,13 @@ total memory minus what the orchestrator process (the kernel, or the console
 command) itself uses: a runaway step is stopped before it can starve the
 kernel, and an ordinary step never notices the guard.
 
-What counts is the memory the task made its own: private dirty pages plus
-swap (``/proc/PID/smaps_rollup``). Pages a task shares copy-on-write with its
-warm fork server (numpy, pandas, the prelude's values) and clean file pages
-of memory-mapped inputs are not its memory: counting them (RSS) would kill a
-step for reading a big memory-mapped data frame. RSS is an upper bound of
+What counts is the task's anonymous memory, proportional share, plus swap
+(``Pss_Anon`` and ``SwapPss`` of ``/proc/PID/smaps_rollup``). File pages of
+memory-mapped inputs are not its memory (even dirty ones: an object written a
+moment ago is still dirty in the page cache), and pages it shares
+copy-on-write with its warm fork server (numpy, pandas, the prelude's values)
+count only in part: counting RSS would kill a step for reading a big
+memory-mapped data frame. RSS is an upper bound of
 that figure and costs one small read per process, so each poll reads RSS
 only, and the precise figure only once RSS is over the limit.
 
@@ -123,7 +125,8 @@ def rss(pid: int) -> int:
 
 
 def private_memory(pid: int) -> int:
-    """Private dirty pages plus swap: the memory only this process holds."""
+    """The process's share of anonymous memory (Pss_Anon: its own pages in
+    full, pages shared copy-on-write with its fork server in part) plus swap."""
     data = _read(f"/proc/{pid}/smaps_rollup")
     if data is None:
         try:
@@ -131,12 +134,13 @@ def private_memory(pid: int) -> int:
             return info.uss + getattr(info, "swap", 0)
         except psutil.Error:
             return 0
-    total = 0
+    fields = {}
     for line in data.splitlines():
         key, _, rest = line.partition(b":")
-        if key in (b"Private_Dirty", b"Swap"):
-            total += int(rest.split()[0]) * 1024
-    return total
+        if rest.strip():
+            fields[key] = int(rest.split()[0]) * 1024
+    own = fields.get(b"Pss_Anon", fields.get(b"Private_Dirty", 0))   # Pss_Anon: Linux 5.10+
+    return own + fields.get(b"SwapPss", fields.get(b"Swap", 0))
 
 
 # ----------------------------------------------------------------------------- the watchdog
