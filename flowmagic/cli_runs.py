@@ -221,6 +221,7 @@ def _render_outputs(store, found) -> str:
 
 def _run_dump(args: argparse.Namespace) -> int:
     from flowmagic.report import preview, render_dump
+    from flowmagic.runtime.environments import environments_of_run, render_environments
     from flowmagic.store import load_artifact
 
     flow, store = _open(args.notebook)
@@ -240,13 +241,16 @@ def _run_dump(args: argparse.Namespace) -> int:
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
     found = _task_outputs(store, tasks) if args.outputs else []
+    environments = environments_of_run(store.meta, flow, run_id, {t.step for t in tasks})   # --pypi/--conda
     if args.json:
         document = {"flow": flow, "run_id": run_id, "artifacts": rows}
+        if environments:
+            document["environments"] = environments
         if args.outputs:
             document["outputs"] = [{"step": t.step, "task": t.task_id, "outputs": refs} for t, refs in found]
         print_json(document)
     else:
-        sys.stdout.write(render_dump(flow, run_id, rows))
+        sys.stdout.write(render_dump(flow, run_id, rows) + render_environments(environments))
         if args.outputs:
             sys.stdout.write(_render_outputs(store, found))
     return EXIT_OK

@@ -357,18 +357,26 @@ def two_runs(tmp_path_factory, pandas_env):
     store = work / "store"
     procs = [start_flowmagic("run", notebook, "--json", store=store) for _ in range(2)]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
-    return store, procs, outputs
+    return store, procs, outputs, notebook
 
 
 def test_two_runs_creating_the_same_environment_at_once_both_succeed(two_runs, pandas_env):
     from runtime_helpers import artifacts
 
-    store, procs, outputs = two_runs
+    from runtime_helpers import flowmagic, flowmagic_json
+
+    store, procs, outputs, notebook = two_runs
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert _env_dirs(store) == [pandas_env.key]   # same resolution, same key, built once
     assert not list((store / "envs").glob(".build-*"))
     for run_id in (1, 2):
         assert artifacts(store, "TwoRuns", run_id, "old") == [{"version": "2.2.3", "n": 2}]
+    # `dump` shows the package list each run's environment step ran with
+    document = flowmagic_json("dump", notebook, "2", store=store)
+    assert list(document["environments"]) == ["old"]
+    assert document["environments"]["old"]["packages"] == list(pandas_env.packages)
+    assert "pandas==2.2.3" in flowmagic("dump", notebook, "2/old", store=store).stdout
+    assert "environments" not in flowmagic_json("dump", notebook, "2/start", store=store)
 
 
 def test_prune_leaves_an_environment_being_built_alone(two_runs, pandas_env):

@@ -283,6 +283,23 @@ def graph_with_environments(graph: Any, run: Any) -> dict:
     return document
 
 
+def environments_of_run(meta: Any, flow: str, run_id: int, steps: Iterable[str] | None = None) -> dict[str, dict]:
+    """The recorded environments of a run (optionally only of ``steps``), for `dump` and the inspector."""
+    recorded = recorded_environments(meta.get_run(flow, run_id))
+    wanted = None if steps is None else set(steps)
+    return {step: record for step, record in sorted(recorded.items()) if wanted is None or step in wanted}
+
+
+def render_environments(environments: dict[str, dict]) -> str:
+    """Text lines for `dump`: each step's environment and its packages."""
+    lines = []
+    for step, record in environments.items():
+        lines.append(f"environment of step {step}: --{record['kind']} \"{' '.join(record['requested'])}\" "
+                     f"(python {record['python']}, {record['key']})")
+        lines.append("  " + " ".join(record["packages"]))
+    return "".join(line + "\n" for line in lines)
+
+
 def check_environment_tools(steps: Iterable[Any]) -> None:
     """Raise FlowDefinitionError, before anything runs, when a step's environment tool is missing.
 
