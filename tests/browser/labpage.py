@@ -66,3 +66,17 @@ def screenshot(page, name: str, locator=None) -> Path:
     path = ARTIFACTS / f"{name}.png"
     (locator or page).screenshot(path=str(path))
     return path
+
+
+def run_cell(page, source: str) -> None:
+    """Execute the code cell whose text contains ``source`` (click into it, Shift+Enter)."""
+    editor = page.locator(".jp-CodeCell .jp-InputArea-editor", has_text=source).last
+    editor.scroll_into_view_if_needed()
+    editor.click()
+    page.keyboard.press("Shift+Enter")
+
+
+def wait_attribute(locator, name: str, value: str, timeout: float = 60_000) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_have_attribute(name, value, timeout=timeout)

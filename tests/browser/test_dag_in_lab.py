@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from labpage import open_notebook, run_all, save, screenshot, wait_idle, write_notebook
+from labpage import open_notebook, run_all, screenshot, wait_idle, write_notebook
 
 GRAPH = {
     "flow": "MovieFlow",
@@ -72,10 +72,6 @@ long_view
 NODE = 'g.fm-step[data-step="{}"]'
 
 
-def state_of(page, step: str) -> str:
-    return page.locator(NODE.format(step)).first.get_attribute("data-state")
-
-
 def wait_state(page, step: str, state: str, timeout: float = 20_000) -> None:
     page.wait_for_selector(f'{NODE.format(step)}[data-state="{state}"]', timeout=timeout, state="attached")
 
@@ -139,23 +135,5 @@ def test_dag_view_shows_steps_edges_and_live_states(lab, lab_page):
         time.sleep(0.1)
     assert (lab.root / "selected.txt").read_text() == "split"
     screenshot(page, "dag-light", first)
-    first.scroll_into_view_if_needed()
-    screenshot(page, "dag-light-page")
     assert page.js_errors == []
-
-    # after a reload (dark theme now) the same states come back from the kernel
-    save(page)
-    lab.set_theme("JupyterLab Dark")
-    try:
-        page.reload()
-        page.wait_for_selector('.fm-dag[data-layout="ready"]', timeout=60_000)
-        wait_state(page, "join", "failed")
-        wait_state(page, "compute", "caught")
-        assert state_of(page, "split") == "done"
-        assert page.locator(f'{NODE.format("split")}[data-selected="true"]').count() == 1
-        assert page.evaluate("() => document.body.dataset.jpThemeLight") == "false"
-        page.locator(".fm-dag").first.scroll_into_view_if_needed()
-        screenshot(page, "dag-dark", page.locator(".fm-dag").first)
-        screenshot(page, "dag-dark-page")
-    finally:
-        lab.set_theme("JupyterLab Light")
+    # (reload and the dark theme: test_magics_in_lab.py)
