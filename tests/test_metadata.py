@@ -91,6 +91,7 @@ def test_task_ids_are_unique_in_the_store(meta: Metadata) -> None:
     fan = meta.tasks("A", a, "fan")
     assert [(t.index, t.item, t.state) for t in fan] == [((0,), "0.1", "pending"), ((1, 2), "x", "pending")]
     assert [t.step for t in meta.tasks("A", a)] == ["start", "fan", "fan"]
+    assert meta.step_names("A", a) == ["start", "fan"] and meta.step_names("A", 99) == []
     assert fan[0].pathspec == f"A/{a}/fan/{ids[2]}"
     meta.set_task_state(ids[0], "running")
     assert meta.get_task(ids[0]).state == "running"

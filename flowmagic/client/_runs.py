@@ -184,10 +184,7 @@ class Run(_ClientObject):
     # steps
     def step_names(self) -> list[str]:
         """Steps that have tasks, in the flow's order."""
-        present: list[str] = []
-        for task in self._store.meta.tasks(self.flow_name, self.run_id):
-            if task.step not in present:
-                present.append(task.step)
+        present = self._store.meta.step_names(self.flow_name, self.run_id)
         order = [s["name"] for s in (self.graph or {}).get("steps", [])]
         return sorted(present, key=lambda s: (order.index(s) if s in order else len(order), present.index(s)))
 

@@ -301,6 +301,12 @@ class Metadata:
             args.append(step)
         return [task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
 
+    def step_names(self, flow: str, run_id: int) -> list[str]:
+        """Steps that have tasks in the run, in the order of their first task."""
+        rows = self._read("SELECT step, MIN(task_id) AS first FROM tasks WHERE flow = ? AND run_id = ?"
+                          " GROUP BY step ORDER BY first", (flow, run_id))
+        return [r[0] for r in rows]
+
     def get_task(self, task_id: int) -> TaskRecord:
         rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
