@@ -240,6 +240,9 @@ def test_reprs_for_notebooks(store: Store) -> None:
     task = run["compute"].tasks()[2]
     assert "ZeroDivisionError" in task._repr_html_() and "weights" in task._repr_html_()
     assert "numpy.ndarray" in repr(task["weights"]) and "Artifact" in task["weights"]._repr_html_()
+    assert "shape (4,), dtype float64" in task["weights"]._repr_html_()
+    movies = Run("MovieFlow/1")["start"].task["movies"]._repr_html_()
+    assert "shape (2, 2)" in movies and "Alien" in movies and "<table" in movies
     assert "<TaskData" in repr(task.data) and "x" in repr(task.data)
     assert "[0]" in run["compute"]._repr_html_()
     assert "<script" not in Flow("MovieFlow")._repr_html_()

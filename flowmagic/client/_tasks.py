@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -305,4 +307,20 @@ class DataArtifact(_ClientObject):
     def _repr_html_(self) -> str:
         rows = [["type", self.type], ["size", _fmt_size(self.size)], ["stored as", self.serializer],
                 ["hash", self.hash]]
-        return _html_table(f"Artifact {self.pathspec}", ["", ""], rows)
+        return _html_table(f"Artifact {self.pathspec}", ["", ""], rows) + self._preview_html()
+
+    def _preview_html(self) -> str:
+        """A glimpse of the value when reading it is cheap: memory-mapped
+        Arrow data or a small inline value (pickles may be big: not loaded)."""
+        if self.serializer == "inline":
+            return f"<pre>{html.escape(reprlib.repr(self.data))}</pre>"
+        if not self.serializer.startswith("arrow"):
+            return ""
+        value = self.data
+        if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array or pandas Series
+            head = f"shape {value.shape}, dtype {value.dtype}"
+        else:
+            head = f"shape {getattr(value, 'shape', '?')}"
+        if hasattr(value, "head") and hasattr(value.head(), "_repr_html_"):
+            return f"<p>{html.escape(head)}</p>" + value.head()._repr_html_()
+        return f"<p>{html.escape(head)}</p><pre>{html.escape(reprlib.repr(value))}</pre>"
