@@ -72,6 +72,28 @@ def kinds(result: ExecutionResult) -> list[str]:
     return [o["type"] for o in result.outputs]
 
 
+# -- the shell -------------------------------------------------------------------------------
+
+
+def test_prepare_shell_is_fork_safe_and_leaves_the_process_main_module_alone():
+    def body():
+        import threading
+
+        from flowmagic.runtime import execute
+
+        execute.TaskShell.clear_instance()  # a fresh process, as the fork server is before its prelude
+        execute._SHELL = None
+        main = sys.modules["__main__"]
+        threads = threading.active_count()
+        shell = prepare_shell()
+        return (prepare_shell() is shell, sys.modules["__main__"] is main, threading.active_count() == threads,
+                os.environ["MPLBACKEND"], shell.history_manager.enabled)
+    same, main_kept, no_new_thread, backend, history = in_task_process(body)
+    assert same and main_kept and no_new_thread
+    assert backend == "module://matplotlib_inline.backend_inline"
+    assert history is False  # no SQLite connection or saving thread may cross fork()
+
+
 # -- display and the last value ---------------------------------------------------------
 
 
