@@ -343,6 +343,22 @@ def test_a_step_whose_producer_has_not_run_names_it(kernel):
     assert kernel.value("n") == 45
 
 
+def test_after_a_restart_the_saved_notebook_names_the_step_to_execute_first(kernel, tmp_path):
+    fresh_flow(kernel, "HelloFlow")
+    notebook = tmp_path / "hello_flow.ipynb"
+    shutil.copy(EXAMPLES / notebook.name, notebook)
+    kernel.ok(f"__session__ = {str(notebook)!r}")      # what Jupyter Server tells ipykernel
+    try:
+        execution = kernel.execute('%%step end\nx += 1\nprint("x is", x)')
+        assert execution.status == "error"
+        message = execution.error_text
+        assert "reads 'x'" in message
+        assert "step 'start' (cell 2 of hello_flow.ipynb) writing 'x': execute that cell first" in message
+        assert "Traceback" not in message
+    finally:
+        kernel.ok("del __session__")
+
+
 def test_catch_binds_the_exception_record_and_what_was_bound_before(kernel):
     fresh_flow(kernel, "Catching")
     kernel.ok("%%step boom --catch oops\nfirst = 1\nraise ValueError('on purpose')\nsecond = 2")
