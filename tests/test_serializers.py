@@ -333,6 +333,17 @@ def test_missing_object_and_unknown_serializer(objects: ObjectStore) -> None:
         load_artifact(objects, ArtifactRef("x", "list", ref.size, ref.hash, "zstd-magic"))
 
 
+def test_truncated_objects_are_a_store_error(objects: ObjectStore) -> None:
+    for value in (np.arange(100_000), pd.DataFrame({"a": np.arange(100_000)}), {"w": np.arange(100_000)}):
+        ref = save_artifact(objects, "x", value)
+        path = objects.path(ref.hash)
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.truncate(ref.size // 2)
+        with pytest.raises(StoreError, match="artifact 'x'.*cannot be read"):
+            load_artifact(objects, ref)
+
+
 def test_corrupted_object_is_a_store_error(objects: ObjectStore) -> None:
     for value in (np.arange(10), pd.DataFrame({"a": [1]}), {"a": (1,)}):
         ref = save_artifact(objects, "x", value)

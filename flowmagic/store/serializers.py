@@ -94,7 +94,9 @@ def load_artifact(objects: ObjectStore, ref: ArtifactRef) -> Any:
     path = objects.open_path(ref.hash)
     try:
         return reader(path)
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+    # (an ImportError is left alone: a pickled class whose module is missing
+    # here is the caller's to explain, not a damaged store)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError, IndexError) as exc:
         raise StoreError(f"artifact '{ref.name}' (object {ref.hash}) cannot be read: {exc}") from exc
 
 
@@ -193,11 +195,11 @@ def _choose_writer(value: Any):
 
 
 # -- pickle-5 ------------------------------------------------------------------
-def _dumps(value: Any, buffer_callback) -> bytes:
+def _dumps(value: Any, buffer_callback) -> memoryview:
     """Pickle protocol 5 with out-of-band buffers."""
     out = io.BytesIO()
     _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(value)
-    return out.getvalue()
+    return out.getbuffer()  # no copy of what may be a large in-band pickle
 
 
 class _Pickler(pickle.Pickler):
@@ -252,6 +254,8 @@ def _read_pickle(path: Path) -> Any:
     pos += 12
     sizes = struct.unpack_from(f"<{count}Q", mm, pos)
     pos = _aligned(pos + 8 * count)
+    if pos + length + sum(sizes) > len(mm):
+        raise ValueError(f"the object is truncated ({len(mm)} bytes, its header announces more)")
     view = memoryview(mm)
     data = view[pos:pos + length]
     pos = _aligned(pos + length)
