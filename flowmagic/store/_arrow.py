@@ -82,14 +82,16 @@ def write_table(table: pa.Table, fh: BinaryIO, meta: dict | None = None) -> None
     _write_batches(fh, table.schema, batches)
 
 
-def read_table(path: Path) -> tuple[pa.Table, mmap.mmap, pa.Buffer]:
+def read_table(path: Path) -> tuple[pa.Table, dict, mmap.mmap, pa.Buffer]:
+    """The mapped table (flowmagic's metadata removed from its schema), that
+    metadata, and the mapping with its Arrow buffer."""
     mm, buf, reader = _open(path)
     table = reader.read_all()
     schema_meta = dict(table.schema.metadata or {})
-    if META_KEY in schema_meta:
-        del schema_meta[META_KEY]
+    meta = json.loads(schema_meta.pop(META_KEY, b"{}"))
+    if len(schema_meta) != len(table.schema.metadata or {}):
         table = table.replace_schema_metadata(schema_meta or None)
-    return table, mm, buf
+    return table, meta, mm, buf
 
 
 # -- internals -----------------------------------------------------------------
@@ -111,10 +113,6 @@ def _meta(schema: pa.Schema) -> dict:
     raw = (schema.metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else {}
 
-
-def schema_meta(path: Path) -> dict:
-    """The flowmagic metadata recorded in an Arrow file's schema."""
-    return _meta(_open(path)[2].schema)
 
 
 # -- pandas ------------------------------------------------------------------
@@ -233,8 +231,7 @@ def _keep_nan(table: pa.Table, df: Any) -> pa.Table:
 
 
 def read_pandas(path: Path) -> Any:
-    meta = schema_meta(path)
-    table, mm, buf = read_table(path)
+    table, meta, mm, buf = read_table(path)
     df = table.to_pandas(split_blocks=True)  # one block per column: no consolidation copy
     df = _writable_frame(df, mm, buf)
     for name in meta.get("object_columns", ()):
