@@ -114,7 +114,6 @@ def _meta(schema: pa.Schema) -> dict:
     return json.loads(raw) if raw else {}
 
 
-
 # -- pandas ------------------------------------------------------------------
 _ARROW_SAFE_OBJECTS = {"string", "empty", "bytes", "date"}
 
