@@ -23,13 +23,32 @@ if TYPE_CHECKING:
 _OK_STATES = {"done": "done", "succeeded": "done", "ok": "done", "caught": "caught"}
 
 
-def record_cell(magics: FlowMagics, magic: str, line: str, cell: str):
+def record_cell(magics: FlowMagics, magic: str, line: str, cell: str) -> tuple[Any, Any]:
+    """Add the executing cell to the kernel's flow and build the flow.
+
+    A cell that makes the flow invalid by itself (a syntax error, a name
+    nothing defines) is not kept: the flow stays as it was, so other cells
+    still run, as in a notebook without flowmagic.
+    """
     raw, cell_id, count = magics._cell_text(magic, line, cell)
+    before = magics.definition.snapshot()
     try:
-        return magics.definition.record(raw, cell_id=cell_id, execution_count=count)
+        defined = magics.definition.record(raw, cell_id=cell_id, execution_count=count)
     except FlowDefinitionError as exc:   # a malformed %%step line is a usage error
-        raise usage_error(f"{exc}\nusage: %%step NAME [--retry [N]] [--timeout S] [--foreach VAR] "
-                          "[--catch VAR] [--pypi SPEC] [--conda SPEC] [--cache]") from None
+        raise usage_error(f"{exc}\nusage: {_USAGE[magic]}") from None
+    try:
+        return defined, magics.graph()
+    except FlowDefinitionError as exc:
+        if exc.step is None or exc.step == defined.step:
+            magics.definition.restore(before)
+        raise _with_saved_notebook_hint(magics, exc) from None
+
+
+_USAGE = {
+    "%%step": "%%step NAME [--retry [N]] [--timeout S] [--foreach VAR] [--catch VAR] "
+              "[--pypi SPEC] [--conda SPEC] [--cache]",
+    "%%params": "%%params (then one `name = value  # help` or `name = Parameter(...)` per line)",
+}
 
 
 def session_for(magics: FlowMagics) -> SessionRun:
@@ -47,8 +66,7 @@ def parameter_values(graph: Any) -> dict[str, Any]:
 
 # -- %%params -----------------------------------------------------------------
 def define_params(magics: FlowMagics, line: str, cell: str) -> None:
-    record_cell(magics, "%%params", line, cell)
-    graph = magics.graph()
+    _defined, graph = record_cell(magics, "%%params", line, cell)
     magics.shell.user_ns.update(parameter_values(graph))
     if magics.view is not None:
         views.refresh_view(magics, graph)
@@ -56,13 +74,9 @@ def define_params(magics: FlowMagics, line: str, cell: str) -> None:
 
 # -- %%step -------------------------------------------------------------------
 def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
-    defined = record_cell(magics, "%%step", line, cell)
+    defined, graph = record_cell(magics, "%%step", line, cell)
     from flowmagic.runtime import scheduler
 
-    try:
-        graph = magics.graph()
-    except FlowDefinitionError as exc:
-        raise _with_saved_notebook_hint(magics, exc) from None
     step = defined.step
     session = session_for(magics)
     _check_producers(magics, graph, session, step)

@@ -121,6 +121,13 @@ class KernelFlowDefinition:
                 rebuilt[key] = other
         self._cells = rebuilt
 
+    def snapshot(self) -> dict[str, DefinedCell]:
+        return dict(self._cells)
+
+    def restore(self, snapshot: dict[str, DefinedCell]) -> None:
+        """Undo recording a cell whose code does not define a valid flow."""
+        self._cells = dict(snapshot)
+
     def forget_flow_cells(self) -> None:
         """Forget every step and params cell (ordinary cells stay: the kernel still has them)."""
         self._cells = {k: c for k, c in self._cells.items() if c.kind == "ordinary"}

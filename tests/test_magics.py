@@ -206,6 +206,17 @@ def test_cells_executed_before_load_ext_count(tmp_path, monkeypatch, capsys):
         ip.run_line_magic("unload_ext", "flowmagic")
 
 
+def test_a_step_cell_that_cannot_be_defined_is_not_kept(shell, capsys):
+    assert run(shell, "%%params\nalpha = 1  # a", capsys)[0]
+    success, text = run(shell, "%%step bad\nx = undefined_name + alpha", capsys)
+    assert not success and "undefined_name" in text
+    success, text = run(shell, "%%step worse\nx = (", capsys)
+    assert not success and "syntax" in text.lower()
+    document = shell.run_line_magic("flow", "show --json")
+    assert document["steps"] == []                         # the flow is as it was
+    assert [p["name"] for p in document["parameters"]] == ["alpha"]
+
+
 def test_flow_name_and_show_json(shell, capsys):
     assert run(shell, "%flow name Tutorial", capsys)[0]
     assert run(shell, "%%params\nalpha = 2  # a", capsys)[0]
