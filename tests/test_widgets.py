@@ -470,3 +470,38 @@ def test_states_from_store_and_graph_of_a_run_without_graph(recorded_run):
     store.meta.new_task("MovieFlow", bare, "only")
     graph = graph_of_run(store, "MovieFlow", bare)
     assert [s["name"] for s in graph["steps"]] == ["only"] and graph["edges"] == []
+
+
+# -- nbconvert: the static fallback in an exported page ----------------------------------
+def test_nbconvert_execute_to_html_shows_the_static_svg(tmp_path):
+    """An example notebook with `%flow show` and `%flow run` added, executed by
+    nbconvert: no widget front end there, so the page carries the SVGs."""
+    import base64
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nbformat
+
+    source = Path(__file__).resolve().parent.parent / "example_notebooks" / "catch_flow.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell("%flow show"), nbformat.v4.new_code_cell("%flow run")]
+    notebook = tmp_path / "catch_flow.ipynb"
+    nbformat.write(nb, notebook)
+    env = {k: v for k, v in os.environ.items() if k not in ("JPY_SESSION_NAME", "FLOWMAGIC_WIDGETS")}
+    env["FLOWMAGIC_HOME"] = str(tmp_path / "store")
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--execute", "--to", "html",
+                    "--ExecutePreprocessor.timeout=240", str(notebook)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    page = (tmp_path / "catch_flow.html").read_text()
+    # nbconvert embeds SVG outputs as base64 data URIs in <img> tags
+    svgs = [base64.b64decode(data).decode() for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', page)]
+    ours = [svg for svg in svgs if 'id="fm_static' in svg]
+    assert len(ours) == 2, f"{len(svgs)} SVGs in the page, {len(ours)} of flowmagic"
+    shown, run = ours
+    for svg in ours:
+        assert all(f">{name}</" in svg for name in ("start", "compute", "join"))
+        assert "params" in svg and "x" in svg
+    assert "caught · 2/3 (1 failed)" in run  # the final states of the run, not those of its first display
+    assert '<script type="application/vnd.jupyter.widget-view+json">' not in page  # no dead widget
