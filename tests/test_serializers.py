@@ -188,6 +188,16 @@ FRAMES = {
     "multiindex": pd.DataFrame({"x": [1, 2]}, index=pd.MultiIndex.from_tuples([("a", 1), ("b", 2)], names=["k", "n"])),
     "datetime-index": pd.DataFrame({"x": [1.0, 2.0]}, index=pd.date_range("2024", periods=2, tz="UTC")),
     "period": pd.DataFrame({"p": pd.period_range("2024-01", periods=2, freq="M")}),
+    "index-name-clash": pd.DataFrame({"a": [1, 2]}, index=pd.Index([5, 6], name="a")),
+    "non-unique-index": pd.DataFrame({"a": [1, 2]}, index=[1, 1]),
+    "float-index-nan": pd.DataFrame({"a": [1, 2]}, index=[1.5, np.nan]),
+    "uint64-max": pd.DataFrame({"u": np.array([2**64 - 1, 0], dtype=np.uint64)}),
+    "nullable-bool": pd.DataFrame({"b": pd.array([True, None], dtype="boolean")}),
+    "interval": pd.DataFrame({"i": pd.arrays.IntervalArray.from_breaks([0, 1, 2])}),
+    "categorical-index": pd.DataFrame({"a": [1, 2]}, index=pd.CategoricalIndex(["x", "y"])),
+    "timedelta-index": pd.DataFrame({"a": [1, 2]}, index=pd.to_timedelta([1, 2], unit="s")),
+    "pyarrow-dtype": pd.DataFrame({"x": pd.array([1, None], dtype="int64[pyarrow]")}),
+    "named-columns-axis": pd.DataFrame({"a": [1]}).rename_axis("cols", axis=1),
     "range-index-step": pd.DataFrame({"x": [1, 2, 3]}, index=pd.RangeIndex(5, 11, 2)),
 }
 
@@ -221,6 +231,9 @@ FRAMES_PICKLED = {
     "attrs": pd.DataFrame({"x": [1]}).pipe(lambda d: d.attrs.update(source="db") or d),
     "multiindex-columns": pd.DataFrame([[1, 2]], columns=pd.MultiIndex.from_tuples([("a", "b"), ("a", "c")])),
     "no-columns": pd.DataFrame(index=[1, 2]),
+    "sparse": pd.DataFrame({"s": pd.arrays.SparseArray([0, 0, 1])}),
+    "mixed-time-zones": pd.DataFrame({"t": [pd.Timestamp("2020", tz="UTC"), pd.Timestamp("2020", tz="Europe/Paris")]}),
+    "dict-column": pd.DataFrame({"d": [{"a": 1}, {"b": 2}]}),
     "not-utf8-strings": pd.DataFrame({"s": pd.Series(["ok", "lone surrogate \ud800"], dtype=object)}),
     "object-nan-missing": pd.DataFrame({"o": pd.Series(["x", np.nan], dtype=object)}),
 }
