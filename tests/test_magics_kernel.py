@@ -251,6 +251,16 @@ def test_run_overrides_a_parameter_and_returns_the_run(kernel):
     assert "--alpha" in help_text and "Learning rate" in help_text
 
 
+def test_a_front_end_cell_id_follows_a_renamed_step(kernel):
+    fresh_flow(kernel, "Renamed")
+    assert kernel.execute("%%step a\nx = 1", cell_id="cell-1").status == "ok"
+    assert kernel.execute("%%step b\ny = x * 2", cell_id="cell-2").status == "ok"
+    assert kernel.execute("%%step first\nx = 1", cell_id="cell-1").status == "ok"   # renamed in place
+    document = kernel.value("%flow show --json")
+    assert [s["name"] for s in document["steps"]] == ["first", "b"]
+    assert document["edges"] == [{"from": "first", "to": "b", "variables": ["x"]}]
+
+
 def test_reading_commands_mirror_the_console(kernel, tmp_path):
     fresh_flow(kernel, "Reading")
     kernel.ok("%%step start\nimport numpy as np\nvalues = np.arange(6)\nprint('made', len(values))")
