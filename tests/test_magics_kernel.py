@@ -485,19 +485,12 @@ def test_a_killed_kernel_leaves_no_task_process(tmp_path):
     task, child = _kill_kernel_during_a_step(tmp_path)
     try:
         assert _gone_within(task, 5)
-    finally:
-        _kill_quietly(child)
-
-
-@pytest.mark.xfail(strict=False, reason="known bug in runtime/forkserver.py (not the magics): the server "
-                   "dies by PDEATHSIG=SIGKILL with the kernel, before it can kill its tasks' process "
-                   "groups, so a subprocess a step started is orphaned (reparented to init) almost "
-                   "always; fix proposed to the runtime owner: PDEATHSIG=SIGTERM + a handler calling "
-                   "shutdown()")
-def test_a_killed_kernel_leaves_no_subprocess_of_a_step(tmp_path):
-    task, child = _kill_kernel_during_a_step(tmp_path)
-    try:
-        assert _gone_within(child, 5)
+        if not _gone_within(child, 3):
+            # Known bug in runtime/forkserver.py (not the magics): the server dies by
+            # PDEATHSIG=SIGKILL with the kernel before it can kill its tasks' process
+            # groups, so a subprocess the step started is orphaned. Proposed fix:
+            # PDEATHSIG=SIGTERM for the server + a handler calling shutdown().
+            pytest.xfail("a step's subprocess outlives a SIGKILLed kernel (fork server bug)")
     finally:
         _kill_quietly(child)
 
