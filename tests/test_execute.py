@@ -423,6 +423,18 @@ def test_an_oversized_form_is_dropped_with_a_note():
     assert result.outputs[0]["metadata"]["flowmagic"]["dropped"][0]["mimetype"] == "text/html"
 
 
+def test_limits_come_from_the_environment_and_a_bad_value_fails_the_step_clearly():
+    def body():
+        os.environ["FLOWMAGIC_OUTPUT_MAX_MB"] = "0.001"
+        small = execute_cell("display('x' * 5000)\n", {}, filename=CELL, first_line=2, emit=lambda o: None)
+        os.environ["FLOWMAGIC_OUTPUT_MAX_MB"] = "lots"
+        bad = execute_cell("x = 1\n", {}, filename=CELL, first_line=2, emit=lambda o: None)
+        return small, bad
+    small, bad = in_task_process(body)
+    assert "text cut at 1.0 KB" in small.outputs[0]["data"]["text/plain"]
+    assert not bad.ok and "FLOWMAGIC_OUTPUT_MAX_MB='lots' is not a size in MB" in bad.error["message"]
+
+
 def test_outputs_beyond_the_total_limit_leave_one_note():
     limits = OutputLimits(max_outputs=3)
     result, names, emitted = run("for i in range(10):\n    display(i)\ndone = True\n", limits=limits)

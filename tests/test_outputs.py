@@ -17,6 +17,7 @@ from flowmagic.runtime.outputs import (
     make_output,
     save_outputs,
 )
+from flowmagic.errors import UsageError
 from flowmagic.store.objects import ObjectStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
@@ -72,6 +73,14 @@ def test_budget_total_size_gives_one_note_then_silence():
     assert [a is not None for a in admitted] == [True, True, True, False, False]
     assert "outputs over 1000 bytes in total" in admitted[2]["data"]["text/plain"]
     assert budget.dropped == 3
+
+
+def test_limits_from_the_environment():
+    limits = OutputLimits.from_env({"FLOWMAGIC_OUTPUT_MAX_MB": "0.5", "FLOWMAGIC_OUTPUTS_MAX_MB": "2"})
+    assert limits.max_item_bytes == 512 * 1024 and limits.max_total_bytes == 2 * 1024 * 1024
+    assert OutputLimits.from_env({}) == OutputLimits()
+    with pytest.raises(UsageError, match="FLOWMAGIC_OUTPUT_MAX_MB='big' is not a size in MB"):
+        OutputLimits.from_env({"FLOWMAGIC_OUTPUT_MAX_MB": "big"})
 
 
 # -- storing ---------------------------------------------------------------------------

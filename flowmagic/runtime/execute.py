@@ -45,6 +45,7 @@ from IPython.core.interactiveshell import DummyMod, InteractiveShell
 from traitlets import Type
 from traitlets.config import Config
 
+from flowmagic.errors import UsageError
 from flowmagic.runtime.outputs import OutputBudget, OutputLimits, make_output, note_output, without_live_widgets
 
 Emit = Callable[[dict], None]
@@ -230,7 +231,11 @@ def execute_cell(code: str, namespace: dict, *, filename: str, first_line: int, 
     returned too. Names bound before an error keep their values.
     """
     shell = prepare_shell()
-    capture = _Capture(emit, limits or OutputLimits())
+    try:
+        limits = limits or OutputLimits.from_env()
+    except UsageError as exc:  # a bad FLOWMAGIC_OUTPUT*_MB: the step fails and says which
+        return ExecutionResult(ok=False, error=format_error(exc, filename))
+    capture = _Capture(emit, limits)
     _bind_namespace(shell, namespace)
     _register_source(filename, code, first_line)
     shell.capture = capture

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Sequence
 
-from flowmagic.errors import NotFoundError
+from flowmagic.errors import NotFoundError, UsageError
 
 #: mimetypes whose payload is binary, carried as base64 text in bundles.
 BINARY_MIMETYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"})
@@ -41,6 +42,27 @@ class OutputLimits:
     max_total_bytes: int = 50 * _MB    # all outputs of one task attempt
     max_outputs: int = 500             # count of outputs of one task attempt
     svg_max_bytes: int = 256 * 1024    # figures also carry SVG only when it is this small
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OutputLimits":
+        """The defaults, or sizes in MB from ``FLOWMAGIC_OUTPUT_MAX_MB`` (one output)
+        and ``FLOWMAGIC_OUTPUTS_MAX_MB`` (a task's total)."""
+        environ = os.environ if environ is None else environ
+        limits = cls()
+        for variable, attribute in ((ITEM_LIMIT_VARIABLE, "max_item_bytes"), (TOTAL_LIMIT_VARIABLE, "max_total_bytes")):
+            text = environ.get(variable)
+            if not text:
+                continue
+            try:
+                megabytes = float(text)
+            except ValueError:
+                raise UsageError(f"{variable}={text!r} is not a size in MB (for example {variable}=20)") from None
+            limits = replace(limits, **{attribute: int(megabytes * _MB)})
+        return limits
+
+
+ITEM_LIMIT_VARIABLE = "FLOWMAGIC_OUTPUT_MAX_MB"
+TOTAL_LIMIT_VARIABLE = "FLOWMAGIC_OUTPUTS_MAX_MB"
 
 
 # -- building bundles ---------------------------------------------------------------
@@ -128,7 +150,8 @@ class OutputBudget:
             self._told_full = True
             reason = (f"more than {self.limits.max_outputs} outputs" if self.count >= self.limits.max_outputs
                       else f"outputs over {_human(self.limits.max_total_bytes)} in total")
-            return note_output(f"this step produced {reason}; further outputs are not shown or stored.")
+            return note_output(f"this step produced {reason}; further outputs are not shown or stored "
+                               f"(raise the limit with {TOTAL_LIMIT_VARIABLE}=<MB> in the environment).")
         self.count += 1
         self.total += size
         return output
@@ -151,7 +174,8 @@ class OutputBudget:
         if not dropped:
             return {**output, "data": data} if cut else output
         notes = "\n".join(f"{_NOTE_PREFIX} the {d['mimetype']} form of this output was dropped: "
-                          f"{_human(d['size'])} is over the {_human(limit)} limit per output." for d in dropped)
+                          f"{_human(d['size'])} is over the {_human(limit)} limit per output "
+                          f"(raise it with {ITEM_LIMIT_VARIABLE}=<MB>)." for d in dropped)
         data["text/plain"] = f"{data['text/plain']}\n{notes}" if "text/plain" in data else notes
         metadata = dict(output.get("metadata") or {})
         metadata["flowmagic"] = {**metadata.get("flowmagic", {}), "dropped": dropped}
