@@ -157,7 +157,9 @@ class LivePrinter:
             stream.write("".join(f"{prefix}{line}\n" for line in lines))
 
     def _write_line(self, event: Any, stream: str, text: str) -> None:
-        self._stream(stream).write(f"{self.label(event)}{text}\n")
+        """A note of flowmagic's own (not the task's output)."""
+        prefix = self.label(event) if self.label_tasks else "[flowmagic] "
+        self._stream(stream).write(f"{prefix}{text}\n")
 
     def _display(self, event: Any) -> None:
         """One output of a task: ``{"type", "data", "metadata", "transient"}``."""
