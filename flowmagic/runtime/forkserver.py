@@ -26,6 +26,7 @@ whatever is left in its group before reaping it.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import json
@@ -112,6 +113,10 @@ class _Server:
 
     # -- main loop --------------------------------------------------------
     def serve(self) -> None:
+        # Objects that exist now are shared with every task; keeping the
+        # cyclic GC off them spares each task copying their pages on write.
+        gc.collect()
+        gc.freeze()
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -576,6 +581,14 @@ def close_all() -> None:
         for server in _servers.values():
             server.close()
         _servers.clear()
+
+
+def has_server(python: str) -> bool:
+    """Whether a live (or prestarted) server runs this interpreter: then prestarting one is waste."""
+    with _servers_lock:
+        if any(key[0] == python and server.alive() for key, server in _servers.items()):
+            return True
+    return any(key[0] == python for key in _prestarted)
 
 
 if __name__ == "__main__":
