@@ -253,6 +253,19 @@ def environment_server(step: Any, prelude: str, store: Any, *, flow: str, run_id
     return get_server(prelude_for_environment(prelude), python=str(env.python), cwd=workdir)
 
 
+def prestart_servers(steps: Iterable[Any], store_root: Path) -> None:
+    """Start the fork servers of the steps' already-built environments now, so their
+    imports overlap with the run's first steps (an environment not built yet is
+    built when its step runs, never here)."""
+    from flowmagic.runtime import forkserver
+
+    for step in steps:
+        spec = EnvSpec.from_options(step.options, step=step.name)
+        env = _lookup_request(Path(store_root) / "envs", spec) if spec is not None else None
+        if env is not None and not forkserver.has_server(str(env.python)):
+            forkserver.prestart(str(env.python))
+
+
 def record_environment(meta: Any, flow: str, run_id: int, step: str, env: Environment) -> None:
     """Keep ``env.to_record()`` in the run's stored graph document, under ``"environments"``."""
     graph = dict(meta.get_run(flow, run_id).graph or {})

@@ -239,6 +239,7 @@ def _gathered_refs(engine: "_Engine", step: str) -> dict[str, Any]:
 def _warm_up(graph, store, workdir) -> ForkServer:
     """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
     environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
+    environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
     return get_server(graph.prelude, cwd=workdir)
 
 
