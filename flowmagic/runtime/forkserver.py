@@ -591,13 +591,5 @@ def has_server(python: str) -> bool:
     return any(key[0] == python for key in _prestarted)
 
 
-def has_server(python: str) -> bool:
-    """Whether a live (or prestarted) server runs this interpreter: then prestarting one is waste."""
-    with _servers_lock:
-        if any(key[0] == python and server.alive() for key, server in _servers.items()):
-            return True
-    return any(key[0] == python for key in _prestarted)
-
-
 if __name__ == "__main__":
     main()
