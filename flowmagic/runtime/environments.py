@@ -41,7 +41,6 @@ marks the environment complete.
 """
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import importlib.metadata
@@ -61,6 +60,7 @@ from typing import Any, Iterable, Literal
 from filelock import FileLock, Timeout
 
 from flowmagic.errors import FlowDefinitionError, RunError
+from flowmagic.runtime.env_prelude import prelude_for_environment
 
 EnvKind = Literal["pypi", "conda"]
 
@@ -497,77 +497,6 @@ def _site_packages(env: Path) -> Path:
     if not candidates:
         raise EnvironmentBuildError(f"no site-packages folder in {env}")
     return candidates[0]
-
-
-# ----------------------------------------------------------------- the prelude inside an environment
-
-_MISSING_HELPER = '''
-class _FlowmagicMissingModule:
-    """Stands for a prelude import that this step's environment does not have."""
-    def __init__(self, name, error):
-        object.__setattr__(self, "_fm_message", (
-            f"{error} in this step's isolated environment: the notebook's ordinary cells import it, "
-            f"but only the step's --pypi/--conda packages (and flowmagic's own) are installed there; "
-            f"add it to the step's package list to use {name!r} in this step"))
-    def __getattr__(self, attribute):
-        raise ModuleNotFoundError(object.__getattribute__(self, "_fm_message"))
-    def __call__(self, *args, **kwargs):
-        raise ModuleNotFoundError(object.__getattribute__(self, "_fm_message"))
-'''
-
-
-def prelude_for_environment(prelude: str) -> str:
-    """The prelude with every top-level import made tolerant of a missing module.
-
-    The notebook's ordinary cells were written for the kernel's packages; an
-    isolated environment holds only the step's own. A missing import must not
-    fail every step of that environment: the name is bound to a placeholder
-    whose first use raises ModuleNotFoundError saying what to add to --pypi.
-    """
-    try:
-        tree = ast.parse(prelude)
-    except SyntaxError:
-        return prelude   # the fork server reports it, as for the kernel's own prelude
-    lines = prelude.splitlines()
-    shared = _lines_holding_several_statements(tree)
-    future, pieces, done = [], [], 0
-    for node in tree.body:
-        start, end = node.lineno - 1, node.end_lineno
-        if not isinstance(node, (ast.Import, ast.ImportFrom)) or shared & set(range(start, end)):
-            continue   # not an import, or `import a; x = 1` on one line: left as it is
-        pieces.extend(lines[done:start])
-        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-            future.extend(lines[start:end])   # must stay first, cannot be in a try
-        else:
-            pieces.extend(_tolerant_import(node))
-        done = end
-    if not done:
-        return prelude
-    pieces.extend(lines[done:])
-    return "\n".join([*future, _MISSING_HELPER, *pieces]) + "\n"
-
-
-def _lines_holding_several_statements(tree: ast.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for node in tree.body:
-        for line in range(node.lineno - 1, node.end_lineno):
-            seen[line] = seen.get(line, 0) + 1
-    return {line for line, count in seen.items() if count > 1}
-
-
-def _tolerant_import(node: ast.Import | ast.ImportFrom) -> list[str]:
-    """One try per imported name, so a missing one does not hide the others."""
-    out = []
-    for alias in node.names:
-        single = type(node)(names=[alias], **({"module": node.module, "level": node.level}
-                                              if isinstance(node, ast.ImportFrom) else {}))
-        out += ["try:", "    " + ast.unparse(single), "except ImportError as _fm_error:"]
-        if alias.name == "*":
-            out.append("    pass")
-        else:
-            bound = alias.asname or alias.name.split(".")[0]
-            out.append(f"    {bound} = _FlowmagicMissingModule({bound!r}, _fm_error)")
-    return out
 
 
 # ----------------------------------------------------------------- listing and pruning
