@@ -208,7 +208,7 @@ class KernelFlowDefinition:
 
 
 # "cell 3" inside a message from build_flow refers to an index of our cell list
-_CELL_REFERENCE = re.compile(r"\bcell (\d+)\b")
+_CELL_REFERENCE = re.compile(r"\b(?:ordinary )?cell (\d+)\b")
 
 
 # -- where the notebook is ---------------------------------------------------
