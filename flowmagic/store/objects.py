@@ -170,6 +170,8 @@ class ObjectStore:
             return True
         except FileNotFoundError:
             return False
+        except PermissionError:  # another user's object in a shared store: it exists, keep it
+            return True
 
     def _publish(self, tmp: Path, key: str) -> None:
         final = self.path(key)
