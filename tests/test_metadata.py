@@ -264,3 +264,9 @@ def test_store_root_follows_flowmagic_home(tmp_path: Path, monkeypatch: pytest.M
     assert store_root(tmp_path) == tmp_path / "elsewhere"
     store = open_store()
     assert store.root == tmp_path / "elsewhere" and (store.root / "metadata.sqlite").exists()
+
+
+def test_a_file_where_the_store_should_be_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "notadir").write_text("oops")
+    with pytest.raises(StoreError, match="cannot use .*notadir as a flowmagic store.*FLOWMAGIC_HOME"):
+        open_store(tmp_path / "notadir")

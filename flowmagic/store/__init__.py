@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import StoreError
 from .metadata import AttemptRecord, Metadata, RunRecord, TaskRecord
 from .objects import ObjectStore
 from .serializers import ArtifactRef, load_artifact, save_artifact, value_hash
@@ -41,8 +42,12 @@ class Store:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.objects = ObjectStore(self.root / OBJECTS_DIR)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.objects = ObjectStore(self.root / OBJECTS_DIR)
+        except OSError as exc:  # a file in the way, no permission, read-only disk
+            raise StoreError(f"cannot use {self.root} as a flowmagic store ({exc}); "
+                             "set FLOWMAGIC_HOME to a writable directory") from exc
         self.meta = Metadata(self.root / METADATA_FILE)
 
     def close(self) -> None:
