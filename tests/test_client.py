@@ -327,3 +327,14 @@ def test_a_store_deleted_and_recreated_is_read_afresh(store: Store) -> None:
     assert [f.name for f in Metaflow().flows] == ["NewFlow"]
     with pytest.raises(NotFoundError, match="flows there: NewFlow"):
         Flow("MovieFlow")
+
+
+def test_the_default_root_is_dot_flowmagic_in_the_current_directory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOWMAGIC_HOME", raising=False)
+    namespace_root(None)
+    store = open_store(tmp_path / ".flowmagic")
+    store.meta.new_run("HereFlow", params={"a": 1}, code={})
+    monkeypatch.chdir(tmp_path)
+    assert namespace_root() == tmp_path / ".flowmagic"
+    assert Flow("HereFlow").latest_run.parameters == {"a": 1}
