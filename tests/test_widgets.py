@@ -505,3 +505,12 @@ def test_nbconvert_execute_to_html_shows_the_static_svg(tmp_path):
         assert "params" in svg and "x" in svg
     assert "caught · 2/3 (1 failed)" in run  # the final states of the run, not those of its first display
     assert '<script type="application/vnd.jupyter.widget-view+json">' not in page  # no dead widget
+
+
+def test_a_wide_fan_out_is_laid_out_left_to_right():
+    from flowmagic.widgets.static import rankdir
+
+    steps = [{"name": "load"}] + [{"name": f"m{i}"} for i in range(10)] + [{"name": "pick"}]
+    edges = [{"from": "load", "to": f"m{i}"} for i in range(10)] + [{"from": f"m{i}", "to": "pick"} for i in range(10)]
+    assert rankdir({"steps": steps, "edges": edges}) == "LR"
+    assert rankdir(movie_graph()) == "TB"

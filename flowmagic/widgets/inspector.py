@@ -12,6 +12,7 @@ from typing import Any
 
 import traitlets
 
+from ..runtime.environments import environments_of_run
 from ..runtime.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
@@ -172,6 +173,8 @@ class InspectorMixin(traitlets.HasTraits):
             # display() calls, last values and figures of the visible attempt (runtime/outputs.py)
             "outputs": output_previews(self._store.objects, attempts[-1].outputs) if attempts else [],
             "note": note,
+            # the --pypi/--conda environment the step ran in: {"kind", "requested", "packages", ...} or None
+            "environment": environments_of_run(meta, self.flow, self.run_id, [self.step]).get(self.step),
         }
 
     # -- the pickers ----------------------------------------------------------------------------
@@ -214,6 +217,10 @@ class InspectorMixin(traitlets.HasTraits):
             for a in artifacts:
                 lines.append(f"  {a['name']:<{width}}  {a['type']:<{type_width}}  {a['size_text']:>9}  "
                              f"{_preview_line(a['preview'])}")
+        environment = self.detail.get("environment")
+        if environment:
+            lines.append(f"  environment --{environment['kind']} \"{' '.join(environment['requested'])}\": "
+                         + " ".join(environment["packages"]))
         for output in self.detail.get("outputs") or []:
             shown = output["text"].replace("\n", " ")[:60] if output["kind"] == "text" else output["mimetype"]
             lines.append(f"  {output['label']}: {shown}")

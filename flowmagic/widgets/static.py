@@ -72,6 +72,29 @@ def _param_label(param: Mapping[str, Any]) -> str:
     return f"{param['name']} = {param.get('default')!r}"[:40]
 
 
+def rankdir(graph: Mapping[str, Any]) -> str:
+    """``TB``, or ``LR`` for a fan-out much wider than the flow is deep (as the live view)."""
+    names = [s["name"] for s in graph.get("steps", [])]
+    parents: dict[str, list[str]] = {n: [] for n in names}
+    for edge in graph.get("edges", []):
+        if edge["to"] in parents and edge["from"] in parents:
+            parents[edge["to"]].append(edge["from"])
+    rank: dict[str, int] = {}
+
+    def rank_of(name: str, seen: frozenset = frozenset()) -> int:
+        if name not in rank:
+            if name in seen:
+                return 0
+            rank[name] = max((rank_of(p, seen | {name}) for p in parents[name]), default=-1) + 1
+        return rank[name]
+
+    widths: dict[int, int] = {}
+    for name in names:
+        widths[rank_of(name)] = widths.get(rank_of(name), 0) + 1
+    widest = max(widths.values(), default=0)
+    return "LR" if widest > 6 and widest > len(widths) else "TB"
+
+
 def graph_to_dot(graph: Mapping[str, Any], states: Mapping[str, Mapping] | None = None,
                  *, prefix: str = "fm") -> str:
     """The DOT source of the static picture (ids prefixed, so several SVGs fit one page)."""
@@ -79,7 +102,7 @@ def graph_to_dot(graph: Mapping[str, Any], states: Mapping[str, Mapping] | None 
 
     states = states or {}
     dot = graphviz.Digraph(graph.get("flow") or "flow")
-    dot.attr("graph", rankdir="TB", nodesep="0.3", ranksep="0.42", bgcolor="white",
+    dot.attr("graph", rankdir=rankdir(graph), nodesep="0.3", ranksep="0.42", bgcolor="white",
              pad="0.15", id=f"{prefix}_graph")
     dot.attr("node", shape="box", style="rounded,filled", fontname="Helvetica", fontsize="11",
              margin="0.15,0.06")

@@ -286,10 +286,14 @@ export function renderDag(model, el) {
   function sizeSvg(svg) {
     // Graphviz sizes in points; show at 1 pt = 1 px (a bit smaller than
     // print size, as JupyterLab's 13px UI font) and shrink to the width.
-    const viewBox = svg.viewBox.baseVal;
+    // A flow wider than the output area shrinks, but not below 55 % (text
+    // stays readable): past that the canvas scrolls sideways.
+    const natural = Math.ceil(svg.viewBox.baseVal.width);
     svg.removeAttribute("height");
-    svg.setAttribute("width", String(Math.ceil(viewBox.width)));
-    svg.style.maxWidth = "100%";
+    svg.removeAttribute("width");
+    svg.style.width = "100%";
+    svg.style.maxWidth = `${natural}px`;
+    svg.style.minWidth = `${Math.round(natural * 0.55)}px`;
     svg.style.height = "auto";
     svg.classList.add("fm-svg");
   }

@@ -42,6 +42,38 @@ function parameterReaders(graph) {
   return readers;
 }
 
+// Top to bottom, unless a rank is much wider than the flow is deep (a fan-out
+// of many parallel steps): then left to right, which scrolls down instead of
+// shrinking the text.
+export function rankdir(graph) {
+  const parents = new Map((graph.steps || []).map((s) => [s.name, []]));
+  for (const edge of graph.edges || []) {
+    if (parents.has(edge.to) && parents.has(edge.from)) {
+      parents.get(edge.to).push(edge.from);
+    }
+  }
+  const depth = new Map();
+  const rankOf = (name, seen = new Set()) => {
+    if (depth.has(name)) {
+      return depth.get(name);
+    }
+    if (seen.has(name)) {
+      return 0; // a cycle cannot come from build_flow; do not loop on bad input
+    }
+    seen.add(name);
+    const rank = Math.max(-1, ...parents.get(name).map((p) => rankOf(p, seen))) + 1;
+    depth.set(name, rank);
+    return rank;
+  };
+  const widths = new Map();
+  for (const name of parents.keys()) {
+    const rank = rankOf(name);
+    widths.set(rank, (widths.get(rank) || 0) + 1);
+  }
+  const widest = Math.max(0, ...widths.values());
+  return widest > 6 && widest > widths.size ? "LR" : "TB";
+}
+
 // Returns the DOT text and, for every id put in it, what it stands for.
 export function buildDot(graph, uid) {
   const nodes = new Map(); // svg id -> {kind: "step"|"param", name}
@@ -50,7 +82,7 @@ export function buildDot(graph, uid) {
   const lines = [
     `digraph flow {`,
     `  id=${quote(`${uid}_graph`)};`,
-    `  graph [rankdir=TB, nodesep=0.3, ranksep=0.42, bgcolor="transparent", pad=0.1];`,
+    `  graph [rankdir=${rankdir(graph)}, nodesep=0.3, ranksep=0.42, bgcolor="transparent", pad=0.1];`,
     `  node [shape=box, fixedsize=true, height=${NODE_HEIGHT_IN}, label="", fontname="Helvetica", fontsize=11];`,
     `  edge [fontname="Helvetica", fontsize=10, arrowsize=0.7];`,
   ];

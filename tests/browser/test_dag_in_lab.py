@@ -38,6 +38,18 @@ LONG = {
                "variables": [f"v{i}", "model", "scores", "weights"]} for i in range(29)],
 }
 
+WIDE = {
+    "flow": "WideFlow",
+    "parameters": [],
+    "steps": [{"name": "load", "cell": 0, "reads": [], "writes": ["data"], "options": {}, "next": []}]
+    + [{"name": f"model_{i:02d}", "cell": i + 1, "reads": ["data"], "writes": [f"m{i}"], "options": {},
+        "next": ["pick"]} for i in range(28)]
+    + [{"name": "pick", "cell": 30, "reads": [f"m{i}" for i in range(28)], "writes": ["best"], "options": {},
+        "next": []}],
+    "edges": [{"from": "load", "to": f"model_{i:02d}", "variables": ["data"]} for i in range(28)]
+    + [{"from": f"model_{i:02d}", "to": "pick", "variables": [f"m{i}"]} for i in range(28)],
+}
+
 SETUP = f"""
 import json, pathlib, time
 from flowmagic.runtime.events import Event
@@ -66,7 +78,8 @@ print("pushes", view.pushes)
 
 SECOND_VIEW = f"""
 long_view = DagView(json.loads({json.dumps(json.dumps(LONG))}))
-long_view
+wide_view = DagView(json.loads({json.dumps(json.dumps(WIDE))}))
+display(long_view, wide_view)
 """
 
 NODE = 'g.fm-step[data-step="{}"]'
@@ -122,6 +135,19 @@ def test_dag_view_shows_steps_edges_and_live_states(lab, lab_page):
         "el => [el.scrollWidth, el.clientWidth, el.querySelector('svg').getBoundingClientRect().width,"
         " el.getBoundingClientRect().width]")
     assert sizes[0] <= sizes[1] + 1 and sizes[2] <= sizes[3], sizes
+    long_dag.scroll_into_view_if_needed()
+    screenshot(page, "dag-30-steps", long_dag)
+    page.wait_for_selector('.fm-dag[data-layout="ready"] >> nth=2')
+    wide_dag = page.locator(".fm-dag").nth(2)
+    assert wide_dag.locator("g.fm-step").count() == 30
+    output_width = wide_dag.evaluate("el => el.closest('.jp-OutputArea-output').clientWidth")
+    shown = wide_dag.evaluate("el => { const s = el.querySelector('svg');"
+                              " return [el.getBoundingClientRect().width, s.getBoundingClientRect().width,"
+                              " s.viewBox.baseVal.width]; }")
+    assert shown[0] <= output_width + 1, (shown, output_width)   # the view stays inside the cell
+    assert shown[1] >= 0.55 * shown[2] - 1, shown                # and its text stays readable (scrolls)
+    wide_dag.scroll_into_view_if_needed()
+    screenshot(page, "dag-30-wide", wide_dag)
     duplicates = page.evaluate(
         "() => { const ids = [...document.querySelectorAll('.fm-root [id]')].map(e => e.id);"
         " return ids.filter((id, i) => ids.indexOf(id) !== i); }")
