@@ -114,6 +114,9 @@ def _drive(args, opts, graph, start) -> int:
     """Run with a live printer; Ctrl-C ends the run (interrupted, exit 1)."""
     from flowmagic.report import RunPrinter, render_run_summary
 
+    if opts.max_workers is not None and opts.max_workers < 1:
+        raise UsageError(f"--max-workers must be 1 or more, not {opts.max_workers}")
+
     log = sys.stderr if opts.json else sys.stdout
     printer = RunPrinter(log, flow=graph.name)
     try:

@@ -109,6 +109,7 @@ class RunPrinter:
         self._partial: dict[tuple, str] = {}
         self._started: dict[str, float] = {}
         self._counts: dict[str, list[int]] = {}   # step -> [finished, total]
+        self._reused: set[str] = set()            # steps whose tasks were cloned or cached
 
     def __call__(self, event) -> None:
         kind = event.kind
@@ -144,7 +145,10 @@ class RunPrinter:
             counts[1] += 1
         if state in ("cloned", "cached"):
             counts[0] += 1
-            self._step_done_maybe(event.step, reused=state)
+            if event.step not in self._reused:  # one line per step, not per task
+                self._reused.add(event.step)
+                how = "cloned from the origin run" if state == "cloned" else "cached (identical earlier task)"
+                self.out.write(f"Step {event.step} {how}\n")
         elif state == "running" and event.step not in self._started:
             self._started[event.step] = event.time
             total = counts[1]
@@ -161,13 +165,9 @@ class RunPrinter:
             counts[0] += 1
             self._step_done_maybe(event.step)
 
-    def _step_done_maybe(self, step: str, reused: str | None = None) -> None:
+    def _step_done_maybe(self, step: str) -> None:
         done, total = self._counts[step]
         if done != total:
-            return
-        if reused:
-            how = "cloned from the origin run" if reused == "cloned" else "cached (identical earlier task)"
-            self.out.write(f"Step {step} {how}\n")
             return
         started = self._started.get(step)
         took = f" in {_seconds(time.time() - started)}" if started else ""

@@ -95,6 +95,7 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
     run_id = meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
                           origin_run_id=origin.run_id, graph=graph.to_json())
     emit = emit_to(on_event)
+    emit(Event("run", run_id, state="running", data={"flow": graph.name}))
     known: dict[str, list[TaskInfo]] = {}
     for name in graph.topological_order():
         if name in rerun:
@@ -103,7 +104,7 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
     engine = _Engine(graph, store, run_id, values, targets=rerun, known=known, max_workers=max_workers,
                      on_event=on_event, workdir=workdir)
     engine.cloned = sum(len(v) for v in known.values())
-    return engine.run_to_end(origin_run_id=origin.run_id)
+    return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 
 def new_session_run(graph, store, *, params: dict | None = None) -> int:
@@ -283,8 +284,9 @@ class _Engine:
         self._servers: dict[str, ForkServer] = {}
 
     # -- driving -------------------------------------------------------------------
-    def run_to_end(self, origin_run_id: int | None) -> RunResult:
-        self.emit(Event("run", self.run_id, state="running", data={"flow": self.flow}))
+    def run_to_end(self, origin_run_id: int | None, announce: bool = True) -> RunResult:
+        if announce:
+            self.emit(Event("run", self.run_id, state="running", data={"flow": self.flow}))
         status = self.run_tasks(finish_run=True)
         return RunResult(self.flow, self.run_id, status, origin_run_id, self.failed,
                          time.time() - self.started, self.executed, self.cloned, self.cached)
@@ -475,7 +477,9 @@ class _Engine:
         self.meta.record_attempt(
             info.task_id, attempt, outcome=result.outcome, started_at=result.started_at,
             finished_at=result.finished_at, exit_code=result.exit_code, signal=result.signal,
-            exception=result.exception, stdout=result.stdout, stderr=result.stderr,
+            exception=result.exception, stdout=result.stdout,
+            # warnings reach UIs as events (not task stderr: shown twice); the logs keep them too
+            stderr=result.stderr + "".join(f"flowmagic: warning: {w}\n" for w in manifest.get("warnings", [])),
             artifacts=artifacts, outputs=manifest.get("outputs", []))
         self.executed += attempt == 0
         for warning in manifest.get("warnings", []):

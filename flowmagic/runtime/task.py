@@ -81,8 +81,6 @@ def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
         return _manifest("failed", [], save_error, outputs, {}, warnings, not_persisted)
     if ok and before:
         warnings.extend(_mutation_warnings(step, bound, before, spec))
-    for text in warnings:
-        print(f"flowmagic: warning: {text}", file=sys.stderr, flush=True)
     foreach = {name: _foreach_info(ns[name]) for name in spec.get("foreach_vars", []) if name in ns}
     manifest = _manifest("ok" if ok else "failed", refs, error, outputs, foreach, warnings, not_persisted)
     manifest["caught"] = not ok
