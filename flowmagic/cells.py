@@ -169,7 +169,7 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
     try:
         ns = _STEP_PARSER.parse_args(words)
     except _OptionError as exc:
-        raise FlowDefinitionError(f"bad %%step options: {exc}", step=step, cell=cell) from None
+        raise FlowDefinitionError(f"bad %%step options: {exc}{_option_hint(words)}", step=step, cell=cell) from None
     _check_step_name(ns.name, cell)
     return ns.name, ParsedOptions(
         retry=_parse_retry(ns.retry, step, cell),
@@ -181,6 +181,18 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
         cache=bool(ns.cache),
         memory=_parse_memory(ns.memory, step, cell),
     )
+
+
+def _option_hint(words: list[str]) -> str:
+    """`--retries` -> "; did you mean --retry?" (the first unknown option close to a known one)."""
+    known = [o for action in _STEP_PARSER._actions for o in action.option_strings]
+    for word in words:
+        option = word.split("=", 1)[0]
+        if option.startswith("--") and option not in known:
+            close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
 
 
 def _check_step_name(name: str, cell: int | None) -> None:

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # name the subcommand whose --help lists what it takes
+            command = f" {args.command}" if getattr(args, "command", None) else ""
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `flowmagic{command} --help`)")
         if getattr(args, "_run", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
