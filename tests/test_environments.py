@@ -286,6 +286,16 @@ def test_the_run_records_the_environments_packages(env_runs, pandas_env):
     assert recorded["old"]["packages"] == list(pandas_env.packages)
 
 
+def test_the_inspector_shows_the_environment_a_step_ran_in(env_runs, pandas_env):
+    from flowmagic.widgets.inspector import Inspector
+
+    store, results, _ = env_runs
+    view = Inspector(store, "EnvFlow", run_id=results[-1].run_id, step="old")
+    assert view.detail["environment"]["packages"] == list(pandas_env.packages)
+    assert f'environment --pypi "{PANDAS_PIN}": ' in view.fallback_text()
+    assert Inspector(store, "EnvFlow", run_id=results[-1].run_id, step="plain").detail["environment"] is None
+
+
 def test_later_runs_create_no_environment_and_the_env_step_starts_like_an_ordinary_one(env_runs, store_root):
     """Start latency = a step's first line minus its parent's last line (scheduling, fork, inputs)."""
     store, results, envs_before = env_runs
