@@ -561,6 +561,6 @@ def test_dag_imports_and_builds_plain_python_without_ipython():
     code = ("import sys\nimport flowmagic.dag as d\nassert 'IPython' not in sys.modules\n"
             "d.build_flow(['import os', '%%step a\\nx = 1', '%%step b\\ny = x'])\n"
             "assert 'IPython' not in sys.modules, 'plain Python needs no transformer'\n"
-            "d.build_flow(['%%step a\\n%time x = 1'])\nassert 'IPython' in sys.modules\n")
+            "d.build_flow(['%%step a\\n!echo hi\\nx = 1'])\nassert 'IPython' in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
