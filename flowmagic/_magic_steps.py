@@ -192,6 +192,8 @@ def _bind_outputs(magics: FlowMagics, store: Any, result: Any) -> None:
 
     values, unreadable = {}, []
     for name, ref in (result.artifacts or {}).items():
+        if _unsaved(ref):
+            continue   # the task warned already: the value could not be saved
         try:
             values[name] = load(ref)
         except Exception as exc:  # one bad artifact must not hide the others
@@ -200,6 +202,12 @@ def _bind_outputs(magics: FlowMagics, store: Any, result: Any) -> None:
     if unreadable:
         print(f"[flowmagic] warning: not bound in the notebook: {'; '.join(unreadable)}",
               file=sys.stderr)
+
+
+def _unsaved(ref: Any) -> bool:
+    if isinstance(ref, (list, tuple)):
+        return bool(ref) and all(_unsaved(r) for r in ref)
+    return getattr(ref, "serializer", None) == "unsaved"
 
 
 # The scheduler names a step's code "<cell N: step S>", N indexing the kernel's

@@ -122,6 +122,16 @@ def _truncated_artifacts_named(store: Path) -> None:
     assert _client(store).Run(f"{FLOW}/1")["end"].task.data.y == 42
 
 
+def _recorded_as_not_persisted(store: Path) -> None:
+    """DESIGN 4: the unsaved value is recorded (name, type) and reading it says why it is missing."""
+    from flowmagic.errors import SerializationError
+
+    task = _client(store).Flow(FLOW).latest_run["start"].task
+    assert task.data.x == 41
+    with pytest.raises(SerializationError, match="'g' was not saved: .*generator"):
+        task.data.g
+
+
 # ----------------------------------------------------------------------------- the catalogue
 
 
@@ -200,8 +210,9 @@ CASES = [
          cells=[HEAD, PARAMS, START, f"%%step hog --memory 300\ny = x\n{LEAK}"], after=failed_in("hog")),
     # -- warnings only: exit 0 ---------------------------------------------------------------
     Case("unserialisable artifact nobody reads", ("run", "NB"), 0,
-         ("warning: step 'start': 'g' (generator) cannot be saved", "not persisted"),
-         cells=[HEAD, "%%step start\ng = (i for i in range(3))\nx = 41", "%%step end\ny = x + 1"]),
+         ("warning: step 'start': 'g' (generator) cannot be saved", "not persisted", "no later step reads it"),
+         cells=[HEAD, "%%step start\ng = (i for i in range(3))\nx = 41", "%%step end\ny = x + 1"],
+         after=_recorded_as_not_persisted),
 ]
 
 # Cases the catalogue lists but other tests cover thoroughly (test_covered_elsewhere_exists

@@ -30,7 +30,8 @@ from typing import Any, Callable
 from flowmagic.errors import SerializationError
 from flowmagic.runtime.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
-from flowmagic.store.serializers import ArtifactRef, load_artifact, save_artifact, type_name_of, value_hash
+from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
+                                         unsaved_message, unsaved_ref, value_hash)
 
 ITEM_REPR_MAX = 60
 ITEM_REPRS_MAX = 10_000
@@ -65,7 +66,8 @@ def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
     try:
         bound = bind_inputs(spec, ns, objects)
     except Exception as exc:  # noqa: BLE001 - a missing/unreadable input fails the task, clearly
-        return _manifest("failed", [], _exception_record(exc), outputs, {}, warnings, [])
+        # flowmagic's own frames would hide the message: it names the input and its step
+        return _manifest("failed", [], _exception_record(exc.with_traceback(None)), outputs, {}, warnings, [])
     before = _hashes(bound, spec) if spec.get("mutation_check") else {}
     if spec.get("catch"):
         ns[spec["catch"]] = None
@@ -95,7 +97,11 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     gathered foreach value, nested for nested foreach), ``{"value": JSON}`` or
     ``{"missing": message}``."""
     if "ref" in binding:
-        return load_artifact(objects, ArtifactRef.from_dict(binding["ref"]))
+        ref = ArtifactRef.from_dict(binding["ref"])
+        if ref.serializer == UNSAVED:   # the producer could not save it: name that step
+            raise SerializationError(unsaved_message(ref, binding.get("step")), variable=ref.name,
+                                     type_name=ref.type, step=binding.get("step"))
+        return load_artifact(objects, ref)
     if "list" in binding:
         return [resolve_binding(b, objects) for b in binding["list"]]
     if "value" in binding:
@@ -217,8 +223,9 @@ def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]
                 return refs, not_persisted, {"type": "SerializationError", "message": message,
                                              "traceback": f"SerializationError: {message}\n"}
             not_persisted.append({"name": name, "type": type_name})
+            refs.append(unsaved_ref(name, type_name).to_dict())
             warnings.append(f"step '{spec['step']}': '{name}' ({type_name}) cannot be saved; "
-                            "no later step reads it, so it is not persisted")
+                            "it is not persisted (fine while no later step reads it)")
     return refs, not_persisted, None
 
 

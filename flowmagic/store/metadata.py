@@ -260,7 +260,7 @@ class Metadata:
         keys = set()
         for key, flow, run_id in self._read(
                 "SELECT a.hash, t.flow, t.run_id FROM artifacts a JOIN tasks t ON a.task_id = t.task_id"
-                " WHERE a.serializer != 'inline'"):
+                " WHERE a.serializer NOT IN ('inline', 'unsaved')"):
             if (flow, run_id) not in excluded:
                 keys.add(key)
         for outputs, flow, run_id in self._read(

@@ -34,6 +34,9 @@ from . import _arrow
 from .objects import ObjectStore
 
 SERIALIZERS = ("arrow-pandas", "arrow-numpy", "arrow-table", "arrow-polars", "pickle", "inline")
+# A value that could not be saved and no step read: recorded (DESIGN 4: "recorded as not
+# persisted") with its type and no object, so a later reader gets a clear error, not a NameError.
+UNSAVED = "unsaved"
 INLINE_MAX = 1024  # characters of JSON text kept in the metadata
 
 # pickle-5 object layout: magic, u32 buffer count, u64 pickle length, u64 per
@@ -83,8 +86,22 @@ def save_artifact(objects: ObjectStore, name: str, value: Any, step: str | None 
     return ArtifactRef(name, type_name, size, key, serializer)
 
 
+def unsaved_ref(name: str, type_name: str) -> ArtifactRef:
+    """The record of a value that could not be saved (see UNSAVED)."""
+    return ArtifactRef(name, type_name, 0, "", UNSAVED)
+
+
+def unsaved_message(ref: ArtifactRef, step: str | None = None) -> str:
+    by = f"step '{step}'" if step else "its step"
+    return (f"'{ref.name}' was not saved: {by} held a {ref.type} in it, which cannot be saved as an "
+            f"artifact. Keep something that can be saved in '{ref.name}' (a path, the data it holds), "
+            "or compute it in the step that reads it")
+
+
 def load_artifact(objects: ObjectStore, ref: ArtifactRef) -> Any:
     """The stored value; arrays and frames are memory-mapped (copy-on-write)."""
+    if ref.serializer == UNSAVED:
+        raise SerializationError(unsaved_message(ref), variable=ref.name, type_name=ref.type)
     if ref.serializer == "inline":
         return json.loads(ref.inline) if ref.inline is not None else None
     reader = _READERS.get(ref.serializer)
