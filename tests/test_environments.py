@@ -144,7 +144,7 @@ def test_second_use_is_instant_and_builds_nothing(pandas_env, store_root):
     elapsed = time.perf_counter() - started
     assert not again.created
     assert again.path == pandas_env.path and again.packages == pandas_env.packages
-    assert elapsed < 0.05, f"cached lookup took {elapsed:.3f} s"
+    assert elapsed < 0.2, f"cached lookup took {elapsed:.3f} s"   # ~1 ms idle; a build takes 10-60 s
     assert _env_dirs(store_root) == before
 
 
@@ -351,9 +351,9 @@ def test_conda_without_a_tool_stops_the_run_before_it_starts(tmp_path, monkeypat
 # ----------------------------------------------------------------- two runs building one environment
 
 _TWO_RUNS_NOTEBOOK = [
-    "%load_ext flowmagic",
-    "%%step start\nimport pandas as pd\nframe = pd.DataFrame({'a': [1, 2]})",
-    f'%%step old --pypi "{PANDAS_PIN}"\nimport pandas as pd\nversion = pd.__version__\nn = len(frame)',
+    "%load_ext flowmagic\nimport pandas as pd",
+    "%%step start\nframe = pd.DataFrame({'a': [1, 2]})",
+    f'%%step old --pypi "{PANDAS_PIN}"\nversion = pd.__version__\nn = len(frame)',
 ]
 
 
