@@ -1,4 +1,8 @@
-"""A real JupyterLab server and Debian's Chromium, driven by Playwright.
+"""Fixtures: a real JupyterLab server and Debian's Chromium, driven by Playwright.
+
+Not a conftest.py: tests/ has one, and both would be imported as the module
+`conftest` (tests/test_magics_kernel.py does `from conftest import ...`).
+The browser test modules import these fixtures by name.
 
 The server runs on a free local port with a temporary root, its own
 settings (no news pop-up) and its own FLOWMAGIC_HOME; the browser is
@@ -35,12 +39,6 @@ def chromium_path() -> str | None:
         if candidate and Path(candidate).exists():
             return candidate
     return None
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/browser" in str(item.fspath):
-            item.add_marker(pytest.mark.browser)
 
 
 def free_port() -> int:
@@ -170,6 +168,7 @@ def chromium():
 
 @pytest.fixture
 def lab_page(chromium, request):
+    """A fresh page; on failure its screenshot and console go to test-artifacts/."""
     context = chromium.new_context(viewport={"width": 1280, "height": 1000}, device_scale_factor=1)
     page = context.new_page()
     errors: list[str] = []
@@ -177,20 +176,14 @@ def lab_page(chromium, request):
     page.js_errors = errors  # type: ignore[attr-defined]
     console: list[str] = []
     page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    failed_before = request.session.testsfailed
     try:
         yield page
     finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
+        if request.session.testsfailed > failed_before:  # the call phase of this test failed
             from labpage import screenshot
 
             path = screenshot(page, f"FAILED-{request.node.name}")
             path.with_suffix(".console.txt").write_text("\n".join(console + errors))
         context.close()
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
