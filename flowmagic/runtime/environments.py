@@ -28,7 +28,7 @@ the kernel's other site-packages (its pandas) out of the environment. The
 link is re-pointed on every use, so one store can serve several checkouts.
 
 Python version: environments use the kernel's own interpreter (`uv venv
---python sys.executable`). uv could provide other versions only by
+--python <realpath of sys.executable>`). uv could provide other versions only by
 downloading a standalone Python build from outside the package registries,
 which this workplace cannot reach, so there is no `--python` option.
 
@@ -55,7 +55,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from filelock import FileLock, Timeout
 
@@ -347,9 +347,9 @@ def ensure_environment(spec: EnvSpec, store_root: Path, *, step: str | None = No
                        "layout": _RECORD_VERSION})
         build = lambda final: _build_pypi(tool, spec, pins, envs, final, step)  # noqa: E731
     else:
-        pins, key = [], spec.request_key()   # the conda tool resolves inside its `create`
+        key = spec.request_key()   # the conda tool resolves inside its `create`
         build = lambda final: _build_conda(tool, spec, final, step)  # noqa: E731
-    env = _ensure_built(envs, key, spec, pins, build, step)
+    env = _ensure_built(envs, key, spec, build, step)
     _remember_request(envs, spec, key)
     return env
 
@@ -383,7 +383,8 @@ def _remember_request(envs: Path, spec: EnvSpec, key: str) -> None:
     _write_atomic(requests / f"{spec.request_key()}.json", json.dumps({"key": key}))
 
 
-def _ensure_built(envs: Path, key: str, spec: EnvSpec, pins: list[str], build, step: str | None) -> Environment:
+def _ensure_built(envs: Path, key: str, spec: EnvSpec, build: Callable[[Path], object],
+                  step: str | None) -> Environment:
     final = envs / key
     found = _load_finished(final, spec, key)
     if found is not None:
@@ -402,7 +403,9 @@ def _ensure_built(envs: Path, key: str, spec: EnvSpec, pins: list[str], build, s
             f"waited {LOCK_TIMEOUT_SECONDS} s for another process building {final}", step=step, spec=spec
         ) from None
     env = _load_finished(final, spec, key, created=True)
-    assert env is not None, f"environment {final} vanished right after it was built"
+    if env is None:   # pruned between the build and this line
+        raise EnvironmentBuildError(f"the environment {final} was removed right after it was built; run again",
+                                    step=step, spec=spec)
     return env
 
 
