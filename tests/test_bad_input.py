@@ -18,6 +18,9 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -298,6 +301,26 @@ def test_two_runs_of_a_failing_and_a_good_notebook_at_once_keep_each_other_whole
     runs = {r.id: r for r in client.Flow(FLOW)}
     assert sorted(runs) == ["1", "2", "3"]
     assert sorted(r.successful for r in runs.values()) == [False, True, True]
+    assert_earlier_run_intact(store)
+
+
+def test_a_run_waits_for_another_process_holding_the_store_lock(earlier: Path, tmp_path: Path):
+    """A concurrent writer (another orchestrator mid-transaction) delays a run; it loses nothing."""
+    store = tmp_path / "store"
+    shutil.copytree(earlier, store)
+    nb = write_notebook(tmp_path / "catalogue.ipynb", GOOD)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"conn = sqlite3.connect({str(store / 'metadata.sqlite')!r}, isolation_level=None)\n"
+        "conn.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(3)\nconn.execute('COMMIT')")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    started = time.monotonic()
+    proc = flowmagic("run", nb, store=store)
+    assert holder.wait(timeout=30) == 0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - started >= 2   # it waited for the lock instead of failing
+    assert _client(store).Run(f"{FLOW}/2").successful
     assert_earlier_run_intact(store)
 
 

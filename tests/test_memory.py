@@ -115,3 +115,23 @@ def test_message_names_step_sizes_and_the_option():
                     "(--memory 2048; raise it with --memory MB)")
     default = memory.out_of_memory_message("train", 30 * memory.GIB, 20 * memory.GIB, None)
     assert "80% of this machine's memory; set --memory MB" in default
+
+
+def test_export_writes_resources_and_metaflow_runs_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from flowmagic.export import export_flow
+
+    graph = build_flow(["%%step start\nx = 41", "%%step end --memory 300\ny = x + 1"], name="Sized")
+    script = tmp_path / "sized.py"
+    script.write_text(export_flow(graph))
+    text = script.read_text()
+    assert "@resources(memory=300)" in text and "resources" in text.split("from metaflow import ")[1].split("\n")[0]
+    env = dict(os.environ, METAFLOW_HOME=str(tmp_path / "mf_home"), METAFLOW_DEFAULT_DATASTORE="local",
+               METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path / "mf_store"), METAFLOW_DEFAULT_METADATA="local",
+               USERNAME="tester")
+    done = subprocess.run([sys.executable, str(script), "--no-pylint", "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
