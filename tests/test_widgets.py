@@ -133,6 +133,9 @@ def test_run_events_set_the_run_record_and_other_events_change_nothing():
     assert live.apply(Event("run", run_id=3, state="running"))
     assert live.run == {"run_id": 3, "status": "running"}
     assert not live.apply(Event("output", run_id=3, step="start", stream="stdout", text="hi"))
+    session = StepStates(["start"])
+    session.apply(task("start", "running"))   # a %%step cell: task events only
+    assert session.run["run_id"] == 7
 
 
 # -- throttling ---------------------------------------------------------------------------

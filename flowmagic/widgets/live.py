@@ -67,6 +67,8 @@ class StepStates:
             return True
         if kind != "task" or not event.step or not event.state:
             return False
+        if self.run.get("run_id") is None:  # a session run's steps come without run events
+            self.run = {"run_id": event.run_id, "status": self.run.get("status", "")}
         step = self._steps.setdefault(event.step, _Step())
         step.override = None
         data = event.data if isinstance(event.data, dict) else {}
