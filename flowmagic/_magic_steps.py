@@ -46,7 +46,7 @@ def record_cell(magics: FlowMagics, magic: str, line: str, cell: str) -> tuple[A
 
 _USAGE = {
     "%%step": "%%step NAME [--retry [N]] [--timeout S] [--foreach VAR] [--catch VAR] "
-              "[--pypi SPEC] [--conda SPEC] [--cache]",
+              "[--pypi SPEC] [--conda SPEC] [--cache] [--memory MB]",
     "%%params": "%%params (then one `name = value  # help` or `name = Parameter(...)` per line)",
 }
 

@@ -116,7 +116,7 @@ class FlowMagics(Magics):
         """Run this cell as step NAME of the notebook's session run.
 
         %%step NAME [--retry [N]] [--timeout S] [--foreach VAR] [--catch VAR]
-                    [--pypi SPEC] [--conda SPEC] [--cache]
+                    [--pypi SPEC] [--conda SPEC] [--cache] [--memory MB]
         """
         from flowmagic import _magic_steps
 
