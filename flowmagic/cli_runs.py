@@ -237,7 +237,9 @@ def _run_dump(args: argparse.Namespace) -> int:
                 continue
             row = {"step": task.step, "task": task.task_id, "name": ref.name, "type": ref.type,
                    "size": ref.size, "hash": ref.hash}
-            if not args.json:
+            if not args.json and ref.serializer == "unsaved":
+                row["preview"] = "(not saved)"
+            elif not args.json:
                 try:
                     row["preview"] = preview(load_artifact(store.objects, ref))
                 except Exception as exc:  # noqa: BLE001 - a preview must not hide the others

@@ -59,7 +59,8 @@ def artifacts(store: Path, flow: str, run_id: int, step: str) -> list[dict]:
     s = open_store(store)
     try:
         tasks = sorted(s.meta.tasks(flow, run_id, step), key=lambda t: t.index or ())
-        return [{r.name: load_artifact(s.objects, r) for r in s.meta.artifacts(t.task_id)} for t in tasks]
+        return [{r.name: load_artifact(s.objects, r) for r in s.meta.artifacts(t.task_id) if r.serializer != "unsaved"}
+                for t in tasks]
     finally:
         s.close()
 

@@ -276,13 +276,16 @@ def test_status_dump_tag_and_logs(tmp_path, store):
     assert {"run_id", "status", "tags", "started_at", "finished_at"} <= set(status["runs"][0])
 
     dump = flowmagic_json("dump", nb, "1", store=store)
-    names = {(a["step"], a["name"]) for a in dump["artifacts"]}
-    assert names == {("start", "x"), ("start", "arr"), ("end", "x")}
+    names = {(a["step"], a["name"], a["type"]) for a in dump["artifacts"]}
+    # `np` (a module) cannot be saved and no step reads it: listed as not saved
+    assert names == {("start", "x", "int"), ("start", "arr", "numpy.ndarray"), ("start", "np", "module"),
+                     ("end", "x", "int")}
     assert set(dump["artifacts"][0]) == {"step", "task", "name", "type", "size", "hash"}
     dump = flowmagic_json("dump", nb, "1/start", "--include", "arr", store=store)
     assert [(a["name"], a["type"]) for a in dump["artifacts"]] == [("arr", "numpy.ndarray")]
     text = flowmagic("dump", nb, "1/start", store=store)
     assert "(2, 3) int64" in text.stdout
+    assert "(not saved)" in text.stdout
     missing = flowmagic("dump", nb, "1/nope", store=store)
     assert missing.returncode == 2 and "start" in missing.stderr
 
