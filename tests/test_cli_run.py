@@ -316,3 +316,25 @@ def test_gc_keeps_the_newest_runs(tmp_path, store):
     assert done["runs_removed"] == [{"flow": "HelloFlow", "run_id": 1}]
     assert [r["run_id"] for r in flowmagic_json("status", nb, store=store)["runs"]] == [2]
     assert artifacts(store, "HelloFlow", 2, "start")[0]["arr"].tolist() == list(range(10))
+
+
+def test_output_streams_live_with_task_prefixes(tmp_path, store):
+    nb = write_notebook(tmp_path / "live.ipynb", [
+        "%%step start\nimport time, sys\nprint('tick', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)"
+        "\ntime.sleep(4)\nprint('tock')\nx = 1",
+    ])
+    proc = start_flowmagic("run", nb, store=store)
+    seen = {}
+    for line in proc.stdout:
+        seen.setdefault(line.strip(), time.monotonic())
+    proc.wait(timeout=60)
+    assert proc.returncode == 0
+    tick = next(t for line, t in seen.items() if line.endswith("tick"))
+    tock = next(t for line, t in seen.items() if line.endswith("tock"))
+    assert tock - tick > 3  # `tick` was shown while the task was still sleeping
+    assert any(line.startswith("[start/") and line.endswith("] tick") for line in seen)
+    assert any(line.endswith("to stderr") for line in seen)
+    [task] = tasks(store, "Live", 1, "start")
+    [attempt] = attempts(store, task.task_id)
+    assert attempt.stdout == "tick\ntock\n"
+    assert attempt.stderr.startswith("to stderr\n")  # then warnings: `time`, `sys` (modules) are not saved
