@@ -78,8 +78,11 @@ def _children(pid: int) -> list[int]:
     kids: list[int] = []
     try:
         threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
+    except OSError:   # not Linux (or gone): psutil walks the process table
+        try:
+            return [child.pid for child in psutil.Process(pid).children()]
+        except psutil.Error:
+            return kids
     for tid in threads:
         data = _read(f"/proc/{pid}/task/{tid}/children")
         if data:
@@ -119,8 +122,11 @@ def scan_group(pgid: int) -> set[int]:
 
 def rss(pid: int) -> int:
     data = _read(f"/proc/{pid}/statm")
-    if data is None:
-        return 0
+    if data is None:   # not Linux, or the process is gone
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return 0
     return int(data.split()[1]) * _PAGE
 
 
