@@ -109,7 +109,6 @@ function buildStepNode(group, step) {
   if (tooltip) {
     tooltip.textContent = describeStep(step);
   }
-  fitText(parts.name, box.width - 10);
   return parts;
 }
 
@@ -338,6 +337,9 @@ export function renderDag(model, el) {
     sizeSvg(svg);
     nodes = decorate(svg, graph, ids);
     canvas.replaceChildren(svg);
+    for (const node of nodes.values()) {
+      fitText(node.parts.name, node.parts.box.width - 10); // measurable once in the page
+    }
     root.setAttribute("data-layout", "ready");
     applyStates();
     applySelection();
