@@ -184,9 +184,10 @@ def _select_tasks(store, flow: str, spec: str):
         steps = sorted({t.step for t in store.meta.tasks(flow, run_id)})
         raise NotFoundError(f"run {flow}/{run_id} has no step '{step}' (steps: {', '.join(steps) or 'none'})")
     if task_id is not None:
+        ids = ", ".join(str(t.task_id) for t in tasks)
         tasks = [t for t in tasks if t.task_id == task_id]
         if not tasks:
-            raise NotFoundError(f"step {flow}/{run_id}/{step} has no task {task_id}")
+            raise NotFoundError(f"step {flow}/{run_id}/{step} has no task {task_id} (tasks: {ids})")
     return run_id, tasks
 
 
@@ -245,6 +246,11 @@ def _run_dump(args: argparse.Namespace) -> int:
                 except Exception as exc:  # noqa: BLE001 - a preview must not hide the others
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
+    unknown = sorted(include - {row["name"] for row in rows})
+    if unknown:   # a misspelt --include must not look like an empty task
+        names = sorted({r.name for t in tasks for r in store.meta.artifacts(t.task_id)})
+        raise NotFoundError(f"no artifact {', '.join(map(repr, unknown))} in {flow}/{args.pathspec} "
+                            f"(artifacts: {', '.join(names) or 'none'})")
     found = _task_outputs(store, tasks) if args.outputs else []
     environments = environments_of_run(store.meta, flow, run_id, {t.step for t in tasks})   # --pypi/--conda
     if args.json:
