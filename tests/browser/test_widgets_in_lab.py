@@ -260,6 +260,13 @@ def test_run_all_shows_the_flow_live_then_dump_and_run_show_the_inspector(lab, l
     screenshot(page, "run-view-light", page.locator(".fm-root").last)
     assert page.js_errors == []
 
+    # executing a step cell again marks the steps below it stale in the session view
+    run_cell(page, "%%step start")
+    for step in ("slow", "compute", "join", "broken"):
+        wait_state(session, step, "stale")
+    wait_state(session, "start", "done")
+    wait_idle(page)
+
     # dark theme, after a reload: the views come back from the kernel with their states
     save(page)
     lab.set_theme("JupyterLab Dark")
@@ -267,7 +274,7 @@ def test_run_all_shows_the_flow_live_then_dump_and_run_show_the_inspector(lab, l
         page.reload()
         page.locator(".fm-run-dag .fm-dag").nth(1).wait_for(timeout=60_000)
         wait_state(page.locator(".fm-run-dag .fm-dag").nth(1), "broken", "failed")
-        wait_state(page.locator(".fm-dag").first, "compute", "caught")
+        wait_state(page.locator(".fm-dag").first, "compute", "stale")
         last = page.locator(".fm-root").last
         last.scroll_into_view_if_needed()
         screenshot(page, "run-view-dark", last)
