@@ -517,3 +517,17 @@ def test_a_wide_fan_out_is_laid_out_left_to_right():
     edges = [{"from": "load", "to": f"m{i}"} for i in range(10)] + [{"from": f"m{i}", "to": "pick"} for i in range(10)]
     assert rankdir({"steps": steps, "edges": edges}) == "LR"
     assert rankdir(movie_graph()) == "TB"
+
+
+def test_the_built_front_end_ships_with_the_package_and_answers_need_viz(monkeypatch):
+    from flowmagic.widgets._base import CSS, ESM, VIZ
+
+    bundle = ESM.read_text()
+    for needle in ("data-state", "data-step", "data-edge-from", "need-viz", "fm-inspector"):
+        assert needle in bundle, f"{needle} missing: rebuild js/ (npm run build)"
+    assert "--jp-layout-color1" in CSS.read_text()
+    assert VIZ.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    view = DagView(movie_graph())
+    assert view._viz is None
+    view._on_front_end_message(view, {"type": "need-viz"}, [])  # a view shown inside a container
+    assert view._viz is not None
