@@ -53,7 +53,7 @@ def status(magics: FlowMagics, args: argparse.Namespace) -> Any:
 
 
 def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
-    from flowmagic.cli_runs import _render_outputs, _select_tasks, _task_outputs
+    from flowmagic.cli_runs import _render_outputs, _select_tasks, _task_outputs, check_included
     from flowmagic.report import preview, render_dump
     from flowmagic.store import load_artifact
 
@@ -73,6 +73,7 @@ def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
                 except Exception as exc:  # a preview must not hide the others
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
+    check_included(store, flow, args.pathspec, tasks, include, rows)
     found = _task_outputs(store, tasks) if args.outputs else []
     if args.json:
         document = {"flow": flow, "run_id": run_id, "artifacts": rows}

@@ -223,6 +223,15 @@ def _render_outputs(store, found) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_included(store, flow: str, pathspec: str, tasks, include: set[str], rows: list[dict]) -> None:
+    """A misspelt ``--include`` name is an error listing the artifacts, not an empty dump."""
+    unknown = sorted(include - {row["name"] for row in rows})
+    if unknown:
+        names = sorted({r.name for t in tasks for r in store.meta.artifacts(t.task_id)})
+        raise NotFoundError(f"no artifact {', '.join(map(repr, unknown))} in {flow}/{pathspec} "
+                            f"(artifacts: {', '.join(names) or 'none'})")
+
+
 def _run_dump(args: argparse.Namespace) -> int:
     from flowmagic.report import preview, render_dump
     from flowmagic.runtime.environments import environments_of_run, render_environments
@@ -246,11 +255,7 @@ def _run_dump(args: argparse.Namespace) -> int:
                 except Exception as exc:  # noqa: BLE001 - a preview must not hide the others
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
-    unknown = sorted(include - {row["name"] for row in rows})
-    if unknown:   # a misspelt --include must not look like an empty task
-        names = sorted({r.name for t in tasks for r in store.meta.artifacts(t.task_id)})
-        raise NotFoundError(f"no artifact {', '.join(map(repr, unknown))} in {flow}/{args.pathspec} "
-                            f"(artifacts: {', '.join(names) or 'none'})")
+    check_included(store, flow, args.pathspec, tasks, include, rows)
     found = _task_outputs(store, tasks) if args.outputs else []
     environments = environments_of_run(store.meta, flow, run_id, {t.step for t in tasks})   # --pypi/--conda
     if args.json:

@@ -59,6 +59,7 @@ CASES = [
     KernelCase("bad parameter value", "%flow run --alpha fast", ("parameter 'alpha'", "'fast'"),
                setup=(PARAMS, START)),
     KernelCase("missing run id: dump", "%flow dump 99", ("KCat/99", "runs of KCat")),
+    KernelCase("unknown artifact: dump --include", "%flow dump 2 --include xx", ("no artifact 'xx'", "x, y")),
     KernelCase("missing run id: resume", "%flow resume 99", ("KCat/99", "runs of KCat"), setup=(START, END)),
     KernelCase("missing run id: tag", "%flow tag add 99 best", ("KCat/99", "runs of KCat")),
     KernelCase("missing run id: logs", "%flow logs 99/start", ("KCat/99", "runs of KCat")),
