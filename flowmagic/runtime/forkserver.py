@@ -120,6 +120,7 @@ class _Server:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._orchestrator_died)
         sel = selectors.DefaultSelector()
         sel.register(self.ctrl, selectors.EVENT_READ)
         sel.register(self.wake_r, selectors.EVENT_READ)
@@ -184,6 +185,7 @@ class _Server:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the server's handler
         # Drop every descriptor that belongs to the server or to other tasks,
         # or the orchestrator would never see EOF on them.
         for fd in (self.wake_r, self.wake_w, *self.children.values()):
@@ -233,6 +235,11 @@ class _Server:
         fd = self.children.pop(pid)
         _write_line(fd, f"exit {status}")
         _close_quietly(fd)
+
+    def _orchestrator_died(self, *_: object) -> None:
+        """PDEATHSIG: the kernel/orchestrator is gone; so must every task be."""
+        self.shutdown()
+        os._exit(0)
 
     def shutdown(self) -> None:
         for pid in list(self.children):
@@ -305,7 +312,9 @@ def preload(modules) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ctrl_fd, orchestrator_pid = int(argv[0]), int(argv[1])
-    die_with_parent(orchestrator_pid)
+    # SIGTERM, not SIGKILL: serve() handles it by killing every task's process
+    # group (subprocesses a step started included) before exiting (small edit by H6).
+    die_with_parent(orchestrator_pid, signal.SIGTERM)
     # Imports first, before the prelude is known: a server can be started
     # while the orchestrator is still reading the notebook.
     preload(argv[2].split(",") if len(argv) > 2 and argv[2] else ())
@@ -318,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     ctrl.send(json.dumps(reply).encode())
     if reply["ok"]:
         server.serve()
+    # No interpreter shutdown: atexit hooks (IPython's shell) have nothing to
+    # save here and fail noisily when the working directory is gone.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------
