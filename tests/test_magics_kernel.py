@@ -485,12 +485,7 @@ def test_a_killed_kernel_leaves_no_task_process(tmp_path):
     task, child = _kill_kernel_during_a_step(tmp_path)
     try:
         assert _gone_within(task, 5)
-        if not _gone_within(child, 3):
-            # Known bug in runtime/forkserver.py (not the magics): the server dies by
-            # PDEATHSIG=SIGKILL with the kernel before it can kill its tasks' process
-            # groups, so a subprocess the step started is orphaned. Proposed fix:
-            # PDEATHSIG=SIGTERM for the server + a handler calling shutdown().
-            pytest.xfail("a step's subprocess outlives a SIGKILLed kernel (fork server bug)")
+        assert _gone_within(child, 5)      # the step's own subprocess too
     finally:
         _kill_quietly(child)
 

@@ -28,15 +28,15 @@ def _load_libc():
     return _libc
 
 
-def die_with_parent(expected_parent: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent exits.
+def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` (SIGKILL) to this process when its parent exits.
 
     ``expected_parent`` is the pid the caller believes is its parent: if it
     has already died (we were re-parented before prctl took effect), exit now.
     """
     libc = _load_libc()
     if libc and sys.platform.startswith("linux"):
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != expected_parent:
         os._exit(137)
 
