@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from flowmagic.runtime.forkserver import ForkServer, TaskProcess
+from flowmagic.runtime.forkpool import ForkServer, TaskProcess
 from flowmagic.runtime.processes import describe_wait_status, signal_name
 
 TERM_GRACE = 1.0      # seconds between SIGTERM and SIGKILL on a timeout

@@ -22,7 +22,8 @@ from flowmagic.runtime import inputs as plan
 from flowmagic.runtime.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.cache import cache_enabled, find_cached
 from flowmagic.runtime.events import Event, emit_to
-from flowmagic.runtime.forkserver import ForkServer, ForkServerDied, get_server
+from flowmagic.runtime.forkpool import ForkServer, get_server
+from flowmagic.runtime.forkserver import ForkServerDied
 from flowmagic.runtime.inputs import TaskInfo
 from flowmagic.runtime.results import RunResult
 from flowmagic.store.serializers import ArtifactRef, save_artifact

@@ -27,21 +27,16 @@ whatever is left in its group before reaping it.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import json
 import linecache
 import os
-import queue
 import selectors
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import traceback
 import types
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flowmagic.errors import RunError
@@ -332,276 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.flush()
     os._exit(0)
 
-
-# --------------------------------------------------------------------------
-# orchestrator side
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class TaskProcess:
-    """A forked task as the orchestrator sees it: its pid and its pipes."""
-
-    pid: int
-    stdout: int            # read ends, owned by whoever drives the task
-    stderr: int
-    status: int            # "exit STATUS" arrives here
-    channel: socket.socket  # spec in, manifest and display messages out
-    server: "ForkServer"
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the task's whole process group (through the server, race-free)."""
-        self.server.kill(self.pid, sig)
-
-    def close(self) -> None:
-        for fd in (self.stdout, self.stderr, self.status):
-            _close_quietly(fd)
-        self.channel.close()
+# The orchestrator's side (TaskProcess, ForkServer, get_server, prestart...)
+# lives in forkpool.py; these names stay importable from here.
+_POOL_NAMES = frozenset({'TaskProcess', 'ForkServer', 'prestart', 'get_server', 'close_all', 'has_server', 'prelude_hash'})
 
 
-@dataclass
-class ForkServer:
-    """Client handle of one fork server process."""
+def __getattr__(name: str):
+    if name in _POOL_NAMES:
+        from flowmagic.runtime import forkpool
 
-    prelude: str
-    python: str = sys.executable
-    preload: tuple[str, ...] = DEFAULT_PRELOAD
-    cwd: str | None = None
-    env: dict[str, str] | None = None
-    proc: subprocess.Popen | None = None
-    ctrl: socket.socket | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    active: int = 0
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.python, prelude_hash(self.prelude))
-
-    def start(self) -> "ForkServer":
-        # PDEATHSIG fires when the *thread* that forked the server exits, so
-        # the server is always started by one long-lived thread.
-        _on_spawner_thread(self._start)
-        return self
-
-    def _start(self) -> None:
-        self.proc, self.ctrl = _take_prestarted(self.python, self.preload, self.env) or _launch(
-            self.python, self.preload, self.env)
-        parent = self.ctrl
-        config = {
-            "op": "config",
-            "prelude": self.prelude,
-            "sys_path": [p for p in sys.path if p] if self.python == sys.executable else [],
-            "cwd": self.cwd,
-        }
-        parent.send(json.dumps(config).encode())
-        reply = self._recv_reply()
-        if not reply.get("ok"):
-            self.close()
-            raise PreludeError(reply.get("error", {}))
-
-    def _recv_reply(self) -> dict:
-        assert self.ctrl is not None and self.proc is not None
-        self.ctrl.settimeout(0.5)
-        try:
-            while True:
-                try:
-                    data = self.ctrl.recv(_MAX_MESSAGE)
-                except socket.timeout:
-                    if self.proc.poll() is not None:
-                        raise ForkServerDied(
-                            f"the fork server ({self.python}) exited with status {self.proc.returncode} "
-                            "before it was ready"
-                        ) from None
-                    continue
-                if not data:
-                    self.proc.wait()
-                    raise ForkServerDied(
-                        f"the fork server ({self.python}) exited with status {self.proc.returncode} "
-                        "before it was ready (see its stderr above)"
-                    )
-                return json.loads(data)
-        finally:
-            self.ctrl.settimeout(None)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.ctrl is not None
-
-    def spawn(self, entry: str = TASK_ENTRY) -> TaskProcess:
-        """Fork one task; returns once its pid is known."""
-        if not self.alive():
-            raise ForkServerDied("the fork server is not running")
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        st_r, st_w = os.pipe()
-        chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with self._lock:
-                socket.send_fds(
-                    self.ctrl, [json.dumps({"op": "spawn", "entry": entry}).encode()],
-                    [st_w, out_w, err_w, chan_child.fileno()],
-                )
-        except OSError as exc:
-            for fd in (out_r, err_r, st_r):
-                os.close(fd)
-            chan.close()
-            raise ForkServerDied(f"the fork server is gone ({exc})") from exc
-        finally:
-            for fd in (out_w, err_w, st_w):
-                os.close(fd)
-            chan_child.close()
-        line = _read_line(st_r)
-        if not line.startswith("pid "):
-            for fd in (out_r, err_r, st_r):
-                os.close(fd)
-            chan.close()
-            raise ForkServerDied("the fork server died while forking a task")
-        return TaskProcess(int(line.split()[1]), out_r, err_r, st_r, chan, self)
-
-    def hold(self, delta: int) -> None:
-        with self._lock:
-            self.active += delta
-
-    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        try:
-            with self._lock:
-                self.ctrl.send(json.dumps({"op": "kill", "pid": pid, "sig": int(sig)}).encode())
-        except (OSError, AttributeError):
-            kill_group(pid, sig)  # server gone: its tasks die with it anyway
-
-    def close(self) -> None:
-        if self.ctrl is not None:
-            try:
-                self.ctrl.send(json.dumps({"op": "exit"}).encode())
-            except OSError:
-                pass
-            self.ctrl.close()
-            self.ctrl = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _read_line(fd: int) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
-
-
-def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket.socket]:
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen(
-        [python, "-m", "flowmagic.runtime.forkserver", str(child.fileno()), str(os.getpid()),
-         ",".join(preload_modules)],
-        pass_fds=[child.fileno()],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # a terminal's Ctrl-C goes to the orchestrator only
-        env=dict(os.environ if env is None else env),
-    )
-    child.close()
-    return proc, parent
-
-
-_prestarted: dict[tuple, tuple[subprocess.Popen, socket.socket]] = {}
-
-
-def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
-    """Start a server process now, so its imports overlap with the caller's own
-    work (reading the notebook); the next :func:`get_server` configures it."""
-    key = (python or sys.executable, tuple(preload_modules), None)
-    if key not in _prestarted:
-        _on_spawner_thread(lambda: _prestarted.setdefault(key, _launch(key[0], preload_modules, None)))
-
-
-def _take_prestarted(python, preload_modules, env):
-    found = _prestarted.pop((python, tuple(preload_modules), None), None) if env is None else None
-    if found is not None and found[0].poll() is None:
-        return found
-    return None
-
-
-def prelude_hash(prelude: str) -> str:
-    return hashlib.sha256(prelude.encode()).hexdigest()[:16]
-
-
-# -- one long-lived thread starts every server --------------------------------
-
-_spawn_requests: "queue.Queue[tuple[Callable[[], None], queue.Queue]]" = queue.Queue()
-_spawner: threading.Thread | None = None
-_spawner_lock = threading.Lock()
-
-
-def _spawner_loop() -> None:
-    while True:
-        func, reply = _spawn_requests.get()
-        try:
-            func()
-            reply.put(None)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            reply.put(exc)
-
-
-def _on_spawner_thread(func: Callable[[], None]) -> None:
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None or not _spawner.is_alive():
-            _spawner = threading.Thread(target=_spawner_loop, name="flowmagic-forkserver-starter", daemon=True)
-            _spawner.start()
-    reply: queue.Queue = queue.Queue()
-    _spawn_requests.put((func, reply))
-    exc = reply.get()
-    if exc is not None:
-        raise exc
-
-
-# -- a cache of warm servers, keyed by interpreter and prelude ---------------
-
-_servers: dict[tuple[str, str], ForkServer] = {}
-_servers_lock = threading.Lock()
-
-
-def get_server(prelude: str, *, python: str | None = None, cwd: str | None = None,
-               env: dict[str, str] | None = None) -> ForkServer:
-    """A running fork server for this prelude, started if needed.
-
-    When the prelude changes, the servers of the old prelude on the same
-    interpreter are closed once no task uses them.
-    """
-    python = python or sys.executable
-    key = (python, prelude_hash(prelude))
-    with _servers_lock:
-        server = _servers.get(key)
-        if server is not None and server.alive() and server.cwd == cwd:
-            return server
-        for other_key, other in list(_servers.items()):
-            if other_key[0] == python and other.active == 0:
-                other.close()
-                del _servers[other_key]
-        server = ForkServer(prelude, python=python, cwd=cwd, env=env).start()
-        _servers[key] = server
-        return server
-
-
-def close_all() -> None:
-    with _servers_lock:
-        for server in _servers.values():
-            server.close()
-        _servers.clear()
-
-
-def has_server(python: str) -> bool:
-    """Whether a live (or prestarted) server runs this interpreter: then prestarting one is waste."""
-    with _servers_lock:
-        if any(key[0] == python and server.alive() for key, server in _servers.items()):
-            return True
-    return any(key[0] == python for key in _prestarted)
+        return getattr(forkpool, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from flowmagic.runtime import environments
 from flowmagic.runtime import inputs as plan
 from flowmagic.runtime.engine import _OK_STATES, RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
 from flowmagic.runtime.events import Event, EventHandler, emit_to
-from flowmagic.runtime.forkserver import ForkServer, get_server
+from flowmagic.runtime.forkpool import ForkServer, get_server
 from flowmagic.runtime.inputs import TaskInfo
 from flowmagic.runtime.parameters import resolve_params
 from flowmagic.runtime.results import RunResult, StepResult
