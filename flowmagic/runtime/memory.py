@@ -19,9 +19,10 @@ memory-mapped inputs are not its memory (even dirty ones: an object written a
 moment ago is still dirty in the page cache), and pages it shares
 copy-on-write with its warm fork server (numpy, pandas, the prelude's values)
 count only in part: counting RSS would kill a step for reading a big
-memory-mapped data frame. RSS is an upper bound of
+memory-mapped data frame. RSS bounds the resident part of
 that figure and costs one small read per process, so each poll reads RSS
-only, and the precise figure only once RSS is over the limit.
+only, and the precise figure once RSS is over the limit (and every
+``_FULL_SCAN_EVERY`` polls, for swap).
 
 Cost: one thread per running task, polling every ``POLL_INTERVAL`` seconds;
 a poll reads two small /proc files per process of the task's tree (~0.07 ms
@@ -193,10 +194,11 @@ class MemoryWatch:
         polls = 0
         while not stop.wait(self.interval):
             polls += 1
-            if polls % _FULL_SCAN_EVERY == 0:
+            thorough = polls % _FULL_SCAN_EVERY == 0
+            if thorough:   # also the precise figure: swapped-out memory is not in RSS
                 extra = scan_group(pgid)
             members = group_members(pgid, extra)
-            if sum(rss(pid) for pid in members) <= self.limit:
+            if not thorough and sum(rss(pid) for pid in members) <= self.limit:
                 continue
             used = sum(private_memory(pid) for pid in members)
             if used > self.limit:
