@@ -31,6 +31,7 @@ for a task without children), and smaps_rollup (~0.5 ms) only past the limit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -46,11 +47,15 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _FULL_SCAN_EVERY = 10      # polls between scans of /proc for group members the tree walk misses
 
 
+@functools.lru_cache(maxsize=1)
+def _total_memory() -> int:
+    return psutil.virtual_memory().total
+
+
 def default_limit() -> int:
-    """Bytes a task may use when its step sets no ``--memory``."""
-    total = psutil.virtual_memory().total
-    own = psutil.Process().memory_info().rss
-    return max(int(total * DEFAULT_FRACTION) - own, 256 * MB)
+    """Bytes a task may use when its step sets no ``--memory`` (computed per attempt:
+    the orchestrator's own memory changes as a notebook binds data)."""
+    return max(int(_total_memory() * DEFAULT_FRACTION) - rss(os.getpid()), 256 * MB)
 
 
 def limit_for(memory_mb: int | None) -> int:
