@@ -7,7 +7,9 @@ Scenarios (each the console command of both tools, in a fresh temp dir):
   chain     a 20-step linear chain; per-task overhead = the run's own
             duration (created -> finished, from each tool's metadata) / 20
   foreach   one step over N trivial items (default 1,000), whole command
-  resume    a 5-step flow that failed at step 4, whole `resume` command
+  resume    a 5-step flow that failed at step 4, whole `resume` command;
+            plus flowmagic's resume as `%flow resume` runs it in a kernel
+            whose fork server is already warm (resume_flow in-process)
 
 Both tools run with their default --max-workers (metaflow: 16, flowmagic:
 the number of cores). Prints a table: metaflow, flowmagic, ratio.
