@@ -229,6 +229,8 @@ def _table(rows) -> str:
 def preview(value, width: int = 60) -> str:
     """A one-line look at a value: shape and dtype for arrays, size for frames."""
     shape = getattr(value, "shape", None)
+    if isinstance(value, type) or callable(shape) or type(value).__name__ == "module":
+        shape = None   # a class, or a module like numpy: its `shape` is a function
     if shape is not None and hasattr(value, "dtype"):
         return f"array {tuple(shape)} {value.dtype}"
     if shape is not None and hasattr(value, "columns"):

@@ -135,6 +135,13 @@ def _recorded_as_not_persisted(store: Path) -> None:
         task.data.g
 
 
+def _module_by_reference(store: Path) -> None:
+    import numpy
+
+    run = _client(store).Flow(FLOW).latest_run
+    assert run["start"].task.data.np is numpy and run["end"].task.data.y == 42
+
+
 # ----------------------------------------------------------------------------- the catalogue
 
 
@@ -218,7 +225,11 @@ CASES = [
     Case("memory leak in a step", ("run", "NB"), 1,
          ("step hog failed", "out of memory: step 'hog' used", "limit 0.29 GiB", "--memory 300"),
          cells=[HEAD, PARAMS, START, f"%%step hog --memory 300\ny = x\n{LEAK}"], after=failed_in("hog")),
-    # -- warnings only: exit 0 ---------------------------------------------------------------
+    # -- warnings only, or nothing wrong: exit 0 -----------------------------------------------
+    Case("a module imported in a step, used by a later step (Run All would work)", ("run", "NB"), 0,
+         ("Run Catalogue/2 succeeded",), forbidden=("warning",),
+         cells=[HEAD, "%%step start\nimport numpy as np\nx = 41", "%%step end\ny = int(np.sum([x, 1]))"],
+         after=lambda store: _module_by_reference(store)),
     Case("unserialisable artifact nobody reads", ("run", "NB"), 0,
          ("warning: step 'start': 'g' (generator) cannot be saved", "not persisted", "no later step reads it"),
          cells=[HEAD, "%%step start\ng = (i for i in range(3))\nx = 41", "%%step end\ny = x + 1"],

@@ -14,6 +14,7 @@ step, the variable and the type, before anything is stored.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
@@ -220,12 +221,15 @@ def _dumps(value: Any, buffer_callback) -> memoryview:
 
 
 class _Pickler(pickle.Pickler):
-    """Plain pickle, except for functions and classes defined in a notebook:
+    """Plain pickle, except for importable modules (by name) and functions and classes defined in a notebook:
     those live in ``__main__`` of one process only, so they are stored by
     value with cloudpickle (when installed) and load in any process.
     Everything else keeps pickle's rules (open files, locks, generators fail)."""
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.ModuleType) and obj.__name__ != "__main__" and obj.__name__ in sys.modules:
+            # `import numpy as np` in a step, `np` read by a later one: by reference, as Run All shares it
+            return importlib.import_module, (obj.__name__,)
         if isinstance(obj, (types.FunctionType, type)) and _defined_interactively(obj):
             try:
                 import cloudpickle
