@@ -78,6 +78,7 @@ class _Server:
     def __init__(self, ctrl: socket.socket) -> None:
         self.ctrl = ctrl
         self.children: dict[int, int] = {}  # pid -> status pipe fd
+        self.spare: tuple[int, socket.socket] | None = None  # a forked child waiting for a task
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.namespace: dict[str, Any] = {}
@@ -119,6 +120,7 @@ class _Server:
         sel = selectors.DefaultSelector()
         sel.register(self.ctrl, selectors.EVENT_READ)
         sel.register(self.wake_r, selectors.EVENT_READ)
+        self.prepare_spare()
         while True:
             for key, _ in sel.select(timeout=1.0):
                 if key.fileobj is self.wake_r:
@@ -154,26 +156,89 @@ class _Server:
 
     def spawn(self, entry: str, fds: list[int]) -> None:
         status_w, out_w, err_w, chan = fds
-        pid = os.fork()
-        if pid == 0:  # the task
-            code = 1
-            try:
+        pid = self._hand_to_spare(entry, [out_w, err_w, chan])
+        if pid is None:
+            pid = os.fork()
+            if pid == 0:
                 os.close(status_w)
-                code = self._become_task(entry, out_w, err_w, chan)
-            except BaseException:  # noqa: BLE001 - last resort: say why, then exit
-                try:
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                except BaseException:  # noqa: BLE001
-                    pass
-            finally:
-                os._exit(code)
+                self._task_child(lambda: (self._detach(), self._run_entry(entry, out_w, err_w, chan))[1])
         for fd in (out_w, err_w, chan):
             os.close(fd)
         self.children[pid] = status_w
         _write_line(status_w, f"pid {pid}")
+        self.prepare_spare()  # after the reply: the next task's fork is off its critical path
 
-    def _become_task(self, entry: str, out_w: int, err_w: int, chan: int) -> int:
+    # -- a spare child, forked ahead of time ---------------------------------
+    def prepare_spare(self) -> None:
+        """Fork a child that waits for its task: a spawn then costs a message, not a fork."""
+        if self.spare is not None:
+            return
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            self._task_child(lambda: self._wait_as_spare(child))
+        child.close()
+        self.spare = (pid, parent)
+
+    def _wait_as_spare(self, sock: socket.socket) -> int:
+        self._detach()
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 3)
+        sock.close()
+        if not data or len(fds) != 3:
+            return 0  # the server is closing: never used
+        return self._run_entry(data.decode(), *fds)
+
+    def _hand_to_spare(self, entry: str, fds: list[int]) -> int | None:
+        if self.spare is None:
+            return None
+        pid, sock = self.spare
+        self.spare = None
+        try:
+            socket.send_fds(sock, [entry.encode()], fds)
+        except OSError:  # it died while waiting: fork directly instead
+            self._discard_spare(pid, sock)
+            return None
+        sock.close()
+        return pid
+
+    def _discard_spare(self, pid: int, sock: socket.socket) -> None:
+        sock.close()
+        kill_group(pid, signal.SIGKILL)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+    def _reap_spare(self) -> None:
+        if self.spare is None:
+            return
+        pid, sock = self.spare
+        try:
+            done = os.waitpid(pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            done = True
+        if done:
+            sock.close()
+            self.spare = None
+
+    # -- inside a task process -------------------------------------------------
+    @staticmethod
+    def _task_child(body: Callable[[], int]) -> None:
+        code = 1
+        try:
+            code = body()
+        except BaseException:  # noqa: BLE001 - last resort: say why, then exit
+            try:
+                traceback.print_exc()
+                sys.stderr.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            os._exit(code)
+
+    def _detach(self) -> None:
+        """Own session and process group; die with the server; drop its descriptors."""
         server_pid = os.getppid()
         os.setsid()
         die_with_parent(server_pid)
@@ -185,7 +250,11 @@ class _Server:
         # or the orchestrator would never see EOF on them.
         for fd in (self.wake_r, self.wake_w, *self.children.values()):
             _close_quietly(fd)
+        if self.spare is not None:
+            self.spare[1].close()
         self.ctrl.close()
+
+    def _run_entry(self, entry: str, out_w: int, err_w: int, chan: int) -> int:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
@@ -211,6 +280,7 @@ class _Server:
         return code
 
     def reap(self) -> None:
+        self._reap_spare()
         for pid in list(self.children):
             try:
                 info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -237,6 +307,9 @@ class _Server:
         os._exit(0)
 
     def shutdown(self) -> None:
+        if self.spare is not None:
+            self._discard_spare(*self.spare)
+            self.spare = None
         for pid in list(self.children):
             kill_group(pid, signal.SIGKILL)
         for pid in list(self.children):
