@@ -136,3 +136,25 @@ def test_killing_the_orchestrator_kills_server_and_tasks(tmp_path):
     orch.kill()
     orch.wait()
     assert wait_gone([server_pid, task_pid], 5) == []
+
+
+def test_spare_child_is_used_then_replaced_and_cleaned_up():
+    srv = ForkServer("", preload=()).start()
+    try:
+        server = psutil.Process(srv.proc.pid)
+        deadline = time.monotonic() + 5
+        while not server.children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [spare] = server.children()
+        proc = run_source(srv, "import os\nprint(os.getpid())\n")
+        assert int(read_all(proc.stdout)) == spare.pid  # the task ran in the waiting spare
+        assert exit_status(proc) == (0, None)
+        proc.close()
+        deadline = time.monotonic() + 5
+        while [c.pid for c in server.children()] in ([], [spare.pid]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [next_spare] = server.children()
+        assert next_spare.pid != spare.pid
+    finally:
+        srv.close()
+    assert wait_gone([next_spare.pid, srv.proc.pid], 5) == []
