@@ -183,3 +183,16 @@ def execute_notebook(path: Path, workdir: Path, env: dict[str, str], *, may_fail
             raise
         return nb, error
     return nb, None
+
+
+# ---------------------------------------------------------------------------
+# Process-wide state the Client API keeps (lead): a test that points the
+# client at its store with namespace_root(path) must not leak it to the next
+# test in the same worker.
+# ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _reset_client_namespace_root():
+    yield
+    from flowmagic.client import namespace_root
+
+    namespace_root(None)
