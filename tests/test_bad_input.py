@@ -330,15 +330,24 @@ def test_a_run_waits_for_another_process_holding_the_store_lock(earlier: Path, t
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sqlite3, sys, time\n"
         f"conn = sqlite3.connect({str(store / 'metadata.sqlite')!r}, isolation_level=None)\n"
-        "conn.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(3)\nconn.execute('COMMIT')")],
+        "conn.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(4)\n"
+        "conn.execute('COMMIT')\nprint(time.time(), flush=True)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    started = time.monotonic()
     proc = flowmagic("run", nb, store=store)
+    released = float(holder.stdout.readline())
     assert holder.wait(timeout=30) == 0
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert time.monotonic() - started >= 2   # it waited for the lock instead of failing
-    assert _client(store).Run(f"{FLOW}/2").successful
+    run = _client(store).Run(f"{FLOW}/2")
+    assert run.successful
+    from flowmagic.store import open_store
+
+    s = open_store(store)
+    try:   # it started while the lock was held, waited for it, and finished after
+        record = s.meta.get_run(FLOW, 2)
+        assert record.started_at < released <= record.finished_at
+    finally:
+        s.close()
     assert_earlier_run_intact(store)
 
 
