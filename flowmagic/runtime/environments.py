@@ -611,6 +611,9 @@ def _run_tool(command: list[str], spec: EnvSpec, step: str | None, *, action: st
                             env={**os.environ, "NO_COLOR": "1"})
     if result.returncode != 0:
         message = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
+        # A report wrapped to the terminal's width continues on deeper-indented
+        # lines: join them, so the last line of the error is a whole sentence.
+        message = re.sub(r"\n {4,}", " ", message)
         raise EnvironmentBuildError(f"cannot {action} {spec.describe()}:\n{message}", step=step, spec=spec)
     return result.stdout
 
