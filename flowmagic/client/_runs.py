@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import NotFoundError
 from ..store import Store
-from ..store.metadata import RunRecord, TaskRecord
+from ..store.metadata import RunRecord, TaskRecord, latest_generation
 from ._base import (_ClientObject, _fmt_duration, _fmt_duration_tasks, _fmt_time, _html_table, _int_id,
                     _open_store, _parts, _short_list, _when)
 from ._tasks import Task
@@ -263,7 +263,7 @@ class Step(_ClientObject):
 
     def tasks(self) -> list["Task"]:
         """The tasks of the step's latest execution, in foreach order."""
-        return [Task._make(self, r) for r in _latest_generation(self._records())]
+        return [Task._make(self, r) for r in latest_generation(self._records())]
 
     def all_tasks(self) -> list["Task"]:
         """Every task of the step in this run, re-executions included."""
@@ -297,14 +297,3 @@ class Step(_ClientObject):
         rows = [[t.id, "" if t.index is None else str(list(t.index)), t.item or "", t.state,
                  ", ".join(a.name for a in t)] for t in self.tasks()]
         return _html_table(f"Step {self.pathspec}", ["task", "index", "item", "state", "artifacts"], rows)
-
-
-def _latest_generation(tasks: list[TaskRecord]) -> list[TaskRecord]:
-    """A session run may execute a step several times; each execution adds a
-    generation of tasks, created together, first index first."""
-    if not tasks:
-        return []
-    tasks = sorted(tasks, key=lambda t: t.task_id)
-    starts = [t.task_id for t in tasks if not t.index or not any(t.index)]
-    first = max(starts) if starts else tasks[0].task_id
-    return [t for t in tasks if t.task_id >= first]

@@ -26,6 +26,7 @@ from flowmagic.runtime.forkpool import ForkServer, get_server
 from flowmagic.runtime.forkserver import ForkServerDied
 from flowmagic.runtime.inputs import TaskInfo
 from flowmagic.runtime.results import RunResult
+from flowmagic.store.metadata import latest_generation
 from flowmagic.store.serializers import ArtifactRef, save_artifact
 
 # Seconds before a failed attempt is retried (Metaflow waits minutes): long
@@ -35,18 +36,6 @@ RETRY_DELAY = 1.0
 
 
 _OK_STATES = ("done", "caught", "cloned", "cached")
-
-
-def latest_generation(tasks: list) -> list:
-    """The tasks of the step's latest execution in a run (a session run may hold
-    several: each re-execution of a cell adds a generation). A generation's
-    tasks are created together, first index first."""
-    if not tasks:
-        return []
-    tasks = sorted(tasks, key=lambda t: t.task_id)
-    starts = [t.task_id for t in tasks if not t.index or not any(t.index)]
-    first = max(starts) if starts else tasks[0].task_id
-    return [t for t in tasks if t.task_id >= first]
 
 
 def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from ..errors import NotFoundError, StoreError
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
     OUTCOMES, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
-    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, run_record, task_record)
+    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)
 from .serializers import ArtifactRef
 
 _OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")

@@ -125,6 +125,18 @@ class TaskRecord:
         return f"{self.flow}/{self.run_id}/{self.step}/{self.task_id}"
 
 
+def latest_generation(tasks: list[TaskRecord]) -> list[TaskRecord]:
+    """The tasks of a step's latest execution in a run (a session run may hold
+    several: each re-execution of a cell adds a generation). A generation's
+    tasks are created together, first index first."""
+    if not tasks:
+        return []
+    tasks = sorted(tasks, key=lambda t: t.task_id)
+    starts = [t.task_id for t in tasks if not t.index or not any(t.index)]
+    first = max(starts) if starts else tasks[0].task_id
+    return [t for t in tasks if t.task_id >= first]
+
+
 @dataclass(frozen=True)
 class AttemptRecord:
     task_id: int
