@@ -53,27 +53,11 @@ def status(magics: FlowMagics, args: argparse.Namespace) -> Any:
 
 
 def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
-    from flowmagic.cli_runs import _render_outputs, _select_tasks, _task_outputs, check_included
-    from flowmagic.report import preview, render_dump
-    from flowmagic.store import load_artifact
+    from flowmagic.cli_runs import _render_outputs, _task_outputs, collect_dump
+    from flowmagic.report import render_dump
 
     flow, store = magics.flow_name(), magics.store()
-    run_id, tasks = _select_tasks(store, flow, args.pathspec)
-    include = {n for item in args.include for n in item.split(",") if n}
-    rows = []
-    for task in tasks:
-        for ref in store.meta.artifacts(task.task_id):
-            if include and ref.name not in include:
-                continue
-            row = {"step": task.step, "task": task.task_id, "name": ref.name, "type": ref.type,
-                   "size": ref.size, "hash": ref.hash}
-            if not args.json:
-                try:
-                    row["preview"] = preview(load_artifact(store.objects, ref))
-                except Exception as exc:  # a preview must not hide the others
-                    row["preview"] = f"<cannot load: {exc}>"
-            rows.append(row)
-    check_included(store, flow, args.pathspec, tasks, include, rows)
+    run_id, tasks, rows = collect_dump(store, flow, args)
     found = _task_outputs(store, tasks) if args.outputs else []
     if args.json:
         document = {"flow": flow, "run_id": run_id, "artifacts": rows}

@@ -232,12 +232,12 @@ def check_included(store, flow: str, pathspec: str, tasks, include: set[str], ro
                             f"(artifacts: {', '.join(names) or 'none'})")
 
 
-def _run_dump(args: argparse.Namespace) -> int:
-    from flowmagic.report import preview, render_dump
-    from flowmagic.runtime.environments import environments_of_run, render_environments
+def collect_dump(store, flow: str, args: argparse.Namespace):
+    """The selected tasks of a dump and one row per artifact (with a text
+    preview unless ``--json``); shared by ``flowmagic dump`` and ``%flow dump``."""
+    from flowmagic.report import preview
     from flowmagic.store import load_artifact
 
-    flow, store = _open(args.notebook)
     run_id, tasks = _select_tasks(store, flow, args.pathspec)
     include = {n for item in args.include for n in item.split(",") if n}
     rows = []
@@ -256,6 +256,15 @@ def _run_dump(args: argparse.Namespace) -> int:
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)
     check_included(store, flow, args.pathspec, tasks, include, rows)
+    return run_id, tasks, rows
+
+
+def _run_dump(args: argparse.Namespace) -> int:
+    from flowmagic.report import render_dump
+    from flowmagic.runtime.environments import environments_of_run, render_environments
+
+    flow, store = _open(args.notebook)
+    run_id, tasks, rows = collect_dump(store, flow, args)
     found = _task_outputs(store, tasks) if args.outputs else []
     environments = environments_of_run(store.meta, flow, run_id, {t.step for t in tasks})   # --pypi/--conda
     if args.json:
