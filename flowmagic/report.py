@@ -240,19 +240,23 @@ def preview(value, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _size(n: int) -> str:
+def format_size(size: int | None) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KB``, ``2.0 GB`` (powers of 1024)."""
+    if size is None:
+        return ""
+    value = float(size)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
 
 
 def render_dump(flow: str, run_id: int, rows: list[dict]) -> str:
     """rows: {"step", "task", "name", "type", "size", "preview"}."""
     lines = [f"Run {flow}/{run_id}"]
     table = [("STEP/TASK", "NAME", "TYPE", "SIZE", "VALUE")]
-    table += [(f"{r['step']}/{r['task']}", r["name"], r["type"], _size(r["size"]), r.get("preview", ""))
+    table += [(f"{r['step']}/{r['task']}", r["name"], r["type"], format_size(r["size"]), r.get("preview", ""))
               for r in rows]
     return "\n".join(lines) + "\n" + (_table(table) if rows else "no artifacts\n")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import NotFoundError, UsageError
 from ..store import Store, open_store, store_root
+from ..report import format_size as _fmt_size  # noqa: F401  (re-exported to the client modules)
 from ..store.metadata import RunRecord
 
 _root_override: Path | None = None
@@ -99,15 +100,6 @@ def _fmt_duration_tasks(tasks: list) -> str:
     if not spans:
         return ""
     return f"{max(e for _, e in spans) - min(s for s, _ in spans):.1f}s"
-
-
-def _fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:

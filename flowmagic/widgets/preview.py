@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from flowmagic.report import format_size  # noqa: F401  (the inspector imports it from here)
+
 PREVIEW_ROWS = 8
 PREVIEW_COLUMNS = 12
 CELL_CHARS = 40
@@ -26,17 +28,6 @@ REPR_CHARS = 400
 PICKLE_PREVIEW_MAX_BYTES = 2_000_000
 ARRAY_STATS_MAX_BYTES = 64_000_000
 _ARROW_TABLES = {"arrow-pandas", "arrow-table", "arrow-polars"}
-
-
-def format_size(size: int | None) -> str:
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def cut(text: str, limit: int = REPR_CHARS) -> str:
