@@ -18,6 +18,7 @@ import ast
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from flowmagic._scopes import header_expressions
 from flowmagic.errors import FlowDefinitionError
 
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
@@ -136,7 +137,7 @@ class _Bindings(ast.NodeVisitor):
         if not isinstance(node, ast.Lambda):
             self.local.add(node.name)
         # Header expressions are evaluated here; the body is another scope.
-        for expr in _header_expressions(node):
+        for expr in header_expressions(node):
             self.visit(expr)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _definition
@@ -153,22 +154,6 @@ class _Bindings(ast.NodeVisitor):
     def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
         self.local.add(node.target.id)
         self.visit(node.value)
-
-
-def _header_expressions(node: ast.AST) -> list[ast.AST]:
-    """Expressions of a def, class or lambda evaluated where it is defined."""
-    exprs: list[ast.AST] = list(getattr(node, "decorator_list", []))
-    if isinstance(node, ast.ClassDef):
-        return exprs + node.bases + [kw.value for kw in node.keywords]
-    args = node.args
-    exprs += [d for d in args.defaults + args.kw_defaults if d is not None]
-    if not isinstance(node, ast.Lambda):
-        for arg in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-            if arg is not None and arg.annotation is not None:
-                exprs.append(arg.annotation)
-        if node.returns is not None:
-            exprs.append(node.returns)
-    return exprs
 
 
 # --- the rewriting -------------------------------------------------------------
