@@ -5,14 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests drive: Debian's Chromium (browser tests) and Graphviz's `dot` (static SVG).
-missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v dot >/dev/null 2>&1 || missing+=(graphviz)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} with apt-get" >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+bash scripts/install-browser-deps.sh
 
 python -m pip install -q --disable-pip-version-check -e ".[test]"
 
