@@ -11,7 +11,8 @@ python -m pip install -q --disable-pip-version-check -e ".[test]"
 
 # pytest exits 5 when it collects nothing: that is a broken suite here, say so.
 set +e
-python -m pytest -q -p no:cacheprovider "$@"
+# Two workers: most tests wait on kernels and subprocesses, so two keep both cores busy.
+python -m pytest -q -p no:cacheprovider -n 2 --durations=15 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
