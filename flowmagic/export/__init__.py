@@ -14,16 +14,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flowmagic.dag import FlowGraph
-from flowmagic.export.script import ExportPlan, plan_export, render_script
+if TYPE_CHECKING:
+    from flowmagic.dag import FlowGraph
 
 __all__ = ["ExportPlan", "export_flow", "export_notebook", "plan_export"]
+
+
+def __getattr__(name: str):
+    # The parts load on first use: the console command imports `.command`
+    # for every subcommand's parser, and `flowmagic run` needs none of this.
+    if name in ("ExportPlan", "plan_export", "render_script"):
+        from flowmagic.export import script
+
+        return getattr(script, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def export_flow(graph: FlowGraph, class_name: str | None = None) -> str:
     """The Metaflow script (source text) for ``graph``; the class is
     ``class_name`` or the flow's name. Raises FlowDefinitionError."""
+    from flowmagic.export.script import plan_export, render_script
+
     return render_script(plan_export(graph, class_name))
 
 

@@ -23,7 +23,7 @@ from flowmagic.runtime.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.cache import cache_enabled, find_cached
 from flowmagic.runtime.events import Event, emit_to
 from flowmagic.runtime.forkpool import ForkServer, get_server
-from flowmagic.runtime.forkserver import ForkServerDied
+from flowmagic.runtime.forkserver import ForkServerDied, flow_preload
 from flowmagic.runtime.inputs import TaskInfo
 from flowmagic.runtime.results import RunResult
 from flowmagic.store.metadata import latest_generation
@@ -198,6 +198,7 @@ class _Engine:
             spec = self._task_spec(info, attempt)
             try:
                 server = self._server_for(info.step)
+                server.ensure_preloaded(flow_preload(serializers=_input_serializers(spec)))
             except RunError as exc:  # its environment cannot be built, or the prelude fails in it
                 self._set_state(info, "running", attempt)
                 self._finish_attempt(info, attempt, _not_started(exc))
@@ -242,7 +243,8 @@ class _Engine:
                 if tries:
                     result = _crashed(f"the fork server died and could not be restarted")
                     break
-                server = get_server(server.prelude, python=server.python, cwd=self.workdir)
+                server = get_server(server.prelude, python=server.python, cwd=self.workdir,
+                                    preload=server.flow_modules)
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 result = _crashed(f"{type(exc).__name__}: {exc}")
                 break
@@ -335,7 +337,8 @@ class _Engine:
                 self._servers[step] = get_server(self.graph.prelude, cwd=self.workdir)
         server = self._servers[step]
         if not server.alive():
-            server = self._servers[step] = get_server(server.prelude, python=server.python, cwd=self.workdir)
+            server = self._servers[step] = get_server(server.prelude, python=server.python, cwd=self.workdir,
+                                                      preload=server.flow_modules)
         return server
 
     def _task_spec(self, info: TaskInfo, attempt: int) -> dict:
@@ -375,6 +378,26 @@ class _Engine:
             "foreach_vars": plan.foreach_vars(graph, step),
             "mutation_check": True,
         }
+
+
+def _input_serializers(spec: dict) -> set[str]:
+    """The serializers of every artifact a task loads (an Arrow one needs pyarrow, maybe pandas)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            ref = node.get("ref")
+            if isinstance(ref, dict) and isinstance(ref.get("serializer"), str):
+                found.add(ref["serializer"])
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk([spec.get("bindings"), spec.get("foreach"), spec.get("inputs")])
+    return found
 
 
 def _not_started(exc: Exception) -> AttemptExit:

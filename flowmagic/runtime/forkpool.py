@@ -53,6 +53,7 @@ class ForkServer:
     prelude: str
     python: str = sys.executable
     preload: tuple[str, ...] = DEFAULT_PRELOAD
+    flow_modules: tuple[str, ...] = ()  # imported before the prelude (forkserver.flow_preload)
     cwd: str | None = None
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
@@ -77,6 +78,7 @@ class ForkServer:
         config = {
             "op": "config",
             "prelude": self.prelude,
+            "preload": list(self.flow_modules),
             "sys_path": [p for p in sys.path if p] if self.python == sys.executable else [],
             "cwd": self.cwd,
         }
@@ -143,6 +145,18 @@ class ForkServer:
             chan.close()
             raise ForkServerDied("the fork server died while forking a task")
         return TaskProcess(int(line.split()[1]), out_r, err_r, st_r, chan, self)
+
+    def ensure_preloaded(self, modules: tuple[str, ...]) -> None:
+        """Have the server import ``modules`` (if it has not) before the next task forks."""
+        with self._lock:
+            missing = tuple(m for m in modules if m not in self.flow_modules)
+            if not missing or self.ctrl is None:
+                return
+            self.flow_modules += missing
+            try:
+                self.ctrl.send(json.dumps({"op": "preload", "modules": list(missing)}).encode())
+            except OSError:
+                pass  # gone: the next spawn says so
 
     def hold(self, delta: int) -> None:
         with self._lock:
@@ -255,8 +269,9 @@ _servers_lock = threading.Lock()
 
 
 def get_server(prelude: str, *, python: str | None = None, cwd: str | None = None,
-               env: dict[str, str] | None = None) -> ForkServer:
-    """A running fork server for this prelude, started if needed.
+               env: dict[str, str] | None = None, preload: tuple[str, ...] = ()) -> ForkServer:
+    """A running fork server for this prelude, started if needed; it has
+    imported ``preload`` (the flow's heavy modules) before forking tasks.
 
     When the prelude changes, the servers of the old prelude on the same
     interpreter are closed once no task uses them.
@@ -266,12 +281,13 @@ def get_server(prelude: str, *, python: str | None = None, cwd: str | None = Non
     with _servers_lock:
         server = _servers.get(key)
         if server is not None and server.alive() and server.cwd == cwd:
+            server.ensure_preloaded(preload)
             return server
         for other_key, other in list(_servers.items()):
             if other_key[0] == python and other.active == 0:
                 other.close()
                 del _servers[other_key]
-        server = ForkServer(prelude, python=python, cwd=cwd, env=env).start()
+        server = ForkServer(prelude, python=python, cwd=cwd, env=env, flow_modules=tuple(preload)).start()
         _servers[key] = server
         return server
 

@@ -10,6 +10,10 @@ Protocol (a ``SOCK_SEQPACKET`` socket pair, messages are JSON):
 
 * orchestrator -> server ``{"op": "config", "prelude", "preload", "sys_path", "cwd"}``;
   server replies ``{"ok": true, "pid"}`` or ``{"ok": false, "error": {...}}``.
+  ``preload`` names the heavy modules this flow uses (see :func:`flow_preload`).
+* ``{"op": "preload", "modules": [...]}``: import more modules now (a step that
+  reads a DataFrame when the server did not load pandas); no reply. The spare
+  child, forked before them, is replaced.
 * ``{"op": "spawn", "entry": "module:function"}`` with four fds attached
   (SCM_RIGHTS): a status pipe, the task's stdout and stderr pipes and a
   stream socket (the task's channel for its spec and manifest). The server
@@ -31,24 +35,46 @@ import importlib
 import json
 import linecache
 import os
+import re
 import selectors
 import signal
 import socket
 import sys
 import traceback
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from flowmagic.errors import RunError
 from flowmagic.runtime.processes import die_with_parent, kill_group
 
+# What every server imports before it knows the flow: tasks run their cells
+# through IPython. numpy/pandas/pyarrow (~0.6 s) only when the flow uses them:
+# see flow_preload and _Server.configure.
 DEFAULT_PRELOAD = (
-    "numpy",
-    "pandas",
-    "pyarrow",
     "IPython",
     "flowmagic.runtime.task",
 )
+# Modules whose values are saved through Arrow: once a process holds one, the
+# Arrow codecs are loaded too, or every task that saves an array pays for them.
+ARROW_VALUE_MODULES = ("numpy", "pandas", "pyarrow", "polars")
+ARROW_CODECS = "flowmagic.store._arrow"
+_MENTION = re.compile(r"\b(numpy|pandas|pyarrow|polars)\b")
+
+
+def flow_preload(sources: Iterable[str] = (), serializers: Iterable[str] = ()) -> tuple[str, ...]:
+    """The heavy modules a flow's tasks will use, judged from its code (the
+    prelude, the steps) and the serializers of the artifacts they load
+    ("arrow-pandas" needs pandas). Empty for a flow that uses none of them."""
+    named = set()
+    for text in sources:
+        named.update(_MENTION.findall(text))
+    for serializer in serializers:
+        if serializer.startswith("arrow-"):
+            named.add({"arrow-pandas": "pandas", "arrow-polars": "polars"}.get(serializer, "pyarrow"))
+    if not named:
+        return ()
+    order = ("numpy", "pyarrow", "pandas", "polars")
+    return tuple(m for m in order if m in named) + (ARROW_CODECS,)
 TASK_ENTRY = "flowmagic.runtime.task:main"
 _MAX_MESSAGE = 1 << 20
 
@@ -105,7 +131,22 @@ class _Server:
             exec(code, self.namespace)
         except BaseException as exc:  # noqa: BLE001 - report anything, SystemExit included
             return {"ok": False, "error": _error_record(exc)}
+        if any(m in sys.modules for m in ARROW_VALUE_MODULES):  # e.g. a library the prelude imported uses numpy
+            preload((ARROW_CODECS,))
         return {"ok": True, "pid": os.getpid()}
+
+    def preload_more(self, modules: list[str]) -> None:
+        """Import modules a coming task needs; the spare child lacks them, so replace it."""
+        missing = [m for m in modules if m not in sys.modules]
+        if not missing:
+            return
+        preload(missing)
+        gc.collect()
+        gc.freeze()
+        if self.spare is not None:
+            self._discard_spare(*self.spare)
+            self.spare = None
+        self.prepare_spare()
 
     # -- main loop --------------------------------------------------------
     def serve(self) -> None:
@@ -150,6 +191,8 @@ class _Server:
             pid = int(msg["pid"])
             if pid in self.children:  # not reaped yet: the group id is still ours
                 kill_group(pid, int(msg.get("sig", signal.SIGKILL)))
+        elif op == "preload":
+            self.preload_more(list(msg.get("modules", ())))
         elif op == "exit":
             return False
         return True

@@ -14,6 +14,7 @@ from flowmagic.runtime import inputs as plan
 from flowmagic.runtime.engine import _OK_STATES, RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
 from flowmagic.runtime.events import Event, EventHandler, emit_to
 from flowmagic.runtime.forkpool import ForkServer, get_server
+from flowmagic.runtime.forkserver import flow_preload
 from flowmagic.runtime.inputs import TaskInfo
 from flowmagic.runtime.parameters import resolve_params
 from flowmagic.runtime.results import RunResult, StepResult
@@ -173,7 +174,8 @@ def _warm_up(graph, store, workdir) -> ForkServer:
     """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
     environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
     environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
-    return get_server(graph.prelude, cwd=workdir)
+    sources = [graph.prelude, *(step.code for step in graph.steps)]
+    return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used
 
 
 def _last_line(exception: dict | None) -> str:

@@ -69,8 +69,10 @@ class Metadata:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         row = None
-        has_info = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_info'").fetchone()
+        # One read of the table list: two (has schema_info? then: any tables?) could
+        # straddle another process's commit of a new store and call it foreign.
+        tables = [t[0] for t in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        has_info = "schema_info" in tables
         if has_info:
             row = conn.execute("SELECT value FROM schema_info WHERE key='version'").fetchone()
         if row is not None:
@@ -81,10 +83,9 @@ class Metadata:
                     f"version {version}; this one knows up to {SCHEMA_VERSION}). Upgrade flowmagic, "
                     "or point FLOWMAGIC_HOME at another store.")
             return
-        tables = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
         if tables and not has_info:
             raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
-                             f"(tables: {', '.join(t[0] for t in tables)})")
+                             f"(tables: {', '.join(tables)})")
         with self._write(conn):
             for statement in SCHEMA.split(";"):
                 if statement.strip():

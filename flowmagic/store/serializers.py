@@ -11,6 +11,12 @@ Each value gets the first serialiser that fits:
 
 A value nothing can serialise raises :class:`SerializationError` naming the
 step, the variable and the type, before anything is stored.
+
+numpy, pyarrow and pandas are imported only when a value of theirs is saved
+or an Arrow object is loaded: every task process and console command imports
+this module, and those imports cost ~0.5 s a process that never uses them.
+A value can only be a numpy array if numpy was imported, so the type checks
+look in ``sys.modules`` instead of importing.
 """
 from __future__ import annotations
 
@@ -27,11 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import xxhash
 
 from ..errors import SerializationError, StoreError
-from . import _arrow
 from .objects import ObjectStore
 
 SERIALIZERS = ("arrow-pandas", "arrow-numpy", "arrow-table", "arrow-polars", "pickle", "inline")
@@ -128,7 +132,8 @@ def value_hash(value: Any) -> str:
     text = inline_json(value)
     if text is not None:
         h.update(b"inline:" + text.encode())
-    elif isinstance(value, np.ndarray) and not value.dtype.hasobject:
+    elif _is_ndarray(value) and not value.dtype.hasobject:
+        np = sys.modules["numpy"]
         h.update(f"ndarray:{value.dtype.str}:{value.shape}:".encode())
         h.update(memoryview(np.ascontiguousarray(value)).cast("B"))
     else:
@@ -194,10 +199,20 @@ def _write_object(objects: ObjectStore, value: Any) -> tuple[str, str, int]:
     return ("pickle", *objects.put_stream(lambda fh: _write_pickle(value, fh)))
 
 
+def _is_ndarray(value: Any) -> bool:
+    """isinstance(value, numpy.ndarray), without importing numpy (no numpy, no arrays)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.ndarray)
+
+
 def _choose_writer(value: Any):
-    if isinstance(value, np.ndarray) and _arrow.numpy_supported(value):
-        return "arrow-numpy", _arrow.write_numpy
     module = type(value).__module__.split(".")[0]
+    if module not in ("numpy", "pandas", "pyarrow", "polars") and not _is_ndarray(value):
+        return "pickle", _write_pickle  # most values: no Arrow module is imported for them
+    from . import _arrow
+
+    if _is_ndarray(value) and _arrow.numpy_supported(value):
+        return "arrow-numpy", _arrow.write_numpy
     if module == "pandas" and _arrow.pandas_supported(value):
         return "arrow-pandas", _arrow.write_pandas
     if module == "pandas" and _arrow.series_supported(value):
@@ -291,15 +306,27 @@ def _aligned(pos: int) -> int:
     return pos + (-pos % _ALIGN)
 
 
+def _arrow_reader(name: str):
+    """A reader from ``_arrow``, which (with pyarrow and numpy) is imported on the first load."""
+    def read(path: Path) -> Any:
+        from . import _arrow
+
+        return getattr(_arrow, name)(path)
+
+    return read
+
+
 def _read_table(path: Path) -> Any:
+    from . import _arrow
+
     return _arrow.read_table(path)[0]
 
 
 _READERS = {
-    "arrow-numpy": _arrow.read_numpy,
-    "arrow-pandas": _arrow.read_pandas,
+    "arrow-numpy": _arrow_reader("read_numpy"),
+    "arrow-pandas": _arrow_reader("read_pandas"),
     "arrow-table": _read_table,
-    "arrow-polars": _arrow.read_polars,
+    "arrow-polars": _arrow_reader("read_polars"),
     "pickle": _read_pickle,
 }
 
