@@ -198,7 +198,9 @@ class _Engine:
             spec = self._task_spec(info, attempt)
             try:
                 server = self._server_for(info.step)
-                server.ensure_preloaded(flow_preload(serializers=_input_serializers(spec)))
+                # what the server did not preload for the flow: an environment's server knows only its
+                # prelude, and a resumed step may read a frame though its code never names pandas
+                server.ensure_preloaded(flow_preload([spec["code"]], _input_serializers(spec)))
             except RunError as exc:  # its environment cannot be built, or the prelude fails in it
                 self._set_state(info, "running", attempt)
                 self._finish_attempt(info, attempt, _not_started(exc))

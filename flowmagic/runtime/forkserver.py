@@ -30,6 +30,7 @@ whatever is left in its group before reaping it.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -407,17 +408,33 @@ def _recv_all(channel: socket.socket) -> bytes:
 
 def preload(modules) -> None:
     """Import the heavy modules tasks use and make the IPython shell, once."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:  # an optional heavy module may be missing in an environment
-            pass
-    try:  # an IPython shell made here is inherited ready-made by every task
-        from flowmagic.runtime.execute import prepare_shell
+    with _ipython_without_jedi():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional heavy module may be missing in an environment
+                pass
+        try:  # an IPython shell made here is inherited ready-made by every task
+            from flowmagic.runtime.execute import prepare_shell
 
-        prepare_shell()
-    except ImportError:
-        pass
+            prepare_shell()
+        except ImportError:
+            pass
+
+
+@contextlib.contextmanager
+def _ipython_without_jedi():
+    """IPython imports jedi (~0.1 s) for tab completion, which no task does;
+    while IPython loads, ``import jedi`` fails, so it sets completion aside.
+    Afterwards a step can import jedi as usual."""
+    blocked = "IPython" not in sys.modules and "jedi" not in sys.modules
+    if blocked:
+        sys.modules["jedi"] = None  # type: ignore[assignment]  # the import system's "not available"
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("jedi", 0) is None:
+            del sys.modules["jedi"]
 
 
 def main(argv: list[str] | None = None) -> None:
