@@ -168,3 +168,25 @@ def test_a_resumed_step_that_loads_a_frame_runs_with_pandas_preloaded(tmp_path):
         assert load_artifact(store.objects, refs["total"]) == 6
     finally:
         forkpool.close_all()
+
+
+def test_the_server_loads_ipython_without_its_terminal_parts_and_steps_can_still_import_them():
+    server = ForkServer("x = 1\n").start()
+    try:
+        proc = server.spawn(ENTRY)
+        proc.channel.sendall(b"""import sys
+before = [m for m in ("jedi", "prompt_toolkit", "IPython.terminal.embed") if m in sys.modules]
+import jedi
+from IPython.terminal.embed import InteractiveShellEmbed
+import IPython
+print(before, callable(IPython.embed), InteractiveShellEmbed.__name__, bool(jedi.__version__))
+""")
+        proc.channel.shutdown(1)
+        chunks = []
+        while chunk := os.read(proc.stdout, 65536):
+            chunks.append(chunk)
+        os.read(proc.status, 4096)
+        proc.close()
+        assert b"".join(chunks).decode().strip() == "[] True InteractiveShellEmbed True"
+    finally:
+        server.close()
