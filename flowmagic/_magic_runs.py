@@ -72,16 +72,10 @@ def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
 
 
 def tag(magics: FlowMagics, args: argparse.Namespace) -> Any:
-    from flowmagic.errors import UsageError
+    from flowmagic.cli_runs import apply_tags
 
     flow, store = magics.flow_name(), magics.store()
-    if args.action != "list" and not args.tags:
-        raise UsageError(f"tag {args.action}: give at least one TAG")
-    if args.action == "add":
-        store.meta.add_tags(flow, args.run_id, args.tags)
-    elif args.action == "remove":
-        store.meta.remove_tags(flow, args.run_id, args.tags)
-    tags = list(store.meta.get_run(flow, args.run_id).tags)
+    tags = apply_tags(store, flow, args)
     if args.json:
         return {"flow": flow, "run_id": args.run_id, "tags": tags}
     print(" ".join(tags) or "(no tags)")

@@ -292,15 +292,21 @@ def _configure_tag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def _run_tag(args: argparse.Namespace) -> int:
-    flow, store = _open(args.notebook)
+def apply_tags(store, flow: str, args: argparse.Namespace) -> list[str]:
+    """Carry out ``tag add|remove|list``; return the run's tags afterwards
+    (shared by ``flowmagic tag`` and ``%flow tag``)."""
     if args.action != "list" and not args.tags:
         raise UsageError(f"tag {args.action}: give at least one TAG")
     if args.action == "add":
         store.meta.add_tags(flow, args.run_id, args.tags)
     elif args.action == "remove":
         store.meta.remove_tags(flow, args.run_id, args.tags)
-    tags = list(store.meta.get_run(flow, args.run_id).tags)
+    return list(store.meta.get_run(flow, args.run_id).tags)
+
+
+def _run_tag(args: argparse.Namespace) -> int:
+    flow, store = _open(args.notebook)
+    tags = apply_tags(store, flow, args)
     if args.json:
         print_json({"flow": flow, "run_id": args.run_id, "tags": tags})
     else:
