@@ -42,7 +42,7 @@ def plan_joins(steps: Mapping[str, MfStep], writes: Mapping[str, frozenset[str]]
     step writes; ``position``: notebook position of each real step."""
     states: dict[str, dict[str, Writer]] = {}
     plans: dict[str, JoinPlan] = {}
-    for name in _topological(steps):
+    for name in topological(steps):
         node = steps[name]
         if node.join == "foreach":
             state, plans[name] = _foreach_join(node, steps, states, position)
@@ -103,11 +103,14 @@ def _check_step_name_clashes(steps: Mapping[str, MfStep], plans: Mapping[str, Jo
                     variable=var)
 
 
-def _topological(steps: Mapping[str, MfStep]) -> list[str]:
+def topological(steps: Mapping[str, MfStep], rank=None) -> list[str]:
+    """Kahn's order of the Metaflow steps; ``rank`` breaks ties among ready steps."""
     pending = {name: len(node.inputs_from) for name, node in steps.items()}
     ready = [name for name, count in pending.items() if count == 0]
     order: list[str] = []
     while ready:
+        if rank is not None:
+            ready.sort(key=rank)
         name = ready.pop(0)
         order.append(name)
         for child in steps[name].next:

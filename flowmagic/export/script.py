@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from flowmagic.dag import FlowGraph, Parameter, StepSpec
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.export.carry import JoinPlan, plan_joins
+from flowmagic.export.carry import JoinPlan, plan_joins, topological
 from flowmagic.export.names import RESERVED_ATTRIBUTES, read_downstream, step_attributes
 from flowmagic.export.prelude import Prelude, plan_prelude
 from flowmagic.export.rewrite import StepNames, Where, rewrite_step_code
@@ -120,18 +120,7 @@ def _reading_order(plan: ExportPlan) -> list[str]:
             position[name] = max((rank(i) for i in inputs), default=-1.0) + 0.5
         return position[name]
 
-    pending = {name: len(node.inputs_from) for name, node in steps.items()}
-    ready = [name for name, count in pending.items() if count == 0]
-    order: list[str] = []
-    while ready:
-        ready.sort(key=rank)
-        name = ready.pop(0)
-        order.append(name)
-        for child in steps[name].next:
-            pending[child] -= 1
-            if pending[child] == 0:
-                ready.append(child)
-    return order
+    return topological(steps, rank)
 
 
 def _parameter_imports(params: tuple[Parameter, ...]) -> set[str]:
