@@ -4,7 +4,8 @@ This is DESIGN's invariant made executable: a flow run must yield the same
 values as Run All in a kernel that has never heard of flowmagic. Each
 `%%step` body runs as an ordinary cell; a `--foreach` step runs its body once
 per item in a copy of the namespace and binds the gathered lists (and
-`inputs`), `--catch VAR` records the exception, `%%params` binds defaults.
+`inputs`), `--catch VAR` records the exception, `--retry N` tries again a second
+later (as the runtime does), `%%params` binds defaults.
 The values come back pickled, so tests can compare them with artifacts.
 """
 from __future__ import annotations
@@ -53,6 +54,19 @@ except Exception as _exc:
 '''
 
 
+_RETRY_TEMPLATE = '''
+import time as _time
+for _attempt in range({attempts}):
+    try:
+        exec(compile({body!r}, "<step {name}>", "exec"), globals())
+        break
+    except Exception:
+        if _attempt == {attempts} - 1:
+            raise
+        _time.sleep(1.0)   # as the runtime spaces retries
+'''
+
+
 def plain_cells(path: Path) -> list[str]:
     """The notebook's code, rewritten so a kernel without flowmagic runs it."""
     cells = read_cells(path)
@@ -91,6 +105,8 @@ def _plain_step(step) -> str:
         )
     if catch:
         return _CATCH_TEMPLATE.format(catch=catch, body=step.code, name=step.name, writes=writes)
+    if step.options.retry:
+        return _RETRY_TEMPLATE.format(attempts=step.options.retry + 1, body=step.code, name=step.name)
     return step.code
 
 
