@@ -83,16 +83,11 @@ def tag(magics: FlowMagics, args: argparse.Namespace) -> Any:
 
 
 def logs(magics: FlowMagics, args: argparse.Namespace) -> Any:
-    from flowmagic.cli_runs import _select_tasks
+    from flowmagic.cli_runs import collect_logs
     from flowmagic.report import render_logs
 
     flow, store = magics.flow_name(), magics.store()
-    run_id, tasks = _select_tasks(store, flow, args.pathspec)
-    rows = [{"step": t.step, "task": t.task_id, "index": list(t.index) if t.index else None, "state": t.state,
-             "attempts": [{"attempt": a.attempt, "outcome": a.outcome, "stdout": a.stdout, "stderr": a.stderr,
-                           "exception": a.exception, "exit_code": a.exit_code, "signal": a.signal}
-                          for a in store.meta.attempts(t.task_id)]}
-            for t in tasks]
+    run_id, rows = collect_logs(store, flow, args.pathspec)
     if args.json:
         return {"flow": flow, "run_id": run_id, "tasks": rows}
     print(render_logs(flow, run_id, rows), end="")

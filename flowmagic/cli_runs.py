@@ -323,16 +323,23 @@ def _configure_logs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def _run_logs(args: argparse.Namespace) -> int:
-    from flowmagic.report import render_logs
-
-    flow, store = _open(args.notebook)
-    run_id, tasks = _select_tasks(store, flow, args.pathspec)
+def collect_logs(store, flow: str, pathspec: str) -> tuple[int, list[dict]]:
+    """Every attempt of the selected tasks, with its output and exception;
+    shared by ``flowmagic logs`` and ``%flow logs``."""
+    run_id, tasks = _select_tasks(store, flow, pathspec)
     rows = [{"step": t.step, "task": t.task_id, "index": list(t.index) if t.index else None, "state": t.state,
              "attempts": [{"attempt": a.attempt, "outcome": a.outcome, "stdout": a.stdout, "stderr": a.stderr,
                            "exception": a.exception, "exit_code": a.exit_code, "signal": a.signal}
                           for a in store.meta.attempts(t.task_id)]}
             for t in tasks]
+    return run_id, rows
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    from flowmagic.report import render_logs
+
+    flow, store = _open(args.notebook)
+    run_id, rows = collect_logs(store, flow, args.pathspec)
     if args.json:
         print_json({"flow": flow, "run_id": run_id, "tasks": rows})
     else:
