@@ -1,12 +1,15 @@
 """execute_cell: a step body run like a notebook cell, in a forked task process.
 
-Every test runs its body in a child forked from the test process, after
-prepare_shell(), exactly as a task is forked from the warm fork server; so
-the shell's changes to builtins and to matplotlib stay out of pytest.
+Every test runs its body in a child forked from the test process, exactly as
+a task is forked from the warm fork server, twice: once with the IPython
+shell made before the fork (a flow whose code shows it wants IPython) and once
+without one (a plain-Python flow: the task makes the shell only when a cell
+needs it). The shell's changes to builtins and to matplotlib stay out of pytest.
 """
 from __future__ import annotations
 
 import base64
+import builtins
 import os
 import pickle
 import sys
@@ -18,20 +21,51 @@ import pytest
 import matplotlib.pyplot  # noqa: F401 - preloaded, as the fork server does: children start warm
 import pandas  # noqa: F401
 
+from flowmagic.runtime import execute
 from flowmagic.runtime.execute import ExecutionResult, execute_cell, prepare_shell
 from flowmagic.runtime.outputs import OutputLimits
 
 CELL = "<step demo>"
+SHELL_MODES = ("shell made before fork", "shell made when needed")
+_mode = SHELL_MODES[0]
+
+
+@pytest.fixture(autouse=True, params=SHELL_MODES)
+def shell_mode(request):
+    global _mode
+    _mode = request.param
+    yield request.param
+    _mode = SHELL_MODES[0]
+
+
+def forget_the_shell() -> None:
+    """In a forked child: no shell, no IPython builtins, as in a server that did not load IPython."""
+    shell_module = sys.modules.get("flowmagic.runtime.shell")
+    if shell_module is not None:
+        shell_module.TaskShell.clear_instance()
+        shell_module._SHELL = None
+    for name in ("display", "get_ipython", "__IPYTHON__"):
+        builtins.__dict__.pop(name, None)
+    execute._PROCESS_READY = False
+
+
+def has_shell() -> bool:
+    shell_module = sys.modules.get("flowmagic.runtime.shell")
+    return shell_module is not None and shell_module.current() is not None
 
 
 def in_task_process(func: Callable[[], Any]) -> Any:
-    """Run ``func`` in a forked child with a prepared shell; return its (picklable) result."""
+    """Run ``func`` in a forked child set up as the current shell mode says;
+    return its (picklable) result."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the task process
         os.close(read_fd)
         try:
-            prepare_shell()
+            if _mode == SHELL_MODES[0]:
+                prepare_shell()
+            else:
+                forget_the_shell()
             result = ("ok", func())
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             result = ("error", traceback.format_exc())
@@ -79,10 +113,10 @@ def test_prepare_shell_is_fork_safe_and_leaves_the_process_main_module_alone():
     def body():
         import threading
 
-        from flowmagic.runtime import execute
+        from flowmagic.runtime import shell as shell_module
 
-        execute.TaskShell.clear_instance()  # a fresh process, as the fork server is before its prelude
-        execute._SHELL = None
+        shell_module.TaskShell.clear_instance()  # a fresh process, as the fork server is before its prelude
+        shell_module._SHELL = None
         main = sys.modules["__main__"]
         threads = threading.active_count()
         shell = prepare_shell()
@@ -90,7 +124,7 @@ def test_prepare_shell_is_fork_safe_and_leaves_the_process_main_module_alone():
                 os.environ["MPLBACKEND"], shell.history_manager.enabled)
     same, main_kept, no_new_thread, backend, history = in_task_process(body)
     assert same and main_kept and no_new_thread
-    assert backend == "module://matplotlib_inline.backend_inline"
+    assert backend == "module://flowmagic.runtime.mpl_backend"
     assert history is False  # no SQLite connection or saving thread may cross fork()
 
 
@@ -260,7 +294,7 @@ def test_figures_are_captured_even_when_the_step_fails():
 def test_matplotlib_is_non_interactive_in_the_task():
     result, names, _ = run("import matplotlib\nbackend = matplotlib.get_backend()\n")
     assert result.ok, result.error
-    assert names["backend"] in ("inline", "module://matplotlib_inline.backend_inline", "agg")
+    assert names["backend"] in ("module://flowmagic.runtime.mpl_backend", "agg")
 
 
 # -- IPython syntax -----------------------------------------------------------------------

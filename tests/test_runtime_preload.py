@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flowmagic.runtime.forkpool import ForkServer
-from flowmagic.runtime.forkserver import ARROW_CODECS, flow_preload
+from flowmagic.runtime.forkserver import ARROW_CODECS, IPYTHON, flow_preload
 
 HEAVY = ("numpy", "pyarrow", "pandas")
 ENTRY = "flowmagic.runtime.forkserver:run_source"
@@ -171,15 +171,16 @@ def test_a_resumed_step_that_loads_a_frame_runs_with_pandas_preloaded(tmp_path):
 
 
 def test_the_server_loads_ipython_without_its_terminal_parts_and_steps_can_still_import_them():
-    server = ForkServer("x = 1\n").start()
+    server = ForkServer("x = 1\n", flow_modules=(IPYTHON,)).start()
     try:
         proc = server.spawn(ENTRY)
         proc.channel.sendall(b"""import sys
 before = [m for m in ("jedi", "prompt_toolkit", "IPython.terminal.embed") if m in sys.modules]
+shell = type(get_ipython()).__name__
 import jedi
 from IPython.terminal.embed import InteractiveShellEmbed
 import IPython
-print(before, callable(IPython.embed), InteractiveShellEmbed.__name__, bool(jedi.__version__))
+print(before, shell, callable(IPython.embed), InteractiveShellEmbed.__name__, bool(jedi.__version__))
 """)
         proc.channel.shutdown(1)
         chunks = []
@@ -187,6 +188,6 @@ print(before, callable(IPython.embed), InteractiveShellEmbed.__name__, bool(jedi
             chunks.append(chunk)
         os.read(proc.status, 4096)
         proc.close()
-        assert b"".join(chunks).decode().strip() == "[] True InteractiveShellEmbed True"
+        assert b"".join(chunks).decode().strip() == "[] TaskShell True InteractiveShellEmbed True"
     finally:
         server.close()

@@ -1,65 +1,68 @@
 """Run one step's code like a notebook cell, inside the task process.
 
-The code goes through IPython's own input transformer (so ``%time``, ``!cmd``
-and line magics work) and runs against a real :class:`InteractiveShell`
-created once per process (:func:`prepare_shell`, which the fork server calls
-before it forks tasks, so a task pays only for binding its namespace).
+Code that is plain Python runs as it is, without IPython; a cell with IPython
+syntax (``%time``, ``!cmd``) goes through IPython's own input transformer and
+runs against a real :class:`~flowmagic.runtime.shell.TaskShell`. The shell
+(IPython costs ~0.25 s to import) is made when a cell first needs it: for that
+syntax, a value to show, a ``display()`` or ``get_ipython()`` call, or a
+figure left open; or by the fork server before it forks, for a flow whose
+code shows it will (tasks then inherit it ready).
 
 What a cell would show is captured and handed to ``emit`` as it happens:
 ``display()`` calls, the value of the last expression (``execute_result``)
 and the matplotlib figures shown with ``plt.show()`` or still open at the
 end (PNG, plus SVG when small). Tracebacks show the cell's own lines with
 the cell's line numbers, without flowmagic's or IPython's frames.
-
-This module imports IPython (about 0.6 s): import it in the fork server,
-not in the kernel-side orchestrator.
 """
 from __future__ import annotations
 
 import ast
 import asyncio
 import builtins
+import contextlib
 import fcntl
+import functools
 import inspect
 import linecache
 import os
 import stat
 import struct
-import subprocess
 import sys
 import termios
 import threading
 import time
 import tokenize
 import traceback
+import types
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from io import StringIO
 from pathlib import Path
-from typing import Any, Callable
-
-import IPython
-from IPython.core.displaypub import DisplayPublisher
-from IPython.core.formatters import DisplayFormatter
-from IPython.core.interactiveshell import DummyMod, InteractiveShell
-from traitlets import Type
-from traitlets.config import Config
+from typing import TYPE_CHECKING, Any, Callable
 
 from flowmagic.errors import UsageError
 from flowmagic.runtime.outputs import OutputBudget, OutputLimits, make_output, note_output, without_live_widgets
 
+if TYPE_CHECKING:
+    from flowmagic.runtime.shell import TaskShell
+
 Emit = Callable[[dict], None]
 
-#: matplotlib backend of task processes: IPython's inline backend publishes
-#: figures through ``display()`` on ``plt.show()``, as in a kernel (its
-#: canvas is Agg, nothing interactive); plain Agg without matplotlib-inline.
-INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
-#: figures drawing more points than this get no SVG form (big and slow to render)
-SVG_MAX_POINTS = 5000
+#: matplotlib backend of task processes: IPython's inline backend (it publishes
+#: figures through ``display()`` on ``plt.show()``, as in a kernel; its canvas
+#: is Agg, nothing interactive), loaded after the shell it needs; plain Agg
+#: without matplotlib-inline.
+INLINE_BACKEND = "module://flowmagic.runtime.mpl_backend"
 
-# Frames from these directories are machinery, not the user's code.
-_HIDDEN_DIRS = (str(Path(__file__).resolve().parents[1]) + os.sep,
-                str(Path(IPython.__file__).resolve().parent) + os.sep)
+
+@functools.cache
+def _hidden_dirs() -> tuple[str, ...]:
+    """Frames from these directories are machinery, not the user's code."""
+    dirs = [str(Path(__file__).resolve().parents[1]) + os.sep]
+    spec = find_spec("IPython")  # where it is, without importing it
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()) + os.sep)
+    return tuple(dirs)
 
 
 @dataclass
@@ -105,121 +108,19 @@ class _Capture:
                           file=sys.stderr)
 
 
-class CapturingDisplayPublisher(DisplayPublisher):
-    """Sends ``display()`` data to the running cell's capture (dropped between cells)."""
-
-    def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs) -> None:
-        capture = getattr(self.shell, "capture", None)
-        if capture is not None:
-            capture.publish("update_display" if update else "display", data, metadata, transient)
-
-    def clear_output(self, wait: bool = False) -> None:
-        """Outputs are a record; clearing them would lose it."""
-
-
-class FigureFormatter(DisplayFormatter):
-    """Formats matplotlib figures ourselves: PNG always, SVG only when small.
-
-    Doing it here (not through the registered figure formatters) keeps the
-    choice stable whichever backend the step selects.
-    """
-
-    def format(self, obj, include=None, exclude=None):
-        if _is_figure(obj):
-            return _figure_bundle(obj, self.parent)
-        return super().format(obj, include=include, exclude=exclude)
-
-
-class TaskShell(InteractiveShell):
-    """An InteractiveShell for task processes: captured display, fd-level ``!cmd``,
-    and errors inside magics (``%time``) that fail the step instead of being printed."""
-
-    display_pub_class = Type(CapturingDisplayPublisher)
-    capture: _Capture | None = None
-    cell_filename: str = ""
-
-    def init_display_formatter(self) -> None:
-        self.display_formatter = FigureFormatter(parent=self)
-        self.configurables.append(self.display_formatter)
-
-    def system(self, cmd: str) -> None:
-        """``!cmd``: the command writes straight to the task's stdout/stderr descriptors."""
-        cmd = self.var_expand(cmd, depth=1)
-        _flush_std_streams()
-        status = subprocess.call(cmd, shell=True, executable=os.environ.get("SHELL") or None)
-        # IPython's convention: a command killed by signal N leaves -N.
-        self.user_ns["_exit_code"] = -(status - 128) if status > 128 else status
-
-    def showtraceback(self, exc_tuple=None, filename=None, tb_offset=None,
-                      exception_only=False, running_compiled_code=False) -> None:
-        etype, value, tb = exc_tuple if exc_tuple else sys.exc_info()
-        if value is None:
-            return
-        if _inside_magic():
-            # %time and friends print the error and carry on; a step must fail instead.
-            raise value.with_traceback(tb)
-        # Elsewhere (a broken _repr_html_): report it and go on, as a notebook does.
-        print(format_error(value, self.cell_filename)["traceback"], file=sys.stderr, end="")
-
-    def showsyntaxerror(self, filename=None, running_compiled_code=False) -> None:
-        self.showtraceback()
-
-
-def _inside_magic() -> bool:
-    magic_code = {InteractiveShell.run_line_magic.__code__, InteractiveShell.run_cell_magic.__code__}
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in magic_code:
-            return True
-        frame = frame.f_back
-    return False
-
-
-_SHELL: TaskShell | None = None
-
-
-def prepare_shell() -> TaskShell:
-    """Create (once) the process's IPython shell; returns it at once afterwards.
-
-    Call it in the fork server before the prelude runs, so tasks inherit a
-    ready shell. It also points matplotlib at a non-interactive backend.
-    """
-    global _SHELL
-    if _SHELL is None:
-        _SHELL = _create_shell()
-        # One throwaway cell warms the transformer and compiler caches before fork().
-        execute_cell("_ = 1\n_\n", {}, filename="<flowmagic warm-up>", first_line=1, emit=lambda _output: None)
-    return _SHELL
-
-
-def _create_shell() -> TaskShell:
-    config = Config()
-    # No history database: a SQLite connection and a saving thread must not cross fork().
-    config.HistoryManager.enabled = False
-    config.HistoryAccessor.enabled = False
-    if InteractiveShell.initialized() and not isinstance(InteractiveShell.instance(), TaskShell):
-        InteractiveShell.clear_instance()  # e.g. forked from a kernel: never publish to its sockets
-    main_module = sys.modules.get("__main__")
-    shell = TaskShell.instance(config=config)
-    if main_module is not None:  # the shell installs a __main__ of its own; keep the process's
-        sys.modules["__main__"] = main_module
-    # get_ipython() as a builtin, for the step and for the code that IPython's
-    # transformer writes (``get_ipython().run_line_magic(...)``); display() is one already.
-    builtins.get_ipython = shell.get_ipython
-    _select_matplotlib_backend()
-    return shell
-
-
-def _select_matplotlib_backend() -> None:
-    backend = INLINE_BACKEND if find_spec("matplotlib_inline") else "Agg"
-    os.environ["MPLBACKEND"] = backend
-    if "matplotlib" in sys.modules:  # imported before us: switch it too
-        import matplotlib
-
-        matplotlib.use(backend)
-
-
 # -- running a cell ---------------------------------------------------------------------
+
+
+@dataclass
+class _Cell:
+    """The cell running now: where a shell made in the middle of it must send things."""
+
+    namespace: dict
+    capture: _Capture
+    filename: str
+
+
+_CELL: _Cell | None = None
 
 
 def execute_cell(code: str, namespace: dict, *, filename: str, first_line: int, emit: Emit,
@@ -230,41 +131,156 @@ def execute_cell(code: str, namespace: dict, *, filename: str, first_line: int, 
     the name tracebacks show. Outputs go to ``emit`` as they happen and are
     returned too. Names bound before an error keep their values.
     """
-    shell = prepare_shell()
+    global _CELL
+    prepare_process()
     try:
         limits = limits or OutputLimits.from_env()
     except UsageError as exc:  # a bad FLOWMAGIC_OUTPUT*_MB: the step fails and says which
         return ExecutionResult(ok=False, error=format_error(exc, filename))
     capture = _Capture(emit, limits)
-    _bind_namespace(shell, namespace)
     _register_source(filename, code, first_line)
-    shell.capture = capture
-    shell.cell_filename = filename
+    _CELL = _Cell(namespace, capture, filename)
     error = None
     try:
-        python = shell.input_transformer_manager.transform_cell(code)
-        # Blank lines in front give every node (and a SyntaxError) the cell's line numbers.
-        tree = ast.parse("\n" * (first_line - 1) + python, filename=filename)
-        _run(shell, tree, python, namespace, filename, capture)
+        tree, python = _parse(code, first_line, filename)
+        _run(tree, python, namespace, filename, capture)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - SystemExit too: the step's error is its result
         error = format_error(exc, filename)
     finally:
         try:
-            _flush_figures(shell, capture)
+            _flush_figures(capture)
         finally:
-            shell.capture = None
+            shell = _shell(create=False)
+            _CELL = None
+            if shell is not None:
+                shell.capture = None
             _flush_std_streams()
     return ExecutionResult(ok=error is None, error=error, outputs=capture.outputs)
 
 
-def _bind_namespace(shell: TaskShell, namespace: dict) -> None:
-    # Magics read and write shell.user_ns (%time binds there): make it the task's globals.
-    module = DummyMod()
-    module.__dict__ = namespace
-    shell.user_module = module
-    shell.user_ns = namespace
+def _parse(code: str, first_line: int, filename: str) -> tuple[ast.Module, str]:
+    """The cell's tree and its Python text: the code as written when it is plain
+    Python and no shell exists yet; otherwise through IPython's transformer."""
+    # Blank lines in front give every node (and a SyntaxError) the cell's line numbers.
+    padding = "\n" * (first_line - 1)
+    if _shell(create=False) is None:
+        try:
+            return ast.parse(padding + code, filename=filename), code
+        except SyntaxError:
+            pass  # IPython syntax, or an error that IPython's path reports just the same
+    python = _shell(create=True).input_transformer_manager.transform_cell(code)
+    return ast.parse(padding + python, filename=filename), python
+
+
+def _shell(create: bool) -> TaskShell | None:
+    """The process's IPython shell bound to the running cell; made now if ``create``."""
+    module = sys.modules.get("flowmagic.runtime.shell")
+    shell = module.current() if module is not None else None
+    if shell is None:
+        if not create:
+            return None
+        shell = prepare_shell(warm=False)
+    cell = _CELL
+    if cell is not None and shell.capture is not cell.capture:
+        shell.bind(cell.namespace, cell.capture, cell.filename)
+    return shell
+
+
+def prepare_shell(warm: bool = True) -> TaskShell:
+    """Import IPython (without its terminal parts) and make the process's shell,
+    once. The fork server calls it before forking, for a flow that needs it."""
+    with _lean_ipython():   # the shell's completer would import jedi too
+        from flowmagic.runtime.shell import make_shell
+
+        return make_shell(warm=warm)
+
+
+_PROCESS_READY = False
+
+
+def prepare_process() -> None:
+    """What every task process has, shell or not: ``display()`` and ``get_ipython()``
+    builtins (the first call makes the shell) and a non-interactive matplotlib."""
+    global _PROCESS_READY
+    if _PROCESS_READY:
+        return
+    _PROCESS_READY = True
+    if not hasattr(builtins, "display"):
+        builtins.display = _display_with_a_shell  # type: ignore[attr-defined]
+    if not hasattr(builtins, "get_ipython"):
+        builtins.get_ipython = _get_ipython_with_a_shell  # type: ignore[attr-defined]
+    select_matplotlib_backend()
+
+
+def _display_with_a_shell(*objs: Any, **kwargs: Any) -> Any:
+    _shell(create=True)   # replaces this builtin with IPython's display()
+    from IPython.display import display
+
+    return display(*objs, **kwargs)
+
+
+def _get_ipython_with_a_shell() -> TaskShell:
+    return _shell(create=True)
+
+
+_BACKEND_SELECTED = False
+
+
+def select_matplotlib_backend() -> None:
+    """Point matplotlib at a non-interactive backend, once per process."""
+    global _BACKEND_SELECTED
+    if _BACKEND_SELECTED:
+        return
+    _BACKEND_SELECTED = True
+    backend = INLINE_BACKEND if find_spec("matplotlib_inline") else "Agg"
+    os.environ["MPLBACKEND"] = backend
+    if "matplotlib" in sys.modules:  # imported before us: switch it too
+        import matplotlib
+
+        matplotlib.use(backend)
+
+
+@contextlib.contextmanager
+def _lean_ipython():
+    """Load IPython without what only its terminal uses (~0.2 s): jedi (tab
+    completion: while IPython loads, ``import jedi`` fails, so it sets
+    completion aside) and ``IPython.terminal.embed`` (which pulls in
+    prompt_toolkit; ``IPython.embed`` stays, loading it on call).
+    Afterwards a step can import either as usual."""
+    lean = "IPython" not in sys.modules and "jedi" not in sys.modules
+    if lean:
+        sys.modules["jedi"] = None  # type: ignore[assignment]  # the import system's "not available"
+        sys.modules[_EMBED] = _embed_stub()
+        try:
+            import IPython  # noqa: F401
+        except Exception:  # an IPython that wants more of its terminal: load it whole
+            del sys.modules[_EMBED]
+    try:
+        yield
+    finally:
+        if lean:
+            if sys.modules.get("jedi", 0) is None:
+                del sys.modules["jedi"]
+            if getattr(sys.modules.get(_EMBED), "_flowmagic_stub", False):
+                del sys.modules[_EMBED]
+
+
+_EMBED = "IPython.terminal.embed"
+
+
+def _embed_stub() -> types.ModuleType:
+    stub = types.ModuleType(_EMBED)
+    stub._flowmagic_stub = True  # type: ignore[attr-defined]
+
+    def embed(*args: Any, **kwargs: Any) -> Any:
+        from IPython.terminal.embed import embed as real_embed
+
+        return real_embed(*args, **kwargs)
+
+    stub.embed = embed  # type: ignore[attr-defined]
+    return stub
 
 
 def _register_source(filename: str, code: str, first_line: int) -> None:
@@ -275,8 +291,7 @@ def _register_source(filename: str, code: str, first_line: int) -> None:
     linecache.cache[filename] = (len("".join(lines)), None, lines, filename)
 
 
-def _run(shell: TaskShell, tree: ast.Module, python: str, namespace: dict, filename: str,
-         capture: _Capture) -> None:
+def _run(tree: ast.Module, python: str, namespace: dict, filename: str, capture: _Capture) -> None:
     body, last = tree.body, None
     if body and isinstance(body[-1], ast.Expr):
         body, last = body[:-1], body[-1]
@@ -287,7 +302,7 @@ def _run(shell: TaskShell, tree: ast.Module, python: str, namespace: dict, filen
     value = _eval(compile(ast.Expression(last.value), filename, "eval", flags=_FLAGS), namespace)
     if value is None or _ends_with_semicolon(python):
         return
-    data, metadata = shell.display_formatter.format(value)
+    data, metadata = _shell(create=True).display_formatter.format(value)
     if _is_figure(value):
         capture.shown_figures.append(value)
     capture.publish("execute_result", data, metadata)
@@ -363,37 +378,7 @@ def _is_figure(obj: Any) -> bool:
     return figure_module is not None and isinstance(obj, figure_module.Figure)
 
 
-def _figure_bundle(fig: Any, shell: TaskShell) -> tuple[dict, dict]:
-    from IPython.core.pylabtools import print_figure
-
-    capture = shell.capture
-    if capture is not None:
-        capture.shown_figures.append(fig)
-    data: dict[str, Any] = {"text/plain": repr(fig)}
-    png = print_figure(fig, "png")
-    if png is None:  # an empty figure: nothing to draw, as in a notebook
-        return data, {}
-    data["image/png"] = png
-    svg_limit = capture.limits.svg_max_bytes if capture is not None else OutputLimits().svg_max_bytes
-    if _drawn_points(fig) <= SVG_MAX_POINTS:
-        svg = print_figure(fig, "svg")
-        if svg is not None and len(svg) <= svg_limit:
-            data["image/svg+xml"] = svg
-    fig.stale = False  # shown as it is now; a later change marks it stale again
-    return data, {}
-
-
-def _drawn_points(fig: Any) -> int:
-    """A cheap estimate of the SVG's size: points of lines and collections; images count as many."""
-    points = 0
-    for ax in fig.axes:
-        points += sum(len(line.get_xydata()) for line in ax.lines)
-        points += sum(max(len(c.get_offsets()), len(c.get_paths())) for c in ax.collections)
-        points += SVG_MAX_POINTS * len(ax.images) + len(ax.patches)
-    return points
-
-
-def _flush_figures(shell: TaskShell, capture: _Capture) -> None:
+def _flush_figures(capture: _Capture) -> None:
     """Show the figures still open at the end of the cell, then close them all."""
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
@@ -409,7 +394,7 @@ def _flush_figures(shell: TaskShell, capture: _Capture) -> None:
             if any(fig is shown for shown in capture.shown_figures) and not fig.stale:
                 continue  # already shown, unchanged since
             try:
-                data, metadata = shell.display_formatter.format(fig)
+                data, metadata = _shell(create=True).display_formatter.format(fig)
             except Exception as exc:  # noqa: BLE001 - a figure that cannot draw must not fail the step
                 capture.publish("display", note_output(f"a figure could not be drawn: {exc!r}")["data"], {})
                 continue
@@ -459,7 +444,7 @@ def _drop_machinery_frames(summary: traceback.TracebackException, seen: set[int]
 
 
 def _is_machinery(path: str) -> bool:
-    return path.startswith(_HIDDEN_DIRS) or path.startswith("<decorator-gen-")
+    return path.startswith(_hidden_dirs()) or path.startswith("<decorator-gen-")
 
 
 def _safe_str(exc: BaseException) -> str:

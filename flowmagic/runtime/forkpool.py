@@ -72,7 +72,7 @@ class ForkServer:
         return self
 
     def _start(self) -> None:
-        self.proc, self.ctrl = _take_prestarted(self.python, self.preload, self.env) or _launch(
+        self.proc, self.ctrl = _take_prestarted(self.python, self.env) or _launch(
             self.python, self.preload, self.env)
         parent = self.ctrl
         config = {
@@ -210,19 +210,20 @@ def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket
     return proc, parent
 
 
-_prestarted: dict[tuple, tuple[subprocess.Popen, socket.socket]] = {}
+_prestarted: dict[str, tuple[subprocess.Popen, socket.socket]] = {}   # interpreter -> server
 
 
 def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
     """Start a server process now, so its imports overlap with the caller's own
-    work (reading the notebook); the next :func:`get_server` configures it."""
-    key = (python or sys.executable, tuple(preload_modules), None)
-    if key not in _prestarted:
-        _on_spawner_thread(lambda: _prestarted.setdefault(key, _launch(key[0], preload_modules, None)))
+    work (reading the notebook); the next :func:`get_server` for this
+    interpreter configures it, adding the modules the flow needs."""
+    python = python or sys.executable
+    if python not in _prestarted:
+        _on_spawner_thread(lambda: _prestarted.setdefault(python, _launch(python, preload_modules, None)))
 
 
-def _take_prestarted(python, preload_modules, env):
-    found = _prestarted.pop((python, tuple(preload_modules), None), None) if env is None else None
+def _take_prestarted(python: str, env: dict[str, str] | None):
+    found = _prestarted.pop(python, None) if env is None else None
     if found is not None and found[0].poll() is None:
         return found
     return None
@@ -304,4 +305,4 @@ def has_server(python: str) -> bool:
     with _servers_lock:
         if any(key[0] == python and server.alive() for key, server in _servers.items()):
             return True
-    return any(key[0] == python for key in _prestarted)
+    return python in _prestarted

@@ -30,7 +30,6 @@ whatever is left in its group before reaping it.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import json
@@ -48,34 +47,43 @@ from typing import Any, Callable, Iterable
 from flowmagic.errors import RunError
 from flowmagic.runtime.processes import die_with_parent, kill_group
 
-# What every server imports before it knows the flow: tasks run their cells
-# through IPython. numpy/pandas/pyarrow (~0.6 s) only when the flow uses them:
-# see flow_preload and _Server.configure.
-DEFAULT_PRELOAD = (
-    "IPython",
-    "flowmagic.runtime.task",
-)
+# What every server imports before it knows the flow. IPython (~0.25 s) and
+# numpy/pandas/pyarrow (~0.6 s) only when the flow uses them: see flow_preload
+# and _Server.configure. A kernel's warm server loads IPython ahead of time.
+IPYTHON = "IPython"
+DEFAULT_PRELOAD = ("flowmagic.runtime.task",)
+KERNEL_PRELOAD = (*DEFAULT_PRELOAD, IPYTHON)
 # Modules whose values are saved through Arrow: once a process holds one, the
 # Arrow codecs are loaded too, or every task that saves an array pays for them.
 ARROW_VALUE_MODULES = ("numpy", "pandas", "pyarrow", "polars")
 ARROW_CODECS = "flowmagic.store._arrow"
 _MENTION = re.compile(r"\b(numpy|pandas|pyarrow|polars)\b")
+# Code that will want the IPython shell: magics (the transformer turns them into
+# get_ipython() calls), display(), rich-output libraries, matplotlib. A task
+# whose code shows none runs without IPython and makes the shell only if it
+# turns out to need one (a value to show, a figure left open).
+_WANTS_IPYTHON = re.compile(
+    r"\b(get_ipython|display|IPython|ipywidgets|matplotlib|pyplot|plt|seaborn|plot|tqdm|HTML|Markdown)\b")
 
 
 def flow_preload(sources: Iterable[str] = (), serializers: Iterable[str] = ()) -> tuple[str, ...]:
-    """The heavy modules a flow's tasks will use, judged from its code (the
-    prelude, the steps) and the serializers of the artifacts they load
-    ("arrow-pandas" needs pandas). Empty for a flow that uses none of them."""
+    """The modules a flow's tasks will use, judged from its code (the prelude,
+    the steps, as plain Python) and the serializers of the artifacts they load
+    ("arrow-pandas" needs pandas): IPython, when the code shows it will want
+    the shell, and the heavy modules it uses. Empty for a flow that needs none."""
     named = set()
+    wants_ipython = False
     for text in sources:
         named.update(_MENTION.findall(text))
+        wants_ipython = wants_ipython or _WANTS_IPYTHON.search(text) is not None
     for serializer in serializers:
         if serializer.startswith("arrow-"):
             named.add({"arrow-pandas": "pandas", "arrow-polars": "polars"}.get(serializer, "pyarrow"))
-    if not named:
-        return ()
     order = ("numpy", "pyarrow", "pandas", "polars")
-    return tuple(m for m in order if m in named) + (ARROW_CODECS,)
+    heavy = tuple(m for m in order if m in named) + (ARROW_CODECS,) if named else ()
+    return ((IPYTHON,) if wants_ipython else ()) + heavy
+
+
 TASK_ENTRY = "flowmagic.runtime.task:main"
 _MAX_MESSAGE = 1 << 20
 
@@ -118,6 +126,9 @@ class _Server:
         if config.get("cwd"):
             os.chdir(config["cwd"])
         preload(config.get("preload", ()))
+        from flowmagic.runtime.execute import prepare_process
+
+        prepare_process()  # before the prelude: it may import matplotlib
         # The prelude runs in a fresh ``__main__`` module, as notebook cells do in
         # a kernel: classes it defines pickle as ``__main__.X`` and load in the kernel.
         main = types.ModuleType("__main__")
@@ -138,7 +149,7 @@ class _Server:
 
     def preload_more(self, modules: list[str]) -> None:
         """Import modules a coming task needs; the spare child lacks them, so replace it."""
-        missing = [m for m in modules if m not in sys.modules]
+        missing = [m for m in modules if not _loaded(m)]
         if not missing:
             return
         preload(missing)
@@ -406,61 +417,25 @@ def _recv_all(channel: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
+def _loaded(module: str) -> bool:
+    if module == IPYTHON:  # imported is not enough: the shell must be made
+        shell = sys.modules.get("flowmagic.runtime.shell")
+        return shell is not None and shell.current() is not None
+    return module in sys.modules
+
+
 def preload(modules) -> None:
-    """Import the heavy modules tasks use and make the IPython shell, once."""
-    with _lean_ipython():
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # an optional heavy module may be missing in an environment
-                pass
-        try:  # an IPython shell made here is inherited ready-made by every task
-            from flowmagic.runtime.execute import prepare_shell
-
-            prepare_shell()
-        except ImportError:
-            pass
-
-
-@contextlib.contextmanager
-def _lean_ipython():
-    """Load IPython without what only its terminal uses (~0.2 s of every
-    server start): jedi (tab completion: while IPython loads, ``import jedi``
-    fails, so it sets completion aside) and ``IPython.terminal.embed`` (which
-    pulls in prompt_toolkit; ``IPython.embed`` stays, loading it on call).
-    Afterwards a step can import either as usual."""
-    lean = "IPython" not in sys.modules and "jedi" not in sys.modules
-    if lean:
-        sys.modules["jedi"] = None  # type: ignore[assignment]  # the import system's "not available"
-        sys.modules[_EMBED] = _embed_stub()
+    """Import the modules tasks will use; for "IPython", make the shell tasks inherit."""
+    for name in modules:
         try:
-            import IPython  # noqa: F401
-        except Exception:  # an IPython that wants more of its terminal: load it whole
-            del sys.modules[_EMBED]
-    try:
-        yield
-    finally:
-        if lean:
-            if sys.modules.get("jedi", 0) is None:
-                del sys.modules["jedi"]
-            if getattr(sys.modules.get(_EMBED), "_flowmagic_stub", False):
-                del sys.modules[_EMBED]
+            if name == IPYTHON:
+                from flowmagic.runtime.execute import prepare_shell
 
-
-_EMBED = "IPython.terminal.embed"
-
-
-def _embed_stub() -> types.ModuleType:
-    stub = types.ModuleType(_EMBED)
-    stub._flowmagic_stub = True  # type: ignore[attr-defined]
-
-    def embed(*args: Any, **kwargs: Any) -> Any:
-        from IPython.terminal.embed import embed as real_embed
-
-        return real_embed(*args, **kwargs)
-
-    stub.embed = embed  # type: ignore[attr-defined]
-    return stub
+                prepare_shell()
+            else:
+                importlib.import_module(name)
+        except Exception:  # an optional module may be missing in an environment
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:

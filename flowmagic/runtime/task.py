@@ -170,32 +170,17 @@ def _as_sequence(value: Any) -> Any:
 
 
 def _execute(spec: dict, ns: dict, emit: Callable[[dict], None]) -> tuple[bool, dict | None]:
-    try:
-        from flowmagic.runtime.execute import execute_cell
-    except ImportError:
-        return _plain_exec(spec, ns)
+    from flowmagic.runtime.execute import execute_cell
+
     result = execute_cell(spec["source"], ns, filename=spec["filename"], first_line=spec["first_line"], emit=emit)
     return result.ok, result.error
 
 
-def _plain_exec(spec: dict, ns: dict) -> tuple[bool, dict | None]:
-    """Fallback while the IPython-aware executor is unavailable."""
-    try:
-        code = compile("\n" * (spec["first_line"] - 1) + spec["code"], spec["filename"], "exec")
-        exec(code, ns)
-    except BaseException as exc:  # noqa: BLE001 - the step's error is the task's result
-        return False, _exception_record(exc, skip_frames=1)
-    return True, None
-
-
-def _exception_record(exc: BaseException, skip_frames: int = 0) -> dict:
-    tb = exc.__traceback__
-    for _ in range(skip_frames):
-        tb = tb.tb_next if tb is not None else None
+def _exception_record(exc: BaseException) -> dict:
     return {
         "type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
 
 
