@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -56,8 +55,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
-
-from filelock import FileLock, Timeout
 
 from flowmagic.errors import FlowDefinitionError, RunError
 from flowmagic.runtime.env_prelude import prelude_for_environment
@@ -215,6 +212,8 @@ def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _kernel_version(distribution: str) -> str | None:
     """Cached: importlib.metadata scans every path entry, a few ms per call."""
+    import importlib.metadata   # here: ~20 ms that a flow without environments never needs
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -389,6 +388,8 @@ def _ensure_built(envs: Path, key: str, spec: EnvSpec, build: Callable[[Path], o
     found = _load_finished(final, spec, key)
     if found is not None:
         return found
+    from filelock import FileLock, Timeout   # here: ~40 ms of imports a flow without environments never needs
+
     lock = FileLock(str(envs / f"{key}.lock"))
     try:
         with lock.acquire(timeout=LOCK_TIMEOUT_SECONDS):
@@ -544,6 +545,8 @@ def prune_environments(store_root: Path, *, unused_for_days: float = 0.0) -> lis
 
 
 def _remove_unless_locked(envs: Path, key: str, paths: list[Path]) -> bool:
+    from filelock import FileLock, Timeout
+
     try:
         with FileLock(str(envs / f"{key}.lock")).acquire(timeout=0):
             for path in paths:
