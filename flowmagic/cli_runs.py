@@ -79,7 +79,9 @@ def _run_options(graph, command: str, notebook: str) -> argparse.ArgumentParser:
 def _prestart_server() -> None:
     from flowmagic.runtime.forkserver import prestart
 
-    prestart()  # its imports overlap with reading the notebook and building the flow
+    # Forked from this process, before any thread starts: its imports overlap
+    # with reading the notebook and building the flow.
+    prestart(fork=True)
 
 
 def _run_run(args: argparse.Namespace) -> int:

@@ -41,3 +41,31 @@ def test_reading_a_notebook_does_not_import_ipython(tmp_path):
             "print(len(g.steps), 'IPython' in sys.modules)" % str(nb))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2", "False"]
+
+
+def test_the_console_forks_its_fork_server_instead_of_starting_an_interpreter(tmp_path):
+    """The server is a child of the orchestrator with the orchestrator's command
+    line (a fork, whose interpreter start-up is already paid), and the task is
+    the server's child; the run still succeeds and leaves no process behind."""
+    from runtime_helpers import flowmagic, write_notebook
+
+    from flowmagic import Flow, namespace_root
+
+    nb = write_notebook(tmp_path / "fork_flow.ipynb", [
+        "%load_ext flowmagic",
+        "import os",
+        "%%step start\n"
+        "server = os.getppid()\n"
+        "server_cmdline = open(f'/proc/{server}/cmdline').read().split('\\0')\n"
+        "orchestrator = int(open(f'/proc/{server}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+        "orchestrator_cmdline = open(f'/proc/{orchestrator}/cmdline').read().split('\\0')",
+    ])
+    proc = flowmagic("run", nb, store=tmp_path / "store")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    namespace_root(tmp_path / "store")
+    try:
+        data = Flow("ForkFlow").latest_run["start"].task.data
+        assert data.server_cmdline == data.orchestrator_cmdline
+        assert "run" in data.server_cmdline and "flowmagic.runtime.forkserver" not in data.server_cmdline
+    finally:
+        namespace_root(None)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,7 +57,7 @@ class ForkServer:
     flow_modules: tuple[str, ...] = ()  # imported before the prelude (forkserver.flow_preload)
     cwd: str | None = None
     env: dict[str, str] | None = None
-    proc: subprocess.Popen | None = None
+    proc: "subprocess.Popen | ForkedProcess | None" = None
     ctrl: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
@@ -210,16 +211,83 @@ def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket
     return proc, parent
 
 
-_prestarted: dict[str, tuple[subprocess.Popen, socket.socket]] = {}   # interpreter -> server
+_prestarted: dict[str, tuple["subprocess.Popen | ForkedProcess", socket.socket]] = {}   # interpreter -> server
 
 
-def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD,
+             fork: bool = False) -> None:
     """Start a server process now, so its imports overlap with the caller's own
     work (reading the notebook); the next :func:`get_server` for this
-    interpreter configures it, adding the modules the flow needs."""
+    interpreter configures it, adding the modules the flow needs.
+
+    ``fork``: fork this very process instead of starting an interpreter (its
+    start-up, ~0.1 s, is then already paid). Only for a process with no other
+    thread yet (the console command, first thing): elsewhere it starts an
+    interpreter as usual.
+    """
     python = python or sys.executable
-    if python not in _prestarted:
+    if python in _prestarted:
+        return
+    if fork and python == sys.executable and threading.active_count() == 1:
+        _prestarted[python] = _fork_launch(preload_modules)
+    else:
         _on_spawner_thread(lambda: _prestarted.setdefault(python, _launch(python, preload_modules, None)))
+
+
+def _fork_launch(preload_modules) -> tuple["ForkedProcess", socket.socket]:
+    """The fork server as a child of this process, set up as _launch's would be."""
+    from flowmagic.runtime.forkserver import main
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    orchestrator = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()   # or the child would write the pending text again
+    pid = os.fork()
+    if pid == 0:
+        try:
+            parent.close()
+            os.setsid()   # as start_new_session: a terminal's Ctrl-C goes to the orchestrator only
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            main([str(child.detach()), str(orchestrator), ",".join(preload_modules)])
+        finally:
+            os._exit(1)   # main() leaves through os._exit(0): here only if it raised
+    child.close()
+    return ForkedProcess(pid), parent
+
+
+class ForkedProcess:
+    """The part of Popen's interface the handle uses, for a server forked from this process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:   # reaped elsewhere
+                self.returncode = 0
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"fork server {self.pid}", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _take_prestarted(python: str, env: dict[str, str] | None):

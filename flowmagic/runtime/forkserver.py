@@ -51,7 +51,7 @@ from flowmagic.runtime.processes import die_with_parent, kill_group
 # numpy/pandas/pyarrow (~0.6 s) only when the flow uses them: see flow_preload
 # and _Server.configure. A kernel's warm server loads IPython ahead of time.
 IPYTHON = "IPython"
-DEFAULT_PRELOAD = ("flowmagic.runtime.task",)
+DEFAULT_PRELOAD = ("flowmagic.runtime.task", "flowmagic.runtime.execute")
 KERNEL_PRELOAD = (*DEFAULT_PRELOAD, IPYTHON)
 # Modules whose values are saved through Arrow: once a process holds one, the
 # Arrow codecs are loaded too, or every task that saves an array pays for them.

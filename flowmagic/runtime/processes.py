@@ -22,9 +22,14 @@ def _load_libc():
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        except OSError:
-            _libc = False
+            # The process's own symbols include libc's; find_library("c") would run ldconfig (~10 ms).
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.prctl  # noqa: B018 - raises AttributeError where the C library is elsewhere
+        except (OSError, AttributeError):
+            try:
+                _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            except OSError:
+                _libc = False
     return _libc
 
 
