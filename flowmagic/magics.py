@@ -166,13 +166,16 @@ def load(shell: Any) -> FlowMagics:
 
 
 def keep_a_warm_server() -> None:
-    """Have a fork server importing IPython in the background from ``%load_ext``
-    on, so the first step need not wait for it (~0.25 s; numpy/pandas follow
-    once the flow is known). Only one: an idle spare costs memory."""
+    """Every fork server of this kernel makes the IPython shell before it forks
+    (steps in a notebook show values more often than not), and one starts now,
+    so the first step need not wait for its imports (~0.25 s; numpy/pandas
+    follow once the flow is known). Only one: an idle spare costs memory."""
     try:
-        from flowmagic.runtime.forkserver import KERNEL_PRELOAD, prestart
+        from flowmagic.runtime.forkpool import preload_in_every_server, prestart
+        from flowmagic.runtime.forkserver import KERNEL_PRELOAD
 
-        prestart(preload_modules=KERNEL_PRELOAD)
+        preload_in_every_server(KERNEL_PRELOAD)
+        prestart()
     except Exception:  # an optimisation only: a step starts its own server anyway
         pass
 

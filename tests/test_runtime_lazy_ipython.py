@@ -115,3 +115,16 @@ print(before == error(), before)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("True ('SyntaxError'"), proc.stdout
+
+
+def test_in_a_kernel_every_fork_server_has_the_shell_ready(live_kernel):
+    """Notebook steps show values more often than not: a kernel's servers make the
+    shell before forking, also the one started after the prelude changed."""
+    live_kernel.ok("%load_ext flowmagic")
+    live_kernel.ok("import sys")
+    live_kernel.ok("%%step start\n" + LOADED + "x = 1")
+    assert live_kernel.value("__import__('flowmagic').Flow('NotebookFlow').latest_run['start'].task.data.loaded") is True
+    live_kernel.ok("import os  # a new prelude: a new fork server")
+    live_kernel.ok("%%step start\n" + LOADED + "x = 2")
+    data = "__import__('flowmagic').Flow('NotebookFlow').latest_run['start'].task.data"
+    assert live_kernel.value(f"({data}.x, {data}.loaded)") == (2, True)

@@ -53,7 +53,7 @@ class ForkServer:
 
     prelude: str
     python: str = sys.executable
-    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    preload: tuple[str, ...] = field(default_factory=lambda: _server_preload)
     flow_modules: tuple[str, ...] = ()  # imported before the prelude (forkserver.flow_preload)
     cwd: str | None = None
     env: dict[str, str] | None = None
@@ -214,7 +214,17 @@ def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket
 _prestarted: dict[str, tuple["subprocess.Popen | ForkedProcess", socket.socket]] = {}   # interpreter -> server
 
 
-def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAULT_PRELOAD,
+def preload_in_every_server(modules: tuple[str, ...]) -> None:
+    """What every server started from now on imports before it knows its flow
+    (a kernel: IPython too, whose steps show a value more often than not)."""
+    global _server_preload
+    _server_preload = tuple(modules)
+
+
+_server_preload: tuple[str, ...] = DEFAULT_PRELOAD
+
+
+def prestart(python: str | None = None, preload_modules: tuple[str, ...] | None = None,
              fork: bool = False) -> None:
     """Start a server process now, so its imports overlap with the caller's own
     work (reading the notebook); the next :func:`get_server` for this
@@ -226,6 +236,7 @@ def prestart(python: str | None = None, preload_modules: tuple[str, ...] = DEFAU
     interpreter as usual.
     """
     python = python or sys.executable
+    preload_modules = _server_preload if preload_modules is None else preload_modules
     if python in _prestarted:
         return
     if fork and python == sys.executable and threading.active_count() == 1:
