@@ -123,14 +123,28 @@ def test_task_processes_write_the_same_object_at_once(tmp_path: Path) -> None:
 
 
 def test_processes_opening_a_new_store_at_once(tmp_path: Path) -> None:
-    root = tmp_path / "fresh"
+    """Six processes open each of twenty new stores at the same moment: creating
+    the file and switching it to WAL race, and every opener must still succeed."""
+    rounds, workers = 20, 6
+    roots = [tmp_path / f"fresh{i}" for i in range(rounds)]
     script = textwrap.dedent("""
         import sys
         from flowmagic.store import open_store
-        sys.stdin.readline()
-        store = open_store(sys.argv[1])
-        print(store.meta.new_run("F", params={}, code={}))
+        for root in sys.argv[1:]:
+            sys.stdin.readline()                 # start together
+            store = open_store(root)
+            print(store.meta.new_run("F", params={}, code={}), flush=True)
+            store.close()
     """)
-    procs = [_start(script, str(root)) for _ in range(4)]
-    ids = sorted(int(o) for o in _go_and_collect(procs))
-    assert ids == [1, 2, 3, 4]
+    procs = [_start(script, *map(str, roots)) for _ in range(workers)]
+    try:
+        for _ in roots:
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            ids = sorted(int(p.stdout.readline() or -1) for p in procs)
+            assert ids == list(range(1, workers + 1)), [p.stderr.read() for p in procs if p.poll() is not None]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

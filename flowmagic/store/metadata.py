@@ -30,6 +30,27 @@ _OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")
 BUSY_TIMEOUT_S = 60.0
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (it stays so, in the file). Switching needs
+    the file to itself for a moment and SQLite does not wait for that (the
+    busy timeout does not apply): processes opening a new store at once retry."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.002
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("database is locked (could not switch it to WAL mode)")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class Metadata:
     """The SQLite database ``<root>/metadata.sqlite``."""
 
@@ -58,7 +79,7 @@ class Metadata:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._conn, self._pid = conn, os.getpid()
             self._migrate(conn)
