@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 import flowmagic
+from flowmagic.store import open_store
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.runtime.environments import (
     EnvironmentBuildError,
@@ -500,3 +501,63 @@ def test_a_pickled_object_whose_module_is_missing_downstream_is_a_clear_error(co
         assert "step 'end'" in message and "'Levenshtein'" in message and "--pypi" in message
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------- building off the orchestrator thread
+
+def test_other_steps_run_and_stream_their_output_while_an_environment_builds(tmp_path):
+    """A first build takes seconds: it runs on a thread of its own, so a sibling
+    step starts, prints live and finishes before the environment's step starts."""
+    from runtime_helpers import start_flowmagic, write_notebook
+
+    notebook = write_notebook(tmp_path / "build_aside.ipynb", [
+        "%load_ext flowmagic\nimport time",
+        "%%step start\nx = 1",
+        '%%step envstep --pypi "six==1.16.0"\nimport six\nsix_version = six.__version__\ny = x',
+        "%%step ticker\nfor i in range(5):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\nz = x",
+        "%%step end\ntotal = y + z",
+    ])
+    proc = start_flowmagic("run", notebook, store=tmp_path / "store")
+    arrivals: list[tuple[float, str]] = []
+    for line in proc.stdout:
+        arrivals.append((time.monotonic(), line.rstrip("\n")))
+    assert proc.wait(timeout=600) == 0, "\n".join(line for _, line in arrivals)
+    ticks = [t for t, line in arrivals if line.endswith(("tick 0", "tick 1", "tick 2", "tick 3", "tick 4"))]
+    env_started = next(t for t, line in arrivals if line == "Step envstep started")
+    assert len(ticks) == 5
+    assert ticks[-1] - ticks[0] > 0.5          # streamed as printed, not in one burst after the build
+    assert ticks[-1] < env_started              # the build did not hold the sibling step up
+    store = open_store(tmp_path / "store")
+    try:
+        assert _values(store, "BuildAside", 1, "envstep")["six_version"] == "1.16.0"
+    finally:
+        store.close()
+    print(f"build took ~{env_started - ticks[0]:.1f} s")
+
+
+def test_a_failing_sibling_stops_an_environment_build_and_the_run_ends_promptly(tmp_path):
+    import psutil
+    from runtime_helpers import flowmagic, write_notebook
+
+    notebook = write_notebook(tmp_path / "stop_build.ipynb", [
+        "%load_ext flowmagic",
+        "%%step start\nx = 1",
+        '%%step envstep --pypi "six==1.16.0"\nimport six\ny = x',
+        "%%step broken\nz = x / 0",
+        "%%step end\ntotal = y + z",
+    ])
+    started = time.monotonic()
+    proc = flowmagic("run", notebook, store=tmp_path / "store")
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "ZeroDivisionError" in proc.stdout + proc.stderr
+    store = open_store(tmp_path / "store")
+    try:
+        states = {t.step: t.state for t in store.meta.tasks("StopBuild", 1)}
+    finally:
+        store.close()
+    assert states["broken"] == "failed" and states["envstep"] == "failed", states
+    assert took < 5, took   # not held up by the rest of the build (~8 s here)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if any("uv" in part for part in (p.info["cmdline"] or [])[:1]) and str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []

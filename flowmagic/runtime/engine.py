@@ -4,8 +4,8 @@ One :class:`_Engine` drives every kind of run: a whole run (``run_flow``),
 the steps left over by a resume (``resume_flow``), and one step of a
 notebook's session run (``run_step``). It runs on the caller's thread, which
 is the only one that writes metadata and emits events; worker threads only
-drive task processes (``attempt.run_attempt``) and post what happened to a
-queue. A KeyboardInterrupt kills every task's process group, records the
+drive task processes (``attempt.run_attempt``) or build a step's environment
+(``environments.environment_server``) and post what happened to a queue. A KeyboardInterrupt kills every task's process group, records the
 run as interrupted and is re-raised.
 """
 from __future__ import annotations
@@ -90,6 +90,10 @@ class _Engine:
         self.cache = cache
         self.started = time.time()
         self._servers: dict[str, ForkServer] = {}
+        # Environments being built, off this thread: step -> its tasks waiting for it.
+        self.building: dict[str, list[tuple[TaskInfo, int]]] = {}
+        self.build_threads: list[threading.Thread] = []
+        self.stop_builds = threading.Event()   # the run ends (failed, interrupted): builds stop
 
     # -- driving -------------------------------------------------------------------
     def run_to_end(self, origin_run_id: int | None, announce: bool = True) -> RunResult:
@@ -102,10 +106,10 @@ class _Engine:
     def run_tasks(self, *, finish_run: bool) -> str:
         try:
             self._schedule_steps()
-            while self.ready or self.running or self.delayed:
+            while self.ready or self.running or self.delayed or self.building:
                 self._release_delayed()
                 self._launch()
-                if not self.running and not self.delayed:
+                if not self.running and not self.delayed and not self.building:
                     break
                 try:
                     message = self.events.get(timeout=0.25)
@@ -123,6 +127,7 @@ class _Engine:
 
     def _interrupt(self, finish_run: bool) -> None:
         self.cancel.set()
+        self._stop_building("interrupted")
         deadline = time.time() + 5
         while self.running and time.time() < deadline:
             try:
@@ -137,6 +142,8 @@ class _Engine:
             self._set_state(info, "interrupted")
         self.ready.clear()
         self.delayed.clear()
+        for thread in self.build_threads:   # their tools are killed: no build outlives the run
+            thread.join(timeout=max(0.0, deadline - time.time()))
         if finish_run:
             self.meta.finish_run(self.flow, self.run_id, "interrupted")
             self.emit(Event("run", self.run_id, state="interrupted", data={"flow": self.flow}))
@@ -195,6 +202,8 @@ class _Engine:
     def _launch(self) -> None:
         while self.ready and len(self.running) < self.max_workers and not self.stopping:
             info, attempt = self.ready.popleft()
+            if self._waits_for_environment(info, attempt):
+                continue
             spec = self._task_spec(info, attempt)
             try:
                 server = self._server_for(info.step)
@@ -216,6 +225,53 @@ class _Engine:
                 self._set_state(info, "failed" if not self.cancel.is_set() else "interrupted")
             self.ready.clear()
             self.delayed.clear()
+            self._stop_building("failed" if not self.cancel.is_set() else "interrupted")
+
+    # -- environments, built off this thread ----------------------------------------------
+    def _waits_for_environment(self, info: TaskInfo, attempt: int) -> bool:
+        """Whether the task must wait for its step's environment. A first build
+        takes seconds to minutes: it runs on a thread of its own, so other
+        tasks start, stream their output and finish meanwhile."""
+        options = self.graph.step(info.step).options
+        if info.step in self._servers or not (options.pypi or options.conda):
+            return False
+        if info.step not in self.building:
+            self.building[info.step] = []
+            thread = threading.Thread(target=self._environment_thread, args=(info.step,),
+                                      name=f"flowmagic-environment-{info.step}", daemon=True)
+            self.build_threads.append(thread)
+            thread.start()
+        self.building[info.step].append((info, attempt))
+        return True
+
+    def _environment_thread(self, step: str) -> None:
+        try:
+            result: tuple | BaseException = environments.environment_server(
+                self.graph.step(step), self.graph.prelude, self.store.root, workdir=self.workdir,
+                stop=self.stop_builds)
+        except BaseException as exc:  # noqa: BLE001 - the waiting tasks fail with it
+            result = exc
+        self.events.put(("environment", step, result))
+
+    def _environment_ready(self, step: str, result: "tuple | BaseException") -> None:
+        waiting = self.building.pop(step, [])
+        if isinstance(result, tuple):
+            env, self._servers[step] = result
+            # the package list the step ran with, kept with the run (dump, the inspector)
+            environments.record_environment(self.meta, self.flow, self.run_id, step, env)
+            self.ready.extendleft(reversed(waiting))
+            return
+        for info, attempt in waiting:   # cannot be built, or the prelude fails in it
+            self._set_state(info, "running", attempt)
+            self._finish_attempt(info, attempt, _not_started(result))
+
+    def _stop_building(self, state: str) -> None:
+        """The run ends: stop the builds in progress; their tasks never start."""
+        self.stop_builds.set()
+        for waiting in self.building.values():
+            for info, _attempt in waiting:
+                self._set_state(info, state)
+        self.building.clear()
 
     def _release_delayed(self) -> None:
         now = time.time()
@@ -253,6 +309,9 @@ class _Engine:
         post(("exit", info, attempt, watch.verdict(result)))
 
     def _handle(self, message: tuple) -> None:
+        if message[0] == "environment":
+            self._environment_ready(*message[1:])
+            return
         kind, info, attempt = message[:3]
         if kind == "output":
             self.emit(Event("output", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
@@ -330,13 +389,8 @@ class _Engine:
 
     # -- specs ---------------------------------------------------------------------------
     def _server_for(self, step: str) -> ForkServer:
-        if step not in self._servers:
-            spec = self.graph.step(step)
-            if spec.options.pypi or spec.options.conda:  # one warm server per environment
-                self._servers[step] = environments.environment_server(
-                    spec, self.graph.prelude, self.store, flow=self.flow, run_id=self.run_id, workdir=self.workdir)
-            else:
-                self._servers[step] = get_server(self.graph.prelude, cwd=self.workdir)
+        if step not in self._servers:   # an environment's server is there already (_environment_ready)
+            self._servers[step] = get_server(self.graph.prelude, cwd=self.workdir)
         server = self._servers[step]
         if not server.alive():
             server = self._servers[step] = get_server(server.prelude, python=server.python, cwd=self.workdir,

@@ -41,6 +41,7 @@ marks the environment complete.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -50,6 +51,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -235,21 +237,24 @@ def python_for(options: Any, store_root: Path, *, step: str | None = None) -> st
     return str(ensure_environment(spec, Path(store_root), step=step).python)
 
 
-def environment_server(step: Any, prelude: str, store: Any, *, flow: str, run_id: int,
-                       workdir: str | None = None):
-    """The warm fork server of a step's environment (one per environment), started on first use.
-
-    Builds or finds the environment, records its package list with the run
-    (see :func:`recorded_environments`), and starts the server with the
-    prelude's imports made tolerant of modules the environment lacks.
-    Raises EnvironmentBuildError (the resolver's message) or PreludeError.
+def environment_server(step: Any, prelude: str, store_root: Path, *, workdir: str | None = None,
+                       stop: threading.Event | None = None) -> tuple[Environment, Any]:
+    """The environment of a step and its warm fork server (one per environment),
+    built or found, and started on first use: safe to call off the
+    orchestrator's thread (it writes no metadata; record the environment with
+    :func:`record_environment`). The server's prelude has its imports made
+    tolerant of modules the environment lacks. Raises EnvironmentBuildError
+    (the resolver's message, or ``stop`` was set during a build) or PreludeError.
     """
     from flowmagic.runtime.forkserver import get_server
 
     spec = EnvSpec.from_options(step.options, step=step.name)
-    env = ensure_environment(spec, Path(store.root), step=step.name)
-    record_environment(store.meta, flow, run_id, step.name, env)
-    return get_server(prelude_for_environment(prelude), python=str(env.python), cwd=workdir)
+    token = build_stopped.set(stop)
+    try:
+        env = ensure_environment(spec, Path(store_root), step=step.name)
+    finally:
+        build_stopped.reset(token)
+    return env, get_server(prelude_for_environment(prelude), python=str(env.python), cwd=workdir)
 
 
 def prestart_servers(steps: Iterable[Any], store_root: Path) -> None:
@@ -610,15 +615,38 @@ def _conda_binary(step: str | None = None) -> str:
 
 def _run_tool(command: list[str], spec: EnvSpec, step: str | None, *, action: str, stdin: str | None = None) -> str:
     # NO_COLOR: uv then writes plain "error: ... / cause: ..." lines, not a wrapped, decorated report.
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True,
-                            env={**os.environ, "NO_COLOR": "1"})
-    if result.returncode != 0:
-        message = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}")
+    with subprocess.Popen(command, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "NO_COLOR": "1"}) as proc:
+        stdout, stderr = _communicate_until_stopped(proc, stdin, spec, step)
+    if proc.returncode != 0:
+        message = (stderr.strip() or stdout.strip() or f"exit status {proc.returncode}")
         # A report wrapped to the terminal's width continues on deeper-indented
         # lines: join them, so the last line of the error is a whole sentence.
         message = re.sub(r"\n {4,}", " ", message)
         raise EnvironmentBuildError(f"cannot {action} {spec.describe()}:\n{message}", step=step, spec=spec)
-    return result.stdout
+    return stdout
+
+
+#: set by whoever builds on a background thread (the engine): the build stops when it is set
+build_stopped: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "flowmagic_build_stopped", default=None)
+
+
+def _communicate_until_stopped(proc: subprocess.Popen, stdin: str | None, spec: EnvSpec,
+                               step: str | None) -> tuple[str, str]:
+    """The tool's output once it exits; killed (and an error) if the build is stopped first."""
+    stop = build_stopped.get()
+    while True:
+        try:
+            return proc.communicate(stdin, timeout=None if stop is None else 0.2)
+        except subprocess.TimeoutExpired:
+            stdin = None   # already being sent: communicate() refuses it a second time
+            if stop.is_set():
+                proc.kill()
+                proc.communicate()
+                raise EnvironmentBuildError(f"building {spec.describe()} was stopped: the run ended first",
+                                            step=step, spec=spec) from None
 
 
 def _write_record(env: Path, spec: EnvSpec, key: str, pins: list[str], packages: list[str]) -> None:
