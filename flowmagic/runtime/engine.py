@@ -5,8 +5,9 @@ the steps left over by a resume (``resume_flow``), and one step of a
 notebook's session run (``run_step``). It runs on the caller's thread, which
 is the only one that writes metadata and emits events; worker threads only
 drive task processes (``attempt.run_attempt``) or build a step's environment
-(``environments.environment_server``) and post what happened to a queue. A KeyboardInterrupt kills every task's process group, records the
-run as interrupted and is re-raised.
+(``environments.environment_server``) and post what happened to a queue. A
+KeyboardInterrupt kills every task's process group, records the run as
+interrupted and is re-raised.
 """
 from __future__ import annotations
 
