@@ -49,11 +49,6 @@ def forget_the_shell() -> None:
     execute._PROCESS_READY = False
 
 
-def has_shell() -> bool:
-    shell_module = sys.modules.get("flowmagic.runtime.shell")
-    return shell_module is not None and shell_module.current() is not None
-
-
 def in_task_process(func: Callable[[], Any]) -> Any:
     """Run ``func`` in a forked child set up as the current shell mode says;
     return its (picklable) result."""

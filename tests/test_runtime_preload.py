@@ -87,16 +87,21 @@ def test_flow_preload_follows_the_code_and_the_inputs(sources, serializers, expe
     assert flow_preload(sources, serializers) == expected
 
 
-def _task_modules(server: ForkServer) -> dict:
+def _run_in_task(server: ForkServer, source: str) -> str:
+    """What a task running ``source`` printed."""
     proc = server.spawn(ENTRY)
-    proc.channel.sendall(REPORT.encode())
+    proc.channel.sendall(source.encode())
     proc.channel.shutdown(1)
     chunks = []
     while chunk := os.read(proc.stdout, 65536):
         chunks.append(chunk)
     os.read(proc.status, 4096)
     proc.close()
-    return json.loads(b"".join(chunks))
+    return b"".join(chunks).decode()
+
+
+def _task_modules(server: ForkServer) -> dict:
+    return json.loads(_run_in_task(server, REPORT))
 
 
 def test_a_flow_without_pandas_gets_a_server_without_it():
@@ -173,8 +178,7 @@ def test_a_resumed_step_that_loads_a_frame_runs_with_pandas_preloaded(tmp_path):
 def test_the_server_loads_ipython_without_its_terminal_parts_and_steps_can_still_import_them():
     server = ForkServer("x = 1\n", flow_modules=(IPYTHON,)).start()
     try:
-        proc = server.spawn(ENTRY)
-        proc.channel.sendall(b"""import sys
+        printed = _run_in_task(server, """import sys
 before = [m for m in ("jedi", "prompt_toolkit", "IPython.terminal.embed") if m in sys.modules]
 shell = type(get_ipython()).__name__
 import jedi
@@ -182,12 +186,6 @@ from IPython.terminal.embed import InteractiveShellEmbed
 import IPython
 print(before, shell, callable(IPython.embed), InteractiveShellEmbed.__name__, bool(jedi.__version__))
 """)
-        proc.channel.shutdown(1)
-        chunks = []
-        while chunk := os.read(proc.stdout, 65536):
-            chunks.append(chunk)
-        os.read(proc.status, 4096)
-        proc.close()
-        assert b"".join(chunks).decode().strip() == "[] TaskShell True InteractiveShellEmbed True"
+        assert printed.strip() == "[] TaskShell True InteractiveShellEmbed True"
     finally:
         server.close()

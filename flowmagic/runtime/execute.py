@@ -172,10 +172,15 @@ def _parse(code: str, first_line: int, filename: str) -> tuple[ast.Module, str]:
     return ast.parse(padding + python, filename=filename), python
 
 
+def shell_made() -> TaskShell | None:
+    """The process's IPython shell if one was made (without importing IPython)."""
+    module = sys.modules.get("flowmagic.runtime.shell")
+    return module.current() if module is not None else None
+
+
 def _shell(create: bool) -> TaskShell | None:
     """The process's IPython shell bound to the running cell; made now if ``create``."""
-    module = sys.modules.get("flowmagic.runtime.shell")
-    shell = module.current() if module is not None else None
+    shell = shell_made()
     if shell is None:
         if not create:
             return None
@@ -209,7 +214,7 @@ def prepare_process() -> None:
         builtins.display = _display_with_a_shell  # type: ignore[attr-defined]
     if not hasattr(builtins, "get_ipython"):
         builtins.get_ipython = _get_ipython_with_a_shell  # type: ignore[attr-defined]
-    select_matplotlib_backend()
+    _select_matplotlib_backend()
 
 
 def _display_with_a_shell(*objs: Any, **kwargs: Any) -> Any:
@@ -223,15 +228,7 @@ def _get_ipython_with_a_shell() -> TaskShell:
     return _shell(create=True)
 
 
-_BACKEND_SELECTED = False
-
-
-def select_matplotlib_backend() -> None:
-    """Point matplotlib at a non-interactive backend, once per process."""
-    global _BACKEND_SELECTED
-    if _BACKEND_SELECTED:
-        return
-    _BACKEND_SELECTED = True
+def _select_matplotlib_backend() -> None:
     backend = INLINE_BACKEND if find_spec("matplotlib_inline") else "Agg"
     os.environ["MPLBACKEND"] = backend
     if "matplotlib" in sys.modules:  # imported before us: switch it too

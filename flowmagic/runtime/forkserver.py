@@ -419,8 +419,9 @@ def _recv_all(channel: socket.socket) -> bytes:
 
 def _loaded(module: str) -> bool:
     if module == IPYTHON:  # imported is not enough: the shell must be made
-        shell = sys.modules.get("flowmagic.runtime.shell")
-        return shell is not None and shell.current() is not None
+        from flowmagic.runtime.execute import shell_made
+
+        return shell_made() is not None
     return module in sys.modules
 
 
