@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import nbformat
+from playwright.sync_api import Error as PlaywrightError
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -64,8 +65,15 @@ def save(page) -> None:
 def screenshot(page, name: str, locator=None) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    (locator or page).screenshot(path=str(path))
-    return path
+    for tries in range(3):
+        try:
+            (locator or page).screenshot(path=str(path))
+            return path
+        except PlaywrightError as exc:
+            # A live view re-renders its element as states arrive: the locator finds the new one.
+            if "not attached" not in str(exc) or tries == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run_cell(page, source: str) -> None:
