@@ -17,13 +17,14 @@ from typing import Any
 
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.formatters import DisplayFormatter
-from IPython.core.interactiveshell import DummyMod, InteractiveShell
+from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Type
 from traitlets.config import Config
 
 from flowmagic.runtime.execute import (
     _flush_std_streams, _is_figure, execute_cell, format_error,
 )
+from flowmagic.runtime.ipython_compat import NamespaceModule
 from flowmagic.runtime.outputs import OutputLimits
 
 #: figures drawing more points than this get no SVG form (big and slow to render)
@@ -66,9 +67,7 @@ class TaskShell(InteractiveShell):
     def bind(self, namespace: dict, capture: Any, filename: str) -> None:
         """Run what comes next in ``namespace`` (magics read and write ``user_ns``:
         ``%time x = 1`` binds there) and send its outputs to ``capture``."""
-        module = DummyMod()
-        module.__dict__ = namespace
-        self.user_module = module
+        self.user_module = NamespaceModule.over(namespace)
         self.user_ns = namespace
         self.capture = capture
         self.cell_filename = filename
