@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from flowmagic.dag import FlowGraph, build_flow, flow_name_from_cells
+from flowmagic.flow.graph import FlowGraph, build_flow, flow_name_from_cells
 from flowmagic.errors import UsageError
 
 STORE_DIRNAME = ".flowmagic"

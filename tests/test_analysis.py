@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from flowmagic.analysis import analyze_cell, parse_code, split_prelude, transform_ipython
+from flowmagic.flow.analysis import analyze_cell, parse_code, split_prelude, transform_ipython
 
 _BUILTINS = set(dir(builtins)) | {"get_ipython"}
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from flowmagic.dag import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
+from flowmagic.flow.graph import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
 from flowmagic.errors import FlowDefinitionError
 
 
@@ -558,7 +558,7 @@ def test_a_name_a_later_ordinary_cell_computes_is_not_prelude():
 def test_dag_imports_and_builds_plain_python_without_ipython():
     import subprocess
     import sys
-    code = ("import sys\nimport flowmagic.dag as d\nassert 'IPython' not in sys.modules\n"
+    code = ("import sys\nimport flowmagic.flow.graph as d\nassert 'IPython' not in sys.modules\n"
             "d.build_flow(['import os', '%%step a\\nx = 1', '%%step b\\ny = x'])\n"
             "assert 'IPython' not in sys.modules, 'plain Python needs no transformer'\n"
             "d.build_flow(['%%step a\\n!echo hi\\nx = 1'])\nassert 'IPython' in sys.modules\n")

@@ -24,7 +24,7 @@ import pytest
 import flowmagic
 from flowmagic.store import open_store
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.runtime.environments import (
+from flowmagic.runtime.environments.builder import (
     EnvironmentBuildError,
     EnvSpec,
     check_environment_tools,
@@ -250,8 +250,8 @@ def _values(store, flow: str, run_id: int, step: str) -> dict:
 @pytest.fixture(scope="module")
 def env_runs(store_root, pandas_env):
     """The same flow run RUNS times in one process (as a kernel would), after its environment exists."""
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     graph = build_flow(FLOW_CELLS, name="EnvFlow")
@@ -278,7 +278,7 @@ def test_a_step_on_another_pandas_hands_a_frame_to_the_kernels_pandas(env_runs):
 
 
 def test_the_run_records_the_environments_packages(env_runs, pandas_env):
-    from flowmagic.runtime.environments import recorded_environments
+    from flowmagic.runtime.environments.builder import recorded_environments
 
     store, results, _ = env_runs
     recorded = recorded_environments(store.meta.get_run("EnvFlow", results[-1].run_id))
@@ -312,8 +312,8 @@ def test_later_runs_create_no_environment_and_the_env_step_starts_like_an_ordina
 
 
 def test_a_bad_spec_fails_its_step_with_the_resolvers_message(store_root, env_runs):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
 
     store, results, envs_before = env_runs
     cells = ["%%step start\nx = 1", '%%step broken --pypi "nonexistent-pkg-xyz==1"\ny = x + 1']
@@ -333,8 +333,8 @@ def test_a_bad_spec_fails_its_step_with_the_resolvers_message(store_root, env_ru
 
 
 def test_conda_without_a_tool_stops_the_run_before_it_starts(tmp_path, monkeypatch):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     monkeypatch.setenv("PATH", str(tmp_path))   # no micromamba, mamba or conda anywhere
@@ -460,7 +460,7 @@ def _cell_text(cell) -> str:
 
 
 def test_the_conda_example_notebook_runs_all(conda_example):
-    from flowmagic.runtime.environments import recorded_environments
+    from flowmagic.runtime.environments.builder import recorded_environments
     from flowmagic.store import open_store
 
     store_root, nb, error = conda_example
@@ -481,8 +481,8 @@ def test_the_conda_example_notebook_runs_all(conda_example):
 
 
 def test_a_pickled_object_whose_module_is_missing_downstream_is_a_clear_error(conda_example):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     cells = [

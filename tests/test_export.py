@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.export import export_flow, export_notebook, plan_export
 from flowmagic.export.rewrite import StepNames, Where, rewrite_step_code
@@ -342,7 +342,7 @@ def test_every_example_exports_to_a_script_that_compiles(notebook, tmp_path):
 def test_export_command_writes_the_script_and_reports_json(tmp_path, capsys):
     import json
 
-    from flowmagic.cli import main
+    from flowmagic.cli.main import main
 
     target = tmp_path / "flow.py"
     assert main(["export", str(EXAMPLES / "catch_flow.ipynb"), "-o", str(target), "--name", "Catch",

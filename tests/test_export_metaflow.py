@@ -81,7 +81,7 @@ def metaflow_artifacts(class_name: str, env: dict[str, str], tmp_path: Path) -> 
 
 def flowmagic_artifacts(graph, tmp_path: Path) -> dict:
     from flowmagic.client import Run
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     root = tmp_path / "fm_store"
@@ -266,7 +266,7 @@ SHOW_NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb")) + ["branches"]
 def test_show_lists_the_same_steps_and_transitions(notebook, tmp_path):
     path = write_notebook(tmp_path / "branches.ipynb", BRANCHES) if notebook == "branches" \
         else EXAMPLES / notebook
-    shown = subprocess.run([sys.executable, "-m", "flowmagic.cli", "show", str(path), "--json"],
+    shown = subprocess.run([sys.executable, "-m", "flowmagic.cli.main", "show", str(path), "--json"],
                            capture_output=True, text=True, timeout=TIMEOUT, env=metaflow_env(tmp_path))
     assert shown.returncode == 0, shown.stderr
     document = json.loads(shown.stdout)

@@ -1,4 +1,4 @@
-"""flowmagic.runtime.ipython_compat: the one place private IPython details live.
+"""flowmagic.runtime.worker.ipython_compat: the one place private IPython details live.
 
 Each leg of CI runs one IPython major (lowest-direct: 8, newest: 9); the tests
 below check the compatibility layer against the IPython that is installed,
@@ -13,7 +13,7 @@ import textwrap
 import IPython
 import pytest
 
-from flowmagic.runtime.ipython_compat import NamespaceModule
+from flowmagic.runtime.worker.ipython_compat import NamespaceModule
 
 MAJOR = int(IPython.__version__.split(".")[0])
 
@@ -32,7 +32,7 @@ def test_time_magic_binds_in_the_tasks_namespace(major):
         pytest.skip(f"IPython {IPython.__version__} is installed; this leg covers IPython {MAJOR}")
     # A fresh interpreter: the shell is a process-wide singleton.
     code = textwrap.dedent("""
-        from flowmagic.runtime.execute import execute_cell, prepare_shell
+        from flowmagic.runtime.worker.execute import execute_cell, prepare_shell
         prepare_shell(warm=False)
         ns = {}
         result = execute_cell("%time x = 41 + 1\\n", ns, filename="<cell>", first_line=1, emit=lambda o: None)

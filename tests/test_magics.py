@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.session import KernelFlowDefinition, SessionRun, notebook_path, store_root_for
+from flowmagic.magics.session import KernelFlowDefinition, SessionRun, notebook_path, store_root_for
 
 
 # -- the kernel's flow definition ---------------------------------------------------

@@ -33,7 +33,7 @@ def runs(root: Path, flow: str) -> list:
 
 
 def latest_tasks(store, flow: str, run_id: int, step: str) -> list:
-    from flowmagic.runtime.scheduler import latest_generation
+    from flowmagic.runtime.orchestrator.scheduler import latest_generation
 
     return sorted(latest_generation(store.meta.tasks(flow, run_id, step)), key=lambda t: t.index or ())
 

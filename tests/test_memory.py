@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from flowmagic.cells import parse_step_header
-from flowmagic.dag import build_flow
+from flowmagic.flow.cells import parse_step_header
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.runtime import memory
-from flowmagic.runtime.scheduler import run_flow
+from flowmagic.runtime.orchestrator import memory
+from flowmagic.runtime.orchestrator.scheduler import run_flow
 from flowmagic.store import load_artifact, open_store
 
 # Allocates 50 MB a round, touching every page, for up to 10 s: far past any small limit.

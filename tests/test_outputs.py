@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmagic.runtime.outputs import (
+from flowmagic.store.outputs import (
     INLINE_MAX_CHARS,
     Output,
     OutputBudget,
@@ -195,8 +195,8 @@ def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
 
 
 def test_the_inspector_shows_a_tasks_outputs(tmp_path):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
     from flowmagic.widgets.inspector import Inspector
 
@@ -216,8 +216,8 @@ def test_the_inspector_shows_a_tasks_outputs(tmp_path):
 
 def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
     from flowmagic.client import Flow
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import resume_flow, run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import resume_flow, run_flow
     from flowmagic.store import open_store
 
     store = open_store(tmp_path / "store")
@@ -235,8 +235,8 @@ def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
 def test_outputs_reach_the_ui_in_order_with_the_printed_text(tmp_path):
     """A task's text (prints and `!cmd`) and its outputs travel on different pipes;
     the UI must still see them in the order the step produced them."""
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     body = "".join(f"print('line {i}')\ndisplay('shown {i}')\n!echo shell {i}\n" for i in range(25))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import RunError, UsageError
-from flowmagic.runtime.forkserver import PreludeError
-from flowmagic.runtime.scheduler import new_session_run, resume_flow, run_flow, run_step
+from flowmagic.runtime.worker.forkserver import PreludeError
+from flowmagic.runtime.orchestrator.scheduler import new_session_run, resume_flow, run_flow, run_step
 from flowmagic.store import load_artifact, open_store
 
 

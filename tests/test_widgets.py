@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowmagic.runtime.events import Event
+from flowmagic.runtime.orchestrator.events import Event
 from flowmagic.widgets import DagView, StepStates, Throttle, graph_svg, graph_text
 from flowmagic.widgets.dagview import check_graph
 from flowmagic.widgets.static import format_duration, status_text

@@ -5,9 +5,9 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import NotFoundError
-from ..store import Store
-from ..store.metadata import RunRecord, TaskRecord, latest_generation
+from flowmagic.errors import NotFoundError
+from flowmagic.store import Store
+from flowmagic.store.metadata import RunRecord, TaskRecord, latest_generation
 from ._base import (_ClientObject, _fmt_duration, _fmt_duration_tasks, _fmt_time, _html_table, _int_id,
                     _open_store, _parts, _short_list, _when)
 from ._tasks import Task

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..errors import NotFoundError
-from ..store import Store
-from ..store.metadata import AttemptRecord, TaskRecord
-from ..store.serializers import ArtifactRef, load_artifact
+from flowmagic.errors import NotFoundError
+from flowmagic.store import Store
+from flowmagic.store.metadata import AttemptRecord, TaskRecord
+from flowmagic.store.serializers import ArtifactRef, load_artifact
 from ._base import _ClientObject, _fmt_size, _html_table, _parts, _short_list, _when
 
 if TYPE_CHECKING:
-    from ..runtime.outputs import Output
+    from flowmagic.store.outputs import Output
     from ._runs import Run, Step
 
 _OK_TASK_STATES = ("done", "cloned", "cached")
@@ -144,7 +144,7 @@ class Task(_ClientObject):
         """Rich outputs of the last attempt (display() calls, the last value, figures),
         in order; each has ``.type``, ``.data`` (a mimebundle), ``.text`` and shows
         its rich form again when displayed in a notebook."""
-        from ..runtime.outputs import Output, load_outputs  # owned by the runtime
+        from flowmagic.store.outputs import Output, load_outputs  # owned by the runtime
 
         last = self._last_attempt()
         if last is None:  # a cloned or cached task shows what its origin showed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping
 
-from flowmagic.dag import JOIN_INPUTS, FlowGraph, StepSpec
+from flowmagic.flow.graph import JOIN_INPUTS, FlowGraph, StepSpec
 from flowmagic.errors import FlowDefinitionError
 
 # Attributes of Metaflow's FlowSpec that a notebook variable cannot shadow.

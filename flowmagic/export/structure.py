@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from flowmagic.dag import FlowGraph
+from flowmagic.flow.graph import FlowGraph
 from flowmagic.errors import FlowDefinitionError
 
 JoinKind = Literal["static", "foreach"]

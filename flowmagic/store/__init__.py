@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import StoreError
+from flowmagic.errors import StoreError
 from .metadata import AttemptRecord, Metadata, RunRecord, TaskRecord
 from .objects import ObjectStore
 from .serializers import ArtifactRef, load_artifact, save_artifact, value_hash

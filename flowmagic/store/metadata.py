@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import NotFoundError, StoreError
+from flowmagic.errors import NotFoundError, StoreError
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
     OUTCOMES, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
     Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)

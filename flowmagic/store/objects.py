@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import xxhash
 
-from ..errors import NotFoundError
+from flowmagic.errors import NotFoundError
 
 KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _SHARD = 2

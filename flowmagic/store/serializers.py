@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from ..errors import SerializationError, StoreError
+from flowmagic.errors import SerializationError, StoreError
 from .objects import ObjectStore
 
 SERIALIZERS = ("arrow-pandas", "arrow-numpy", "arrow-table", "arrow-polars", "pickle", "inline")

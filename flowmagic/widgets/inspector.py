@@ -12,8 +12,8 @@ from typing import Any
 
 import traitlets
 
-from ..runtime.environments import environments_of_run
-from ..runtime.outputs import output_previews
+from flowmagic.runtime.environments.builder import environments_of_run
+from flowmagic.store.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
 from .preview import format_size, preview_artifact
@@ -24,7 +24,7 @@ LOG_CHARS = 20_000  # the end of a task's stdout/stderr shown per attempt
 
 def as_store(store: Any) -> Any:
     """A Store from a Store, a store root path, or None (the default root)."""
-    from ..store import Store, open_store
+    from flowmagic.store import Store, open_store
 
     if isinstance(store, Store):
         return store

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flowmagic.report import format_size  # noqa: F401  (the inspector imports it from here)
+from flowmagic.report.text import format_size  # noqa: F401  (the inspector imports it from here)
 
 PREVIEW_ROWS = 8
 PREVIEW_COLUMNS = 12
@@ -141,7 +141,7 @@ def _pickle_preview(objects: Any, ref: Any) -> dict:
         return {"kind": "none",
                 "text": f"{format_size(ref.size)} pickle: not loaded for a preview "
                         f"(read it with the Client API: .data.{ref.name})"}
-    from ..store import load_artifact
+    from flowmagic.store import load_artifact
 
     value = load_artifact(objects, ref)
     return {"kind": "text", "text": cut(repr(value))}
