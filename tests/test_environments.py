@@ -561,3 +561,50 @@ def test_a_failing_sibling_stops_an_environment_build_and_the_run_ends_promptly(
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if any("uv" in part for part in (p.info["cmdline"] or [])[:1]) and str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
+
+
+# ------------------------------------------- a step whose environment has the other IPython major
+
+
+def _other_ipython() -> str | None:
+    import sys
+
+    import IPython
+
+    if IPython.version_info[0] >= 9:
+        return "ipython<9"
+    return "ipython>=9,<10" if sys.version_info >= (3, 11) else None   # IPython 9 needs Python 3.11
+
+
+@pytest.mark.slow
+def test_a_step_whose_environment_has_the_other_ipython_major_runs_magics_and_shows_values(tmp_path):
+    import IPython
+
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
+    from flowmagic.store import load_artifact
+
+    other = _other_ipython()
+    if other is None:
+        pytest.skip("no other IPython major installs on this Python")
+    graph = build_flow([
+        f'%%step start --pypi "{other}"\nimport IPython\nmajor = IPython.version_info[0]\n%time x = 41 + 1\n'
+        "{'shown': x}",
+        "%%step end\ny = x + major",
+    ], name="OtherIPython")
+    store = open_store(tmp_path / "store")
+    result = run_flow(graph, store)
+    assert result.status == "succeeded", result.failed
+    (task,) = store.meta.tasks("OtherIPython", result.run_id, "start")
+    values = {ref.name: load_artifact(store.objects, ref) for ref in store.meta.artifacts(task.task_id)}
+    assert values["x"] == 42
+    assert values["major"] != IPython.version_info[0]
+    store.close()
+    from flowmagic.client import Run, namespace_root
+
+    namespace_root(tmp_path / "store")
+    try:
+        shown = [o.text for o in Run(f"OtherIPython/{result.run_id}")["start"].task.outputs]
+    finally:
+        namespace_root(None)
+    assert shown == ["{'shown': 42}"]

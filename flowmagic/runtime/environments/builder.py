@@ -69,8 +69,8 @@ WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "xxhash", 
 # The same, named as conda-forge names them.
 CONDA_WORKER_REQUIREMENTS: tuple[str, ...] = ("pyarrow", "numpy", "pandas", "python-xxhash", "ipython",
                                               "cloudpickle")
-# Pinned to the kernel's own versions: the task code is written against the
-# kernel's IPython (IPython 9 removed APIs it uses), cloudpickle's by-value
+# Pinned to the kernel's own versions: a step's magics and shown values behave
+# as in the kernel's IPython (another major works too: tested), cloudpickle's by-value
 # pickles only load with the version that wrote them, and content hashes must
 # agree with the kernel's. numpy/pyarrow/pandas stay free: the user's
 # packages decide those, and Arrow files cross versions.
