@@ -28,8 +28,11 @@ def edges_of(graph: FlowGraph) -> set[tuple[str, str, tuple[str, ...]]]:
 GRAPH_CASES = [
     ("linear", cells("%%step start\nx = 1", "%%step end\nx += 1"),
      {("start", "end", ("x",))}),
-    ("nearest preceding writer wins", cells("%%step a\nx = 1", "%%step b\nx = 2", "%%step c\ny = x"),
-     {("b", "c", ("x",))}),
+    ("nearest preceding writer wins", cells("%%step a\nx = 1", "%%step b\nx = x + 1", "%%step c\ny = x"),
+     {("a", "b", ("x",)), ("b", "c", ("x",))}),
+    ("a writer ordered after the other by other data may rebind",
+     cells("%%step a\nx = 1\nd = 2", "%%step b\nx = d", "%%step c\ny = x"),
+     {("a", "b", ("d",)), ("b", "c", ("x",))}),
     ("a step reading its own output before binding reads upstream",
      cells("%%step a\nx = 1", "%%step b\nprint(x)\nx = 3", "%%step c\nz = x"),
      {("a", "b", ("x",)), ("b", "c", ("x",))}),
@@ -162,7 +165,7 @@ def test_nested_foreach():
 def test_foreach_over_a_name_rebound_after_the_foreach_step():
     graph = build_flow(cells(
         "%%step a\nitems = [1]", "%%step f --foreach items\nv = input",
-        "%%step b\nitems = [2]", "%%step g --foreach items\nw = input"))
+        "%%step b\nitems = [x + 1 for x in items]", "%%step g --foreach items\nw = input"))
     assert graph.producers("g") == {"items": "b"}
 
 
@@ -245,6 +248,25 @@ ERROR_CASES = [
     ("ambiguous inputs", cells("%%step s\na = [1]\nb = [2]", "%%step f --foreach a\nu = input",
                                "%%step g --foreach b\nv = input", "%%step j\nz = (u, v, inputs)"),
      "j", 3, "inputs", None, ["ambiguous"]),
+    # Sibling writers: the value a reader gets would depend on cell order alone (issue 16, item 1).
+    ("two parallel steps write the name a join reads",
+     cells("%%step start\nitems = [1, 2, 3, 4]",
+           "%%step pick_even\nresult = [x for x in items if x % 2 == 0]",
+           "%%step pick_odd\nresult = [x for x in items if x % 2]\nfirst_odd = result[0]",
+           "%%step join\nevens = result"),
+     "join", 3, "result", 2,
+     ["'pick_even' (cell 1, line 2)", "'pick_odd' (cell 2, line 2)", "neither depends on the other",
+      "Rename it", "--after pick_even"]),
+    ("two roots write the name",
+     cells("%%step a\nx = 1", "%%step b\n\nx = 2", "%%step c\ny = x"),
+     "c", 2, "x", 2, ["'a' (cell 0, line 2)", "'b' (cell 1, line 3)"]),
+    ("the sibling writer is further up than the nearest one",
+     cells("%%step s\nd = 1", "%%step a\nx = d", "%%step b\nx = d + 1", "%%step c\nx += 1", "%%step e\ny = x"),
+     "c", 3, "x", 2, ["'a' (cell 1", "'b' (cell 2"]),
+    ("a conditional read of sibling writers",
+     cells("%%params\nflag = True", "%%step a\nx = 1", "%%step b\nx = 2",
+           "%%step c\nif flag:\n    x = 3\ny = x"),
+     "c", 3, "x", 4, ["'a' (cell 1", "'b' (cell 2"]),
 ]
 
 
@@ -257,6 +279,31 @@ def test_errors(sources, step, cell, variable, line, words):
     assert (error.step, error.cell, error.variable, error.line) == (step, cell, variable, line)
     for word in words:
         assert word in str(error)
+
+
+# (id, cells, words each warning must contain: one list per expected warning)
+WARNING_CASES = [
+    ("a sibling shadows an output nobody reads",
+     cells("%%step start\nitems = [1, 2]", "%%step pick_even\nresult = [x for x in items if x % 2 == 0]",
+           "%%step pick_odd\nresult = [x for x in items if x % 2]"),
+     [["step 'pick_even' (cell 1, line 2) writes 'result'", "no step reads", "step 'pick_odd' (cell 2)"]]),
+    ("a rewrite that depends on the first writer is no warning",
+     cells("%%step a\nx = 1", "%%step b\nx = x + 1"), []),
+    ("an output that is read is no warning",
+     cells("%%step a\nx = 1", "%%step b\ny = x", "%%step c\nx = 2"), []),
+    ("loop targets are scratch names", cells("%%step a\nfor i in range(3):\n    pass",
+                                             "%%step b\nfor i in range(2):\n    pass"), []),
+    ("the last writer is no warning", cells("%%step a\nx = 1"), []),
+]
+
+
+@pytest.mark.parametrize("sources, expected", [c[1:] for c in WARNING_CASES], ids=[c[0] for c in WARNING_CASES])
+def test_warnings(sources, expected):
+    warnings = build_flow(sources).warnings
+    assert len(warnings) == len(expected), warnings
+    for warning, words in zip(warnings, expected):
+        for word in words:
+            assert word in warning
 
 
 BAD_HEADERS = [
@@ -480,6 +527,8 @@ def random_notebook(seed: int) -> list[str]:
             expr = " + ".join(rng.sample(readable, min(len(readable), rng.randint(1, 3)))) + f" + {number}"
             form = rng.choice(forms)
             known = target in readable
+            if known and target not in expr.split(" + "):
+                expr = f"{target} + {expr}"  # a rewrite follows the last writer: never a sibling writer
             if form == "cond" and known:
                 lines.append(f"if ({expr}) % 2:\n    {target} = {expr}")
             elif form == "aug" and known:

@@ -89,6 +89,7 @@ class FlowGraph:
     params: tuple[Parameter, ...]
     steps: tuple[StepSpec, ...]  # notebook order
     edges: tuple[Edge, ...]
+    warnings: tuple[str, ...] = ()  # what `show` points out: the flow runs, but may not mean what it says
     _index: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +207,7 @@ def build_flow(cells: Sequence[str], name: str | None = None) -> FlowGraph:
         params=tuple(params),
         steps=tuple(resolver.steps),
         edges=tuple(resolver.edges),
+        warnings=tuple(resolver.warnings()),
     )
 
 
@@ -296,6 +298,7 @@ class _Draft:
     code: str
     analysis: CellAnalysis
     docstring: str | None
+    analysis_tree: ast.Module
 
     @property
     def name(self) -> str:
@@ -313,7 +316,7 @@ def _analyse_step(cell: ParsedCell, prelude: _Prelude) -> _Draft:
         line = cell.body_line + (exc.lineno or 1) - 1
         raise FlowDefinitionError(f"syntax error: {exc.msg}", step=step, cell=cell.index, line=line) from None
     analysis = analyze_cell(tree, prelude.global_reads)
-    draft = _Draft(cell, code, analysis, ast.get_docstring(tree))
+    draft = _Draft(cell, code, analysis, ast.get_docstring(tree), tree)
     if analysis.star_import_line is not None:
         raise FlowDefinitionError(
             "`from ... import *` is not allowed in a step: its names cannot be known before it runs; "
@@ -340,6 +343,9 @@ class _Resolver:
         self.params = params
         self.drafts = drafts                      # every step, for error messages
         self.latest_writer: dict[str, str] = {}   # variable -> nearest writer so far
+        self.writers: dict[str, list[str]] = {}   # variable -> every writer so far, notebook order
+        self.ancestors: dict[str, set[str]] = {}  # step -> every step it depends on
+        self.by_name = {d.name: d for d in drafts}
         self.specs: dict[str, StepSpec] = {}
         self.steps: list[StepSpec] = []
         self.edges: list[Edge] = []
@@ -365,11 +371,74 @@ class _Resolver:
             name=draft.name, cell=draft.cell.index, source=draft.cell.body, code=draft.code,
             body_line=draft.cell.body_line, reads=tuple(sorted(reads)), writes=tuple(sorted(writes)),
             options=options, doc=_doc_line(draft.cell.body, draft.docstring))
+        for var, producer in sorted(producers.items()):
+            self._check_single_writer(draft, var, producer)
         self._add_edges(spec, producers)
         self.specs[spec.name] = spec
         self.steps.append(spec)
+        self.ancestors[spec.name] = self._ancestors_of(set(producers.values()))
         for var in writes:
             self.latest_writer[var] = spec.name
+            self.writers.setdefault(var, []).append(spec.name)
+
+    def _ancestors_of(self, parents: set[str]) -> set[str]:
+        found = set(parents)
+        for parent in parents:
+            found |= self.ancestors[parent]
+        return found
+
+    def _unordered_writer(self, var: str, writer: str) -> str | None:
+        """The nearest earlier writer of ``var`` that ``writer`` does not depend on."""
+        for other in reversed(self.writers.get(var, [])):
+            if other != writer and self.specs[other].cell < self.specs[writer].cell \
+                    and other not in self.ancestors[writer]:
+                return other
+        return None
+
+    def _check_single_writer(self, draft: _Draft, var: str, producer: str) -> None:
+        """Two steps that write ``var`` with no dependency between them are
+        siblings: which value a reader gets would depend on cell order alone
+        (Metaflow refuses such a join), so say so instead of picking one."""
+        sibling = self._unordered_writer(var, producer)
+        if sibling is None:
+            return
+        first, second = self._where_written(sibling, var), self._where_written(producer, var)
+        raise FlowDefinitionError(
+            f"reads {var!r}, which both step {sibling!r} ({first}) and step {producer!r} ({second}) "
+            f"write, and neither depends on the other: the value would depend on cell order. "
+            f"Rename it in one of them, or make one depend on the other "
+            f"(`%%step {producer} --after {sibling}`)",
+            step=draft.name, cell=draft.cell.index, variable=var,
+            line=draft.cell_line(self._read_line(draft, var)))
+
+    def _read_line(self, draft: _Draft, var: str) -> int:
+        analysis = draft.analysis
+        return analysis.reads.get(var) or analysis.maybe_reads.get(var) or 1
+
+    def _where_written(self, step: str, var: str) -> str:
+        draft = self.by_name[step]
+        line = binding_line(draft.analysis_tree, var)
+        return f"cell {draft.cell.index}, line {draft.cell_line(line)}" if line else f"cell {draft.cell.index}"
+
+    def warnings(self) -> list[str]:
+        """Outputs no step reads that a sibling step writes again further down."""
+        read_from = {(e.source, var) for e in self.edges for var in e.variables}
+        found = []
+        for var, writers in sorted(self.writers.items()):
+            for index, writer in enumerate(writers):
+                if (writer, var) in read_from:
+                    continue
+                draft = self.by_name[writer]
+                if not assignment_lines(draft.analysis_tree, var):
+                    continue  # loop targets, imports, `with ... as`: scratch names by nature
+                later = [w for w in writers[index + 1:] if writer not in self.ancestors[w]]
+                if later:
+                    found.append(
+                        f"step {writer!r} ({self._where_written(writer, var)}) writes {var!r}, which no "
+                        f"step reads: step {later[0]!r} (cell {self.specs[later[0]].cell}) writes it too "
+                        f"and does not depend on {writer!r}, so later steps see that value; rename one "
+                        f"if both are meant to be used")
+        return found
 
     def _writes(self, draft: _Draft, options: StepOptions) -> set[str]:
         # `input`/`inputs` are bound by the runtime and never artifacts (`for input in inputs:`).
@@ -491,6 +560,42 @@ class _Resolver:
             by_source.setdefault(source, []).append(var)
         for source in sorted(by_source, key=lambda s: self.specs[s].cell):
             self.edges.append(Edge(source, spec.name, tuple(sorted(by_source[source]))))
+
+
+def assignment_lines(tree: ast.AST, var: str) -> list[int]:
+    """Lines where ``var`` is the target of an assignment (``=``, ``+=``, ``:=``, ``x: T =``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name) and name.id == var:
+                    lines.append(node.lineno)
+    return sorted(lines)
+
+
+def binding_line(tree: ast.AST, var: str) -> int | None:
+    """The first line that binds or mutates ``var`` anywhere in the cell."""
+    lines = assignment_lines(tree, var)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == var and isinstance(node.ctx, (ast.Store, ast.Del)):
+            lines.append(node.lineno)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == var:
+            lines.append(node.lineno)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            lines += [node.lineno for a in node.names if (a.asname or a.name.split(".")[0]) == var]
+        elif isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+            base = node.value
+            while isinstance(base, (ast.Subscript, ast.Attribute)):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id == var:
+                lines.append(node.lineno)
+    return min(lines) if lines else None
 
 
 def _doc_line(body: str, docstring: str | None) -> str:

@@ -45,6 +45,8 @@ def show_graph(magics: FlowMagics, graph: Any) -> None:
     magics.view = _quietly(lambda: widgets.show_graph(graph.to_json(), session_states(magics), run_id=run_id))
     if magics.view is None:
         print(widgets.graph_text(graph.to_json(), session_states(magics)))
+    for warning in graph.warnings:
+        print(f"[flowmagic] warning: {warning}", file=sys.stderr)
 
 
 def run_view(magics: FlowMagics, graph: Any) -> Callable[[Any], None] | None:

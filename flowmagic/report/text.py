@@ -53,6 +53,7 @@ def render_show(graph: FlowGraph) -> str:
         lines.append("No steps: start a cell with `%%step NAME` to make it a step.")
     for spec in graph.steps:
         lines += _render_step(graph, spec)
+    lines += [f"warning: {warning}" for warning in graph.warnings]
     return "\n".join(lines).rstrip() + "\n"
 
 
