@@ -613,3 +613,66 @@ def test_dag_imports_and_builds_plain_python_without_ipython():
             "d.build_flow(['%%step a\\n!echo hi\\nx = 1'])\nassert 'IPython' in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- ordering without data (--after) ----------------------------------------------
+
+AFTER_CASES = [
+    ("an ordering edge has no variables",
+     cells("%%step start\nprint('hi')", "%%step hello\nprint('hello')", "%%step end --after hello\npass"),
+     {("hello", "end", ())}),
+    ("--after is repeatable",
+     cells("%%step a\nx = 1", "%%step b\ny = 2", "%%step c --after a --after b\nprint('c')"),
+     {("a", "c", ()), ("b", "c", ())}),
+    ("--after a step that is also a producer adds no second edge",
+     cells("%%step a\nx = 1", "%%step b --after a\ny = x"),
+     {("a", "b", ("x",))}),
+    ("--after orders sibling writers: the nearest one wins",
+     cells("%%step a\nx = 1", "%%step b --after a\nx = 2", "%%step c\ny = x"),
+     {("a", "b", ()), ("b", "c", ("x",))}),
+]
+
+
+@pytest.mark.parametrize("sources, expected", [c[1:] for c in AFTER_CASES], ids=[c[0] for c in AFTER_CASES])
+def test_after(sources, expected):
+    graph = build_flow(sources)
+    assert edges_of(graph) == expected
+
+
+def test_after_shows_in_json_and_orders_steps():
+    graph = build_flow(cells("%%step start\nprint(1)", "%%step hello --after start\nprint(2)",
+                             "%%step end --after hello\nprint(3)"))
+    doc = graph.to_json()
+    assert {"from": "start", "to": "hello", "variables": []} in doc["edges"]
+    assert doc["steps"][2]["options"] == {"after": ["hello"]}
+    assert graph.parents("end") == ["hello"] and graph.roots() == ["start"]
+    assert graph.warnings == ()
+
+
+AFTER_ERRORS = [
+    ("--after a later step", cells("%%step a --after b\nx = 1", "%%step b\ny = 2"),
+     "a", 0, 1, ["--after b", "step 'b' (cell 1) is further down", "move this step below"]),
+    ("--after an unknown step", cells("%%step train\nx = 1", "%%step end --after trian\npass"),
+     "end", 1, 1, ["--after trian", "no step is named 'trian'", "did you mean 'train'"]),
+    ("--after itself", cells("%%step a --after a\nx = 1"), "a", 0, 1, ["names the step itself"]),
+    ("--after a bad name", cells("%%step a --after 1x\nx = 1"), "a", 0, 1, ["'1x' is not a step name"]),
+]
+
+
+@pytest.mark.parametrize("sources, step, cell, line, words", [c[1:] for c in AFTER_ERRORS],
+                         ids=[c[0] for c in AFTER_ERRORS])
+def test_after_errors(sources, step, cell, line, words):
+    with pytest.raises(FlowDefinitionError) as info:
+        build_flow(sources)
+    assert (info.value.step, info.value.cell, info.value.line) == (step, cell, line)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_steps_that_share_no_data_are_warned_about():
+    graph = build_flow(cells("%%step start\nprint(1)", "%%step hello\nprint(2)", "%%step end\npass"))
+    (warning,) = graph.warnings
+    assert "'start' (cell 0), 'hello' (cell 1), 'end' (cell 2) share no data" in warning
+    assert "--after" in warning
+    linked = build_flow(cells("%%step a\nx = 1", "%%step b\ny = x"))
+    assert linked.warnings == ()

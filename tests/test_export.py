@@ -191,7 +191,7 @@ def test_a_foreach_inside_a_static_branch():
 # --- joins carry what the notebook would see ---------------------------------------------
 
 def test_static_join_takes_a_rebound_name_from_the_latest_writer_and_merges_the_rest():
-    graph = flow("%%step start\nx = 1\nkeep = 'same'", "%%step b\ny = x + 1", "%%step c\nx = 2",
+    graph = flow("%%step start\nx = 1\nkeep = 'same'", "%%step b\ny = x + 1", "%%step c\nx = x * 2",
                  "%%step j\nz = (x, y, keep)")
     plan = plan_export(graph)
     join = plan.joins["j"]

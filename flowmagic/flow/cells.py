@@ -57,6 +57,7 @@ class ParsedOptions:
     conda: str | None = None
     cache: bool = False
     memory: int | None = None   # MB a task may use (its process group's memory)
+    after: tuple[str, ...] = ()  # steps that must finish first, though no data passes
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def _make_step_parser() -> _StrictParser:
     parser.add_argument("--conda", default=None)
     parser.add_argument("--cache", action="store_true")
     parser.add_argument("--memory", default=None)
+    parser.add_argument("--after", action="append", default=[])
     return parser
 
 
@@ -180,7 +182,23 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
         conda=_check_spec("--conda", ns.conda, step, cell),
         cache=bool(ns.cache),
         memory=_parse_memory(ns.memory, step, cell),
+        after=_parse_after(ns.after, step, cell),
     )
+
+
+def _parse_after(names: list[str], step: str, cell: int | None) -> tuple[str, ...]:
+    """``--after a --after b`` (or ``--after a,b``): step names, each once."""
+    found: list[str] = []
+    for name in (part for value in names for part in value.split(",")):
+        if not is_identifier(name):
+            raise FlowDefinitionError(f"bad value for --after: {name!r} is not a step name",
+                                      step=step, cell=cell)
+        if name == step:
+            raise FlowDefinitionError("--after names the step itself: name a step above this one",
+                                      step=step, cell=cell)
+        if name not in found:
+            found.append(name)
+    return tuple(found)
 
 
 def _option_hint(words: list[str]) -> str:

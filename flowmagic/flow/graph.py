@@ -38,6 +38,7 @@ class StepOptions:
     conda: str | None = None
     cache: bool = False
     memory: int | None = None   # MB (Metaflow's @resources(memory=...)); None: runtime/memory.py default
+    after: tuple[str, ...] = ()  # `--after STEP`: ordering without data (edges with no variables)
 
     def as_dict(self) -> dict:
         """Only the options that are set (the JSON ``options`` object)."""
@@ -50,6 +51,8 @@ class StepOptions:
                 result[key] = value
         if self.cache:
             result["cache"] = True
+        if self.after:
+            result["after"] = list(self.after)
         return result
 
 
@@ -371,15 +374,29 @@ class _Resolver:
             name=draft.name, cell=draft.cell.index, source=draft.cell.body, code=draft.code,
             body_line=draft.cell.body_line, reads=tuple(sorted(reads)), writes=tuple(sorted(writes)),
             options=options, doc=_doc_line(draft.cell.body, draft.docstring))
+        ordering = [self._after_step(draft, name) for name in options.after]
+        # Ordering first: `--after` is the fix the sibling-writer error suggests.
+        self.ancestors[spec.name] = self._ancestors_of(set(producers.values()) | set(ordering))
         for var, producer in sorted(producers.items()):
             self._check_single_writer(draft, var, producer)
-        self._add_edges(spec, producers)
+        self._add_edges(spec, producers, ordering)
         self.specs[spec.name] = spec
         self.steps.append(spec)
-        self.ancestors[spec.name] = self._ancestors_of(set(producers.values()))
         for var in writes:
             self.latest_writer[var] = spec.name
             self.writers.setdefault(var, []).append(spec.name)
+
+    def _after_step(self, draft: _Draft, name: str) -> str:
+        if name in self.specs:
+            return name
+        later = next((d for d in self.drafts if d.name == name), None)
+        if later is not None:
+            advice = f"step {name!r} (cell {later.cell.index}) is further down: move this step below it"
+        else:
+            close = difflib.get_close_matches(name, [d.name for d in self.drafts], n=1)
+            advice = f"no step is named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        raise FlowDefinitionError(f"--after {name}: {advice}", step=draft.name, cell=draft.cell.index,
+                                  line=draft.cell.body_line - 1)
 
     def _ancestors_of(self, parents: set[str]) -> set[str]:
         found = set(parents)
@@ -391,7 +408,7 @@ class _Resolver:
         """The nearest earlier writer of ``var`` that ``writer`` does not depend on."""
         for other in reversed(self.writers.get(var, [])):
             if other != writer and self.specs[other].cell < self.specs[writer].cell \
-                    and other not in self.ancestors[writer]:
+                    and other not in self.ancestors.get(writer, ()):
                 return other
         return None
 
@@ -438,7 +455,25 @@ class _Resolver:
                         f"step reads: step {later[0]!r} (cell {self.specs[later[0]].cell}) writes it too "
                         f"and does not depend on {writer!r}, so later steps see that value; rename one "
                         f"if both are meant to be used")
-        return found
+        return found + self._unordered_steps_warning()
+
+    def _unordered_steps_warning(self) -> list[str]:
+        """Steps that share no data with any other (they only print, say) run
+        at once, in no order: Metaflow users expect start, ..., end."""
+        linked = {e.source for e in self.edges} | {e.target for e in self.edges}
+        # Only steps without outputs: parallel steps that compute something are what a DAG is for.
+        alone = [s for s in self.steps if s.name not in linked and not s.writes]
+        if len(self.steps) < 2 or not alone:
+            return []
+        names = ", ".join(f"{s.name!r} (cell {s.cell})" for s in alone)
+        example = alone[-1].name
+        before = next((s.name for s in reversed(self.steps) if s.cell < alone[-1].cell), self.steps[-1].name)
+        if before == example:
+            example, before = self.steps[-1].name, alone[-1].name
+        return [f"{'steps' if len(alone) > 1 else 'step'} {names} {'share' if len(alone) > 1 else 'shares'} "
+                f"no data with any other step, so "
+                f"{'they run' if len(alone) > 1 else 'it runs'} in no particular order; to order steps "
+                f"without data, add --after to the %%step line (`%%step {example} --after {before}`)"]
 
     def _writes(self, draft: _Draft, options: StepOptions) -> set[str]:
         # `input`/`inputs` are bound by the runtime and never artifacts (`for input in inputs:`).
@@ -554,8 +589,8 @@ class _Resolver:
                 return later.name, later.cell.index
         return None
 
-    def _add_edges(self, spec: StepSpec, producers: Mapping[str, str]) -> None:
-        by_source: dict[str, list[str]] = {}
+    def _add_edges(self, spec: StepSpec, producers: Mapping[str, str], ordering: Sequence[str] = ()) -> None:
+        by_source: dict[str, list[str]] = {source: [] for source in ordering}
         for var, source in producers.items():
             by_source.setdefault(source, []).append(var)
         for source in sorted(by_source, key=lambda s: self.specs[s].cell):

@@ -23,6 +23,8 @@ def format_options(options: StepOptions) -> str:
             words += [f"--{key}", shlex.quote(value)]
     if options.cache:
         words.append("--cache")
+    for step in options.after:
+        words += ["--after", step]
     return " ".join(words)
 
 
