@@ -44,3 +44,33 @@ def test_show_warns_about_an_output_a_sibling_shadows(tmp_path, store):
     assert "warning: step 'pick_even' (cell 1, line 2) writes 'result', which no step reads" in proc.stdout
     assert flowmagic_json("run", nb, store=store)["status"] == "succeeded"
     assert artifacts(store, "Shadow", 1, "join")[0]["odd"] == 1
+
+
+# --- ordering without data (item 2) ----------------------------------------------
+
+# Metaflow's HelloFlow (tutorials/00-helloworld/helloworld.py), ported.
+HELLO = [
+    "%%step start\n# This is the 'start' step.\nimport time\ntime.sleep(0.5)\nprint('HelloFlow is starting.')",
+    "%%step hello --after start\n# A step for metaflow to introduce itself.\nprint('Metaflow says: Hi!')",
+    "%%step end --after hello\n# This is the 'end' step.\nprint('HelloFlow is all done.')",
+]
+
+
+def test_hello_flow_with_after_runs_start_hello_end_in_order(tmp_path, store):
+    nb = write_notebook(tmp_path / "hello_flow.ipynb", HELLO)
+    shown = flowmagic_json("show", nb, store=store)
+    assert [(e["from"], e["to"], e["variables"]) for e in shown["edges"]] == \
+        [("start", "hello", []), ("hello", "end", [])]
+    assert "warning" not in flowmagic("show", nb, store=store).stdout
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stderr
+    said = [proc.stdout.index(w) for w in ("HelloFlow is starting.", "Metaflow says: Hi!", "HelloFlow is all done.")]
+    assert said == sorted(said), proc.stdout
+
+
+def test_hello_flow_without_after_is_warned_about(tmp_path, store):
+    unordered = [c.replace(" --after start", "").replace(" --after hello", "") for c in HELLO]
+    nb = write_notebook(tmp_path / "hello_flow.ipynb", unordered)
+    proc = flowmagic("show", nb, store=store)
+    assert proc.returncode == 0
+    assert "share no data with any other step" in proc.stdout and "--after" in proc.stdout
