@@ -74,3 +74,102 @@ def test_hello_flow_without_after_is_warned_about(tmp_path, store):
     proc = flowmagic("show", nb, store=store)
     assert proc.returncode == 0
     assert "share no data with any other step" in proc.stdout and "--after" in proc.stdout
+
+
+# --- run.data as Metaflow users know it (item 3) ---------------------------------
+
+MOVIES_CSV = ("movie_title,title_year,genres,gross\n"
+              "Avatar,2009,Action|Adventure|Fantasy|Sci-Fi,760505847\n"
+              "Spectre,2015,Action|Adventure|Thriller,200074175\n"
+              "Alien,1979,Horror|Sci-Fi,78900000\n"
+              "Heat,1995,Action|Crime|Drama|Thriller,67436818\n"
+              "Arrival,2016,Drama|Mystery|Sci-Fi,100546139\n")
+
+# Metaflow's PlayListFlow (tutorials/01-playlist/playlist.py), ported: IncludeFile becomes
+# a string the start step binds; the local `movies` of bonus_movie is `_movies` (a private
+# name: Metaflow's own flow would hit the sibling-writer refusal otherwise).
+PLAYLIST = [
+    "%load_ext flowmagic",
+    "import random",
+    "%%params\ngenre = 'Sci-Fi'  # Filter movies for a particular genre.\n"
+    "recommendations = 2  # The number of movies to recommend in the playlist.",
+    f"%%step start\n# Parse the CSV file and load the values into a dictionary of lists.\n"
+    f"movie_data = {MOVIES_CSV!r}\n"
+    "columns = ['movie_title', 'title_year', 'genres', 'gross']\n"
+    "dataframe = dict((column, list()) for column in columns)\n"
+    "for line in movie_data.split('\\n')[1:]:\n"
+    "    if not line:\n        continue\n"
+    "    for column, value in zip(columns, line.split(',')):\n"
+    "        dataframe[column].append(value)",
+    "%%step bonus_movie\n# This step chooses a random movie from a different genre.\n"
+    "_movies = [(movie, genres) for movie, genres in zip(dataframe['movie_title'], dataframe['genres'])\n"
+    "           if genre.lower() not in genres.lower()]\n"
+    "random.seed(5)\nbonus = random.choice(_movies)",
+    "%%step genre_movies\n# Filter the movies by genre.\n"
+    "movies = [dataframe['movie_title'][i] for i, g in enumerate(dataframe['genres'])\n"
+    "          if genre.lower() in g.lower()]\n"
+    "random.seed(7)\nrandom.shuffle(movies)",
+    "%%step join\n# Join our parallel branches and merge results.\n"
+    "playlist = movies[:recommendations]",
+    "%%step end --after join\n# Print out the playlist and bonus movie.\n"
+    "print('Playlist for movies in genre', genre)\n"
+    "for pick, movie in enumerate(playlist):\n    print('Pick %d: %s' % (pick + 1, movie))\n"
+    "print('Bonus Pick: %s from %s' % (bonus[0], bonus[1]))",
+]
+
+
+def test_run_data_is_the_namespace_run_all_leaves_on_the_playlist_port(tmp_path, store):
+    from flowmagic import Run
+
+    nb = write_notebook(tmp_path / "play_list_flow.ipynb", PLAYLIST)
+    doc = flowmagic_json("run", nb, "--genre", "Drama", store=store)
+    assert doc["status"] == "succeeded"
+    data = Run(f"PlayListFlow/{doc['run_id']}", root=store).data
+    assert data.genre == "Drama" and data.recommendations == 2         # parameters are names too
+    assert data.movie_data == MOVIES_CSV                              # from start, three steps up
+    assert sorted(data.playlist) == ["Arrival", "Heat"] and set(data.movies) == {"Heat", "Arrival"}
+    assert data.bonus[0] in {"Avatar", "Spectre", "Alien"}
+    assert data.dataframe["title_year"][0] == "2009"
+    assert set(data) == {"genre", "recommendations", "movie_data", "columns", "dataframe", "line", "column",
+                         "value", "bonus", "movies", "playlist", "pick", "movie"}
+    assert "playlist" in data and data["bonus"] == data.bonus
+    with pytest.raises(AttributeError, match="no artifact or parameter 'nope'.*playlist"):
+        data.nope
+
+
+# Read in a subprocess: metaflow reads its datastore location when it is imported.
+_METAFLOW_RUN_DATA = """
+import pickle, sys
+import metaflow
+metaflow.namespace(None)
+run = metaflow.Flow(sys.argv[1]).latest_run
+data = {name: getattr(run.data, name) for name in sys.argv[3:]}
+with open(sys.argv[2], "wb") as out:
+    pickle.dump(data, out)
+"""
+
+
+@pytest.mark.metaflow
+def test_run_data_matches_metaflows_run_data_on_the_exported_playlist(tmp_path, store):
+    import pickle
+    import subprocess
+    import sys
+
+    from flowmagic import Run
+    from flowmagic.export import export_notebook
+    from test_export_metaflow import metaflow, metaflow_env
+
+    nb = write_notebook(tmp_path / "play_list_flow.ipynb", PLAYLIST)
+    ours = Run(f"PlayListFlow/{flowmagic_json('run', nb, store=store)['run_id']}", root=store).data
+    script = tmp_path / "flow.py"
+    export_notebook(nb, script)
+    env = metaflow_env(tmp_path)
+    done = metaflow(script, env, "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ["genre", "recommendations", "movie_data", "dataframe", "playlist", "bonus"]
+    target = tmp_path / "theirs.pickle"
+    read = subprocess.run([sys.executable, "-c", _METAFLOW_RUN_DATA, "PlayListFlow", str(target), *names],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert read.returncode == 0, read.stderr
+    theirs = pickle.loads(target.read_bytes())
+    assert {name: getattr(ours, name) for name in names} == theirs

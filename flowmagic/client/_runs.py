@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 from flowmagic.errors import NotFoundError
 from flowmagic.store import Store
@@ -12,8 +12,6 @@ from ._base import (_ClientObject, _fmt_duration, _fmt_duration_tasks, _fmt_time
                     _open_store, _parts, _short_list, _when)
 from ._tasks import Task
 
-if TYPE_CHECKING:
-    from ._tasks import TaskData
 
 
 class Metaflow(_ClientObject):
@@ -214,10 +212,18 @@ class Run(_ClientObject):
         return Step._make(self, (sinks or names)[-1]).task
 
     @property
-    def data(self) -> "TaskData | None":
-        """The artifacts of the end task, as ``run.data.NAME`` (Metaflow's rule)."""
-        task = self.end_task
-        return task.data if task is not None else None
+    def data(self) -> "RunData | None":
+        """The namespace a Run All of the notebook would leave, as ``run.data.NAME``.
+
+        In Metaflow the end task carries every upstream artifact, so
+        ``run.data.NAME`` is any name the flow computed. Here each name is read
+        from the latest step that wrote it, in the flow's order (the end
+        step's view along the DAG), and the run's parameters are names too.
+        Per-item tasks of ``--foreach`` steps are left out, as in Metaflow:
+        their values reach later steps through the join. None for a run with
+        no task yet.
+        """
+        return RunData(self) if self.step_names() else None
 
     def _repr_html_(self) -> str:
         record = self._refresh()
@@ -230,6 +236,63 @@ class Run(_ClientObject):
                  + (f" (resumed from {record.origin_run_id})" if record.origin_run_id else "")
                  + (f", tags: {', '.join(record.tags)}" if record.tags else ""))
         return _html_table(title, ["step", "tasks", "state", "duration"], rows)
+
+
+class RunData:
+    """``run.data.NAME``: the latest writer's value of NAME, or a parameter."""
+
+    def __init__(self, run: Run) -> None:
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_sources", None)
+
+    def _writers(self) -> dict[str, "Task | None"]:
+        """name -> the task whose artifact it is (None: a parameter)."""
+        if self._sources is None:
+            sources: dict[str, Task | None] = {name: None for name in self._run.parameters}
+            per_item = {s["name"] for s in (self._run.graph or {}).get("steps", [])
+                        if s.get("options", {}).get("foreach")}
+            for step in self._run.steps():
+                tasks = step.tasks()
+                if step.name in per_item or len(tasks) != 1:
+                    continue
+                for name in tasks[0]._artifacts():
+                    sources[name] = tasks[0]
+            object.__setattr__(self, "_sources", sources)
+        return self._sources
+
+    def _value(self, name: str) -> Any:
+        writers = self._writers()
+        if name not in writers:
+            raise NotFoundError(f"run {self._run.pathspec} has no artifact or parameter '{name}'; "
+                                f"its names: {_short_list(sorted(writers))}")
+        task = writers[name]
+        return self._run.parameters[name] if task is None else task[name].data
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._value(name)
+        except NotFoundError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._value(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._writers()
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._writers())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._writers()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("artifacts are immutable: assign to a variable in a new step instead")
+
+    def __repr__(self) -> str:
+        return f"<RunData {self._run.pathspec}: {', '.join(self)}>"
 
 
 # -- Step ---------------------------------------------------------------------------
