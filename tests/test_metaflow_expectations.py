@@ -173,3 +173,45 @@ def test_run_data_matches_metaflows_run_data_on_the_exported_playlist(tmp_path, 
     assert read.returncode == 0, read.stderr
     theirs = pickle.loads(target.read_bytes())
     assert {name: getattr(ours, name) for name in names} == theirs
+
+
+# --- content hashing for the mutation check (item 4) ---------------------------------
+
+SALES = "%%step start\nimport numpy as np\nimport pandas as pd\n" \
+    "sales = pd.DataFrame({'day': pd.to_datetime(['2024-01-01', '2024-01-02', '2024-01-03', '2024-01-04']),\n" \
+    "                      'region': ['n', 's', 'n', 'e'], 'price': [1.0, None, 3.0, 4.0], 'qty': [1, 2, 3, 4]})\n" \
+    "prices = np.array([1.5, 2.5, 3.5])\nlabels = ['a', 'b']"
+
+READS = [
+    SALES,
+    "%%step clean\nclean = sales.dropna(subset=['price'])\nm = clean['price'] > 2\n"
+    "a, b = clean[m], clean[~m]\nby_region = sales.groupby('region')['qty'].sum()\n"
+    "top = prices[prices > 2]\nfirst = labels[0]\nraw = sales.values",
+    "%%step report\nsummary = (len(a), len(b), int(by_region['n']), top.tolist(), first)",
+]
+
+
+def mutation_warnings(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "in place" in line]
+
+
+def test_reading_frames_and_arrays_is_not_a_change_in_place(tmp_path, store):
+    nb = write_notebook(tmp_path / "reads.ipynb", READS)
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert mutation_warnings(proc) == []
+    assert artifacts(store, "Reads", 1, "report")[0]["summary"] == (2, 1, 4, [2.5, 3.5], "a")
+
+
+@pytest.mark.parametrize("change, name", [
+    ("sales.drop(columns=['qty'], inplace=True)", "sales"),
+    ("sales.fillna(0, inplace=True)", "sales"),
+    ("labels.append('c')", "labels"),
+    ("prices.fill(0)", "prices"),
+    ("sales.sort_values('qty', ascending=False, inplace=True)", "sales"),
+])
+def test_a_real_change_in_place_still_warns(tmp_path, store, change, name):
+    nb = write_notebook(tmp_path / "mutates.ipynb", [SALES, f"%%step touch\n{change}\nn = 1"])
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert [w for w in mutation_warnings(proc) if f"changed '{name}' in place" in w], proc.stdout + proc.stderr

@@ -28,10 +28,11 @@ import types
 from typing import Any, Callable
 
 from flowmagic.errors import SerializationError
+from flowmagic.store.content_hash import content_hash
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
 from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
-                                         unsaved_message, unsaved_ref, value_hash)
+                                         unsaved_message, unsaved_ref)
 
 ITEM_REPR_MAX = 60
 ITEM_REPRS_MAX = 10_000
@@ -234,7 +235,7 @@ def _hashes(bound: dict[str, Any], spec: dict) -> dict[str, str]:
         if name in writes or isinstance(value, _IMMUTABLE):
             continue
         try:
-            hashes[name] = value_hash(value)
+            hashes[name] = content_hash(value)  # by content: a read may re-layout a frame
         except Exception:  # noqa: BLE001 - an unhashable input just is not checked
             pass
     return hashes
@@ -244,7 +245,7 @@ def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: dic
     changed = []
     for name, digest in before.items():
         try:
-            if value_hash(bound[name]) != digest:
+            if content_hash(bound[name]) != digest:
                 changed.append(name)
         except Exception:  # noqa: BLE001
             pass
