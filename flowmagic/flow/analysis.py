@@ -45,6 +45,9 @@ class CellAnalysis:
     mutated: frozenset[str]          # written through `x[...] = `, `x.a = `, `del x[...]`
     via: Mapping[str, str] = field(default_factory=dict)  # read -> prelude function it came through
     star_import_line: int | None = None
+    # Maybe-reads only because the cell may end without binding them (`if c: df = f()`):
+    # upstream's value passes through, which matters only to a later step that reads it here.
+    pass_through: frozenset[str] = frozenset()
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,9 +169,10 @@ class _CellVisitor:
                 maybe.setdefault(name, self.first_bind.get(name, 1))
         for name in self.reads:
             maybe.pop(name, None)
+        pass_through = frozenset(name for name in maybe if name not in self.maybe)
         return CellAnalysis(reads=dict(self.reads), maybe_reads=maybe, writes=frozenset(writes),
                             mutated=frozenset(self.mutated), via=dict(self.via),
-                            star_import_line=self.star_line)
+                            star_import_line=self.star_line, pass_through=pass_through)
 
     # names ---------------------------------------------------------------
     def load(self, name: str, line: int, *, deferred: bool = False, via: str | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,7 +210,8 @@ def build_flow(cells: Sequence[str], name: str | None = None) -> FlowGraph:
         prelude=prelude.source,
         params=tuple(params),
         steps=tuple(resolver.steps),
-        edges=tuple(resolver.edges),
+        edges=tuple(sorted(resolver.edges, key=lambda e: (resolver.specs[e.target].cell,
+                                                          resolver.specs[e.source].cell))),
         warnings=tuple(resolver.warnings()),
     )
 
@@ -349,6 +351,9 @@ class _Resolver:
         self.writers: dict[str, list[str]] = {}   # variable -> every writer so far, notebook order
         self.ancestors: dict[str, set[str]] = {}  # step -> every step it depends on
         self.by_name = {d.name: d for d in drafts}
+        # (step, variable) -> upstream writer, for a pass-through maybe-read: wired only
+        # once a later step reads the variable from that step (see CellAnalysis.pass_through).
+        self.pending: dict[tuple[str, str], str] = {}
         self.specs: dict[str, StepSpec] = {}
         self.steps: list[StepSpec] = []
         self.edges: list[Edge] = []
@@ -365,6 +370,9 @@ class _Resolver:
         for var, line in sorted(analysis.reads.items(), key=lambda item: (item[1], item[0])):
             self._resolve(draft, var, line, options, producers, reads, required=True)
         for var, line in sorted(analysis.maybe_reads.items(), key=lambda item: (item[1], item[0])):
+            if var in analysis.pass_through and self.latest_writer.get(var) and not var.startswith("_"):
+                self.pending[(draft.name, var)] = self.latest_writer[var]
+                continue
             self._resolve(draft, var, line, options, producers, reads, required=False)
         if JOIN_INPUTS in analysis.reads:
             # After the other reads: `inputs` follows the foreach step they come from.
@@ -374,6 +382,9 @@ class _Resolver:
             name=draft.name, cell=draft.cell.index, source=draft.cell.body, code=draft.code,
             body_line=draft.cell.body_line, reads=tuple(sorted(reads)), writes=tuple(sorted(writes)),
             options=options, doc=_doc_line(draft.cell.body, draft.docstring))
+        for producer in sorted(set(producers.values())):
+            for var in sorted(v for v, p in producers.items() if p == producer):
+                self._activate_pass_through(producer, var)
         ordering = [self._after_step(draft, name) for name in options.after]
         # Ordering first: `--after` is the fix the sibling-writer error suggests.
         self.ancestors[spec.name] = self._ancestors_of(set(producers.values()) | set(ordering))
@@ -385,6 +396,29 @@ class _Resolver:
         for var in writes:
             self.latest_writer[var] = spec.name
             self.writers.setdefault(var, []).append(spec.name)
+
+    def _activate_pass_through(self, step: str, var: str) -> None:
+        """A later step reads ``var`` from ``step``, which may not bind it: wire
+        ``step`` to the upstream writer whose value then passes through."""
+        upstream = self.pending.pop((step, var), None)
+        if upstream is None:
+            return
+        self._activate_pass_through(upstream, var)
+        self._check_single_writer(self.by_name[step], var, upstream)
+        spec = self.specs[step]
+        updated = dataclasses.replace(spec, reads=tuple(sorted(set(spec.reads) | {var})))
+        self.specs[step] = updated
+        self.steps[self.steps.index(spec)] = updated
+        edge = next((e for e in self.edges if e.source == upstream and e.target == step), None)
+        if edge is None:
+            self.edges.append(Edge(upstream, step, (var,)))
+        else:
+            self.edges[self.edges.index(edge)] = Edge(upstream, step, tuple(sorted(set(edge.variables) | {var})))
+        self._recompute_ancestors()
+
+    def _recompute_ancestors(self) -> None:
+        for spec in self.steps:
+            self.ancestors[spec.name] = self._ancestors_of({e.source for e in self.edges if e.target == spec.name})
 
     def _after_step(self, draft: _Draft, name: str) -> str:
         if name in self.specs:
