@@ -49,6 +49,10 @@ def scope_free(node: ast.AST) -> Scope:
         else:
             local |= child.walrus_binds
     free: dict[str, Free] = {}
+    early = _class_body_early_loads(node) if isinstance(node, ast.ClassDef) else {}
+    for name, line in early.items():
+        if name not in walrus_binds:
+            free.setdefault(name, Free(line, False))
     for name, line in scope.loads.items():
         if (name not in local or name in scope.globals) and name not in walrus_binds:
             free.setdefault(name, Free(line, is_function))
@@ -59,6 +63,26 @@ def scope_free(node: ast.AST) -> Scope:
             if not visible and name not in walrus_binds:
                 free.setdefault(name, Free(info.line, info.deferred or is_function))
     return Scope(free, global_binds, walrus_binds)
+
+
+def _class_body_early_loads(node: ast.ClassDef) -> dict[str, int]:
+    """Names a class body loads before it binds them: a class body runs top to
+    bottom and looks up a name it has not bound yet outside (``rate = rate * 2``,
+    ``early = method`` above ``def method``)."""
+    bound: set[str] = set()
+    early: dict[str, int] = {}
+    for stmt in node.body:
+        collector = _ScopeCollector(ast.Module(body=[stmt], type_ignores=[]))
+        collector.visit(stmt)
+        # An assignment evaluates its value before binding its targets; inside a compound
+        # statement the order is not tracked, so its own bindings count as bound already.
+        simple = isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr))
+        own = set() if simple else collector.stores
+        for name, line in collector.loads.items():
+            if name not in bound and name not in own:
+                early.setdefault(name, line)
+        bound |= collector.local
+    return early
 
 
 class _ScopeCollector(ast.NodeVisitor):
