@@ -244,7 +244,8 @@ DEFINITION_ERRORS = [
     ("a lambda read by a later step", ("%%step a\nf = lambda v: v", "%%step b\ny = f(1)"), "a", "defines"),
     ("start not first", ("%%step a\nx = 1", "%%step start\ny = x"), "start", "first step"),
     ("end not last", ("%%step end\nx = 1", "%%step b\ny = x"), "end", "last step"),
-    ("a reserved Metaflow attribute", ("%%step a\nindex = 1",), "a", "reserves"),
+    ("a reserved Metaflow attribute another step reads", ("%%step a\nx = 1\nindex = 1", "%%step b\ny = index"),
+     "a", "reserves"),
     ("an uppercase step name", ("%%step Train\nx = 1",), "Train", "lowercase"),
     ("a step Metaflow reserves", ("%%step cmd\nx = 1",), "cmd", "lowercase"),
 ]
@@ -256,6 +257,21 @@ def test_what_has_no_metaflow_equivalent_is_an_error_naming_the_step(sources, st
     with pytest.raises(FlowDefinitionError, match=message) as info:
         export_flow(flow(*sources))
     assert info.value.step == step
+
+
+def test_a_reserved_name_read_downstream_is_refused_with_its_line():
+    with pytest.raises(FlowDefinitionError, match="'index' would be self.index") as info:
+        export_flow(flow("%%step a\nx = 1\nindex = 1", "%%step b\ny = index"))
+    assert (info.value.cell, info.value.line, info.value.variable) == (0, 3, "index")
+
+
+def test_a_reserved_name_used_only_inside_a_step_stays_local():
+    graph = flow("%%step start\nitems = ['a', 'b']\nindex = {v: i for i, v in enumerate(items)}\n"
+                 "name = 'x'\nfirst = index['a']", "%%step end\nout = first")
+    plan = plan_export(graph)
+    assert {"index", "name"} <= plan.locals["start"] and "first" in plan.attributes["start"]
+    body = method_source(export_flow(graph), "start")
+    assert "self.index" not in body and "index = {" in body and "self.first = index['a']" in body
 
 
 def test_parameter_named_like_a_metaflow_option_is_refused():

@@ -215,3 +215,19 @@ def test_a_real_change_in_place_still_warns(tmp_path, store, change, name):
     proc = flowmagic("run", nb, store=store)
     assert proc.returncode == 0, proc.stderr
     assert [w for w in mutation_warnings(proc) if f"changed '{name}' in place" in w], proc.stdout + proc.stderr
+
+
+# --- export fidelity (item 6d) --------------------------------------------------------
+
+@pytest.mark.metaflow
+def test_a_reserved_name_used_only_in_a_step_exports_and_runs_in_metaflow(tmp_path):
+    from test_export_metaflow import export_run_and_compare
+
+    nb = write_notebook(tmp_path / "reserved.ipynb", [
+        "%%step start\nitems = ['a', 'b', 'c']\nindex = {v: i for i, v in enumerate(items)}\n"
+        "name = 'lookup'\nfirst = index['b']",
+        "%%step end\nout = (first, len(items))",
+    ])
+    ours, theirs = export_run_and_compare(nb, tmp_path)
+    assert theirs[("end", None)]["out"] == ours[("end", None)]["out"] == (1, 3)
+    assert "index" not in theirs[("start", None)]
