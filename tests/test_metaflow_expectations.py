@@ -231,3 +231,39 @@ def test_a_reserved_name_used_only_in_a_step_exports_and_runs_in_metaflow(tmp_pa
     ours, theirs = export_run_and_compare(nb, tmp_path)
     assert theirs[("end", None)]["out"] == ours[("end", None)]["out"] == (1, 3)
     assert "index" not in theirs[("start", None)]
+
+
+# --- the --catch variable reads the same in the notebook and in Metaflow (item 6b) -----------
+
+CATCH = [
+    "%%step start\nitems = [0, 2, 4]",
+    "%%step divide --foreach items --catch oops\nx = 8 / input",
+    "%%step join\nmessages = [e.exception if e else None for e in oops]\n"
+    "kinds = [e.type if e else None for e in oops]\n"
+    "traced = [('ZeroDivisionError' in e.stacktrace) if e else None for e in oops]",
+    "%%step end\nreport = (messages, kinds, traced)",
+]
+
+
+def test_the_catch_variable_has_metaflows_attributes_and_keeps_its_keys(tmp_path, store):
+    from flowmagic import Run
+
+    nb = write_notebook(tmp_path / "catch_attrs.ipynb", CATCH)
+    doc = flowmagic_json("run", nb, store=store)
+    run = Run(f"CatchAttrs/{doc['run_id']}", root=store)
+    assert run.data.report == (["division by zero", None, None], ["builtins.ZeroDivisionError", None, None],
+                               [True, None, None])
+    caught = run["divide"].tasks()[0].data.oops
+    assert caught["type"] == "ZeroDivisionError" and caught["message"] == caught.exception
+    with pytest.raises(AttributeError, match="use .exception, .type, .stacktrace"):
+        caught.message
+
+
+@pytest.mark.metaflow
+def test_the_catch_variable_reads_the_same_in_metaflow(tmp_path):
+    from test_export_metaflow import export_run_and_compare
+
+    nb = write_notebook(tmp_path / "catch_attrs.ipynb", CATCH)
+    ours, theirs = export_run_and_compare(nb, tmp_path)
+    assert theirs[("end", None)]["report"] == ours[("end", None)]["report"]
+    assert theirs[("end", None)]["report"][1] == ["builtins.ZeroDivisionError", None, None]

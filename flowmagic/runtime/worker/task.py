@@ -28,6 +28,7 @@ import types
 from typing import Any, Callable
 
 from flowmagic.errors import SerializationError
+from flowmagic.flow.catch import caught_exception
 from flowmagic.store.content_hash import content_hash
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
@@ -78,7 +79,7 @@ def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
     if not ok:  # caught: names bound before the failure keep their values, the rest are None
         for name in spec["writes"]:
             ns.setdefault(name, None)
-        ns[spec["catch"]] = error
+        ns[spec["catch"]] = caught_exception(error)  # a dict that also reads like Metaflow's wrapper
     refs, not_persisted, save_error = _save_writes(spec, ns, objects, warnings)
     if save_error is not None:
         return _manifest("failed", [], save_error, outputs, {}, warnings, not_persisted)
