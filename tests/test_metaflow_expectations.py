@@ -267,3 +267,28 @@ def test_the_catch_variable_reads_the_same_in_metaflow(tmp_path):
     ours, theirs = export_run_and_compare(nb, tmp_path)
     assert theirs[("end", None)]["report"] == ours[("end", None)]["report"]
     assert theirs[("end", None)]["report"][1] == ["builtins.ZeroDivisionError", None, None]
+
+
+# --- a value the notebook run only warns about stays out of Metaflow's artifacts (item 6c) ----
+
+@pytest.mark.metaflow
+def test_an_unpicklable_value_no_step_reads_does_not_stop_metaflow(tmp_path):
+    import subprocess
+
+    from flowmagic.export import export_notebook
+    from test_export_metaflow import metaflow, metaflow_env
+
+    nb = write_notebook(tmp_path / "locks.ipynb", [
+        "import threading",
+        "%%step start\nlock = threading.Lock()\nwith lock:\n    total = sum([1, 2, 3])\nsizes = [1, 2]",
+        "%%step end\ndone = total * 2",
+    ])
+    store = tmp_path / "fm"
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0 and "'lock' (_thread.lock) cannot be saved" in proc.stdout + proc.stderr
+    script = tmp_path / "flow.py"
+    export_notebook(nb, script)
+    done = metaflow(script, metaflow_env(tmp_path), "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'lock' (lock) cannot be saved" in done.stdout + done.stderr
+    assert artifacts(store, "Locks", 1, "end")[0]["done"] == 12

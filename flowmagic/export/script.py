@@ -96,6 +96,8 @@ def render_script(plan: ExportPlan) -> str:
         lines += ["try:", f"{INDENT}from IPython.display import display",
                   "except ImportError:  # a step environment without IPython: print instead",
                   f"{INDENT}display = print"]
+    if any(f"{_KEEP_PICKLABLE}(" in text for text, _ in methods):
+        lines += ["", "", _KEEP_PICKLABLE_SOURCE.strip("\n"), ""]
     if plan.prelude.source:
         lines += ["", plan.prelude.source.strip("\n")]
     lines += ["", "", f"class {plan.class_name}(FlowSpec):",
@@ -156,6 +158,7 @@ def _method(plan: ExportPlan, node: MfStep) -> tuple[str, set[str]]:
         code = _step_code(plan, spec)
         if code.strip():
             body.append(code.rstrip("\n"))
+        body += _keep_picklable_lines(plan, spec)
     transition = _transition(node)
     if transition:
         body.append(transition)
@@ -163,6 +166,37 @@ def _method(plan: ExportPlan, node: MfStep) -> tuple[str, set[str]]:
         body.append("pass")
     text = "\n".join(head + [_indent(b, INDENT * 2) for b in body])
     return text, {d.split("(")[0].lstrip("@") for d in decorators}
+
+
+_KEEP_PICKLABLE = "_keep_picklable"
+_KEEP_PICKLABLE_SOURCE = f'''
+def {_KEEP_PICKLABLE}(flow, step, names):
+    """Metaflow pickles every self.<name> when a step ends; the notebook run skips a value
+    it cannot save that no later step reads (with a warning): do the same here."""
+    import pickle
+    import sys
+    for name in names:
+        value = getattr(flow, name, None)
+        if value is None or type(value).__module__.split(".")[0] in ("builtins", "numpy", "pandas", "pyarrow") \\
+                and not isinstance(value, (list, tuple, dict, set)):
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception:
+            delattr(flow, name)
+            print(f"warning: step {{step!r}}: {{name!r}} ({{type(value).__name__}}) cannot be saved; "
+                  "it is not persisted (fine while no later step reads it)", file=sys.stderr)
+'''
+
+
+def _keep_picklable_lines(plan: ExportPlan, spec: StepSpec) -> list[str]:
+    """Outputs no later step reads may be values Metaflow cannot pickle (a lock, a client
+    handle): the notebook run only warns about those, so the export drops them the same way."""
+    unread = (set(spec.writes) & plan.attributes[spec.name]) - read_downstream(plan.graph)[spec.name] \
+        - {spec.options.catch}
+    if not unread:
+        return []
+    return [f"{_KEEP_PICKLABLE}(self, {spec.name!r}, {sorted(unread)!r})"]
 
 
 def _decorators(spec: StepSpec) -> list[str]:
