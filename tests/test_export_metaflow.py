@@ -331,3 +331,19 @@ def test_metaflow_accepts_the_exported_structure(shape, tmp_path):
     export_notebook(notebook, script)
     shown = metaflow_show(script, metaflow_env(tmp_path))
     assert shown == {s.name: s.next for s in plan.structure.steps.values()}
+
+
+# A set of strings pickles in an order that depends on the process's hash seed: each
+# Metaflow foreach task, which saves again what it reads, saves different bytes.
+READ_IN_FOREACH = [
+    "%%step start\nwords = {f'word{i}' for i in range(40)}\nshards = [0, 1, 2, 3]",
+    "%%step count --foreach shards\nmine = sorted(words)[input::4]\nn = len(mine)",
+    "%%step join\ntotal = sum(n)\nvocabulary = len(words)",
+]
+
+
+def test_a_join_after_a_foreach_that_only_read_a_name_merges_in_metaflow(tmp_path):
+    notebook = write_notebook(tmp_path / "read_in_foreach.ipynb", READ_IN_FOREACH)
+    ours, theirs = export_run_and_compare(notebook, tmp_path)
+    assert theirs[("join", None)]["total"] == ours[("join", None)]["total"] == 40
+    assert theirs[("join", None)]["vocabulary"] == 40

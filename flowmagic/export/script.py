@@ -152,7 +152,7 @@ def _method(plan: ExportPlan, node: MfStep) -> tuple[str, set[str]]:
     head = [INDENT + d for d in decorators] + [f"{INDENT}@step", f"{INDENT}def {node.name}({args}):"]
     body: list[str] = [_docstring(doc)] if doc else []
     if node.join:
-        body += _join_lines(plan.joins[node.name], node)
+        body += _join_lines(plan.joins[node.name], node, _read_in_foreach_body(plan, node))
     if spec is not None:
         body += _catch_lines(plan, spec)
         code = _step_code(plan, spec)
@@ -246,7 +246,26 @@ def _docstring(text: str) -> str:
     return f'"""{text}"""'
 
 
-def _join_lines(plan: JoinPlan, node: MfStep) -> list[str]:
+def _read_in_foreach_body(plan: ExportPlan, join: MfStep) -> set[str]:
+    """Artifacts the steps between a foreach and its join read from upstream.
+
+    Metaflow saves again every artifact a task reads (``self.x`` loads it onto
+    the flow object), and a frame pickled after a read may differ byte for byte,
+    so ``merge_artifacts`` would see conflicting values for a name no task wrote.
+    """
+    if join.join != "foreach" or join.closes is None:
+        return set()
+    steps, names, todo = plan.structure.steps, set(), [join.closes]
+    while todo:
+        name = todo.pop()
+        node = steps[name]
+        if node.real:
+            names |= set(plan.graph.step(name).reads) & plan.attributes[name]
+        todo += [child for child in node.next if child != join.name]
+    return names
+
+
+def _join_lines(plan: JoinPlan, node: MfStep, read_in_body: set[str] = frozenset()) -> list[str]:
     lines = []
     if plan.gathered:
         lines.append(f"# One value per {node.closes} task, in item order, as the notebook's join sees them.")
@@ -255,6 +274,10 @@ def _join_lines(plan: JoinPlan, node: MfStep) -> list[str]:
         lines.append("# Taken from the branch that wrote it last, as in the notebook.")
         lines += [f"self.{var} = inputs.{source}.{var}" for var, source in plan.explicit]
     if plan.merge:
+        pinned = [var for var in plan.merged if var in read_in_body]
+        if pinned:
+            lines.append(f"# Read, not written, by every {node.closes} task: one copy, as the notebook has.")
+            lines += [f"self.{var} = inputs[0].{var}" for var in pinned]
         lines.append("self.merge_artifacts(inputs)")
     return lines
 
