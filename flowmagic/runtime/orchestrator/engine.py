@@ -18,6 +18,7 @@ import time
 from collections import deque
 
 from flowmagic.errors import RunError
+from flowmagic.states import TASK_FINISHED_OK
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import memory
 from flowmagic.runtime.orchestrator import inputs as plan
@@ -36,8 +37,6 @@ from flowmagic.store.serializers import ArtifactRef, save_artifact
 # for a notebook.
 RETRY_DELAY = 1.0
 
-
-_OK_STATES = ("done", "caught", "cloned", "cached")
 
 
 def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:
@@ -223,11 +222,23 @@ class _Engine:
             self.running[info.task_id] = (info, attempt, thread)
             thread.start()
         if self.stopping:
-            for info, _attempt in [*self.ready, *((i, a) for _due, i, a in self.delayed)]:
-                self._set_state(info, "failed" if not self.cancel.is_set() else "interrupted")
-            self.ready.clear()
-            self.delayed.clear()
-            self._stop_building("failed" if not self.cancel.is_set() else "interrupted")
+            self._cancel_waiting()
+
+    def _cancel_waiting(self) -> None:
+        """A task failed, so the run stops: the tasks that have not started never will."""
+        state = "cancelled" if not self.cancel.is_set() else "interrupted"
+        data = {"reason": self._stop_reason()} if state == "cancelled" else None
+        for info, _attempt in [*self.ready, *((i, a) for _due, i, a in self.delayed)]:
+            self._set_state(info, state, data=data)
+        self.ready.clear()
+        self.delayed.clear()
+        self._stop_building(state, data)
+
+    def _stop_reason(self) -> str:
+        failed = list(dict.fromkeys(step for step, _line in self.failed))
+        if not failed:
+            return "the run stopped"
+        return f"the run stopped because {' and '.join(failed)} failed"
 
     # -- environments, built off this thread ----------------------------------------------
     def _waits_for_environment(self, info: TaskInfo, attempt: int) -> bool:
@@ -267,12 +278,12 @@ class _Engine:
             self._set_state(info, "running", attempt)
             self._finish_attempt(info, attempt, _not_started(result))
 
-    def _stop_building(self, state: str) -> None:
+    def _stop_building(self, state: str, data: dict | None = None) -> None:
         """The run ends: stop the builds in progress; their tasks never start."""
         self.stop_builds.set()
         for waiting in self.building.values():
             for info, _attempt in waiting:
-                self._set_state(info, state)
+                self._set_state(info, state, data=data)
         self.building.clear()
 
     def _release_delayed(self) -> None:
@@ -345,7 +356,7 @@ class _Engine:
                 artifacts = self._caught_artifacts(spec, result.exception)
         else:
             state = "failed"
-        if state not in ("done", "caught"):
+        if state not in TASK_FINISHED_OK:   # a failed attempt saves nothing
             artifacts = []
         self.meta.record_attempt(
             info.task_id, attempt, outcome=result.outcome, started_at=result.started_at,
@@ -363,7 +374,7 @@ class _Engine:
         self._set_state(info, state, attempt, data={"exception": result.exception} if result.exception else None)
         if state == "retrying":
             self.delayed.append((time.time() + RETRY_DELAY, info, attempt + 1))
-        elif state in ("done", "caught"):
+        elif state in TASK_FINISHED_OK:
             info.artifacts = {r.name: r.to_dict() for r in artifacts}
             info.foreach = manifest.get("foreach", {})
             if all(t.finished_ok for t in self.tasks[info.step]):

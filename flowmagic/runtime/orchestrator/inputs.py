@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmagic.states import task_successful
+
 Index = tuple[int, ...]
 
 
@@ -34,7 +36,7 @@ class TaskInfo:
 
     @property
     def finished_ok(self) -> bool:
-        return self.state in ("done", "caught", "cloned", "cached")
+        return task_successful(self.state)
 
 
 def chains(graph) -> dict[str, tuple[str, ...]]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from flowmagic.errors import RunError, UsageError
+from flowmagic.states import task_successful
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.engine import _OK_STATES, RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
+from flowmagic.runtime.orchestrator.engine import RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
@@ -88,7 +89,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
     known: dict[str, list[TaskInfo]] = {}
     for producer in _upstream_sources(graph, step):
         tasks = latest_generation(meta.tasks(graph.name, run_id, producer))
-        if not tasks or not all(t.state in _OK_STATES for t in tasks):
+        if not tasks or not all(task_successful(t.state) for t in tasks):
             cell = graph.step(producer).cell
             reads = sorted(v for v, p in graph.producers(step).items() if p == producer)
             what = f"reads {', '.join(repr(r) for r in reads)} from" if reads else "depends on"
@@ -120,7 +121,7 @@ def steps_to_rerun(graph, origin_tasks: dict[str, list], from_step: str | None) 
     rerun: set[str] = set()
     for name in graph.topological_order():
         tasks = origin_tasks.get(name) or []
-        if not tasks or not all(t.state in _OK_STATES for t in tasks):
+        if not tasks or not all(task_successful(t.state) for t in tasks):
             rerun.add(name)
     if from_step is not None:
         rerun.add(from_step)
