@@ -25,6 +25,8 @@ from flowmagic.runtime.orchestrator import inputs as plan
 from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
 from flowmagic.runtime.orchestrator.events import Event, emit_to
+from flowmagic.runtime.protocol import (AttemptFinished, EngineMessage, EnvironmentBuilt, ExceptionRecord, Manifest,
+                                        TaskMessage, TaskOutput, TaskSpec, exception_json)
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
@@ -53,11 +55,8 @@ def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:
     return info
 
 
-def _last_line(exception: dict | None) -> str:
-    if not exception:
-        return "failed"
-    message = (exception.get("message") or "").strip().splitlines()
-    return f"{exception.get('type', 'Error')}: {message[-1] if message else ''}".rstrip(": ")
+def _last_line(exception: ExceptionRecord | None) -> str:
+    return exception.last_line if exception is not None else "failed"
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -210,7 +209,7 @@ class _Engine:
                 server = self._server_for(info.step)
                 # what the server did not preload for the flow: an environment's server knows only its
                 # prelude, and a resumed step may read a frame though its code never names pandas
-                server.ensure_preloaded(flow_preload([spec["code"]], _input_serializers(spec)))
+                server.ensure_preloaded(flow_preload([spec.code], _input_serializers(spec)))
             except RunError as exc:  # its environment cannot be built, or the prelude fails in it
                 self._set_state(info, "running", attempt)
                 self._finish_attempt(info, attempt, _not_started(exc))
@@ -264,7 +263,7 @@ class _Engine:
                 stop=self.stop_builds)
         except BaseException as exc:  # noqa: BLE001 - the waiting tasks fail with it
             result = exc
-        self.events.put(("environment", step, result))
+        self.events.put(EnvironmentBuilt(step, result))
 
     def _environment_ready(self, step: str, result: "tuple | BaseException") -> None:
         waiting = self.building.pop(step, [])
@@ -293,15 +292,15 @@ class _Engine:
             self.delayed = [item for item in self.delayed if item[0] > now]
             self.ready.extendleft((info, attempt) for _due, info, attempt in reversed(due))
 
-    def _attempt_thread(self, info: TaskInfo, attempt: int, server: ForkServer, spec: dict,
+    def _attempt_thread(self, info: TaskInfo, attempt: int, server: ForkServer, spec: TaskSpec,
                         timeout: float | None) -> None:
         post = self.events.put
 
         def on_output(stream: str, text: str) -> None:
-            post(("output", info, attempt, stream, text))
+            post(TaskOutput(info, attempt, stream, text))
 
         def on_message(message: dict) -> None:
-            post(("message", info, attempt, message))
+            post(TaskMessage(info, attempt, message))
 
         options = self.graph.step(info.step).options
         watch = memory.MemoryWatch(info.step, options.memory)   # kills the group over its memory limit
@@ -319,31 +318,31 @@ class _Engine:
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 result = _crashed(f"{type(exc).__name__}: {exc}")
                 break
-        post(("exit", info, attempt, watch.verdict(result)))
+        post(AttemptFinished(info, attempt, watch.verdict(result)))
 
-    def _handle(self, message: tuple) -> None:
-        if message[0] == "environment":
-            self._environment_ready(*message[1:])
+    def _handle(self, message: EngineMessage) -> None:
+        if isinstance(message, EnvironmentBuilt):
+            self._environment_ready(message.step, message.result)
             return
-        kind, info, attempt = message[:3]
-        if kind == "output":
+        info, attempt = message.info, message.attempt
+        if isinstance(message, TaskOutput):
             self.emit(Event("output", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
-                            attempt=attempt, stream=message[3], text=message[4]))
-        elif kind == "message":
-            data = message[3]
+                            attempt=attempt, stream=message.stream, text=message.text))
+        elif isinstance(message, TaskMessage):
+            data = message.message
             if data.get("type") == "output":  # data: {"type", "data": mimebundle, "metadata"}
                 self.emit(Event("display", self.run_id, step=info.step, task_id=info.task_id,
                                 index=info.index, attempt=attempt, data=data.get("output")))
-        elif kind == "exit":
+        elif isinstance(message, AttemptFinished):
             self.running.pop(info.task_id, None)
-            self._finish_attempt(info, attempt, message[3])
+            self._finish_attempt(info, attempt, message.result)
 
     # -- one attempt finished ---------------------------------------------------------
     def _finish_attempt(self, info: TaskInfo, attempt: int, result: AttemptExit) -> None:
         spec = self.graph.step(info.step)
-        manifest = result.manifest or {}
+        manifest = result.manifest or Manifest(result.outcome)
         last = attempt >= spec.options.retry
-        artifacts = [ArtifactRef.from_dict(d) for d in manifest.get("artifacts", [])]
+        artifacts = [ArtifactRef.from_dict(d) for d in manifest.artifacts]
         if result.outcome == "ok":
             state = "done"
         elif result.outcome == "interrupted" or self.cancel.is_set():
@@ -352,7 +351,7 @@ class _Engine:
             state = "retrying"
         elif spec.options.catch:
             state = "caught"
-            if not manifest.get("caught"):  # the process died: nothing was saved, so save the record here
+            if not manifest.caught:  # the process died: nothing was saved, so save the record here
                 artifacts = self._caught_artifacts(spec, result.exception)
         else:
             state = "failed"
@@ -361,22 +360,22 @@ class _Engine:
         self.meta.record_attempt(
             info.task_id, attempt, outcome=result.outcome, started_at=result.started_at,
             finished_at=result.finished_at, exit_code=result.exit_code, signal=result.signal,
-            exception=result.exception, stdout=result.stdout,
+            exception=exception_json(result.exception), stdout=result.stdout,
             # warnings reach UIs as events (not task stderr: shown twice); the logs keep them too
-            stderr=result.stderr + "".join(f"flowmagic: warning: {w}\n" for w in manifest.get("warnings", [])),
-            artifacts=artifacts, outputs=manifest.get("outputs", []))
+            stderr=result.stderr + "".join(f"flowmagic: warning: {w}\n" for w in manifest.warnings),
+            artifacts=artifacts, outputs=manifest.outputs)
         self.executed += attempt == 0
-        for warning in manifest.get("warnings", []):
+        for warning in manifest.warnings:
             self.emit(Event("warning", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
                             text=warning))
-        self.outputs.setdefault(info.step, []).extend(manifest.get("outputs", []))
-        info.exception = result.exception
-        self._set_state(info, state, attempt, data={"exception": result.exception} if result.exception else None)
+        self.outputs.setdefault(info.step, []).extend(manifest.outputs)
+        info.exception = exception_json(result.exception)
+        self._set_state(info, state, attempt, data={"exception": info.exception} if info.exception else None)
         if state == "retrying":
             self.delayed.append((time.time() + RETRY_DELAY, info, attempt + 1))
         elif state in TASK_FINISHED_OK:
             info.artifacts = {r.name: r.to_dict() for r in artifacts}
-            info.foreach = manifest.get("foreach", {})
+            info.foreach = manifest.foreach
             if all(t.finished_ok for t in self.tasks[info.step]):
                 self._step_finished(info.step)
         elif state == "failed":
@@ -384,10 +383,10 @@ class _Engine:
             self.failed.append((info.step, _last_line(result.exception)))
             self.stopping = True
 
-    def _caught_artifacts(self, spec, exception: dict | None) -> list[ArtifactRef]:
+    def _caught_artifacts(self, spec, exception: ExceptionRecord | None) -> list[ArtifactRef]:
         refs = [save_artifact(self.store.objects, name, None, step=spec.name)
                 for name in spec.writes if name != spec.options.catch]
-        refs.append(save_artifact(self.store.objects, spec.options.catch, exception, step=spec.name))
+        refs.append(save_artifact(self.store.objects, spec.options.catch, exception_json(exception), step=spec.name))
         return refs
 
     def _step_finished(self, name: str) -> None:
@@ -410,7 +409,7 @@ class _Engine:
                                                       preload=server.flow_modules)
         return server
 
-    def _task_spec(self, info: TaskInfo, attempt: int) -> dict:
+    def _task_spec(self, info: TaskInfo, attempt: int) -> TaskSpec:
         graph, step = self.graph, info.step
         spec = graph.step(step)
         chain = self.chain[step]
@@ -434,22 +433,22 @@ class _Engine:
             joined = graph.foreach_producer(step)
             if joined:
                 inputs = plan.inputs_for(joined, chain, info.index, self.chain, self.tasks[joined])
-        return {
-            "objects_root": str(self.store.objects.root),
-            "flow": self.flow, "run_id": self.run_id, "task_id": info.task_id, "attempt": attempt,
-            "step": step, "cell": spec.cell, "index": list(info.index),
-            "source": spec.source, "code": spec.code, "first_line": spec.body_line,
-            "filename": f"<cell {spec.cell}: step {step}>",
-            "params": self.params, "bindings": bindings, "foreach": foreach, "inputs": inputs,
-            "catch": spec.options.catch, "catch_now": attempt >= spec.options.retry,
-            "writes": [w for w in spec.writes if w not in ("input", "inputs")],
-            "required": sorted(plan.required_names(graph, step)),
-            "foreach_vars": plan.foreach_vars(graph, step),
-            "mutation_check": True,
-        }
+        return TaskSpec(
+            objects_root=str(self.store.objects.root),
+            flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
+            step=step, cell=spec.cell, index=tuple(info.index),
+            source=spec.source, code=spec.code, first_line=spec.body_line,
+            filename=f"<cell {spec.cell}: step {step}>",
+            params=self.params, bindings=bindings, foreach=foreach, inputs=inputs,
+            catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
+            writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
+            required=tuple(sorted(plan.required_names(graph, step))),
+            foreach_vars=tuple(plan.foreach_vars(graph, step)),
+            mutation_check=True,
+        )
 
 
-def _input_serializers(spec: dict) -> set[str]:
+def _input_serializers(spec: TaskSpec) -> set[str]:
     """The serializers of every artifact a task loads (an Arrow one needs pyarrow, maybe pandas)."""
     found: set[str] = set()
 
@@ -465,18 +464,18 @@ def _input_serializers(spec: dict) -> set[str]:
             for value in node:
                 walk(value)
 
-    walk([spec.get("bindings"), spec.get("foreach"), spec.get("inputs")])
+    walk(spec.input_bindings())
     return found
 
 
 def _not_started(exc: Exception) -> AttemptExit:
     now = time.time()
-    message = str(exc)
-    return AttemptExit("failed", None, None, None, "", "", now, now, exception={
-        "type": type(exc).__name__, "message": message, "traceback": f"{type(exc).__name__}: {message}\n"})
+    return AttemptExit("failed", None, None, None, "", "", now, now,
+                       exception=ExceptionRecord.plain(type(exc).__name__, str(exc)))
 
 
 def _crashed(message: str) -> AttemptExit:
     now = time.time()
+    # the traceback is the message alone, as earlier releases stored it
     return AttemptExit("killed", None, None, None, "", "", now, now,
-                       exception={"type": "RunError", "message": message, "traceback": message + "\n"})
+                       exception=ExceptionRecord("RunError", message, message + "\n"))

@@ -177,10 +177,3 @@ def _warm_up(graph, store, workdir) -> ForkServer:
     environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
     sources = [graph.prelude, *(step.code for step in graph.steps)]
     return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used
-
-
-def _last_line(exception: dict | None) -> str:
-    if not exception:
-        return "failed"
-    message = (exception.get("message") or "").strip().splitlines()
-    return f"{exception.get('type', 'Error')}: {message[-1] if message else ''}".rstrip(": ")
