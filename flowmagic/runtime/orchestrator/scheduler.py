@@ -19,6 +19,7 @@ from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult
+from flowmagic.runtime.orchestrator.run_state import RunOptions
 from flowmagic.store.serializers import ArtifactRef
 
 __all__ = ["RunResult", "StepResult", "new_session_run", "resume_flow", "run_flow", "run_step"]
@@ -36,8 +37,8 @@ def run_flow(graph, store, *, params: dict | None = None, tags=(), max_workers: 
     _warm_up(graph, store, workdir)
     run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
                                 graph=graph.to_json())
-    engine = _Engine(graph, store, run_id, values, targets=set(graph.topological_order()), known={},
-                     max_workers=max_workers, on_event=on_event, workdir=workdir, cache=cache)
+    options = RunOptions(frozenset(graph.topological_order()), max_workers=max_workers, workdir=workdir, cache=cache)
+    engine = _Engine(graph, store, run_id, values, options, on_event=on_event)
     return engine.run_to_end(origin_run_id=None)
 
 
@@ -64,9 +65,9 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         if name in rerun:
             continue
         known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
-    engine = _Engine(graph, store, run_id, values, targets=rerun, known=known, max_workers=max_workers,
-                     on_event=on_event, workdir=workdir)
-    engine.cloned = sum(len(v) for v in known.values())
+    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir)
+    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
+    engine.state.cloned = sum(len(v) for v in known.values())
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 
@@ -99,8 +100,8 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
         known[producer] = [_known_task(graph, store, t) for t in tasks]
     meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
-    engine = _Engine(graph, store, run_id, values, targets={step}, known=known, max_workers=None,
-                     on_event=on_event, workdir=workdir)
+    engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
+                     on_event=on_event)
     status = engine.run_tasks(finish_run=False)
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
