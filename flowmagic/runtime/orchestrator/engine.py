@@ -86,6 +86,12 @@ class _Engine:
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
 
+    def input_plan(self, step: str, index: tuple[int, ...],
+                   tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
+        """What the task of ``step`` at ``index`` reads, from this run's tasks (or ``tasks``: the cache)."""
+        return plan.plan_inputs(self.graph, step, index, self.chain, self.state.tasks if tasks is None else tasks,
+                                self.params)
+
     # what scheduler.py and cache.py read
     @property
     def tasks(self) -> dict[str, list[TaskInfo]]:
@@ -330,34 +336,14 @@ class _Engine:
     def _task_spec(self, info: TaskInfo, attempt: int) -> TaskSpec:
         graph, step = self.graph, info.step
         spec = graph.step(step)
-        chain = self.chain[step]
-        steps = {s.name for s in graph.steps}
-        bindings = {}
-        for var, producer in graph.producers(step).items():
-            if producer in steps and var not in ("input", "inputs"):
-                bindings[var] = plan.binding_for(var, producer, chain, info.index, self.chain, self.state.tasks[producer])
-        foreach = None
-        if spec.options.foreach:
-            var = spec.options.foreach
-            producer = graph.producers(step).get(var)
-            if producer in steps:
-                binding = plan.binding_for(var, producer, chain[:-1], info.index[:-1], self.chain,
-                                           self.state.tasks[producer])
-            else:
-                binding = {"value": self.params.get(var)}
-            foreach = {"binding": binding, "index": info.index[-1]}
-        inputs = None
-        if "inputs" in spec.reads:
-            joined = graph.foreach_producer(step)
-            if joined:
-                inputs = plan.inputs_for(joined, chain, info.index, self.chain, self.state.tasks[joined])
+        inputs = self.input_plan(step, info.index)
         return TaskSpec(
             objects_root=str(self.store.objects.root),
             flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,
             filename=f"<cell {spec.cell}: step {step}>",
-            params=self.params, bindings=bindings, foreach=foreach, inputs=inputs,
+            params=self.params, bindings=inputs.bindings, foreach=inputs.foreach, inputs=inputs.inputs,
             catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
             writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
             required=tuple(sorted(plan.required_names(graph, step))),
