@@ -266,7 +266,7 @@ class _Engine:
                 break
             except ForkServerDied:
                 if tries:
-                    result = _crashed(f"the fork server died and could not be restarted")
+                    result = _crashed("the fork server died and could not be restarted")
                     break
                 server = get_server(server.prelude, python=server.python, cwd=self.options.workdir,
                                     preload=server.flow_modules)
