@@ -156,6 +156,53 @@ def test_catch_with_foreach_and_join_as_the_tutorials_catch_flow(tmp_path, store
     assert artifacts(store, "CatchFlow", 1, "join")[0]["failed"] == [0]
 
 
+def test_tasks_a_failure_stopped_are_cancelled_and_say_why(tmp_path, store):
+    # one worker: describe/0 fails at once while its siblings and fit's tasks wait for the worker
+    nb = write_notebook(tmp_path / "cancel_flow.ipynb", [
+        "%%step start\nitems = [0, 1, 2]",
+        "%%step describe --foreach items\nif input == 0:\n    raise ValueError('no data for 0')\nd = input",
+        "%%step fit --foreach items\nf = input",
+        "%%step end\nn = len(d) + len(f)",
+    ])
+    proc = flowmagic("run", nb, "--max-workers", "1", store=store)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[describe/0] failed: ValueError: no data for 0" in proc.stdout
+    assert "[describe/1] cancelled: the run stopped because describe failed" in proc.stdout
+    assert "[fit/1] cancelled: the run stopped because describe failed" in proc.stdout
+    assert "failed: error" not in proc.stdout
+    assert [t.state for t in tasks(store, "CancelFlow", 1, "describe")] == ["failed", "cancelled", "cancelled"]
+    assert [t.state for t in tasks(store, "CancelFlow", 1, "fit")] == ["cancelled"] * 3
+    assert run_record(store, "CancelFlow", 1).status == "failed"
+
+    from flowmagic.client import Metaflow
+
+    [flow] = Metaflow(root=store).flows
+    run = flow["1"]
+    fit = run["fit"].tasks()
+    assert all(t.finished and not t.successful for t in fit)
+    assert not run.successful and run.finished
+
+
+def test_engine_client_widgets_and_report_agree_a_caught_task_is_successful(tmp_path, store):
+    nb = shutil.copy(EXAMPLES / "catch_flow.ipynb", tmp_path / "catch_flow.ipynb")
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stdout + proc.stderr                    # the engine: the run succeeds
+    assert "[compute/0] failed, caught: ZeroDivisionError" in proc.stdout
+    assert "Step compute done" in proc.stdout and "CatchFlow/1 succeeded" in proc.stdout   # the report
+
+    from flowmagic.client import Metaflow
+    from flowmagic.store import open_store
+    from flowmagic.widgets.live import _outcome, states_from_tasks
+
+    [flow] = Metaflow(root=store).flows
+    run = flow["1"]
+    caught = run["compute"].tasks()[0]
+    assert caught.state == "caught" and caught.successful and run.successful   # the Client
+    states = states_from_tasks(open_store(store).meta.tasks("CatchFlow", 1))
+    assert states["compute"]["state"] == "caught" and _outcome(states["compute"]["state"]) == "ok"  # widgets
+    assert _outcome(caught.state) == "ok"
+
+
 def test_foreach_nested_and_empty(tmp_path, store):
     nb = write_notebook(tmp_path / "nested.ipynb", [
         "%%step start\nouter = [1, 2]\nnothing = []",

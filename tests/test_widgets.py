@@ -54,7 +54,22 @@ FOLD_CASES = [
     ({1: ["running", "done"], 2: ["running", "failed"]}, "failed"),
     ({1: ["running", "caught"], 2: ["running", "done"]}, "caught"),
     ({1: ["running", "interrupted"]}, "interrupted"),
+    ({1: ["pending", "cancelled"], 2: ["pending", "cancelled"]}, "cancelled"),
+    ({1: ["running", "done"], 2: ["pending", "cancelled"]}, "cancelled"),
+    ({1: ["running", "failed"], 2: ["pending", "cancelled"]}, "failed"),
 ]
+
+
+def test_a_cancelled_step_is_grey_and_counts_neither_done_nor_failed():
+    live = StepStates(["fit"])
+    for task_id in (1, 2):
+        live.apply(task("fit", "pending", task_id=task_id))
+        live.apply(task("fit", "cancelled", task_id=task_id))
+    record = live.snapshot()["fit"]
+    assert (record["state"], record["done"], record["failed"], record["total"]) == ("cancelled", 0, 0, 2)
+    from flowmagic.widgets.static import _COLOURS
+
+    assert _COLOURS["cancelled"][0] not in (_COLOURS["failed"][0], _COLOURS["done"][0])  # grey, not red
 
 
 @pytest.mark.parametrize("tasks,expected", FOLD_CASES)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from flowmagic.errors import NotFoundError
+from flowmagic.states import task_finished, task_successful
 from flowmagic.store import Store
 from flowmagic.store.metadata import AttemptRecord, TaskRecord
 from flowmagic.store.serializers import ArtifactRef, load_artifact
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from flowmagic.store.outputs import Output
     from ._runs import Run, Step
 
-_OK_TASK_STATES = ("done", "cloned", "cached")
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,14 @@ class Task(_ClientObject):
 
     @property
     def successful(self) -> bool:
-        return self.state in _OK_TASK_STATES
+        """True once the task finished OK: done, cloned, cached, or caught
+        (``--catch`` saved its exception; its downstream steps ran)."""
+        return task_successful(self.state)
 
     @property
     def finished(self) -> bool:
-        return self.state not in ("pending", "running", "retrying")
+        """True once the task will not change again (cancelled and failed tasks included)."""
+        return task_finished(self.state)
 
     @property
     def origin(self) -> "Task | None":

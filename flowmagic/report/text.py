@@ -5,6 +5,7 @@ import json
 import shlex
 import time
 
+from flowmagic.states import TASK_FINISHED_OK, TASK_REUSED
 from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
 
 _INDENT = "    "
@@ -144,9 +145,9 @@ class RunPrinter:
     def _task(self, event) -> None:
         counts = self._counts.setdefault(event.step, [0, 0])
         state = event.state
-        if state in ("pending", "cloned", "cached"):
+        if state == "pending" or state in TASK_REUSED:
             counts[1] += 1
-        if state in ("cloned", "cached"):
+        if state in TASK_REUSED:
             counts[0] += 1
             if event.step not in self._reused:  # one line per step, not per task
                 self._reused.add(event.step)
@@ -164,7 +165,9 @@ class RunPrinter:
             self._line(event, f"failed, caught: {_exception_line(event.data)}")
         elif state == "interrupted":
             self._line(event, "interrupted")
-        if state in ("done", "caught"):
+        elif state == "cancelled":
+            self._line(event, f"cancelled: {(event.data or {}).get('reason') or 'the run stopped'}")
+        if state in TASK_FINISHED_OK - TASK_REUSED:   # reused tasks were counted above
             counts[0] += 1
             self._step_done_maybe(event.step)
 

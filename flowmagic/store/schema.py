@@ -6,22 +6,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
-TaskState = Literal[
-    "pending",      # created, waiting for its inputs
-    "running",      # an attempt is executing
-    "retrying",     # an attempt failed, another one is coming
-    "done",         # the last attempt succeeded
-    "failed",       # the last attempt failed and nothing caught it
-    "caught",       # the last attempt failed, --catch recorded it, the run goes on
-    "cloned",       # copied from an earlier run by resume
-    "cached",       # copied from an identical earlier task by the step cache
-    "interrupted",  # stopped by the user
-]
+from flowmagic.states import RUN_STATES, TASK_STATES, RunState, TaskState  # noqa: F401 - re-exported
+
+# The states live in flowmagic.states (one vocabulary for every layer); the
+# names below are the ones the store has always exported.
+RunStatus = RunState
 Outcome = Literal["ok", "failed", "timeout", "killed", "interrupted"]
 
-RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
-TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cloned", "cached", "interrupted")
+RUN_STATUSES = RUN_STATES
 OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
 
 SCHEMA_VERSION = 1

@@ -26,9 +26,10 @@ _COLOURS = {
     "cloned": ("#0097a7", "#e0f7fa"),
     "cached": ("#006064", "#e0f2f1"),
     "stale": ("#9e9e9e", "#eeeeee"),
+    "cancelled": ("#757575", "#f5f5f5"),
     "done": ("#388e3c", "#e8f5e9"),
 }
-_DASHED = {"caught", "cloned", "cached", "stale"}
+_DASHED = {"caught", "cloned", "cached", "stale", "cancelled"}
 _svg_counter = itertools.count(1)
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.runtime.worker.forkpool import ForkServer, TaskProcess
 from flowmagic.runtime.worker.processes import describe_wait_status, signal_name
 
@@ -31,7 +32,7 @@ class AttemptExit:
     """What happened to one attempt, as seen from outside the process."""
 
     outcome: str                      # Outcome: ok | failed | timeout | killed | interrupted
-    manifest: dict | None
+    manifest: Manifest | None
     exit_code: int | None
     signal: int | None
     stdout: str
@@ -39,13 +40,13 @@ class AttemptExit:
     started_at: float
     finished_at: float
     pid: int | None = None
-    exception: dict | None = None
+    exception: ExceptionRecord | None = None
     messages: list[dict] = field(default_factory=list)
 
 
 def run_attempt(
     server: ForkServer,
-    spec: dict,
+    spec: TaskSpec,
     *,
     timeout: float | None = None,
     on_output: OutputCallback | None = None,
@@ -68,9 +69,9 @@ def run_attempt(
         server.hold(-1)
 
 
-def _send_spec(proc: TaskProcess, spec: dict) -> None:
+def _send_spec(proc: TaskProcess, spec: TaskSpec) -> None:
     try:
-        proc.channel.sendall(json.dumps(spec).encode())
+        proc.channel.sendall(json.dumps(spec.to_json()).encode())
         proc.channel.shutdown(1)  # SHUT_WR: the task reads until EOF
     except OSError:
         pass  # the task died before reading; its exit status tells why
@@ -88,7 +89,7 @@ class _Pump:
         self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.text}
         self.channel_buf = b""
         self.messages: list[dict] = []
-        self.manifest: dict | None = None
+        self.manifest: Manifest | None = None
         self.status_buf = b""
         self.wait_status: int | None = None
         self.killed_for: str | None = None   # "timeout" | "interrupted"
@@ -165,7 +166,7 @@ class _Pump:
                 continue
             msg = json.loads(line)
             if msg.get("type") == "manifest":
-                self.manifest = msg
+                self.manifest = Manifest.from_json(msg)
             else:
                 self.messages.append(msg)
                 self.on_message(msg)
@@ -205,14 +206,14 @@ class _Pump:
             messages=self.messages,
         )
 
-    def _judge(self, exit_code, sig) -> tuple[str, dict | None]:
+    def _judge(self, exit_code, sig) -> tuple[str, ExceptionRecord | None]:
         if self.killed_for == "interrupted":
             return "interrupted", _record("KeyboardInterrupt", "the run was interrupted")
         if self.killed_for == "timeout":
             limit = self.deadline - self.started if self.deadline else 0
             return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {limit:g} s and was killed")
         if self.manifest is not None and exit_code == 0:
-            return self.manifest.get("outcome", "failed"), self.manifest.get("exception")
+            return self.manifest.outcome, self.manifest.exception
         if sig is not None:
             return "killed", _record("ProcessKilled", f"the task process was killed by {signal_name(sig)}"
                                      + (" (out of memory?)" if sig == signal.SIGKILL else ""))
@@ -222,5 +223,4 @@ class _Pump:
                                  "before reporting its result")
 
 
-def _record(type_name: str, message: str) -> dict:
-    return {"type": type_name, "message": message, "traceback": f"{type_name}: {message}\n"}
+_record = ExceptionRecord.plain

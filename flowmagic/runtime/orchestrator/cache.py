@@ -8,19 +8,20 @@ inputs had the same content hashes. Its task is cloned (objects shared by
 reference) and marked ``cached``.
 
 Nothing extra is stored: the earlier run's code, parameters and producer
-tasks are in the metadata already, so the inputs that earlier task read are
-recomputed with the same binding rules (runtime/inputs.py) and compared by
-hash.
+tasks are in the metadata already, so the input plan of that earlier task is
+computed by the very function that plans a task's inputs
+(inputs.plan_inputs) and compared by content hash.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from flowmagic.runtime.orchestrator import inputs as plan
+from flowmagic.states import TASK_FINISHED_OK
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 
 RUNS_SEARCHED = 20          # newest runs of the flow looked at for a match
-_OK = ("done", "cached", "cloned")
+# a caught task is successful, but its values are the None of a failure: never reused
+_REUSABLE = TASK_FINISHED_OK - {"caught"}
 
 
 def cache_enabled(spec, run_cache: bool) -> bool:
@@ -44,7 +45,7 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
         from flowmagic.runtime.orchestrator.engine import _known_task, latest_generation
 
         candidates = [t for t in latest_generation(meta.tasks(graph.name, run.run_id, step))
-                      if tuple(t.index or ()) == index and t.state in _OK]
+                      if tuple(t.index or ()) == index and t.state in _REUSABLE]
         if not candidates:
             continue
         then_tasks: dict[str, list[TaskInfo]] = {}
@@ -57,34 +58,9 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
 
 
 def fingerprint(engine, tasks: dict[str, list[TaskInfo]], step: str, index: tuple[int, ...]) -> Any:
-    """The content hashes of everything a task of ``step`` at ``index`` reads."""
-    graph = engine.graph
-    spec = graph.step(step)
-    chain = engine.chain[step]
-    steps = {s.name for s in graph.steps}
-    found: dict[str, Any] = {}
-    for var, producer in sorted(graph.producers(step).items()):
-        if producer in steps and var not in ("input", "inputs"):
-            found[var] = _hashes(plan.binding_for(var, producer, chain, index, engine.chain, tasks.get(producer, [])))
-    if spec.options.foreach:
-        var = spec.options.foreach
-        producer = graph.producers(step).get(var)
-        if producer in steps:
-            binding = plan.binding_for(var, producer, chain[:-1], index[:-1], engine.chain, tasks.get(producer, []))
-            found["<foreach>"] = (_hashes(binding), index[-1])
-    if "inputs" in spec.reads and graph.foreach_producer(step):
-        joined = graph.foreach_producer(step)
-        found["<inputs>"] = [{n: _hashes(b) for n, b in sorted(ns.items())}
-                             for ns in plan.inputs_for(joined, chain, index, engine.chain, tasks.get(joined, []))]
-    return found
-
-
-def _hashes(binding: dict) -> Any:
-    if "ref" in binding:
-        return binding["ref"].get("hash")
-    if "list" in binding:
-        return [_hashes(b) for b in binding["list"]]
-    return ("missing",)
+    """The content hashes of everything a task of ``step`` at ``index`` reads:
+    the input plan the engine sends the task (inputs.plan_inputs), hashed."""
+    return engine.input_plan(step, index, tasks).fingerprint()
 
 
 def _sources(graph, step: str) -> set[str]:

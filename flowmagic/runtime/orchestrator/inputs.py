@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowmagic.states import task_successful
+
 Index = tuple[int, ...]
 
 
@@ -34,7 +36,7 @@ class TaskInfo:
 
     @property
     def finished_ok(self) -> bool:
-        return self.state in ("done", "caught", "cloned", "cached")
+        return task_successful(self.state)
 
 
 def chains(graph) -> dict[str, tuple[str, ...]]:
@@ -107,6 +109,60 @@ def foreach_indices(var: str, producer: str | None, producer_tasks: list[TaskInf
         for i in range(int(info.get("length") or 0)):
             result.append((task.index + (i,), items[i] if i < len(items) else None))
     return result
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """Every value one task reads from earlier steps and parameters: what its
+    TaskSpec carries, and what the step cache compares (``fingerprint``), so
+    both follow the same rules."""
+
+    bindings: dict[str, dict]          # name -> binding (see task.resolve_binding)
+    foreach: dict | None               # {"binding", "index"} for a task of a foreach step
+    inputs: list[dict] | None          # a join's ``inputs``: one name -> binding per foreach task
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The content hashes of everything the task reads from earlier steps
+        (parameter values are compared by the cache itself)."""
+        found: dict[str, Any] = {var: _hashes(b) for var, b in sorted(self.bindings.items())}
+        if self.foreach is not None and "value" not in self.foreach["binding"]:
+            found["<foreach>"] = (_hashes(self.foreach["binding"]), self.foreach["index"])
+        if self.inputs is not None:
+            found["<inputs>"] = [{n: _hashes(b) for n, b in sorted(ns.items())} for ns in self.inputs]
+        return found
+
+
+def plan_inputs(graph, step: str, index: Index, chain_of: dict[str, tuple[str, ...]],
+                tasks: dict[str, list[TaskInfo]], params: dict) -> InputPlan:
+    """The input plan of the task of ``step`` at ``index``, given the tasks known per step."""
+    spec = graph.step(step)
+    chain = chain_of[step]
+    steps = {s.name for s in graph.steps}
+    producers = graph.producers(step)
+    bindings = {var: binding_for(var, producer, chain, index, chain_of, tasks.get(producer, []))
+                for var, producer in producers.items() if producer in steps and var not in ("input", "inputs")}
+    foreach = None
+    if spec.options.foreach:
+        var = spec.options.foreach
+        producer = producers.get(var)
+        if producer in steps:
+            binding = binding_for(var, producer, chain[:-1], index[:-1], chain_of, tasks.get(producer, []))
+        else:   # iterating over a parameter
+            binding = {"value": params.get(var)}
+        foreach = {"binding": binding, "index": index[-1]}
+    inputs = None
+    joined = graph.foreach_producer(step) if "inputs" in spec.reads else None
+    if joined:
+        inputs = inputs_for(joined, chain, index, chain_of, tasks.get(joined, []))
+    return InputPlan(bindings, foreach, inputs)
+
+
+def _hashes(binding: dict) -> Any:
+    if "ref" in binding:
+        return binding["ref"].get("hash")
+    if "list" in binding:
+        return [_hashes(b) for b in binding["list"]]
+    return ("missing",)
 
 
 def required_names(graph, step: str) -> set[str]:

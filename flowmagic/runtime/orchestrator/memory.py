@@ -37,6 +37,8 @@ import signal
 import threading
 from typing import Callable
 
+from flowmagic.runtime.protocol import ExceptionRecord
+
 POLL_INTERVAL = 0.15       # seconds between polls: a leak of 1 GB/s overshoots by ~150 MB
 DEFAULT_FRACTION = 0.8     # of total memory, minus the orchestrator's own, when --memory is not set
 MB = 1024 * 1024
@@ -212,8 +214,7 @@ class MemoryWatch:
         if self.used is None or result.outcome == "ok":
             return result   # a task that finished before the kill landed keeps its result
         message = out_of_memory_message(self.step, self.used, self.limit, self.memory_mb)
-        return dataclasses.replace(result, outcome="killed", exception={
-            "type": "MemoryError", "message": message, "traceback": f"MemoryError: {message}\n"})
+        return dataclasses.replace(result, outcome="killed", exception=ExceptionRecord.plain("MemoryError", message))
 
     def _watch(self, pgid: int, kill: Callable[[int], None], stop: threading.Event) -> None:
         extra: set[int] = set()

@@ -9,15 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from flowmagic.errors import RunError, UsageError
+from flowmagic.states import task_successful
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.engine import _OK_STATES, RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
+from flowmagic.runtime.orchestrator.engine import RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult
+from flowmagic.runtime.orchestrator.run_state import RunOptions
 from flowmagic.store.serializers import ArtifactRef
 
 __all__ = ["RunResult", "StepResult", "new_session_run", "resume_flow", "run_flow", "run_step"]
@@ -35,8 +37,8 @@ def run_flow(graph, store, *, params: dict | None = None, tags=(), max_workers: 
     _warm_up(graph, store, workdir)
     run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
                                 graph=graph.to_json())
-    engine = _Engine(graph, store, run_id, values, targets=set(graph.topological_order()), known={},
-                     max_workers=max_workers, on_event=on_event, workdir=workdir, cache=cache)
+    options = RunOptions(frozenset(graph.topological_order()), max_workers=max_workers, workdir=workdir, cache=cache)
+    engine = _Engine(graph, store, run_id, values, options, on_event=on_event)
     return engine.run_to_end(origin_run_id=None)
 
 
@@ -63,9 +65,9 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         if name in rerun:
             continue
         known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
-    engine = _Engine(graph, store, run_id, values, targets=rerun, known=known, max_workers=max_workers,
-                     on_event=on_event, workdir=workdir)
-    engine.cloned = sum(len(v) for v in known.values())
+    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir)
+    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
+    engine.state.cloned = sum(len(v) for v in known.values())
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 
@@ -88,7 +90,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
     known: dict[str, list[TaskInfo]] = {}
     for producer in _upstream_sources(graph, step):
         tasks = latest_generation(meta.tasks(graph.name, run_id, producer))
-        if not tasks or not all(t.state in _OK_STATES for t in tasks):
+        if not tasks or not all(task_successful(t.state) for t in tasks):
             cell = graph.step(producer).cell
             reads = sorted(v for v, p in graph.producers(step).items() if p == producer)
             what = f"reads {', '.join(repr(r) for r in reads)} from" if reads else "depends on"
@@ -98,8 +100,8 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
         known[producer] = [_known_task(graph, store, t) for t in tasks]
     meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
-    engine = _Engine(graph, store, run_id, values, targets={step}, known=known, max_workers=None,
-                     on_event=on_event, workdir=workdir)
+    engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
+                     on_event=on_event)
     status = engine.run_tasks(finish_run=False)
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
@@ -120,7 +122,7 @@ def steps_to_rerun(graph, origin_tasks: dict[str, list], from_step: str | None) 
     rerun: set[str] = set()
     for name in graph.topological_order():
         tasks = origin_tasks.get(name) or []
-        if not tasks or not all(t.state in _OK_STATES for t in tasks):
+        if not tasks or not all(task_successful(t.state) for t in tasks):
             rerun.add(name)
     if from_step is not None:
         rerun.add(from_step)
@@ -176,10 +178,3 @@ def _warm_up(graph, store, workdir) -> ForkServer:
     environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
     sources = [graph.prelude, *(step.code for step in graph.steps)]
     return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used
-
-
-def _last_line(exception: dict | None) -> str:
-    if not exception:
-        return "failed"
-    message = (exception.get("message") or "").strip().splitlines()
-    return f"{exception.get('type', 'Error')}: {message[-1] if message else ''}".rstrip(": ")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from flowmagic.errors import UsageError
+from flowmagic.runtime.protocol import ExceptionRecord
 from flowmagic.store.outputs import OutputBudget, OutputLimits, make_output, note_output, without_live_widgets
 
 if TYPE_CHECKING:
@@ -420,13 +421,8 @@ def format_error(exc: BaseException, filename: str) -> dict:
     summary = traceback.TracebackException(type(exc), exc, tb, compact=True)
     _drop_machinery_frames(summary)
     text = "".join(summary.format())
-    return {
-        "type": _type_name(type(exc)),
-        "message": _safe_str(exc),
-        "traceback": text,
-        "traceback_lines": text.splitlines(),
-        "line": _cell_line(exc, summary, filename),
-    }
+    return ExceptionRecord(_type_name(type(exc)), _safe_str(exc), text, tuple(text.splitlines()),
+                           _cell_line(exc, summary, filename)).to_json()
 
 
 def _drop_machinery_frames(summary: traceback.TracebackException, seen: set[int] | None = None) -> None:

@@ -45,6 +45,7 @@ import types
 from typing import Any, Callable, Iterable
 
 from flowmagic.errors import RunError
+from flowmagic.runtime.protocol import ExceptionRecord
 from flowmagic.runtime.worker.processes import die_with_parent, kill_group
 
 # What every server imports before it knows the flow. IPython (~0.25 s) and
@@ -390,11 +391,7 @@ def _close_quietly(fd: int) -> None:
 
 
 def _error_record(exc: BaseException) -> dict:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+    return ExceptionRecord.of(exc).to_json()
 
 
 def run_source(channel: socket.socket, namespace: dict) -> int:

@@ -6,29 +6,22 @@ executes the step's code like a notebook cell, saves every name the step
 writes, and sends back a manifest. It never touches metadata: that is the
 orchestrator's job (DESIGN section 9).
 
-Spec keys: ``objects_root``, ``step``, ``cell``, ``source``, ``code``,
-``filename``, ``first_line``, ``params`` (name -> JSON value), ``bindings``
-(name -> binding, see :func:`resolve_binding`), ``foreach`` (``{"binding",
-"index"}`` or None), ``inputs`` (list of name -> binding, or None),
-``catch`` (variable or None), ``catch_now`` (last attempt), ``writes``,
-``required`` (names a later step reads), ``foreach_vars`` (names a later
-foreach step iterates over), ``mutation_check``.
-
-Channel messages (JSON lines): ``{"type": "output", "output": {"type",
-"data", "metadata"}}`` (see runtime/outputs.py) while running, then ``{"type": "manifest", "outcome", "artifacts",
-"exception", "outputs", "foreach", "warnings", "not_persisted"}``.
+The spec is a :class:`~flowmagic.runtime.protocol.TaskSpec`. Channel
+messages (JSON lines): ``{"type": "output", "output": {"type", "data",
+"metadata"}}`` (see store/outputs.py) while running, then ``{"type":
+"manifest", ...}``: a :class:`~flowmagic.runtime.protocol.Manifest`.
 """
 from __future__ import annotations
 
 import json
 import socket
 import sys
-import traceback
 import types
 from typing import Any, Callable
 
 from flowmagic.errors import SerializationError
 from flowmagic.flow.catch import caught_exception
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.store.content_hash import content_hash
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
@@ -42,21 +35,21 @@ _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, rang
 
 def main(channel: socket.socket, namespace: dict) -> int:
     """Entry point called by the fork server in the forked child."""
-    spec = json.loads(_recv_all(channel))
+    spec = TaskSpec.from_json(json.loads(_recv_all(channel)))
     sender = _Sender(channel)
     manifest = run_task(spec, namespace, sender.send)
     # Output first: the orchestrator treats the manifest as the end of the task
     # and does not wait for this process to finish exiting.
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    sender.send({"type": "manifest", **manifest})
+    sender.send({"type": "manifest", **manifest.to_json()})
     channel.close()
     return 0
 
 
-def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
-    objects = ObjectStore(spec["objects_root"])
-    step = spec["step"]
+def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest:
+    objects = ObjectStore(spec.objects_root)
+    step = spec.step
     outputs: list[dict] = []
     warnings: list[str] = []
 
@@ -65,30 +58,32 @@ def run_task(spec: dict, ns: dict, send: Callable[[dict], None]) -> dict:
         outputs.extend(save_outputs(objects, [output]))
         send({"type": "output", "output": output})
 
+    def failed(error: ExceptionRecord | None, not_persisted: list[dict] = ()) -> Manifest:
+        return Manifest("failed", [], error, outputs, {}, warnings, list(not_persisted))
+
     try:
         bound = bind_inputs(spec, ns, objects)
     except Exception as exc:  # noqa: BLE001 - a missing/unreadable input fails the task, clearly
         # flowmagic's own frames would hide the message: it names the input and its step
-        return _manifest("failed", [], _exception_record(exc.with_traceback(None)), outputs, {}, warnings, [])
-    before = _hashes(bound, spec) if spec.get("mutation_check") else {}
-    if spec.get("catch"):
-        ns[spec["catch"]] = None
+        return failed(ExceptionRecord.of(exc.with_traceback(None)))
+    before = _hashes(bound, spec) if spec.mutation_check else {}
+    if spec.catch:
+        ns[spec.catch] = None
     ok, error = _execute(spec, ns, emit)
-    if not ok and not (spec.get("catch") and spec.get("catch_now")):
-        return _manifest("failed", [], error, outputs, {}, warnings, [])
+    if not ok and not (spec.catch and spec.catch_now):
+        return failed(ExceptionRecord.from_json(error))
     if not ok:  # caught: names bound before the failure keep their values, the rest are None
-        for name in spec["writes"]:
+        for name in spec.writes:
             ns.setdefault(name, None)
-        ns[spec["catch"]] = caught_exception(error)  # a dict that also reads like Metaflow's wrapper
+        ns[spec.catch] = caught_exception(error)  # a dict that also reads like Metaflow's wrapper
     refs, not_persisted, save_error = _save_writes(spec, ns, objects, warnings)
     if save_error is not None:
-        return _manifest("failed", [], save_error, outputs, {}, warnings, not_persisted)
+        return failed(save_error, not_persisted)
     if ok and before:
         warnings.extend(_mutation_warnings(step, bound, before, spec))
-    foreach = {name: _foreach_info(ns[name]) for name in spec.get("foreach_vars", []) if name in ns}
-    manifest = _manifest("ok" if ok else "failed", refs, error, outputs, foreach, warnings, not_persisted)
-    manifest["caught"] = not ok
-    return manifest
+    foreach = {name: _foreach_info(ns[name]) for name in spec.foreach_vars if name in ns}
+    return Manifest("ok" if ok else "failed", refs, ExceptionRecord.from_json(error), outputs, foreach,
+                    warnings, not_persisted, caught=not ok)
 
 
 # -- inputs ---------------------------------------------------------------------
@@ -111,21 +106,20 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     raise NameError(binding["missing"])
 
 
-def bind_inputs(spec: dict, ns: dict, objects: ObjectStore) -> dict[str, Any]:
+def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any]:
     """Put parameters, inputs, ``input`` and ``inputs`` into ``ns``; return the inputs."""
-    ns.update(spec.get("params", {}))
+    ns.update(spec.params)
     bound: dict[str, Any] = {}
-    for name, binding in spec.get("bindings", {}).items():
+    for name, binding in spec.bindings.items():
         try:
             bound[name] = ns[name] = resolve_binding(binding, objects)
         except ModuleNotFoundError as exc:  # pickled in another --pypi/--conda environment
-            raise _missing_module(spec["step"], name, binding, exc) from None
-    foreach = spec.get("foreach")
-    if foreach is not None:
-        items = _as_sequence(resolve_binding(foreach["binding"], objects))
-        ns["input"] = items[foreach["index"]]
-    if spec.get("inputs") is not None:
-        ns["inputs"] = [_LazyNamespace(b, objects) for b in spec["inputs"]]
+            raise _missing_module(spec.step, name, binding, exc) from None
+    if spec.foreach is not None:
+        items = _as_sequence(resolve_binding(spec.foreach["binding"], objects))
+        ns["input"] = items[spec.foreach["index"]]
+    if spec.inputs is not None:
+        ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
     return bound
 
 
@@ -171,29 +165,21 @@ def _as_sequence(value: Any) -> Any:
 # -- execution --------------------------------------------------------------------
 
 
-def _execute(spec: dict, ns: dict, emit: Callable[[dict], None]) -> tuple[bool, dict | None]:
+def _execute(spec: TaskSpec, ns: dict, emit: Callable[[dict], None]) -> tuple[bool, dict | None]:
     from flowmagic.runtime.worker.execute import execute_cell
 
-    result = execute_cell(spec["source"], ns, filename=spec["filename"], first_line=spec["first_line"], emit=emit)
+    result = execute_cell(spec.source, ns, filename=spec.filename, first_line=spec.first_line, emit=emit)
     return result.ok, result.error
-
-
-def _exception_record(exc: BaseException) -> dict:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    }
 
 
 # -- outputs ----------------------------------------------------------------------
 
 
-def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]):
-    names = list(spec["writes"])
-    if spec.get("catch") and spec["catch"] not in names:
-        names.append(spec["catch"])
-    required = set(spec.get("required", ()))
+def _save_writes(spec: TaskSpec, ns: dict, objects: ObjectStore, warnings: list[str]):
+    names = list(spec.writes)
+    if spec.catch and spec.catch not in names:
+        names.append(spec.catch)
+    required = set(spec.required)
     refs: list[dict] = []
     not_persisted: list[dict] = []
     for name in names:
@@ -201,17 +187,16 @@ def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]
             continue  # never bound (a branch not taken): a reader gets a clear NameError
         value = ns[name]
         try:
-            refs.append(save_artifact(objects, name, value, step=spec["step"]).to_dict())
+            refs.append(save_artifact(objects, name, value, step=spec.step).to_dict())
         except Exception as exc:  # noqa: BLE001 - SerializationError and anything a writer raises
             type_name = type_name_of(value)
             if name in required:
                 message = str(exc) if isinstance(exc, SerializationError) else (
-                    f"step '{spec['step']}': variable '{name}' of type {type_name} cannot be saved ({exc})")
-                return refs, not_persisted, {"type": "SerializationError", "message": message,
-                                             "traceback": f"SerializationError: {message}\n"}
+                    f"step '{spec.step}': variable '{name}' of type {type_name} cannot be saved ({exc})")
+                return refs, not_persisted, ExceptionRecord.plain("SerializationError", message)
             not_persisted.append({"name": name, "type": type_name})
             refs.append(unsaved_ref(name, type_name).to_dict())
-            warnings.append(f"step '{spec['step']}': '{name}' ({type_name}) cannot be saved; "
+            warnings.append(f"step '{spec.step}': '{name}' ({type_name}) cannot be saved; "
                             "it is not persisted (fine while no later step reads it)")
     return refs, not_persisted, None
 
@@ -229,8 +214,8 @@ def _foreach_info(value: Any) -> dict:
     return {"length": length, "items": reprs}
 
 
-def _hashes(bound: dict[str, Any], spec: dict) -> dict[str, str]:
-    writes = set(spec["writes"])
+def _hashes(bound: dict[str, Any], spec: TaskSpec) -> dict[str, str]:
+    writes = set(spec.writes)
     hashes = {}
     for name, value in bound.items():
         if name in writes or isinstance(value, _IMMUTABLE):
@@ -242,7 +227,7 @@ def _hashes(bound: dict[str, Any], spec: dict) -> dict[str, str]:
     return hashes
 
 
-def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: dict) -> list[str]:
+def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: TaskSpec) -> list[str]:
     changed = []
     for name, digest in before.items():
         try:
@@ -253,11 +238,6 @@ def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: dic
     return [f"step '{step}' changed '{name}' in place (a method call such as .append() or "
             f"inplace=True); the change is not saved: assign the result (`{name} = ...`) "
             "to make it an output of this step" for name in changed]
-
-
-def _manifest(outcome, refs, exception, outputs, foreach, warnings, not_persisted) -> dict:
-    return {"outcome": outcome, "artifacts": refs, "exception": exception,
-            "outputs": outputs, "foreach": foreach, "warnings": warnings, "not_persisted": not_persisted}
 
 
 # -- plumbing -----------------------------------------------------------------------
