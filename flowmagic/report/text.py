@@ -16,7 +16,7 @@ def format_options(options: StepOptions) -> str:
     if options.retry:
         words += ["--retry", str(options.retry)]
     if options.timeout is not None:
-        words += ["--timeout", _number(options.timeout)]
+        words += ["--timeout", format_number(options.timeout)]
     for key in ("foreach", "catch", "pypi", "conda"):
         value = getattr(options, key)
         if value is not None:
@@ -26,7 +26,8 @@ def format_options(options: StepOptions) -> str:
     return " ".join(words)
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
+    """``3.0`` -> ``"3"``, ``2.5`` -> ``"2.5"``: numbers as a user typed them."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -154,11 +155,11 @@ class RunPrinter:
             total = counts[1]
             self.out.write(f"Step {event.step} started" + (f" ({total} tasks)" if total != 1 else "") + "\n")
         elif state == "retrying":
-            self._line(event, f"attempt {event.attempt + 1} failed: {_exception_line(event.data)}; retrying")
+            self._line(event, f"attempt {event.attempt + 1} failed: {exception_line(event.data)}; retrying")
         elif state == "failed":
-            self._line(event, f"failed: {_exception_line(event.data)}")
+            self._line(event, f"failed: {exception_line(event.data)}")
         elif state == "caught":
-            self._line(event, f"failed, caught: {_exception_line(event.data)}")
+            self._line(event, f"failed, caught: {exception_line(event.data)}")
         elif state == "interrupted":
             self._line(event, "interrupted")
         if state in ("done", "caught"):
@@ -188,7 +189,8 @@ class RunPrinter:
         self.out.write(f"[{event.label}] {text}\n")
 
 
-def _exception_line(data: dict | None) -> str:
+def exception_line(data: dict | None) -> str:
+    """``Type: last line of the message`` of an event's exception record."""
     exc = (data or {}).get("exception") or {}
     message = (exc.get("message") or "").strip().splitlines()
     return f"{exc.get('type', 'error')}: {message[-1] if message else ''}".rstrip(": ")
@@ -277,3 +279,13 @@ def render_logs(flow: str, run_id: int, tasks: list[dict]) -> str:
                 out.append("-- exception")
                 out.append(a["exception"]["traceback"].rstrip("\n"))
     return "\n".join(out) + "\n" if out else "no logs\n"
+
+
+def render_environments(environments: dict[str, dict]) -> str:
+    """Text lines for `dump`: each step's environment and its packages."""
+    lines = []
+    for step, record in environments.items():
+        lines.append(f"environment of step {step}: --{record['kind']} \"{' '.join(record['requested'])}\" "
+                     f"(python {record['python']}, {record['key']})")
+        lines.append("  " + " ".join(record["packages"]))
+    return "".join(line + "\n" for line in lines)

@@ -12,7 +12,7 @@ from typing import Any
 
 import traitlets
 
-from flowmagic.runtime.environments.builder import environments_of_run
+from flowmagic.store.environments import environments_of_run
 from flowmagic.store.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks

@@ -52,7 +52,7 @@ def _configure_resume(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_options(graph, command: str, notebook: str) -> argparse.ArgumentParser:
-    from flowmagic.report.text import _number
+    from flowmagic.report.text import format_number
 
     parser = _Parser(prog=f"flowmagic {command} {notebook}",
                      description=f"{'Run' if command == 'run' else 'Resume'} the flow {graph.name}.")
@@ -70,7 +70,7 @@ def _run_options(graph, command: str, notebook: str) -> argparse.ArgumentParser:
                             help="reuse identical earlier tasks of every step (as `%%%%step NAME --cache` does for one)")
         group = parser.add_argument_group("parameters of the flow")
         for p in graph.params:
-            default = p.default if not isinstance(p.default, float) else _number(p.default)
+            default = p.default if not isinstance(p.default, float) else format_number(p.default)
             group.add_argument(f"--{p.name}", dest=f"param:{p.name}", metavar=p.type.upper(),
                                help=f"{p.help or p.name} ({p.type}, default: {default!r})")
     return parser
@@ -263,7 +263,8 @@ def collect_dump(store, flow: str, args: argparse.Namespace):
 
 def _run_dump(args: argparse.Namespace) -> int:
     from flowmagic.report.text import render_dump
-    from flowmagic.runtime.environments.builder import environments_of_run, render_environments
+    from flowmagic.report.text import render_environments
+    from flowmagic.store.environments import environments_of_run
 
     flow, store = _open(args.notebook)
     run_id, tasks, rows = collect_dump(store, flow, args)

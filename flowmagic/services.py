@@ -1,0 +1,1 @@
+"""Application queries shared by the console and %flow: status, dump, logs, tag and export documents."""
