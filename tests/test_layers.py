@@ -65,3 +65,10 @@ def test_no_private_name_is_imported_across_packages():
 ])
 def test_the_private_import_check_sees_what_it_should(source, module, expected):
     assert private_imports_across_packages(source, module) == expected
+
+
+def test_only_store_paths_reads_flowmagic_home():
+    """One store-root resolver: the console, %flow, the Client and the notebook reader agree by construction."""
+    readers = sorted(str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")
+                     if '"FLOWMAGIC_HOME")' in path.read_text() or "'FLOWMAGIC_HOME')" in path.read_text())
+    assert readers == ["flowmagic/store/paths.py"]

@@ -15,7 +15,6 @@ free of IPython makes it testable and keeps the engine IPython-free.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,15 +233,6 @@ def notebook_path(env: Mapping[str, str], user_ns: Mapping[str, object],
         if candidate.exists():
             return candidate
     return cwd / path.name
-
-
-def store_root_for(notebook: Path | None, env: Mapping[str, str] | None = None) -> Path:
-    """$FLOWMAGIC_HOME, else ``.flowmagic`` in the notebook's folder, else in the cwd."""
-    env = os.environ if env is None else env
-    if env.get("FLOWMAGIC_HOME"):
-        return Path(env["FLOWMAGIC_HOME"]).expanduser()
-    folder = notebook.parent if notebook is not None else Path.cwd()
-    return folder / ".flowmagic"
 
 
 # -- the session run ---------------------------------------------------------

@@ -15,7 +15,8 @@ from flowmagic.magics import views
 from flowmagic.magics.output import (Interrupted, LivePrinter, step_failure,
                                      usage_error)
 from flowmagic.errors import FlowDefinitionError, RunError
-from flowmagic.magics.session import SessionRun, store_root_for
+from flowmagic.magics.session import SessionRun
+from flowmagic.store.paths import store_root_for
 
 if TYPE_CHECKING:
     from flowmagic.magics.extension import FlowMagics

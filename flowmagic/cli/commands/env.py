@@ -55,10 +55,6 @@ def render_environments(envs, root: Path) -> str:
 
 
 def _store_root(notebook: str | None) -> Path:
-    if notebook is not None:
-        from flowmagic.notebook import store_root_for
+    from flowmagic.store.paths import store_root_for
 
-        return store_root_for(notebook)
-    from flowmagic.store import store_root
-
-    return store_root()
+    return store_root_for(notebook)

@@ -16,8 +16,9 @@ from flowmagic.errors import NotFoundError, UsageError
 
 
 def _load(notebook: str):
-    from flowmagic.notebook import load_flow, store_root_for
+    from flowmagic.notebook import load_flow
     from flowmagic.store import open_store
+    from flowmagic.store.paths import store_root_for
 
     graph = load_flow(notebook)
     return graph, open_store(store_root_for(notebook))
@@ -25,8 +26,9 @@ def _load(notebook: str):
 
 def _open(notebook: str):
     """The flow name and store, without building the DAG (reading commands)."""
-    from flowmagic.notebook import flow_name_for, read_cells, store_root_for
+    from flowmagic.notebook import flow_name_for, read_cells
     from flowmagic.store import open_store
+    from flowmagic.store.paths import store_root_for
 
     cells = read_cells(notebook)
     root = store_root_for(notebook)
@@ -147,8 +149,9 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
 
 def _run_status(args: argparse.Namespace) -> int:
     from flowmagic.report.text import render_status
-    from flowmagic.notebook import flow_name_for, read_cells, store_root_for
+    from flowmagic.notebook import flow_name_for, read_cells
     from flowmagic.store import open_store
+    from flowmagic.store.paths import store_root_for
 
     flow = flow_name_for(args.notebook, read_cells(args.notebook))
     root = store_root_for(args.notebook)
