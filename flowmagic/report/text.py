@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from typing import Any
 
 from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
 
@@ -210,16 +211,18 @@ def render_run_summary(result, notebook: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(flow: str, runs) -> str:
+def render_status(document: dict) -> str:
+    """The text of a status document (:func:`flowmagic.services.status_document`)."""
+    flow, runs = document["flow"], document["runs"]
     if not runs:
         return f"Flow {flow}: no runs yet\n"
     rows = [("RUN", "STATUS", "STARTED", "TIME", "TAGS")]
     for r in runs:
-        took = (r.finished_at - r.started_at) if r.finished_at else None
-        kind = " (session)" if r.interactive else ""
-        origin = f" (resume of {r.origin_run_id})" if r.origin_run_id else ""
-        rows.append((str(r.run_id), r.status + kind + origin, _when(r.started_at), _seconds(took),
-                     ", ".join(r.tags) or "-"))
+        took = (r["finished_at"] - r["started_at"]) if r["finished_at"] else None
+        kind = " (session)" if r["interactive"] else ""
+        origin = f" (resume of {r['origin_run_id']})" if r["origin_run_id"] else ""
+        rows.append((str(r["run_id"]), r["status"] + kind + origin, _when(r["started_at"]), _seconds(took),
+                     ", ".join(r["tags"]) or "-"))
     return f"Flow {flow}\n" + _table(rows)
 
 
@@ -254,7 +257,13 @@ def format_size(size: int | None) -> str:
     return f"{size} B"
 
 
-def render_dump(flow: str, run_id: int, rows: list[dict]) -> str:
+def render_dump(document: dict) -> str:
+    """The text of a dump document (:func:`flowmagic.services.dump_document`), outputs aside."""
+    return _render_artifacts(document["flow"], document["run_id"], document["artifacts"]) \
+        + render_environments(document.get("environments") or {})
+
+
+def _render_artifacts(flow: str, run_id: int, rows: list[dict]) -> str:
     """rows: {"step", "task", "name", "type", "size", "preview"}."""
     lines = [f"Run {flow}/{run_id}"]
     table = [("STEP/TASK", "NAME", "TYPE", "SIZE", "VALUE")]
@@ -263,7 +272,12 @@ def render_dump(flow: str, run_id: int, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + (_table(table) if rows else "no artifacts\n")
 
 
-def render_logs(flow: str, run_id: int, tasks: list[dict]) -> str:
+def render_logs(document: dict) -> str:
+    """The text of a logs document (:func:`flowmagic.services.logs_document`)."""
+    return _render_attempts(document["flow"], document["run_id"], document["tasks"])
+
+
+def _render_attempts(flow: str, run_id: int, tasks: list[dict]) -> str:
     """tasks: {"step", "task", "index", "attempts": [{"attempt", "outcome", "stdout", "stderr", "exception"}]}."""
     out = []
     for task in tasks:
@@ -289,3 +303,21 @@ def render_environments(environments: dict[str, dict]) -> str:
                      f"(python {record['python']}, {record['key']})")
         lines.append("  " + " ".join(record["packages"]))
     return "".join(line + "\n" for line in lines)
+
+
+def render_outputs(objects: Any, outputs: list[dict]) -> str:
+    """The text of a dump document's ``"outputs"``: each task's rich outputs (text, saved image paths)."""
+    from flowmagic.store.outputs import describe_outputs
+
+    if not outputs:
+        return "no outputs\n"
+    lines = []
+    for task in outputs:
+        lines.append(f"Outputs of {task['step']}/{task['task']}")
+        lines.extend(describe_outputs(objects, task["outputs"]))
+    return "\n".join(lines) + "\n"
+
+
+def render_tags(document: dict) -> str:
+    """The text of a tag document: the run's tags after the change."""
+    return (" ".join(document["tags"]) or "(no tags)") + "\n"
