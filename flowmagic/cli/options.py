@@ -129,8 +129,8 @@ def add_run_options(parser: argparse.ArgumentParser, graph: Any, command: str) -
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the run (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON document; logs go to stderr")
     if command == "run":
-        parser.add_argument("--cache", action="store_true",
-                            help="reuse identical earlier tasks of every step (as `%%%%step NAME --cache` does for one)")
+        parser.add_argument("--cache", action="store_true", help="reuse identical earlier tasks of every step "
+                                                                  "(as `%%%%step NAME --cache` does for one)")
         group = parser.add_argument_group("parameters of the flow")
         for p in graph.params:
             default = p.default if not isinstance(p.default, float) else format_number(p.default)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 from flowmagic.errors import NotFoundError
 from flowmagic.store import Store
@@ -24,10 +25,10 @@ class Metaflow(_ClientObject):
         self.pathspec = ""
 
     @property
-    def flows(self) -> list["Flow"]:
+    def flows(self) -> list[Flow]:
         return [Flow(name, _store=self._store) for name in self._store.meta.list_flows()]
 
-    def __iter__(self) -> Iterator["Flow"]:
+    def __iter__(self) -> Iterator[Flow]:
         return iter(self.flows)
 
     def __repr__(self) -> str:
@@ -45,15 +46,15 @@ class Flow(_ClientObject):
             raise NotFoundError(f"flow '{self.name}' does not exist in the store at {self._store.root}; "
                                 f"flows there: {_short_list(self._store.meta.list_flows())}")
 
-    def runs(self, *tags: str) -> list["Run"]:
+    def runs(self, *tags: str) -> list[Run]:
         """Runs newest first; with tags, only the runs carrying all of them."""
         records = self._store.meta.list_runs(self.name, tag=tags[0] if tags else None)
         return [Run._from_record(r, self._store) for r in records if set(tags) <= set(r.tags)]
 
-    def __iter__(self) -> Iterator["Run"]:
+    def __iter__(self) -> Iterator[Run]:
         return iter(self.runs())
 
-    def __getitem__(self, run_id: int | str) -> "Run":
+    def __getitem__(self, run_id: int | str) -> Run:
         return Run(f"{self.name}/{run_id}", _store=self._store)
 
     def __contains__(self, run_id: int | str) -> bool:
@@ -64,12 +65,12 @@ class Flow(_ClientObject):
             return False
 
     @property
-    def latest_run(self) -> "Run | None":
+    def latest_run(self) -> Run | None:
         runs = self._store.meta.list_runs(self.name)
         return Run._from_record(runs[0], self._store) if runs else None
 
     @property
-    def latest_successful_run(self) -> "Run | None":
+    def latest_successful_run(self) -> Run | None:
         for record in self._store.meta.list_runs(self.name):
             if record.status == "succeeded":
                 return Run._from_record(record, self._store)
@@ -97,7 +98,7 @@ class Run(_ClientObject):
         self._init_names()
 
     @classmethod
-    def _from_record(cls, record: RunRecord, store: Store) -> "Run":
+    def _from_record(cls, record: RunRecord, store: Store) -> Run:
         self = cls.__new__(cls)
         self._store, self._record = store, record
         self._init_names()
@@ -160,7 +161,7 @@ class Run(_ClientObject):
         return self._record.interactive
 
     @property
-    def origin_run(self) -> "Run | None":
+    def origin_run(self) -> Run | None:
         origin = self._record.origin_run_id
         return Run(f"{self.flow_name}/{origin}", _store=self._store) if origin is not None else None
 
@@ -188,13 +189,13 @@ class Run(_ClientObject):
         order = [s["name"] for s in (self.graph or {}).get("steps", [])]
         return sorted(present, key=lambda s: (order.index(s) if s in order else len(order), present.index(s)))
 
-    def steps(self) -> list["Step"]:
+    def steps(self) -> list[Step]:
         return [Step._make(self, name) for name in self.step_names()]
 
-    def __iter__(self) -> Iterator["Step"]:
+    def __iter__(self) -> Iterator[Step]:
         return iter(self.steps())
 
-    def __getitem__(self, step: str) -> "Step":
+    def __getitem__(self, step: str) -> Step:
         if step not in self.step_names():
             raise NotFoundError(f"step '{step}' has no task in run {self.pathspec}; steps with tasks: "
                                 f"{_short_list(self.step_names())}")
@@ -204,7 +205,7 @@ class Run(_ClientObject):
         return step in self.step_names()
 
     @property
-    def end_task(self) -> "Task | None":
+    def end_task(self) -> Task | None:
         """The task of the flow's last step (a step with no successor)."""
         names = self.step_names()
         if not names:
@@ -214,7 +215,7 @@ class Run(_ClientObject):
         return Step._make(self, (sinks or names)[-1]).task
 
     @property
-    def data(self) -> "TaskData | None":
+    def data(self) -> TaskData | None:
         """The artifacts of the end task, as ``run.data.NAME`` (Metaflow's rule)."""
         task = self.end_task
         return task.data if task is not None else None
@@ -244,7 +245,7 @@ class Step(_ClientObject):
         self._init(run_obj, step)
 
     @classmethod
-    def _make(cls, run: Run, name: str) -> "Step":
+    def _make(cls, run: Run, name: str) -> Step:
         self = cls.__new__(cls)
         self._init(run, name)
         return self
@@ -261,18 +262,18 @@ class Step(_ClientObject):
     def _records(self) -> list[TaskRecord]:
         return self._store.meta.tasks(self._run.flow_name, self._run.run_id, self.name)
 
-    def tasks(self) -> list["Task"]:
+    def tasks(self) -> list[Task]:
         """The tasks of the step's latest execution, in foreach order."""
         return [Task._make(self, r) for r in latest_generation(self._records())]
 
-    def all_tasks(self) -> list["Task"]:
+    def all_tasks(self) -> list[Task]:
         """Every task of the step in this run, re-executions included."""
         return [Task._make(self, r) for r in self._records()]
 
-    def __iter__(self) -> Iterator["Task"]:
+    def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks())
 
-    def __getitem__(self, task_id: int | str) -> "Task":
+    def __getitem__(self, task_id: int | str) -> Task:
         records = self._records()
         for r in records:
             if str(r.task_id) == str(task_id):
@@ -281,7 +282,7 @@ class Step(_ClientObject):
                             f"{_short_list([str(r.task_id) for r in records])}")
 
     @property
-    def task(self) -> "Task":
+    def task(self) -> Task:
         return self.tasks()[0]
 
     @property

@@ -6,7 +6,8 @@ import html
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 from flowmagic.errors import NotFoundError
 from flowmagic.store import Store
@@ -48,7 +49,7 @@ class Task(_ClientObject):
         self._init(step_obj, found._record)
 
     @classmethod
-    def _make(cls, step: Step, record: TaskRecord) -> "Task":
+    def _make(cls, step: Step, record: TaskRecord) -> Task:
         self = cls.__new__(cls)
         self._init(step, record)
         return self
@@ -90,7 +91,7 @@ class Task(_ClientObject):
         return self.state not in ("pending", "running", "retrying")
 
     @property
-    def origin(self) -> "Task | None":
+    def origin(self) -> Task | None:
         """For a cloned or cached task, the task it copies."""
         origin = self._record.origin_task_id
         if origin is None:
@@ -140,7 +141,7 @@ class Task(_ClientObject):
         return TaskException(str(e.get("type", "")), str(e.get("message", "")), str(e.get("traceback", "")))
 
     @property
-    def outputs(self) -> list["Output"]:
+    def outputs(self) -> list[Output]:
         """Rich outputs of the last attempt (display() calls, the last value, figures),
         in order; each has ``.type``, ``.data`` (a mimebundle), ``.text`` and shows
         its rich form again when displayed in a notebook."""
@@ -153,21 +154,21 @@ class Task(_ClientObject):
         return [Output(**bundle) for bundle in load_outputs(self._store.objects, last.outputs)]
 
     # artifacts
-    def _artifacts(self) -> dict[str, "DataArtifact"]:
+    def _artifacts(self) -> dict[str, DataArtifact]:
         if self._artifact_cache is None:
             refs = self._store.meta.artifacts(self.task_id)
             self._artifact_cache = {r.name: DataArtifact._make(self, r) for r in refs}
         return self._artifact_cache
 
     @property
-    def artifacts(self) -> "TaskArtifacts":
+    def artifacts(self) -> TaskArtifacts:
         return TaskArtifacts(self)
 
     @property
-    def data(self) -> "TaskData":
+    def data(self) -> TaskData:
         return TaskData(self)
 
-    def __getitem__(self, name: str) -> "DataArtifact":
+    def __getitem__(self, name: str) -> DataArtifact:
         artifacts = self._artifacts()
         if name not in artifacts:
             raise NotFoundError(f"task {self.pathspec} has no artifact '{name}'; its artifacts: "
@@ -177,7 +178,7 @@ class Task(_ClientObject):
     def __contains__(self, name: str) -> bool:
         return name in self._artifacts()
 
-    def __iter__(self) -> Iterator["DataArtifact"]:
+    def __iter__(self) -> Iterator[DataArtifact]:
         return iter(self._artifacts().values())
 
     def _repr_html_(self) -> str:
@@ -254,7 +255,7 @@ class DataArtifact(_ClientObject):
         self._init(task, other._ref)
 
     @classmethod
-    def _make(cls, task: Task, ref: ArtifactRef) -> "DataArtifact":
+    def _make(cls, task: Task, ref: ArtifactRef) -> DataArtifact:
         self = cls.__new__(cls)
         self._init(task, ref)
         return self

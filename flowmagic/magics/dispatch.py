@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from flowmagic.magics import runs as _magic_runs
 from flowmagic.magics import views

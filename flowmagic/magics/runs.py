@@ -9,7 +9,8 @@ do these read the kernel's flow instead.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from flowmagic import services
 from flowmagic.cli.options import COMMANDS, add_options

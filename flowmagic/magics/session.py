@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Mapping
+from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
 
 from flowmagic.flow.cells import classify_cell, flow_name_in
 from flowmagic.errors import FlowDefinitionError

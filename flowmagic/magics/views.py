@@ -7,7 +7,8 @@ widget problem never fails a step or a run.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 if TYPE_CHECKING:
     from flowmagic.magics.extension import FlowMagics

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from flowmagic import services
 from flowmagic.cli.base import EXIT_FAILED, EXIT_OK, ConsoleParser, print_json
