@@ -26,6 +26,7 @@ class Metaflow(_ClientObject):
 
     @property
     def flows(self) -> list[Flow]:
+        """Every flow in the store, as :class:`Flow` handles."""
         return [Flow(name, _store=self._store) for name in self._store.meta.list_flows()]
 
     def __iter__(self) -> Iterator[Flow]:
@@ -66,11 +67,13 @@ class Flow(_ClientObject):
 
     @property
     def latest_run(self) -> Run | None:
+        """The newest run (session runs included), or None when the flow has no runs."""
         runs = self._store.meta.list_runs(self.name)
         return Run._from_record(runs[0], self._store) if runs else None
 
     @property
     def latest_successful_run(self) -> Run | None:
+        """The newest run whose status is ``succeeded``, or None."""
         for record in self._store.meta.list_runs(self.name):
             if record.status == "succeeded":
                 return Run._from_record(record, self._store)
@@ -117,34 +120,42 @@ class Run(_ClientObject):
     # what the run recorded
     @property
     def status(self) -> str:
+        """``running``, ``succeeded``, ``failed`` or ``interrupted``, read fresh from the store."""
         return self._refresh().status
 
     @property
     def successful(self) -> bool:
+        """True when the run's status is ``succeeded``."""
         return self.status == "succeeded"
 
     @property
     def finished(self) -> bool:
+        """True once the run stopped running (succeeded, failed or interrupted)."""
         return self.status != "running"
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the run ended (a datetime), or None while it runs."""
         return _when(self._refresh().finished_at)
 
     @property
     def created_at(self) -> dt.datetime:
+        """When the run started (a datetime)."""
         return _when(self._record.started_at)  # type: ignore[return-value]
 
     @property
     def tags(self) -> frozenset[str]:
+        """The run's tags (a frozenset), read fresh from the store."""
         return frozenset(self._refresh().tags)
 
     @property
     def user(self) -> str | None:
+        """The user who started the run, when known."""
         return self._record.user
 
     @property
     def parameters(self) -> dict[str, Any]:
+        """The flow parameters the run used: name -> value."""
         return dict(self._record.params)
 
     @property
@@ -154,32 +165,40 @@ class Run(_ClientObject):
 
     @property
     def graph(self) -> dict | None:
+        """The flow's graph as the run recorded it (``flowmagic show --json``'s document), or None."""
         return self._refresh().graph
 
     @property
     def interactive(self) -> bool:
+        """True for a session run (``%%step`` cells executed in a kernel), False for a whole run."""
         return self._record.interactive
 
     @property
     def origin_run(self) -> Run | None:
+        """For a resumed run, the run it resumed (its successful tasks were cloned); else None."""
         origin = self._record.origin_run_id
         return Run(f"{self.flow_name}/{origin}", _store=self._store) if origin is not None else None
 
     @property
     def flow(self) -> Flow:
+        """The :class:`Flow` this run belongs to."""
         return Flow(self.flow_name, _store=self._store)
 
     # tags
     def add_tag(self, tag: str) -> None:
+        """Add one tag to the run (tags are the one thing a finished run lets you change)."""
         self.add_tags([tag])
 
     def add_tags(self, tags: list[str] | tuple[str, ...]) -> None:
+        """Add several tags to the run."""
         self._store.meta.add_tags(self.flow_name, self.run_id, list(tags))
 
     def remove_tag(self, tag: str) -> None:
+        """Remove one tag from the run (a tag it does not have is ignored)."""
         self.remove_tags([tag])
 
     def remove_tags(self, tags: list[str] | tuple[str, ...]) -> None:
+        """Remove several tags from the run."""
         self._store.meta.remove_tags(self.flow_name, self.run_id, list(tags))
 
     # steps
@@ -190,6 +209,7 @@ class Run(_ClientObject):
         return sorted(present, key=lambda s: (order.index(s) if s in order else len(order), present.index(s)))
 
     def steps(self) -> list[Step]:
+        """The run's steps that have tasks, in the flow's order, as :class:`Step` handles."""
         return [Step._make(self, name) for name in self.step_names()]
 
     def __iter__(self) -> Iterator[Step]:
@@ -257,6 +277,7 @@ class Step(_ClientObject):
 
     @property
     def run(self) -> Run:
+        """The :class:`Run` this step belongs to."""
         return self._run
 
     def _records(self) -> list[TaskRecord]:
@@ -283,15 +304,18 @@ class Step(_ClientObject):
 
     @property
     def task(self) -> Task:
+        """The step's task; for a foreach step, its first task."""
         return self.tasks()[0]
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the step's last task ended, or None while any task is unfinished."""
         times = [t.finished_at for t in self.tasks()]
         return None if not times or None in times else max(times)  # type: ignore[type-var]
 
     @property
     def created_at(self) -> dt.datetime:
+        """When the step's first task was created."""
         return min(t.created_at for t in self.tasks())
 
     def _repr_html_(self) -> str:

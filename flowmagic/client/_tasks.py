@@ -34,6 +34,7 @@ class TaskException:
         return f"{self.type}: {self.message}"
 
     def to_dict(self) -> dict:
+        """``{"type", "message", "traceback"}``, as ``flowmagic logs --json`` shows it."""
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
 
 
@@ -63,31 +64,39 @@ class Task(_ClientObject):
 
     @property
     def step(self) -> Step:
+        """The :class:`Step` this task belongs to."""
         return self._step
 
     @property
     def run(self) -> Run:
+        """The :class:`Run` this task belongs to."""
         return self._step.run
 
     @property
     def index(self) -> tuple[int, ...] | None:
+        """The task's position in its foreach splits (one int per nesting level), or None outside a foreach."""
         return self._record.index
 
     @property
     def item(self) -> str | None:
+        """A short text of the foreach item this task worked on, or None outside a foreach."""
         return self._record.item
 
     @property
     def state(self) -> str:
+        """The task's state, read fresh from the store: ``pending``, ``running``, ``retrying``, ``done``,
+        ``failed``, ``caught``, ``cloned``, ``cached`` or ``interrupted``."""
         self._record = self._store.meta.get_task(self.task_id)
         return self._record.state
 
     @property
     def successful(self) -> bool:
+        """True when the task finished successfully, or was cloned or cached from a task that did."""
         return self.state in _OK_TASK_STATES
 
     @property
     def finished(self) -> bool:
+        """True once the task is no longer pending, running or retrying."""
         return self.state not in ("pending", "running", "retrying")
 
     @property
@@ -101,16 +110,19 @@ class Task(_ClientObject):
 
     @property
     def created_at(self) -> dt.datetime:
+        """When the task was created (a datetime)."""
         return _when(self._record.created_at)  # type: ignore[return-value]
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the task's last attempt ended, or None while it is unfinished."""
         last = self._last_attempt()
         return _when(last.finished_at) if last is not None and self.finished else None
 
     # attempts, logs, outputs
     @property
     def attempts(self) -> list[AttemptRecord]:
+        """Every attempt of the task, first to last (retries make more than one)."""
         return self._store.meta.attempts(self.task_id)
 
     def _last_attempt(self) -> AttemptRecord | None:
@@ -119,21 +131,25 @@ class Task(_ClientObject):
 
     @property
     def current_attempt(self) -> int | None:
+        """The number of the last attempt (0 for the first), or None before any attempt."""
         last = self._last_attempt()
         return last.attempt if last is not None else None
 
     @property
     def stdout(self) -> str:
+        """What the last attempt printed to stdout (``""`` when it has not run)."""
         last = self._last_attempt()
         return last.stdout if last is not None else ""
 
     @property
     def stderr(self) -> str:
+        """What the last attempt printed to stderr (``""`` when it has not run)."""
         last = self._last_attempt()
         return last.stderr if last is not None else ""
 
     @property
     def exception(self) -> TaskException | None:
+        """The :class:`TaskException` the last attempt raised, or None."""
         last = self._last_attempt()
         if last is None or not last.exception:
             return None
@@ -145,7 +161,7 @@ class Task(_ClientObject):
         """Rich outputs of the last attempt (display() calls, the last value, figures),
         in order; each has ``.type``, ``.data`` (a mimebundle), ``.text`` and shows
         its rich form again when displayed in a notebook."""
-        from flowmagic.store.outputs import Output, load_outputs  # owned by the runtime
+        from flowmagic.store.outputs import Output, load_outputs
 
         last = self._last_attempt()
         if last is None:  # a cloned or cached task shows what its origin showed
@@ -162,10 +178,12 @@ class Task(_ClientObject):
 
     @property
     def artifacts(self) -> TaskArtifacts:
+        """The task's artifacts as :class:`DataArtifact` handles: ``task.artifacts.NAME``."""
         return TaskArtifacts(self)
 
     @property
     def data(self) -> TaskData:
+        """The task's artifact values: ``task.data.NAME`` loads that one value."""
         return TaskData(self)
 
     def __getitem__(self, name: str) -> DataArtifact:
@@ -268,38 +286,46 @@ class DataArtifact(_ClientObject):
 
     @property
     def data(self) -> Any:
+        """The stored value, loaded on first access (memory-mapped for Arrow data) and kept."""
         if self._value is self._UNLOADED:
             self._value = load_artifact(self._store.objects, self._ref)
         return self._value
 
     @property
     def type(self) -> str:
+        """The value's type name, e.g. ``pandas.DataFrame``."""
         return self._ref.type
 
     @property
     def size(self) -> int:
+        """The stored size in bytes."""
         return self._ref.size
 
     @property
     def hash(self) -> str:
+        """The content hash the value is stored under (``sha`` is Metaflow's name for it)."""
         return self._ref.hash
 
     sha = hash  # Metaflow's name
 
     @property
     def serializer(self) -> str:
+        """How the value is stored: ``inline``, ``arrow-*``, ``pickle``, ``unsaved``, ..."""
         return self._ref.serializer
 
     @property
     def ref(self) -> ArtifactRef:
+        """The store's record of the artifact (name, type, size, hash, serializer)."""
         return self._ref
 
     @property
     def task(self) -> Task:
+        """The :class:`Task` that produced this artifact."""
         return self._task
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the producing task finished (Metaflow's name for the artifact's time)."""
         return self._task.finished_at
 
     def __repr__(self) -> str:

@@ -155,9 +155,6 @@ class KernelFlowDefinition:
     def step_cell(self, step: str) -> DefinedCell | None:
         return next((c for c in self._cells.values() if c.kind == "step" and c.step == step), None)
 
-    def has_steps(self) -> bool:
-        return any(c.kind == "step" for c in self._cells.values())
-
     def flow_name(self, notebook: Path | None) -> str:
         """`%flow name X`, else the notebook's stem in CamelCase, else NotebookFlow."""
         if self.name_override:

@@ -76,7 +76,7 @@ def refresh_view(magics: FlowMagics, graph: Any) -> None:
     _quietly(push)
 
 
-def on_state(magics: FlowMagics, graph: Any, event: Any) -> None:
+def on_state(magics: FlowMagics, event: Any) -> None:
     """A task/run event of a step executed by hand, for the session view."""
     if magics.view is not None and event.kind == "task":
         _quietly(lambda: magics.view.on_event(event))
