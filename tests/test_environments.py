@@ -39,6 +39,8 @@ from flowmagic.runtime.environments.builder import (
 
 PANDAS_PIN = "pandas==2.2.3"   # has wheels for Python 3.11; the kernel runs pandas 3
 
+pytestmark = pytest.mark.slow   # builds real uv environments: not in the quick loop
+
 
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory) -> Path:
