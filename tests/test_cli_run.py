@@ -44,6 +44,7 @@ PARAMS_NB = [
 ]
 
 
+@pytest.mark.slow
 def test_parameters_defaults_overrides_and_help(tmp_path, store):
     nb = write_notebook(tmp_path / "params.ipynb", PARAMS_NB)
     doc = flowmagic_json("run", nb, store=store)
@@ -65,6 +66,7 @@ def test_parameters_defaults_overrides_and_help(tmp_path, store):
     assert unknown.returncode == 2 and "--beta" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_parameter_flow_fails_then_resume_with_fixed_cell_clones_and_succeeds(tmp_path, store):
     cells = [
         "%load_ext flowmagic",
@@ -309,6 +311,7 @@ def test_two_runs_at_the_same_time_get_distinct_ids(tmp_path, store):
         assert artifacts(store, "Twice", run_id, "end") == [{"total": 14}]
 
 
+@pytest.mark.slow
 def test_status_dump_tag_and_logs(tmp_path, store):
     nb = write_notebook(tmp_path / "hello_flow.ipynb", [
         "%%step start\nimport numpy as np\nx = 1\narr = np.arange(6).reshape(2, 3)",
@@ -352,6 +355,7 @@ def test_a_flow_that_cannot_be_built_exits_2(tmp_path, store):
     assert "undefined_name" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gc_keeps_the_newest_runs(tmp_path, store):
     nb = write_notebook(tmp_path / "hello_flow.ipynb", ["%%step start\nimport numpy as np\narr = np.arange(10)"])
     for _ in range(2):
@@ -364,6 +368,7 @@ def test_gc_keeps_the_newest_runs(tmp_path, store):
     assert artifacts(store, "HelloFlow", 2, "start")[0]["arr"].tolist() == list(range(10))
 
 
+@pytest.mark.slow
 def test_output_streams_live_with_task_prefixes(tmp_path, store):
     nb = write_notebook(tmp_path / "live.ipynb", [
         "%%step start\nimport time, sys\nprint('tick', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)"

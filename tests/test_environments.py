@@ -39,6 +39,8 @@ from flowmagic.runtime.environments.builder import (
 
 PANDAS_PIN = "pandas==2.2.3"   # has wheels for Python 3.11; the kernel runs pandas 3
 
+pytestmark = pytest.mark.slow   # builds real uv environments: not in the quick loop
+
 
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory) -> Path:
@@ -278,7 +280,7 @@ def test_a_step_on_another_pandas_hands_a_frame_to_the_kernels_pandas(env_runs):
 
 
 def test_the_run_records_the_environments_packages(env_runs, pandas_env):
-    from flowmagic.runtime.environments.builder import recorded_environments
+    from flowmagic.store.environments import recorded_environments
 
     store, results, _ = env_runs
     recorded = recorded_environments(store.meta.get_run("EnvFlow", results[-1].run_id))
@@ -460,7 +462,7 @@ def _cell_text(cell) -> str:
 
 
 def test_the_conda_example_notebook_runs_all(conda_example):
-    from flowmagic.runtime.environments.builder import recorded_environments
+    from flowmagic.store.environments import recorded_environments
     from flowmagic.store import open_store
 
     store_root, nb, error = conda_example

@@ -23,7 +23,7 @@ import pytest
 from flowmagic.export import export_notebook, plan_export
 from flowmagic.notebook import load_flow
 
-pytestmark = pytest.mark.metaflow
+pytestmark = [pytest.mark.metaflow, pytest.mark.slow]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_notebooks"
 TIMEOUT = 240

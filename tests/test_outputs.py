@@ -165,6 +165,7 @@ def test_output_objects_render_again_in_a_notebook(objects):
 # -- the console command ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
     from runtime_helpers import flowmagic, flowmagic_json, write_notebook
 
@@ -194,6 +195,7 @@ def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
 # -- the artifact inspector ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_inspector_shows_a_tasks_outputs(tmp_path):
     from flowmagic.flow.graph import build_flow
     from flowmagic.runtime.orchestrator.scheduler import run_flow

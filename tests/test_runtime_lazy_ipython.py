@@ -12,6 +12,8 @@ from flowmagic import Flow, namespace_root
 from flowmagic.runtime.worker.forkserver import ARROW_CODECS, IPYTHON, flow_preload
 from runtime_helpers import flowmagic, write_notebook
 
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
+
 # Built at run time so the step's own text does not name IPython (which would preload it).
 LOADED = "loaded = ('IPy' + 'thon') in sys.modules\n"
 

@@ -12,6 +12,8 @@ import pytest
 from flowmagic.runtime.worker.forkpool import ForkServer
 from flowmagic.runtime.worker.forkserver import ARROW_CODECS, IPYTHON, flow_preload
 
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
+
 HEAVY = ("numpy", "pyarrow", "pandas")
 ENTRY = "flowmagic.runtime.worker.forkserver:run_source"
 REPORT = "import sys, json\nprint(json.dumps({m: m in sys.modules for m in %r}))\n" % ((HEAVY + (ARROW_CODECS,)),)

@@ -491,6 +491,7 @@ def test_states_from_store_and_graph_of_a_run_without_graph(recorded_run):
 
 
 # -- nbconvert: the static fallback in an exported page ----------------------------------
+@pytest.mark.slow
 def test_nbconvert_execute_to_html_shows_the_static_svg(tmp_path):
     """An example notebook with `%flow show` and `%flow run` added, executed by
     nbconvert: no widget front end there, so the page carries the SVGs."""

@@ -1,49 +1,25 @@
-"""The console command ``flowmagic``: a thin layer over the engine.
+"""The console command ``flowmagic``: a thin layer over the services and the engine.
 
-Subcommands live in a small table (:data:`COMMANDS`); to add one, write a
-``configure(parser)`` and a ``run(args) -> int`` and append a
-:class:`Subcommand`. A :class:`FlowmagicError` (or an unreadable file) becomes
-a one-line message on stderr and exit status 2; ``--json`` reports go to
-stdout as exactly one JSON document (DESIGN section 8).
+Each sub-command's options are declared in :mod:`flowmagic.cli.options`; its
+runner (``run(args) -> int``) is in :data:`RUNNERS`. A :class:`FlowmagicError`
+(or an unreadable file) becomes a one-line message on stderr and exit status 2;
+``--json`` reports go to stdout as exactly one JSON document.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+from flowmagic.cli import options
+from flowmagic.cli.base import EXIT_OK, EXIT_USAGE, ConsoleParser, print_json
+from flowmagic.cli.commands import env as env_command
+from flowmagic.cli.commands import export as export_command
+from flowmagic.cli.commands import runs as runs_commands
 from flowmagic.errors import FlowmagicError, UsageError
-from flowmagic.cli.commands import env as _env_command
-from flowmagic.cli.commands import export as _export_command
-
-EXIT_OK = 0
-EXIT_FAILED = 1   # a run that failed or was interrupted
-EXIT_USAGE = 2    # bad usage, or a flow that cannot be built
 
 
-@dataclass(frozen=True)
-class Subcommand:
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-def print_json(document: dict) -> None:
-    """The one JSON document a ``--json`` command prints."""
-    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
-
-
-# --- show ----------------------------------------------------------------------
-
-def _configure_show(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("notebook", help="the .ipynb file")
-    parser.add_argument("--json", action="store_true", help="print the flow as one JSON document")
-
-
-def _run_show(args: argparse.Namespace) -> int:
+def run_show(args: argparse.Namespace) -> int:
     from flowmagic.notebook import load_flow
     from flowmagic.report.text import render_show
 
@@ -55,34 +31,18 @@ def _run_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: list[Subcommand] = [
-    Subcommand("show", "show the flow a notebook defines: steps, options, edges, parameters",
-               _configure_show, _run_show),
-    Subcommand("export", "write the notebook's flow as a Metaflow FlowSpec script",
-               _export_command.configure, _export_command.run),
-    Subcommand("env", "list or prune the cached --pypi/--conda step environments",
-               _env_command.configure, _env_command.run),
-]
-
-
-# --- the parser and the entry point ----------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors become UsageError (one line, exit 2) instead of SystemExit."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "show": run_show, "export": export_command.run, "env": env_command.run, **runs_commands.RUNNERS,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flowmagic", description="Metaflow's model for Jupyter notebooks.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    from flowmagic.cli.commands.runs import COMMANDS as RUN_COMMANDS  # here: cli_runs imports this module
-
-    for command in [*COMMANDS, *RUN_COMMANDS]:
+    parser = ConsoleParser(prog="flowmagic", description="Metaflow's model for Jupyter notebooks.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ConsoleParser)
+    for command in options.COMMANDS.values():
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        command.configure(sub)
-        sub.set_defaults(_run=command.run)
+        options.add_options(sub, command.name)
+        sub.set_defaults(_run=RUNNERS[command.name])
     return parser
 
 

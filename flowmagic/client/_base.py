@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from flowmagic.errors import NotFoundError, UsageError
-from flowmagic.store import Store, open_store, store_root
+from flowmagic.store import Store, open_store
+from flowmagic.store.paths import store_root
 from flowmagic.report.text import format_size as _fmt_size  # noqa: F401  (re-exported to the client modules)
 from flowmagic.store.metadata import RunRecord
 

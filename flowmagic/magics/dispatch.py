@@ -1,6 +1,6 @@
 """``%flow``: the console command's sub-commands, on the kernel's flow.
 
-The options mirror ``flowmagic`` (cli.py) minus the notebook argument: the
+The options are ``flowmagic``'s (cli/options.py) minus the notebook argument: the
 kernel's flow definition replaces the saved file. Bad options print a usage
 line (IPython's UsageError), ``--help`` prints the help, and nothing here
 ever shows a traceback of its own.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from flowmagic.magics import runs as _magic_runs
 from flowmagic.magics import views
@@ -59,7 +60,7 @@ def flow_command(magics: FlowMagics, line: str) -> Any:
                           "usage: %flow SUBCOMMAND [options]  (%flow --help for the list)")
     try:
         if command in _magic_runs.READERS:
-            args = _magic_runs.console_parser(command, _parser).parse_args(rest)
+            args = _magic_runs.command_parser(command, _parser).parse_args(rest)
             return _magic_runs.READERS[command](magics, args)
         return handler(magics, rest)
     except (_HelpShown, SystemExit):   # --help was printed
@@ -85,7 +86,7 @@ def _overview() -> str:
 
 # -- show ---------------------------------------------------------------------
 def _show(magics: FlowMagics, words: list[str]) -> Any:
-    args = _magic_runs.console_parser("show", _parser).parse_args(words)
+    args = _magic_runs.command_parser("show", _parser).parse_args(words)
     graph = magics.graph()
     if args.json:
         return graph.to_json()
@@ -95,25 +96,22 @@ def _show(magics: FlowMagics, words: list[str]) -> Any:
 
 # -- run / resume -------------------------------------------------------------
 def _console_run_parser(graph: Any, command: str) -> argparse.ArgumentParser:
-    """The console's `run`/`resume` options (the flow's parameters included)."""
-    from flowmagic.cli.commands.runs import _run_options
+    """The console's `run`/`resume` parser (the flow's parameters included), named `%flow CMD`."""
+    from flowmagic.cli.commands.runs import run_parser
 
-    parser = _run_options(graph, command, "")
+    parser = run_parser(graph, command, "")
     parser.prog = f"%flow {command}"
-    if command == "run" and "--cache" not in parser._option_string_actions:
-        parser.add_argument("--cache", action="store_true",
-                            help="reuse a matching succeeded task instead of running a step again")
     return parser
 
 
 def _run(magics: FlowMagics, words: list[str]) -> Any:
     from flowmagic.runtime.orchestrator import scheduler
+    from flowmagic.cli.options import given_params
     from flowmagic.runtime.orchestrator.parameters import resolve_params
 
     graph = magics.graph()
     args = _console_run_parser(graph, "run").parse_args(words)
-    given = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("param:") and v is not None}
-    params = resolve_params(graph, given)
+    params = resolve_params(graph, given_params(args))
     result = _drive(magics, graph, "run", lambda on_event: scheduler.run_flow(
         graph, magics.store(), params=params, tags=tuple(args.tag), max_workers=args.max_workers,
         on_event=on_event, cache=args.cache, workdir=str(Path.cwd())))
@@ -148,17 +146,11 @@ def _drive(magics: FlowMagics, graph: Any, what: str, start: Callable[[Any], Any
 
 
 def _summary(result: Any) -> str:
-    from flowmagic.report import text as report
+    from flowmagic.report.text import render_run_summary
 
-    render = getattr(report, "render_run_summary", None)
-    if render is not None:
-        # its resume hint is the console's; the error below gives the notebook's
-        lines = render(result).rstrip("\n").splitlines()
-        return "\n".join(ln for ln in lines if "flowmagic resume" not in ln)
-    counts = f"{result.tasks} tasks" + (f", {result.cloned} cloned" if result.cloned else "")
-    lines = [f"run {result.flow}/{result.run_id} {result.status} in {result.duration:.1f} s ({counts})"]
-    lines += [f"  step '{step}': {line}" for step, line in result.failed]
-    return "\n".join(lines)
+    # its resume hint is the console's; the error below gives the notebook's
+    lines = render_run_summary(result).rstrip("\n").splitlines()
+    return "\n".join(ln for ln in lines if "flowmagic resume" not in ln)
 
 
 def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:

@@ -16,8 +16,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.magics.session import (KernelFlowDefinition, SessionRun, notebook_path,
-                               store_root_for)
+from flowmagic.magics.session import KernelFlowDefinition, SessionRun, notebook_path
 from flowmagic.magics import output
 
 
@@ -70,6 +69,7 @@ class FlowMagics(Magics):
 
     def store(self) -> Any:
         from flowmagic.store import open_store
+        from flowmagic.store.paths import store_root_for
 
         root = store_root_for(self.notebook())
         if root not in self._stores:
@@ -81,9 +81,9 @@ class FlowMagics(Magics):
     def _point_client_at(root: Path) -> None:
         """`Flow("X")` in a cell must read the store the magics write, even when
         the kernel's cwd is not the notebook's folder (VS Code)."""
-        from flowmagic.store import store_root
+        from flowmagic.store.paths import store_root
 
-        if store_root().absolute() != root.absolute():
+        if store_root() != root.absolute():
             from flowmagic.client import namespace_root
 
             namespace_root(root)

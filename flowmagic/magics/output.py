@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 from IPython.core.error import UsageError
 
@@ -129,10 +130,10 @@ class LivePrinter:
         elif kind == "display":
             self._display(event)
         elif kind == "task" and event.state == "retrying":
-            from flowmagic.report.text import _exception_line
+            from flowmagic.report.text import exception_line
 
             attempt = (event.attempt or 0) + 1
-            self._write_line(event, "stderr", f"attempt {attempt} failed: {_exception_line(event.data)}; retrying")
+            self._write_line(event, "stderr", f"attempt {attempt} failed: {exception_line(event.data)}; retrying")
         elif kind == "warning":
             self._write_line(event, "stderr", f"warning: {event.text}")
         if kind in ("task", "run") and self.on_state is not None:

@@ -15,11 +15,11 @@ free of IPython makes it testable and keeps the engine IPython-free.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Mapping
+from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
 
 from flowmagic.flow.cells import classify_cell, flow_name_in
 from flowmagic.errors import FlowDefinitionError
@@ -155,9 +155,6 @@ class KernelFlowDefinition:
     def step_cell(self, step: str) -> DefinedCell | None:
         return next((c for c in self._cells.values() if c.kind == "step" and c.step == step), None)
 
-    def has_steps(self) -> bool:
-        return any(c.kind == "step" for c in self._cells.values())
-
     def flow_name(self, notebook: Path | None) -> str:
         """`%flow name X`, else the notebook's stem in CamelCase, else NotebookFlow."""
         if self.name_override:
@@ -234,15 +231,6 @@ def notebook_path(env: Mapping[str, str], user_ns: Mapping[str, object],
         if candidate.exists():
             return candidate
     return cwd / path.name
-
-
-def store_root_for(notebook: Path | None, env: Mapping[str, str] | None = None) -> Path:
-    """$FLOWMAGIC_HOME, else ``.flowmagic`` in the notebook's folder, else in the cwd."""
-    env = os.environ if env is None else env
-    if env.get("FLOWMAGIC_HOME"):
-        return Path(env["FLOWMAGIC_HOME"]).expanduser()
-    folder = notebook.parent if notebook is not None else Path.cwd()
-    return folder / ".flowmagic"
 
 
 # -- the session run ---------------------------------------------------------

@@ -15,12 +15,12 @@ from flowmagic.magics import views
 from flowmagic.magics.output import (Interrupted, LivePrinter, step_failure,
                                      usage_error)
 from flowmagic.errors import FlowDefinitionError, RunError
-from flowmagic.magics.session import SessionRun, store_root_for
+from flowmagic.magics.session import SessionRun
+from flowmagic.store.paths import store_root_for
 
 if TYPE_CHECKING:
     from flowmagic.magics.extension import FlowMagics
 
-_OK_STATES = {"done": "done", "succeeded": "done", "ok": "done", "caught": "caught"}
 
 
 def record_cell(magics: FlowMagics, magic: str, line: str, cell: str) -> tuple[Any, Any]:
@@ -86,7 +86,7 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         session.run_id = scheduler.new_session_run(graph, store, params=params)
     spec = graph.step(step)
     printer = LivePrinter(label_tasks=bool(spec.options.foreach),
-                          on_state=lambda event: views.on_state(magics, graph, event))
+                          on_state=lambda event: views.on_state(magics, event))
     session.states[step] = "running"
     views.refresh_view(magics, graph)
     try:
@@ -98,14 +98,14 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         raise Interrupted(f"step '{step}' was stopped; its tasks are ended and "
                           f"session run {session.run_id} is marked interrupted") from None
     printer.close()
-    state = _OK_STATES.get(result.status, "failed")
+    state = "done" if result.status == "succeeded" else "failed"   # StepResult: succeeded | failed
     stale = _settle(magics, graph, session, step, state)
     value = printer.take_result()
     if state == "failed":
         if value is not None:
             views.show_output(value)
         record = _relabel_traceback(magics, result.exception)
-        raise step_failure(step, record, _failure_note(magics, step, session))
+        raise step_failure(step, record, _failure_note(step, session))
     _bind_outputs(magics, store, result)
     if stale:
         print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
@@ -176,7 +176,7 @@ def _missing_message(magics: FlowMagics, graph: Any, step: str, missing: list[st
             + ". Execute that cell first, or run the whole flow with %flow run.")
 
 
-def _failure_note(magics: FlowMagics, step: str, session: SessionRun) -> str:
+def _failure_note(step: str, session: SessionRun) -> str:
     return (f"step '{step}' failed in session run {session.flow}/{session.run_id}: "
             "fix the cell and execute it again, or use %flow resume")
 
@@ -225,9 +225,8 @@ def _relabel_traceback(magics: FlowMagics, record: dict | None) -> dict | None:
         return f"Cell In[{count}], step {match.group(2)}" if count else f"step {match.group(2)}"
 
     relabelled = dict(record)
-    for key in ("traceback",):
-        if isinstance(relabelled.get(key), str):
-            relabelled[key] = _CELL_FILENAME.sub(label, relabelled[key])
+    if isinstance(relabelled.get("traceback"), str):
+        relabelled["traceback"] = _CELL_FILENAME.sub(label, relabelled["traceback"])
     if isinstance(relabelled.get("traceback_lines"), list):
         relabelled["traceback_lines"] = [_CELL_FILENAME.sub(label, ln) for ln in relabelled["traceback_lines"]]
     return relabelled

@@ -7,7 +7,8 @@ widget problem never fails a step or a run.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 if TYPE_CHECKING:
     from flowmagic.magics.extension import FlowMagics
@@ -77,7 +78,7 @@ def refresh_view(magics: FlowMagics, graph: Any) -> None:
     _quietly(push)
 
 
-def on_state(magics: FlowMagics, graph: Any, event: Any) -> None:
+def on_state(magics: FlowMagics, event: Any) -> None:
     """A task/run event of a step executed by hand, for the session view."""
     if magics.view is not None and event.kind == "task":
         _quietly(lambda: magics.view.on_event(event))

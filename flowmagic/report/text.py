@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from typing import Any
 
 from flowmagic.states import TASK_FINISHED_OK, TASK_REUSED
 from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
@@ -17,7 +18,7 @@ def format_options(options: StepOptions) -> str:
     if options.retry:
         words += ["--retry", str(options.retry)]
     if options.timeout is not None:
-        words += ["--timeout", _number(options.timeout)]
+        words += ["--timeout", format_number(options.timeout)]
     for key in ("foreach", "catch", "pypi", "conda"):
         value = getattr(options, key)
         if value is not None:
@@ -29,7 +30,8 @@ def format_options(options: StepOptions) -> str:
     return " ".join(words)
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
+    """``3.0`` -> ``"3"``, ``2.5`` -> ``"2.5"``: numbers as a user typed them."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -158,11 +160,11 @@ class RunPrinter:
             total = counts[1]
             self.out.write(f"Step {event.step} started" + (f" ({total} tasks)" if total != 1 else "") + "\n")
         elif state == "retrying":
-            self._line(event, f"attempt {event.attempt + 1} failed: {_exception_line(event.data)}; retrying")
+            self._line(event, f"attempt {event.attempt + 1} failed: {exception_line(event.data)}; retrying")
         elif state == "failed":
-            self._line(event, f"failed: {_exception_line(event.data)}")
+            self._line(event, f"failed: {exception_line(event.data)}")
         elif state == "caught":
-            self._line(event, f"failed, caught: {_exception_line(event.data)}")
+            self._line(event, f"failed, caught: {exception_line(event.data)}")
         elif state == "interrupted":
             self._line(event, "interrupted")
         elif state == "cancelled":
@@ -194,7 +196,8 @@ class RunPrinter:
         self.out.write(f"[{event.label}] {text}\n")
 
 
-def _exception_line(data: dict | None) -> str:
+def exception_line(data: dict | None) -> str:
+    """``Type: last line of the message`` of an event's exception record."""
     exc = (data or {}).get("exception") or {}
     message = (exc.get("message") or "").strip().splitlines()
     return f"{exc.get('type', 'error')}: {message[-1] if message else ''}".rstrip(": ")
@@ -214,16 +217,18 @@ def render_run_summary(result, notebook: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(flow: str, runs) -> str:
+def render_status(document: dict) -> str:
+    """The text of a status document (:func:`flowmagic.services.status_document`)."""
+    flow, runs = document["flow"], document["runs"]
     if not runs:
         return f"Flow {flow}: no runs yet\n"
     rows = [("RUN", "STATUS", "STARTED", "TIME", "TAGS")]
     for r in runs:
-        took = (r.finished_at - r.started_at) if r.finished_at else None
-        kind = " (session)" if r.interactive else ""
-        origin = f" (resume of {r.origin_run_id})" if r.origin_run_id else ""
-        rows.append((str(r.run_id), r.status + kind + origin, _when(r.started_at), _seconds(took),
-                     ", ".join(r.tags) or "-"))
+        took = (r["finished_at"] - r["started_at"]) if r["finished_at"] else None
+        kind = " (session)" if r["interactive"] else ""
+        origin = f" (resume of {r['origin_run_id']})" if r["origin_run_id"] else ""
+        rows.append((str(r["run_id"]), r["status"] + kind + origin, _when(r["started_at"]), _seconds(took),
+                     ", ".join(r["tags"]) or "-"))
     return f"Flow {flow}\n" + _table(rows)
 
 
@@ -258,7 +263,13 @@ def format_size(size: int | None) -> str:
     return f"{size} B"
 
 
-def render_dump(flow: str, run_id: int, rows: list[dict]) -> str:
+def render_dump(document: dict) -> str:
+    """The text of a dump document (:func:`flowmagic.services.dump_document`), outputs aside."""
+    return _render_artifacts(document["flow"], document["run_id"], document["artifacts"]) \
+        + render_environments(document.get("environments") or {})
+
+
+def _render_artifacts(flow: str, run_id: int, rows: list[dict]) -> str:
     """rows: {"step", "task", "name", "type", "size", "preview"}."""
     lines = [f"Run {flow}/{run_id}"]
     table = [("STEP/TASK", "NAME", "TYPE", "SIZE", "VALUE")]
@@ -267,7 +278,12 @@ def render_dump(flow: str, run_id: int, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + (_table(table) if rows else "no artifacts\n")
 
 
-def render_logs(flow: str, run_id: int, tasks: list[dict]) -> str:
+def render_logs(document: dict) -> str:
+    """The text of a logs document (:func:`flowmagic.services.logs_document`)."""
+    return _render_attempts(document["flow"], document["run_id"], document["tasks"])
+
+
+def _render_attempts(flow: str, run_id: int, tasks: list[dict]) -> str:
     """tasks: {"step", "task", "index", "attempts": [{"attempt", "outcome", "stdout", "stderr", "exception"}]}."""
     out = []
     for task in tasks:
@@ -283,3 +299,31 @@ def render_logs(flow: str, run_id: int, tasks: list[dict]) -> str:
                 out.append("-- exception")
                 out.append(a["exception"]["traceback"].rstrip("\n"))
     return "\n".join(out) + "\n" if out else "no logs\n"
+
+
+def render_environments(environments: dict[str, dict]) -> str:
+    """Text lines for `dump`: each step's environment and its packages."""
+    lines = []
+    for step, record in environments.items():
+        lines.append(f"environment of step {step}: --{record['kind']} \"{' '.join(record['requested'])}\" "
+                     f"(python {record['python']}, {record['key']})")
+        lines.append("  " + " ".join(record["packages"]))
+    return "".join(line + "\n" for line in lines)
+
+
+def render_outputs(objects: Any, outputs: list[dict]) -> str:
+    """The text of a dump document's ``"outputs"``: each task's rich outputs (text, saved image paths)."""
+    from flowmagic.store.outputs import describe_outputs
+
+    if not outputs:
+        return "no outputs\n"
+    lines = []
+    for task in outputs:
+        lines.append(f"Outputs of {task['step']}/{task['task']}")
+        lines.extend(describe_outputs(objects, task["outputs"]))
+    return "\n".join(lines) + "\n"
+
+
+def render_tags(document: dict) -> str:
+    """The text of a tag document: the run's tags after the change."""
+    return (" ".join(document["tags"]) or "(no tags)") + "\n"

@@ -12,8 +12,8 @@ from typing import Any
 
 import traitlets
 
-from flowmagic.runtime.environments.builder import environments_of_run
 from flowmagic.states import TASK_WENT_WRONG
+from flowmagic.store.environments import environments_of_run
 from flowmagic.store.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks

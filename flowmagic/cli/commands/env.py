@@ -10,21 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK = 0
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["list", "prune"],
-                        help="list: the cached environments; prune: delete them (see --unused-days)")
-    parser.add_argument("notebook", nargs="?", default=None,
-                        help="a .ipynb file whose store to use (default: $FLOWMAGIC_HOME or ./.flowmagic)")
-    parser.add_argument("--unused-days", type=float, default=0.0, metavar="DAYS",
-                        help="prune: only environments not used for DAYS days (default 0: all)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+from flowmagic.cli.base import EXIT_OK, print_json
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowmagic.cli.main import print_json
     from flowmagic.runtime.environments.builder import list_environments, prune_environments
 
     root = _store_root(args.notebook)
@@ -33,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"store": str(root), "environments": [e.to_json() for e in envs]})
         else:
-            sys.stdout.write(render_environments(envs, root))
+            sys.stdout.write(render_cached_environments(envs, root))
         return EXIT_OK
     removed = prune_environments(root, unused_for_days=args.unused_days)
     if args.json:
@@ -43,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def render_environments(envs, root: Path) -> str:
+def render_cached_environments(envs, root: Path) -> str:
+    """One line per cached environment: key, request, size, packages, last use."""
     if not envs:
         return f"no environments in {root / 'envs'}\n"
     lines = []
@@ -55,10 +45,6 @@ def render_environments(envs, root: Path) -> str:
 
 
 def _store_root(notebook: str | None) -> Path:
-    if notebook is not None:
-        from flowmagic.notebook import store_root_for
+    from flowmagic.store.paths import store_root_for
 
-        return store_root_for(notebook)
-    from flowmagic.store import store_root
-
-    return store_root()
+    return store_root_for(notebook)

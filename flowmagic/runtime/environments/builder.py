@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from flowmagic.errors import FlowDefinitionError, RunError
 from flowmagic.runtime.environments.prelude import prelude_for_environment
+from flowmagic.store.environments import recorded_environments
 
 EnvKind = Literal["pypi", "conda"]
 
@@ -281,11 +282,6 @@ def record_environment(meta: Any, flow: str, run_id: int, step: str, env: Enviro
     meta.set_run_graph(flow, run_id, graph=graph)
 
 
-def recorded_environments(run: Any) -> dict[str, dict]:
-    """step -> environment record (kind, requested, key, python, packages) of a RunRecord."""
-    return dict((getattr(run, "graph", None) or {}).get("environments") or {})
-
-
 def graph_with_environments(graph: Any, run: Any) -> dict:
     """``graph.to_json()`` keeping the run's environment records of steps that still have one.
 
@@ -298,23 +294,6 @@ def graph_with_environments(graph: Any, run: Any) -> dict:
     if kept:
         document["environments"] = kept
     return document
-
-
-def environments_of_run(meta: Any, flow: str, run_id: int, steps: Iterable[str] | None = None) -> dict[str, dict]:
-    """The recorded environments of a run (optionally only of ``steps``), for `dump` and the inspector."""
-    recorded = recorded_environments(meta.get_run(flow, run_id))
-    wanted = None if steps is None else set(steps)
-    return {step: record for step, record in sorted(recorded.items()) if wanted is None or step in wanted}
-
-
-def render_environments(environments: dict[str, dict]) -> str:
-    """Text lines for `dump`: each step's environment and its packages."""
-    lines = []
-    for step, record in environments.items():
-        lines.append(f"environment of step {step}: --{record['kind']} \"{' '.join(record['requested'])}\" "
-                     f"(python {record['python']}, {record['key']})")
-        lines.append("  " + " ".join(record["packages"]))
-    return "".join(line + "\n" for line in lines)
 
 
 def check_environment_tools(steps: Iterable[Any]) -> None:
@@ -487,9 +466,7 @@ def _install_source_link(env: Path) -> None:
 
 def _link_flowmagic(env: Path) -> None:
     """Point ``<env>/flowmagic-src/flowmagic`` at this process's flowmagic, atomically."""
-    import flowmagic
-
-    target = str(Path(flowmagic.__file__).resolve().parent)
+    target = str(Path(__file__).resolve().parents[2])   # flowmagic/, found without importing the facade
     link = env / SOURCE_LINK_DIR / "flowmagic"
     try:
         if os.readlink(link) == target:
