@@ -14,7 +14,8 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 

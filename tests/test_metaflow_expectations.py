@@ -273,7 +273,6 @@ def test_the_catch_variable_reads_the_same_in_metaflow(tmp_path):
 
 @pytest.mark.metaflow
 def test_an_unpicklable_value_no_step_reads_does_not_stop_metaflow(tmp_path):
-    import subprocess
 
     from flowmagic.export import export_notebook
     from test_export_metaflow import metaflow, metaflow_env

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from collections.abc import Iterator
 
 from flowmagic.errors import NotFoundError
@@ -233,7 +233,7 @@ class Run(_ClientObject):
         return Step._make(self, (sinks or names)[-1]).task
 
     @property
-    def data(self) -> "RunData | None":
+    def data(self) -> RunData | None:
         """The namespace a Run All of the notebook would leave, as ``run.data.NAME``.
 
         In Metaflow the end task carries every upstream artifact, so
@@ -266,7 +266,7 @@ class RunData:
         object.__setattr__(self, "_run", run)
         object.__setattr__(self, "_sources", None)
 
-    def _writers(self) -> dict[str, "Task | None"]:
+    def _writers(self) -> dict[str, Task | None]:
         """name -> the task whose artifact it is (None: a parameter)."""
         if self._sources is None:
             sources: dict[str, Task | None] = {name: None for name in self._run.parameters}

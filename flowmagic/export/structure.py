@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from flowmagic.flow.graph import FlowGraph
 from flowmagic.errors import FlowDefinitionError
@@ -67,7 +67,7 @@ class Parallel:
     parts: tuple[Block, ...]
 
 
-Block = Union[Step, Series, Parallel]
+Block = Step | Series | Parallel
 
 
 def reachability(graph: FlowGraph) -> dict[str, set[str]]:

@@ -471,12 +471,12 @@ class _CellVisitor:
         from IPython.utils.text import DollarFormatter  # IPython's own expansion rules
 
         try:
-            fields = [field for _, field, _, _ in DollarFormatter().parse(command) if field]
+            fields = [text for _, text, _, _ in DollarFormatter().parse(command) if text]
         except ValueError:
             return
-        for field in fields:
+        for text in fields:
             try:
-                expression = ast.parse(field.strip(), mode="eval")
+                expression = ast.parse(text.strip(), mode="eval")
             except SyntaxError:
                 continue
             ast.increment_lineno(expression, node.lineno - 1)

@@ -528,7 +528,8 @@ class _Resolver:
         if producer is not None:
             return producer
         if var in self.params:
-            advice = f"a parameter cannot be iterated over directly: in an earlier step write `{var}_items = list({var})`"
+            advice = ("a parameter cannot be iterated over directly: "
+                      f"in an earlier step write `{var}_items = list({var})`")
         elif (later := self._later_writer(draft, var)) is not None:
             advice = f"step {later[0]!r} (cell {later[1]}) writes it further down: move this step below it"
         else:

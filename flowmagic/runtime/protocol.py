@@ -3,8 +3,8 @@
 The orchestrator sends a task process one :class:`TaskSpec` (JSON over the
 fork server's channel); the task sends back :class:`Manifest` (one JSON
 line, after its output messages). Every failure anywhere in the runtime is
-one :class:`ExceptionRecord`. The engine's worker threads post
-:data:`EngineMessage` records to its queue.
+one :class:`ExceptionRecord`. (The engine's own queue messages, which never
+leave the orchestrator, are in :mod:`flowmagic.runtime.orchestrator.messages`.)
 
 The JSON is the wire and the store format: ``to_json()`` writes exactly the
 keys earlier releases wrote (an exception record is stored with each
@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import traceback as _traceback
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Mapping, Union
-
-if TYPE_CHECKING:
-    from flowmagic.runtime.orchestrator.attempt import AttemptExit
-    from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from typing import Any
+from collections.abc import Mapping
 
 
 @dataclass(frozen=True)
@@ -35,12 +32,12 @@ class ExceptionRecord:
     line: int | None = None
 
     @classmethod
-    def plain(cls, type_name: str, message: str) -> "ExceptionRecord":
+    def plain(cls, type_name: str, message: str) -> ExceptionRecord:
         """A failure of flowmagic's own (a timeout, a dead process): no frames to show."""
         return cls(type_name, message, f"{type_name}: {message}\n")
 
     @classmethod
-    def of(cls, exc: BaseException) -> "ExceptionRecord":
+    def of(cls, exc: BaseException) -> ExceptionRecord:
         """A Python exception with its full traceback."""
         text = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
         return cls(type(exc).__name__, str(exc), text)
@@ -60,7 +57,7 @@ class ExceptionRecord:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any] | None) -> "ExceptionRecord | None":
+    def from_json(cls, data: Mapping[str, Any] | None) -> ExceptionRecord | None:
         if not data:
             return None
         lines = data.get("traceback_lines")
@@ -68,7 +65,7 @@ class ExceptionRecord:
                    tuple(lines) if lines is not None else None, data.get("line"))
 
 
-def exception_json(record: "ExceptionRecord | None") -> dict | None:
+def exception_json(record: ExceptionRecord | None) -> dict | None:
     """The stored form of an optional record."""
     return record.to_json() if record is not None else None
 
@@ -111,7 +108,7 @@ class TaskSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TaskSpec":
+    def from_json(cls, data: Mapping[str, Any]) -> TaskSpec:
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         for key in ("index", "writes", "required", "foreach_vars"):
             values[key] = tuple(values.get(key) or ())
@@ -144,50 +141,8 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
         return cls(str(data.get("outcome", "failed")), list(data.get("artifacts") or []),
                    ExceptionRecord.from_json(data.get("exception")), list(data.get("outputs") or []),
                    dict(data.get("foreach") or {}), list(data.get("warnings") or []),
                    list(data.get("not_persisted") or []), data.get("caught"))
-
-
-# -- the engine's queue: what its worker threads post to the orchestrator's thread -------------
-
-
-@dataclass(frozen=True)
-class TaskOutput:
-    """A chunk of a task's stdout or stderr."""
-
-    info: "TaskInfo"
-    attempt: int
-    stream: str
-    text: str
-
-
-@dataclass(frozen=True)
-class TaskMessage:
-    """A channel message of a running task (a rich output)."""
-
-    info: "TaskInfo"
-    attempt: int
-    message: dict
-
-
-@dataclass(frozen=True)
-class AttemptFinished:
-    """An attempt ended (its process exited, was killed, or never started)."""
-
-    info: "TaskInfo"
-    attempt: int
-    result: "AttemptExit"
-
-
-@dataclass(frozen=True)
-class EnvironmentBuilt:
-    """A step's --pypi/--conda environment build ended: (env, server), or the error."""
-
-    step: str
-    result: Any   # tuple[Environment, ForkServer] | BaseException
-
-
-EngineMessage = Union[TaskOutput, TaskMessage, AttemptFinished, EnvironmentBuilt]

@@ -18,7 +18,8 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from flowmagic.errors import NotFoundError, StoreError
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
@@ -364,7 +365,7 @@ class Metadata:
         return NotFoundError(f"run {flow}/{run_id} does not exist; runs of {flow}: {shown or '(none)'}")
 
 
-_instances: "weakref.WeakSet[Metadata]" = weakref.WeakSet()
+_instances: weakref.WeakSet[Metadata] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:

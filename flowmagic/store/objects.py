@@ -17,7 +17,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
+from collections.abc import Callable, Iterator
 
 import xxhash
 
@@ -179,7 +180,7 @@ class ObjectStore:
         os.chmod(tmp, 0o444)  # immutable by convention: read-only once published
         os.replace(tmp, final)
 
-    def _temp_file(self) -> "_TempFile":
+    def _temp_file(self) -> _TempFile:
         return _TempFile(self.tmp_dir)
 
 

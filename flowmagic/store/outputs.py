@@ -22,7 +22,8 @@ import base64
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 from flowmagic.errors import NotFoundError, UsageError
 
@@ -44,7 +45,7 @@ class OutputLimits:
     svg_max_bytes: int = 256 * 1024    # figures also carry SVG only when it is this small
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OutputLimits":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OutputLimits:
         """The defaults, or sizes in MB from ``FLOWMAGIC_OUTPUT_MAX_MB`` (one output)
         and ``FLOWMAGIC_OUTPUTS_MAX_MB`` (a task's total)."""
         environ = os.environ if environ is None else environ
@@ -140,7 +141,8 @@ class OutputBudget:
         """The output to keep (trimmed, or a note in its place), or None to drop it silently."""
         output = self._trim_items(output)
         size = sum(payload_size(v) for v in output["data"].values())
-        if output["type"] == "update_display" and not self._told_full and self.total + size <= self.limits.max_total_bytes:
+        fits = self.total + size <= self.limits.max_total_bytes
+        if output["type"] == "update_display" and not self._told_full and fits:
             self.total += size  # a progress display updated many times is still one output
             return output
         if self.count >= self.limits.max_outputs or self.total + size > self.limits.max_total_bytes:

@@ -66,7 +66,7 @@ class ArtifactRef:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ArtifactRef":
+    def from_dict(cls, d: dict) -> ArtifactRef:
         return cls(name=d["name"], type=d["type"], size=int(d["size"]), hash=d["hash"],
                    serializer=d["serializer"], inline=d.get("inline"))
 

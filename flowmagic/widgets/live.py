@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from flowmagic.states import (STEP_STATES, TASK_ACTIVE, TASK_FINISHED_BAD, TASK_FINISHED_OK, TASK_TERMINAL,
                               TASK_WENT_WRONG, StepState, task_successful)  # noqa: F401 - StepState re-exported

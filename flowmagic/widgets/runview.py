@@ -7,7 +7,8 @@ store at most once a second as tasks finish.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import traitlets
 

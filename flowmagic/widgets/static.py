@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 _MAX_EDGE_VARIABLES = 3
 # (border, fill) per state: fixed colours, because the SVG leaves the page's

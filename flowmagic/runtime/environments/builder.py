@@ -56,7 +56,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
+from collections.abc import Callable, Iterable
 
 from flowmagic.errors import FlowDefinitionError, RunError
 from flowmagic.runtime.environments.prelude import prelude_for_environment
@@ -90,7 +91,7 @@ _RECORD_VERSION = 2   # part of the key: a new layout builds new environments
 class EnvironmentBuildError(RunError):
     """An environment could not be resolved or built; the message carries the tool's own output."""
 
-    def __init__(self, message: str, *, step: str | None = None, spec: "EnvSpec | None" = None) -> None:
+    def __init__(self, message: str, *, step: str | None = None, spec: EnvSpec | None = None) -> None:
         self.step = step
         self.spec = spec
         prefix = f"step '{step}': " if step else ""
@@ -108,7 +109,7 @@ class EnvSpec:
     interpreter: str = field(default_factory=lambda: os.path.realpath(sys.executable))
 
     @classmethod
-    def from_options(cls, options: Any, *, step: str | None = None) -> "EnvSpec | None":
+    def from_options(cls, options: Any, *, step: str | None = None) -> EnvSpec | None:
         """The environment a step's options ask for (``options.pypi`` / ``.conda``), or None."""
         pypi = getattr(options, "pypi", None)
         conda = getattr(options, "conda", None)
@@ -212,7 +213,7 @@ def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
     return f"{requirement}=={version}" if kind == "pypi" else f"{requirement}={version}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_version(distribution: str) -> str | None:
     """Cached: importlib.metadata scans every path entry, a few ms per call."""
     import importlib.metadata   # here: ~20 ms that a flow without environments never needs

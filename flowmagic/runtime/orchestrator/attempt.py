@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.runtime.worker.forkpool import ForkServer, TaskProcess

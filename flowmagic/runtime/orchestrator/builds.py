@@ -1,18 +1,18 @@
 """The fork server of each step, and the --pypi/--conda environments being built for them.
 
 A first build takes seconds to minutes: it runs on a thread of its own and
-posts :class:`~flowmagic.runtime.protocol.EnvironmentBuilt` to the engine's
+posts :class:`~flowmagic.runtime.orchestrator.messages.EnvironmentBuilt` to the engine's
 queue, so other tasks start, stream their output and finish meanwhile.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
-from flowmagic.runtime.protocol import EngineMessage, EnvironmentBuilt
+from flowmagic.runtime.orchestrator.messages import EngineMessage, EnvironmentBuilt
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 
 Waiting = list[tuple[TaskInfo, int]]
@@ -57,7 +57,7 @@ class StepServers:
             result = exc
         self.post(EnvironmentBuilt(step, result))
 
-    def built(self, step: str, result: "tuple | BaseException") -> tuple[Waiting, object | None]:
+    def built(self, step: str, result: tuple | BaseException) -> tuple[Waiting, object | None]:
         """The attempts that waited for ``step``, and its environment (None if the build failed)."""
         waiting = self.building.pop(step, [])
         if isinstance(result, BaseException):

@@ -42,7 +42,8 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
             continue
         if any(run.params.get(name) != engine.params.get(name) for name in param_names):
             continue
-        from flowmagic.runtime.orchestrator.engine import _known_task, latest_generation
+        from flowmagic.runtime.orchestrator.engine import _known_task
+        from flowmagic.store.metadata import latest_generation
 
         candidates = [t for t in latest_generation(meta.tasks(graph.name, run.run_id, step))
                       if tuple(t.index or ()) == index and t.state in _REUSABLE]

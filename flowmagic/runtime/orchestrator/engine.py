@@ -30,13 +30,13 @@ from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
 from flowmagic.runtime.orchestrator.events import EventHandler
 from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
-from flowmagic.runtime.protocol import (AttemptFinished, EngineMessage, EnvironmentBuilt, ExceptionRecord, Manifest,
-                                        TaskMessage, TaskOutput, TaskSpec, exception_json)
+from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
+                                                     TaskOutput)
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.results import RunResult
-from flowmagic.store.metadata import latest_generation
 from flowmagic.store.serializers import ArtifactRef, save_artifact
 
 # Seconds before a failed attempt is retried (Metaflow waits minutes): long
@@ -237,7 +237,7 @@ class _Engine:
         for info, _attempt in [*self.queue.drain(), *self.servers.stop()]:
             self.record.task_state(info, state, data=data)
 
-    def _environment_ready(self, step: str, result: "tuple | BaseException") -> None:
+    def _environment_ready(self, step: str, result: tuple | BaseException) -> None:
         waiting, env = self.servers.built(step, result)
         if env is not None:
             # the package list the step ran with, kept with the run (dump, the inspector)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
+from collections.abc import Callable
 
 EventKind = Literal[
     "run",      # the run changed status: state is a RunStatus ("running", "succeeded", ...)

@@ -35,7 +35,7 @@ import functools
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from flowmagic.runtime.protocol import ExceptionRecord
 

@@ -12,7 +12,8 @@ from flowmagic.errors import RunError, UsageError
 from flowmagic.states import task_successful
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.engine import RETRY_DELAY, _Engine, _known_task, latest_generation  # noqa: F401
+from flowmagic.runtime.orchestrator.engine import _Engine, _known_task
+from flowmagic.store.metadata import latest_generation
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
@@ -156,7 +157,7 @@ def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
     return info
 
 
-def _gathered_refs(engine: "_Engine", step: str) -> dict[str, Any]:
+def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
     tasks = engine.tasks[step]
     names = sorted({n for t in tasks for n in t.artifacts})
     depth = len(engine.chain[step])

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from io import StringIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from flowmagic.errors import UsageError
 from flowmagic.runtime.protocol import ExceptionRecord

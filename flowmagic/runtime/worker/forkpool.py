@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from flowmagic.runtime.worker.forkserver import (
     _MAX_MESSAGE, DEFAULT_PRELOAD, TASK_ENTRY, ForkServerDied, PreludeError, _close_quietly,
@@ -35,7 +35,7 @@ class TaskProcess:
     stderr: int
     status: int            # "exit STATUS" arrives here
     channel: socket.socket  # spec in, manifest and display messages out
-    server: "ForkServer"
+    server: ForkServer
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the task's whole process group (through the server, race-free)."""
@@ -57,7 +57,7 @@ class ForkServer:
     flow_modules: tuple[str, ...] = ()  # imported before the prelude (forkserver.flow_preload)
     cwd: str | None = None
     env: dict[str, str] | None = None
-    proc: "subprocess.Popen | ForkedProcess | None" = None
+    proc: subprocess.Popen | ForkedProcess | None = None
     ctrl: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
@@ -66,7 +66,7 @@ class ForkServer:
     def key(self) -> tuple[str, str]:
         return (self.python, prelude_hash(self.prelude))
 
-    def start(self) -> "ForkServer":
+    def start(self) -> ForkServer:
         # PDEATHSIG fires when the *thread* that forked the server exits, so
         # the server is always started by one long-lived thread.
         _on_spawner_thread(self._start)
@@ -96,7 +96,7 @@ class ForkServer:
             while True:
                 try:
                     data = self.ctrl.recv(_MAX_MESSAGE)
-                except socket.timeout:
+                except TimeoutError:
                     if self.proc.poll() is not None:
                         raise ForkServerDied(
                             f"the fork server ({self.python}) exited with status {self.proc.returncode} "
@@ -211,7 +211,7 @@ def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket
     return proc, parent
 
 
-_prestarted: dict[str, tuple["subprocess.Popen | ForkedProcess", socket.socket]] = {}   # interpreter -> server
+_prestarted: dict[str, tuple[subprocess.Popen | ForkedProcess, socket.socket]] = {}   # interpreter -> server
 
 
 def preload_in_every_server(modules: tuple[str, ...]) -> None:
@@ -245,7 +245,7 @@ def prestart(python: str | None = None, preload_modules: tuple[str, ...] | None 
         _on_spawner_thread(lambda: _prestarted.setdefault(python, _launch(python, preload_modules, None)))
 
 
-def _fork_launch(preload_modules) -> tuple["ForkedProcess", socket.socket]:
+def _fork_launch(preload_modules) -> tuple[ForkedProcess, socket.socket]:
     """The fork server as a child of this process, set up as _launch's would be."""
     from flowmagic.runtime.worker.forkserver import main
 
@@ -314,7 +314,7 @@ def prelude_hash(prelude: str) -> str:
 
 # -- one long-lived thread starts every server --------------------------------
 
-_spawn_requests: "queue.Queue[tuple[Callable[[], None], queue.Queue]]" = queue.Queue()
+_spawn_requests: queue.Queue[tuple[Callable[[], None], queue.Queue]] = queue.Queue()
 _spawner: threading.Thread | None = None
 _spawner_lock = threading.Lock()
 

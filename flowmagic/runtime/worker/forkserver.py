@@ -42,7 +42,8 @@ import socket
 import sys
 import traceback
 import types
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from flowmagic.errors import RunError
 from flowmagic.runtime.protocol import ExceptionRecord
@@ -317,7 +318,7 @@ class _Server:
         os.dup2(err_w, 2)
         for fd in (devnull, out_w, err_w):
             os.close(fd)
-        sys.stdin = open(0, "r", closefd=False)
+        sys.stdin = open(0, closefd=False)
         # Line buffered, so output streams live to the orchestrator.
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
@@ -461,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
 
 # The orchestrator's side (TaskProcess, ForkServer, get_server, prestart...)
 # lives in forkpool.py; these names stay importable from here.
-_POOL_NAMES = frozenset({'TaskProcess', 'ForkServer', 'prestart', 'get_server', 'close_all', 'has_server', 'prelude_hash'})
+_POOL_NAMES = frozenset({'TaskProcess', 'ForkServer', 'prestart', 'get_server', 'close_all', 'has_server',
+                         'prelude_hash'})
 
 
 def __getattr__(name: str):

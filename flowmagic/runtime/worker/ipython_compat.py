@@ -18,7 +18,7 @@ class NamespaceModule:
     """
 
     @classmethod
-    def over(cls, namespace: dict[str, Any]) -> "NamespaceModule":
+    def over(cls, namespace: dict[str, Any]) -> NamespaceModule:
         module = cls()
         module.__dict__ = namespace
         return module

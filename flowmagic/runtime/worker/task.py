@@ -17,7 +17,8 @@ import json
 import socket
 import sys
 import types
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from flowmagic.errors import SerializationError
 from flowmagic.flow.catch import caught_exception
