@@ -268,7 +268,7 @@ class DataArtifact(_ClientObject):
     @property
     def data(self) -> Any:
         if self._value is self._UNLOADED:
-            self._value = load_artifact(self._store.objects, self._ref)
+            self._value = load_artifact(self._store.objects, self._ref, step=self._task._record.step)
         return self._value
 
     @property

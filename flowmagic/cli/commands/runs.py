@@ -253,7 +253,7 @@ def collect_dump(store, flow: str, args: argparse.Namespace):
                 row["preview"] = "(not saved)"
             elif not args.json:
                 try:
-                    row["preview"] = preview(load_artifact(store.objects, ref))
+                    row["preview"] = preview(load_artifact(store.objects, ref, step=task.step))
                 except Exception as exc:  # noqa: BLE001 - a preview must not hide the others
                     row["preview"] = f"<cannot load: {exc}>"
             rows.append(row)

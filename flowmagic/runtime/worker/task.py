@@ -101,7 +101,7 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
         if ref.serializer == UNSAVED:   # the producer could not save it: name that step
             raise SerializationError(unsaved_message(ref, binding.get("step")), variable=ref.name,
                                      type_name=ref.type, step=binding.get("step"))
-        return load_artifact(objects, ref)
+        return load_artifact(objects, ref, step=binding.get("step"))
     if "list" in binding:
         return [resolve_binding(b, objects) for b in binding["list"]]
     if "value" in binding:
