@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from flowmagic.errors import FlowmagicError, UsageError
 from flowmagic.cli.commands import env as _env_command
 from flowmagic.cli.commands import export as _export_command
+from flowmagic.cli.commands import fsck as _fsck_command
 
 EXIT_OK = 0
 EXIT_FAILED = 1   # a run that failed or was interrupted
@@ -62,6 +63,8 @@ COMMANDS: list[Subcommand] = [
                _export_command.configure, _export_command.run),
     Subcommand("env", "list or prune the cached --pypi/--conda step environments",
                _env_command.configure, _env_command.run),
+    Subcommand("fsck", "check a store: objects against their hashes, the database, references",
+               _fsck_command.configure, _fsck_command.run),
 ]
 
 

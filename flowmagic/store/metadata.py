@@ -292,6 +292,17 @@ class Metadata:
                 keys.update(_OBJECT_KEY_RE.findall(outputs))  # any key-shaped string: conservative
         return keys
 
+    def artifact_locations(self) -> list[tuple[str, str, int, str, int, str]]:
+        """``(object, flow, run_id, step, task_id, name)`` of every artifact stored as an object."""
+        return self._read(
+            "SELECT a.hash, t.flow, t.run_id, t.step, t.task_id, a.name FROM artifacts a"
+            " JOIN tasks t ON a.task_id = t.task_id WHERE a.serializer NOT IN ('inline', 'unsaved')"
+            " ORDER BY t.flow, t.run_id, t.task_id, a.name")
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check of the database file: ``["ok"]`` when sound."""
+        return [r[0] for r in self._read("PRAGMA integrity_check")]
+
     # -- read side ---------------------------------------------------------------
     def list_flows(self) -> list[str]:
         return [r[0] for r in self._read("SELECT name FROM flows ORDER BY name")]
