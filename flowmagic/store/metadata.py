@@ -114,6 +114,16 @@ class Metadata:
             conn.execute("INSERT OR IGNORE INTO schema_info VALUES ('version', ?)", (str(SCHEMA_VERSION),))
 
     def _store_error(self, exc: sqlite3.DatabaseError) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        io_error = code is not None and code & 0xFF == sqlite3.SQLITE_IOERR or "disk I/O error" in str(exc)
+        # SQLite often reports a full disk as an I/O error (a failed WAL or shm write)
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or (io_error and _disk_full(self.path)):
+            return StoreError(f"the metadata database {self.path} cannot be written: No space left on device "
+                              f"({exc}). Free some space (`flowmagic gc` removes old runs) and try again; "
+                              "the store itself is not damaged.")
+        if io_error:
+            return StoreError(f"the metadata database {self.path} cannot be written: an I/O error ({exc}); "
+                              "check the disk (space, permissions, a network file system that went away)")
         return StoreError(f"the metadata database {self.path} cannot be used ({exc}). If the file "
                           "is corrupted, move the store away (it holds your runs) and start a new one.")
 
@@ -399,6 +409,15 @@ def _json(value: Any) -> str:
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} '{value}' (expected one of: {', '.join(allowed)})")
+
+
+def _disk_full(path: Path) -> bool:
+    """Less than 1 MiB left for us on the file system holding ``path``."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _current_user() -> str | None:

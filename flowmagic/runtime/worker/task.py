@@ -27,7 +27,7 @@ import traceback
 import types
 from typing import Any, Callable
 
-from flowmagic.errors import SerializationError
+from flowmagic.errors import SerializationError, StoreError
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
 from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
@@ -200,6 +200,9 @@ def _save_writes(spec: dict, ns: dict, objects: ObjectStore, warnings: list[str]
         value = ns[name]
         try:
             refs.append(save_artifact(objects, name, value, step=spec["step"]).to_dict())
+        except StoreError as exc:  # the disk, not the value (ENOSPC, EIO): fail, never skip the name
+            return refs, not_persisted, {"type": "StoreError", "message": str(exc),
+                                         "traceback": f"StoreError: {exc}\n"}
         except Exception as exc:  # noqa: BLE001 - SerializationError and anything a writer raises
             type_name = type_name_of(value)
             if name in required:
