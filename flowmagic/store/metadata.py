@@ -17,13 +17,15 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from flowmagic.errors import NotFoundError, StoreError
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
-    OUTCOMES, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
+    OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
     Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)
+from .liveness import orchestrator_gone, this_process
 from .serializers import ArtifactRef
 
 _OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")
@@ -103,6 +105,7 @@ class Metadata:
                     f"the store at {self.path.parent} was written by a newer flowmagic (schema "
                     f"version {version}; this one knows up to {SCHEMA_VERSION}). Upgrade flowmagic, "
                     "or point FLOWMAGIC_HOME at another store.")
+            self._add_missing_columns(conn)
             return
         if tables and not has_info:
             raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
@@ -112,6 +115,19 @@ class Metadata:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO schema_info VALUES ('version', ?)", (str(SCHEMA_VERSION),))
+
+    def _add_missing_columns(self, conn: sqlite3.Connection) -> None:
+        """Additive, automatic migration: a store made before a column existed gets it."""
+        if not self._missing_columns(conn):
+            return
+        with self._write(conn):
+            for name in self._missing_columns(conn):  # again, inside the lock: another opener may have won
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_ADDED_COLUMNS[name]}")
+
+    @staticmethod
+    def _missing_columns(conn: sqlite3.Connection) -> list[str]:
+        have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        return [name for name in RUN_ADDED_COLUMNS if name not in have]
 
     def _store_error(self, exc: sqlite3.DatabaseError) -> StoreError:
         code = getattr(exc, "sqlite_errorcode", None)
@@ -164,6 +180,7 @@ class Metadata:
         """Create a running run; return its id (increasing per flow)."""
         now = time.time()
         user = user if user is not None else _current_user()
+        pid, pid_started, host = this_process()
         with self._write() as conn:
             conn.execute("INSERT OR IGNORE INTO flows (name, next_run_id, created_at) VALUES (?, 1, ?)",
                          (flow, now))
@@ -171,9 +188,10 @@ class Metadata:
             conn.execute("UPDATE flows SET next_run_id = ? WHERE name = ?", (run_id + 1, flow))
             conn.execute(
                 "INSERT INTO runs (flow, run_id, status, params, code, graph, user, interactive,"
-                " origin_run_id, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                " origin_run_id, started_at, orchestrator_pid, orchestrator_started, orchestrator_host)"
+                " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (flow, run_id, _json(params), _json(code), _json(graph) if graph is not None else None,
-                 user, int(interactive), origin_run_id, now))
+                 user, int(interactive), origin_run_id, now, pid, pid_started, host))
             conn.executemany("INSERT OR IGNORE INTO run_tags VALUES (?, ?, ?)",
                              [(flow, run_id, str(t)) for t in tags])
         return int(run_id)
@@ -326,14 +344,14 @@ class Metadata:
             args += [flow, tag]
         rows = self._read(sql + " ORDER BY run_id DESC", args)
         tags = self._tags_by_run(flow)
-        return [run_record(r, tags.get(r[1], ())) for r in rows]
+        return [_honest(run_record(r, tags.get(r[1], ()))) for r in rows]
 
     def get_run(self, flow: str, run_id: int) -> RunRecord:
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
         if not rows:
             raise self._missing_run(flow, run_id)
         tags = self._read("SELECT tag FROM run_tags WHERE flow = ? AND run_id = ? ORDER BY tag", (flow, run_id))
-        return run_record(rows[0], tuple(t[0] for t in tags))
+        return _honest(run_record(rows[0], tuple(t[0] for t in tags)))
 
     def tasks(self, flow: str, run_id: int, step: str | None = None) -> list[TaskRecord]:
         """Tasks of a run (of one step), in creation order."""
@@ -396,6 +414,14 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
+
+
+def _honest(run: RunRecord) -> RunRecord:
+    """A run still marked running whose orchestrator is gone is shown as crashed."""
+    if run.status == "running" and orchestrator_gone(run.orchestrator_pid, run.orchestrator_started,
+                                                     run.orchestrator_host):
+        return replace(run, status="crashed")
+    return run
 
 
 def _as_ref(a: ArtifactRef | dict) -> ArtifactRef:
