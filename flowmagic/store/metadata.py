@@ -182,6 +182,11 @@ class Metadata:
         user = user if user is not None else _current_user()
         pid, pid_started, host = this_process()
         with self._write() as conn:
+            if origin_run_id is not None and conn.execute(
+                    "SELECT 1 FROM runs WHERE flow = ? AND run_id = ?", (flow, origin_run_id)).fetchone() is None:
+                # gc removed it between the resume's reading it and now; once this run exists, gc spares it
+                raise NotFoundError(f"run {flow}/{origin_run_id} was removed (by gc) while a resume of it was "
+                                    "starting; nothing was run: resume another run")
             conn.execute("INSERT OR IGNORE INTO flows (name, next_run_id, created_at) VALUES (?, 1, ?)",
                          (flow, now))
             run_id = conn.execute("SELECT next_run_id FROM flows WHERE name = ?", (flow,)).fetchone()[0]
@@ -291,17 +296,40 @@ class Metadata:
                              " FROM artifacts WHERE task_id = ? AND attempt = ?", (new_id, task_id, last))
         return int(new_id)
 
-    def delete_runs(self, flow: str, run_ids: Sequence[int]) -> None:
+    def delete_runs(self, flow: str, run_ids: Sequence[int]) -> list[int]:
         """Remove runs with their tasks, attempts, logs and artifact records
-        (gc only; objects are gc's business). Run ids are not reused."""
+        (gc only; objects are gc's business). Run ids are not reused.
+
+        Live runs and the origins of live runs (a resume clones from its
+        origin) are spared, decided inside the same write transaction that a
+        new run is created in, so a starting resume and gc cannot interleave
+        badly. Returns the ids removed."""
+        removed = []
         with self._write() as conn:
+            pinned = self._live_runs_and_origins(conn, flow)
             for run_id in run_ids:
+                if int(run_id) in pinned:
+                    continue
+                removed.append(int(run_id))
                 tasks = "SELECT task_id FROM tasks WHERE flow = ? AND run_id = ?"
                 conn.execute(f"DELETE FROM artifacts WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute(f"DELETE FROM attempts WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute("DELETE FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+        return removed
+
+    @staticmethod
+    def _live_runs_and_origins(conn: sqlite3.Connection, flow: str) -> set[int]:
+        pinned = set()
+        for run_id, origin, pid, started, host in conn.execute(
+                "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host"
+                " FROM runs WHERE flow = ? AND status = 'running'", (flow,)):
+            if not orchestrator_gone(pid, started, host):
+                pinned.add(int(run_id))
+                if origin is not None:
+                    pinned.add(int(origin))
+        return pinned
 
     def referenced_objects(self, exclude_runs: Sequence[tuple[str, int]] = ()) -> set[str]:
         """Every object key a recorded artifact or stored output refers to
