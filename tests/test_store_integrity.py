@@ -116,3 +116,13 @@ def test_verifying_a_100mb_array_adds_at_most_15ms(objects: ObjectStore, monkeyp
     lazy = best_load_ms()
     print(f"100 MB array load: {lazy:.2f} ms unverified, {verified:.2f} ms verified")
     assert verified - lazy < 15.0
+
+
+def test_the_inspector_preview_of_a_damaged_frame_says_so(objects: ObjectStore) -> None:
+    from flowmagic.widgets.preview import preview_artifact
+
+    ref = save_artifact(objects, "frame", pd.DataFrame({"v": np.arange(10_000, dtype=np.float64)}))
+    assert preview_artifact(objects, ref)["kind"] == "frame"
+    flip_bit(objects.path(ref.hash))
+    shown = preview_artifact(objects, ref)
+    assert shown["kind"] == "none" and "damaged" in shown["text"]

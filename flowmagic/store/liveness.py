@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import socket
 
-import psutil
-
 # psutil derives start times from boot time and clock ticks: equal to the
 # recorded one within this tolerance for the same process
 _START_TOLERANCE_S = 1.0
@@ -15,6 +13,8 @@ _START_TOLERANCE_S = 1.0
 
 def this_process() -> tuple[int, float | None, str]:
     """``(pid, start time, host)`` of the calling process."""
+    import psutil  # here: a task in a --pypi environment imports the store, and may lack psutil
+
     pid = os.getpid()
     try:
         started: float | None = psutil.Process(pid).create_time()
@@ -28,6 +28,8 @@ def orchestrator_gone(pid: int | None, started: float | None, host: str | None) 
     (or a zombie, or another process that reuses the pid)."""
     if pid is None or host != socket.gethostname():
         return False  # an older run without a pid, or another machine's: cannot tell
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
