@@ -101,19 +101,19 @@ def _artifact_rows(store: Store, tasks: Sequence[TaskRecord], wanted: set[str], 
             row = {"step": task.step, "task": task.task_id, "name": ref.name, "type": ref.type,
                    "size": ref.size, "hash": ref.hash}
             if previews:
-                row["preview"] = _preview(store, ref)
+                row["preview"] = _preview(store, ref, task.step)
             rows.append(row)
     return rows
 
 
-def _preview(store: Store, ref: Any) -> str:
+def _preview(store: Store, ref: Any, step: str) -> str:
     from flowmagic.report.text import preview
     from flowmagic.store import load_artifact
 
     if ref.serializer == "unsaved":
         return "(not saved)"
     try:
-        return preview(load_artifact(store.objects, ref))
+        return preview(load_artifact(store.objects, ref, step=step))
     except Exception as exc:  # noqa: BLE001 - a preview must not hide the others
         return f"<cannot load: {exc}>"
 

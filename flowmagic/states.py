@@ -18,6 +18,7 @@ RunState = Literal[
     "succeeded",    # every step finished OK
     "failed",       # a task failed and nothing caught it; the run stopped
     "interrupted",  # stopped by the user (Ctrl-C, the notebook's stop button)
+    "crashed",      # never written: a `running` run whose orchestrator process is gone (computed on read)
 ]
 
 TaskState = Literal[
@@ -52,7 +53,7 @@ TASK_STATES: tuple[str, ...] = get_args(TaskState)
 STEP_STATES: tuple[str, ...] = get_args(StepState)
 
 # --- runs
-RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "interrupted"})
+RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "interrupted", "crashed"})
 
 # --- tasks
 # Its artifacts are saved: steps downstream may read them; the task is successful.

@@ -15,6 +15,7 @@ from flowmagic.cli import options
 from flowmagic.cli.base import EXIT_OK, EXIT_USAGE, ConsoleParser, print_json
 from flowmagic.cli.commands import env as env_command
 from flowmagic.cli.commands import export as export_command
+from flowmagic.cli.commands import fsck as fsck_command
 from flowmagic.cli.commands import runs as runs_commands
 from flowmagic.errors import FlowmagicError, UsageError
 
@@ -32,7 +33,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "show": run_show, "export": export_command.run, "env": env_command.run, **runs_commands.RUNNERS,
+    "show": run_show, "export": export_command.run, "env": env_command.run, "fsck": fsck_command.run,
+    **runs_commands.RUNNERS,
 }
 
 

@@ -98,6 +98,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         option("pathspec", metavar="RUN/STEP[/TASK]"),
         JSON,
     )),
+    Command("fsck", "check a store: objects against their hashes, the database, references", (
+        option("path", nargs="?", default=None,
+               help="a notebook (its store) or a store directory (default: $FLOWMAGIC_HOME or ./.flowmagic)"),
+        option("--repair", action="store_true",
+               help="quarantine damaged objects, so the next run that produces them writes them anew"),
+        JSON,
+    )),
     Command("gc", "remove stored objects no run refers to", (
         notebook("the .ipynb file (its store is collected)"),
         option("--keep", type=int, default=None, metavar="N",

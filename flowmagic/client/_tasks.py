@@ -289,7 +289,7 @@ class DataArtifact(_ClientObject):
     def data(self) -> Any:
         """The stored value, loaded on first access (memory-mapped for Arrow data) and kept."""
         if self._value is self._UNLOADED:
-            self._value = load_artifact(self._store.objects, self._ref)
+            self._value = load_artifact(self._store.objects, self._ref, step=self._task._record.step)
         return self._value
 
     @property

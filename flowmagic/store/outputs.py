@@ -26,6 +26,7 @@ from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 
 from flowmagic.errors import NotFoundError, UsageError
+from flowmagic.store.objects import DamagedObjectError
 
 #: mimetypes whose payload is binary, carried as base64 text in bundles.
 BINARY_MIMETYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf"})
@@ -253,6 +254,10 @@ def _load_one(objects: Any, ref: dict) -> dict:
             continue
         try:
             raw = objects.get_bytes(item["object"])
+        except DamagedObjectError:
+            missing.append(f"{_NOTE_PREFIX} the {mime} form of this output is damaged in the store "
+                           f"(object {item['object']}, now quarantined).")
+            continue
         except (NotFoundError, OSError):
             missing.append(f"{_NOTE_PREFIX} the {mime} form of this output is missing from the store "
                            f"(object {item['object']}).")

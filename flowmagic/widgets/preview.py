@@ -40,6 +40,7 @@ def preview_artifact(objects: Any, ref: Any) -> dict:
         if ref.serializer == "inline":
             value = json.loads(ref.inline) if ref.inline is not None else None
             return {"kind": "text", "text": cut(repr(value))}
+        objects.map(ref.hash).close()  # verified first: a damaged object is "no preview", never wrong values
         path = Path(objects.open_path(ref.hash))
         if ref.serializer in _ARROW_TABLES:
             return frame_preview(path)

@@ -20,7 +20,7 @@ import types
 from typing import Any
 from collections.abc import Callable
 
-from flowmagic.errors import SerializationError
+from flowmagic.errors import SerializationError, StoreError
 from flowmagic.flow.catch import caught_exception
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.store.content_hash import content_hash
@@ -99,7 +99,7 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
         if ref.serializer == UNSAVED:   # the producer could not save it: name that step
             raise SerializationError(unsaved_message(ref, binding.get("step")), variable=ref.name,
                                      type_name=ref.type, step=binding.get("step"))
-        return load_artifact(objects, ref)
+        return load_artifact(objects, ref, step=binding.get("step"))
     if "list" in binding:
         return [resolve_binding(b, objects) for b in binding["list"]]
     if "value" in binding:
@@ -189,6 +189,8 @@ def _save_writes(spec: TaskSpec, ns: dict, objects: ObjectStore, warnings: list[
         value = ns[name]
         try:
             refs.append(save_artifact(objects, name, value, step=spec.step).to_dict())
+        except StoreError as exc:  # the disk, not the value (ENOSPC, EIO): fail, never skip the name
+            return refs, not_persisted, ExceptionRecord.plain("StoreError", str(exc))
         except Exception as exc:  # noqa: BLE001 - SerializationError and anything a writer raises
             type_name = type_name_of(value)
             if name in required:
