@@ -1,6 +1,6 @@
 """How fast is DAG inference? A 500-cell notebook (half steps, varied code).
 
-Times ``flowmagic.dag.build_flow`` on it (median of several runs, after one
+Times ``flowmagic.flow.graph.build_flow`` on it (median of several runs, after one
 warm-up that pays IPython's import), and, in the same run, the real
 ``metaflow`` package building the graph of an equivalent 250-step FlowSpec
 (``metaflow.graph.FlowGraph``: source, AST, edges), then prints the ratio.
@@ -87,7 +87,7 @@ def _measure(function, repeat: int) -> tuple[float, float]:
 
 
 def time_flowmagic(cells: list[str], repeat: int) -> tuple[float, tuple[float, float], object]:
-    from flowmagic.dag import build_flow
+    from flowmagic.flow.graph import build_flow
 
     started = time.perf_counter()
     graph = build_flow(cells)  # warm-up: imports IPython's transformer once
@@ -96,7 +96,7 @@ def time_flowmagic(cells: list[str], repeat: int) -> tuple[float, tuple[float, f
 
 
 def metaflow_source(steps: list[tuple[str, str]]) -> str:
-    from flowmagic.analysis import transform_ipython
+    from flowmagic.flow.analysis import transform_ipython
 
     lines = ["from metaflow import FlowSpec, step", "", "class BenchFlow(FlowSpec):"]
     names = ["start"] + [name for name, _ in steps] + ["end"]
@@ -139,7 +139,7 @@ def time_show_commands(cells: list[str], steps: list[tuple[str, str]], repeat: i
         env = dict(os.environ, FLOWMAGIC_HOME=str(Path(folder) / "store"), USERNAME="bench",
                    METAFLOW_HOME=folder)
         commands = {
-            "flowmagic": [sys.executable, "-m", "flowmagic.cli", "show", "--json", str(nb_path)],
+            "flowmagic": [sys.executable, "-m", "flowmagic.cli.main", "show", "--json", str(nb_path)],
             "metaflow": [sys.executable, str(flow_path), "--no-pylint", "show"],
         }
         times: dict[str, list[float]] = {name: [] for name in commands}

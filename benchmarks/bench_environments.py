@@ -85,9 +85,9 @@ def gaps(store, flow: str, run_id: int) -> dict[str, float]:
 
 
 def in_process(tmp: Path, runs: int) -> dict:
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.environments import EnvSpec, ensure_environment
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.environments.builder import EnvSpec, ensure_environment
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     graph = build_flow(CELLS, name="EnvBench")
@@ -123,7 +123,7 @@ def fresh_processes(tmp: Path, runs: int) -> list[dict]:
     path = tmp / "env_bench.ipynb"
     nbformat.write(nb, path)
     exe = shutil.which("flowmagic")
-    cmd = [exe] if exe else [sys.executable, "-m", "flowmagic.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "flowmagic.cli.main"]
     env = dict(os.environ, FLOWMAGIC_HOME=str(tmp / "store"))
     samples = []
     for _ in range(runs):

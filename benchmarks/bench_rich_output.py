@@ -124,7 +124,7 @@ def _run(cmd: list[str], workdir: Path, expect_ok: bool = True) -> tuple[float, 
 
 def _flowmagic(*args: str) -> list[str]:
     exe = shutil.which("flowmagic")
-    return [exe, *args] if exe else [sys.executable, "-m", "flowmagic.cli", *args]
+    return [exe, *args] if exe else [sys.executable, "-m", "flowmagic.cli.main", *args]
 
 
 def _notebook(path: Path, cells: list[str]) -> Path:
@@ -172,7 +172,7 @@ def bench_execute_overhead(samples: int = 40) -> tuple[float, float]:
     """Median in-child seconds of exec vs execute_cell on a trivial body, after fork."""
     import pandas  # noqa: F401 - a warm server has the heavy modules loaded
 
-    from flowmagic.runtime.execute import execute_cell, prepare_shell
+    from flowmagic.runtime.worker.execute import execute_cell, prepare_shell
 
     prepare_shell()
     results = {"exec": [], "cell": []}

@@ -128,7 +128,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], expect_ok: bool = True
 
 def flowmagic_cmd(*args: str) -> list[str]:
     exe = Path(sys.executable).with_name("flowmagic")
-    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "flowmagic.cli", *args]
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "flowmagic.cli.main", *args]
 
 
 def compile_flowmagic() -> None:
@@ -205,7 +205,7 @@ def bench_resume(tmp: Path) -> tuple[float, float, float]:
 
 def warm_resume(tmp: Path, nb: Path, flag: Path) -> float:
     from flowmagic.notebook import load_flow
-    from flowmagic.runtime.scheduler import resume_flow, run_flow
+    from flowmagic.runtime.orchestrator.scheduler import resume_flow, run_flow
     from flowmagic.store import open_store
 
     graph = load_flow(nb)

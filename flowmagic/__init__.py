@@ -21,12 +21,12 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext flowmagic``: register %%step, %%params and %flow."""
-    from flowmagic.magics import load
+    from flowmagic.magics.extension import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
-    from flowmagic.magics import unload
+    from flowmagic.magics.extension import unload
 
     unload(ipython)

@@ -5,10 +5,9 @@ import os
 import re
 from pathlib import Path
 
-from flowmagic.dag import FlowGraph, build_flow, flow_name_from_cells
+from flowmagic.flow.graph import FlowGraph, build_flow, flow_name_from_cells
 from flowmagic.errors import UsageError
 
-STORE_DIRNAME = ".flowmagic"
 
 
 def read_cells(path: str | os.PathLike) -> list[str]:
@@ -58,14 +57,6 @@ def flow_name_for(path: str | os.PathLike, cells: list[str] | None = None) -> st
     """``%flow name NAME`` if a cell has one, else the file stem in CamelCase."""
     found = flow_name_from_cells(cells if cells is not None else read_cells(path))
     return found or camel_case(Path(path).stem)
-
-
-def store_root_for(notebook_path: str | os.PathLike) -> Path:
-    """``$FLOWMAGIC_HOME`` when set, else ``.flowmagic/`` next to the notebook."""
-    home = os.environ.get("FLOWMAGIC_HOME")
-    if home:
-        return Path(home).expanduser().absolute()
-    return Path(notebook_path).absolute().parent / STORE_DIRNAME
 
 
 def load_flow(path: str | os.PathLike) -> FlowGraph:

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.notebook import read_cells
 
 _PARAMETER_SHIM = '''

@@ -26,7 +26,7 @@ def write_notebook(path: Path, cells: list[str]) -> Path:
 
 def command() -> list[str]:
     exe = shutil.which("flowmagic")
-    return [exe] if exe else [sys.executable, "-m", "flowmagic.cli"]
+    return [exe] if exe else [sys.executable, "-m", "flowmagic.cli.main"]
 
 
 def env_for(store: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from flowmagic.analysis import analyze_cell, parse_code, split_prelude, transform_ipython
+from flowmagic.flow.analysis import analyze_cell, parse_code, split_prelude, transform_ipython
 
 _BUILTINS = set(dir(builtins)) | {"get_ipython"}
 
@@ -54,6 +54,14 @@ CASES = [
     ("class body and methods", "class M:\n    size = base\n    def go(self):\n        return size + other",
      {"base", "size", "other"}, set(), {"M"}),
     ("class attribute used in the class body", "class A:\n    k = 1\n    j = k + 1", set(), set(), {"A"}),
+    ("class body reads a name before binding it", "class Cfg:\n    rate = rate * 2", {"rate"}, set(), {"Cfg"}),
+    ("class body reads an outer def above its own",
+     "class A:\n    early = method\n    def method(self):\n        return 1", {"method"}, set(), {"A"}),
+    ("class body: augmented assignment of an outer name", "class A:\n    n += 1", {"n"}, set(), {"A"}),
+    ("class body: compound statement binding first", "class A:\n    if True:\n        k = 1\n        j = k",
+     set(), set(), {"A"}),
+    ("method does not see the class body", "class A:\n    k = 1\n    def f(self):\n        return k",
+     {"k"}, set(), {"A"}),
     ("comprehension in a class body", "class A:\n    k = 1\n    l = [k for _ in range(2)]", {"k"}, set(), {"A"}),
     ("decorators, defaults, annotations", "@deco(opt)\ndef f(a: T = dflt) -> Ret:\n    pass",
      {"deco", "opt", "T", "dflt", "Ret"}, set(), {"f"}),

@@ -44,6 +44,7 @@ PARAMS_NB = [
 ]
 
 
+@pytest.mark.slow
 def test_parameters_defaults_overrides_and_help(tmp_path, store):
     nb = write_notebook(tmp_path / "params.ipynb", PARAMS_NB)
     doc = flowmagic_json("run", nb, store=store)
@@ -65,6 +66,7 @@ def test_parameters_defaults_overrides_and_help(tmp_path, store):
     assert unknown.returncode == 2 and "--beta" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_parameter_flow_fails_then_resume_with_fixed_cell_clones_and_succeeds(tmp_path, store):
     cells = [
         "%load_ext flowmagic",
@@ -154,6 +156,53 @@ def test_catch_with_foreach_and_join_as_the_tutorials_catch_flow(tmp_path, store
     assert compute[1]["compute_failed"] is None and compute[2]["compute_failed"] is None
     assert [t.state for t in tasks(store, "CatchFlow", 1, "compute")] == ["caught", "done", "done"]
     assert artifacts(store, "CatchFlow", 1, "join")[0]["failed"] == [0]
+
+
+def test_tasks_a_failure_stopped_are_cancelled_and_say_why(tmp_path, store):
+    # one worker: describe/0 fails at once while its siblings and fit's tasks wait for the worker
+    nb = write_notebook(tmp_path / "cancel_flow.ipynb", [
+        "%%step start\nitems = [0, 1, 2]",
+        "%%step describe --foreach items\nif input == 0:\n    raise ValueError('no data for 0')\nd = input",
+        "%%step fit --foreach items\nf = input",
+        "%%step end\nn = len(d) + len(f)",
+    ])
+    proc = flowmagic("run", nb, "--max-workers", "1", store=store)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[describe/0] failed: ValueError: no data for 0" in proc.stdout
+    assert "[describe/1] cancelled: the run stopped because describe failed" in proc.stdout
+    assert "[fit/1] cancelled: the run stopped because describe failed" in proc.stdout
+    assert "failed: error" not in proc.stdout
+    assert [t.state for t in tasks(store, "CancelFlow", 1, "describe")] == ["failed", "cancelled", "cancelled"]
+    assert [t.state for t in tasks(store, "CancelFlow", 1, "fit")] == ["cancelled"] * 3
+    assert run_record(store, "CancelFlow", 1).status == "failed"
+
+    from flowmagic.client import Metaflow
+
+    [flow] = Metaflow(root=store).flows
+    run = flow["1"]
+    fit = run["fit"].tasks()
+    assert all(t.finished and not t.successful for t in fit)
+    assert not run.successful and run.finished
+
+
+def test_engine_client_widgets_and_report_agree_a_caught_task_is_successful(tmp_path, store):
+    nb = shutil.copy(EXAMPLES / "catch_flow.ipynb", tmp_path / "catch_flow.ipynb")
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stdout + proc.stderr                    # the engine: the run succeeds
+    assert "[compute/0] failed, caught: ZeroDivisionError" in proc.stdout
+    assert "Step compute done" in proc.stdout and "CatchFlow/1 succeeded" in proc.stdout   # the report
+
+    from flowmagic.client import Metaflow
+    from flowmagic.store import open_store
+    from flowmagic.widgets.live import _outcome, states_from_tasks
+
+    [flow] = Metaflow(root=store).flows
+    run = flow["1"]
+    caught = run["compute"].tasks()[0]
+    assert caught.state == "caught" and caught.successful and run.successful   # the Client
+    states = states_from_tasks(open_store(store).meta.tasks("CatchFlow", 1))
+    assert states["compute"]["state"] == "caught" and _outcome(states["compute"]["state"]) == "ok"  # widgets
+    assert _outcome(caught.state) == "ok"
 
 
 def test_foreach_nested_and_empty(tmp_path, store):
@@ -262,6 +311,7 @@ def test_two_runs_at_the_same_time_get_distinct_ids(tmp_path, store):
         assert artifacts(store, "Twice", run_id, "end") == [{"total": 14}]
 
 
+@pytest.mark.slow
 def test_status_dump_tag_and_logs(tmp_path, store):
     nb = write_notebook(tmp_path / "hello_flow.ipynb", [
         "%%step start\nimport numpy as np\nx = 1\narr = np.arange(6).reshape(2, 3)",
@@ -305,6 +355,7 @@ def test_a_flow_that_cannot_be_built_exits_2(tmp_path, store):
     assert "undefined_name" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gc_keeps_the_newest_runs(tmp_path, store):
     nb = write_notebook(tmp_path / "hello_flow.ipynb", ["%%step start\nimport numpy as np\narr = np.arange(10)"])
     for _ in range(2):
@@ -317,6 +368,7 @@ def test_gc_keeps_the_newest_runs(tmp_path, store):
     assert artifacts(store, "HelloFlow", 2, "start")[0]["arr"].tolist() == list(range(10))
 
 
+@pytest.mark.slow
 def test_output_streams_live_with_task_prefixes(tmp_path, store):
     nb = write_notebook(tmp_path / "live.ipynb", [
         "%%step start\nimport time, sys\nprint('tick', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)"

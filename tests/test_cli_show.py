@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from flowmagic.cli import main
+from flowmagic.cli.main import main
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "example_notebooks").glob("*.ipynb"))
 
@@ -44,7 +44,7 @@ def movie_notebook(tmp_path, monkeypatch):
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real console entry point, in a subprocess."""
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "flowmagic.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flowmagic.cli.main", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120)
 
 
@@ -137,8 +137,8 @@ def test_usage_errors(capsys):
 
 
 def test_render_show_nested_foreach_options_and_empty_flows():
-    from flowmagic.dag import build_flow
-    from flowmagic.report import render_show
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.report.text import render_show
 
     text = render_show(build_flow([
         "%%step start\nouter = [1, 2]\n",

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from flowmagic.dag import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
+from flowmagic.flow.graph import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
 from flowmagic.errors import FlowDefinitionError
 
 
@@ -28,8 +28,11 @@ def edges_of(graph: FlowGraph) -> set[tuple[str, str, tuple[str, ...]]]:
 GRAPH_CASES = [
     ("linear", cells("%%step start\nx = 1", "%%step end\nx += 1"),
      {("start", "end", ("x",))}),
-    ("nearest preceding writer wins", cells("%%step a\nx = 1", "%%step b\nx = 2", "%%step c\ny = x"),
-     {("b", "c", ("x",))}),
+    ("nearest preceding writer wins", cells("%%step a\nx = 1", "%%step b\nx = x + 1", "%%step c\ny = x"),
+     {("a", "b", ("x",)), ("b", "c", ("x",))}),
+    ("a writer ordered after the other by other data may rebind",
+     cells("%%step a\nx = 1\nd = 2", "%%step b\nx = d", "%%step c\ny = x"),
+     {("a", "b", ("d",)), ("b", "c", ("x",))}),
     ("a step reading its own output before binding reads upstream",
      cells("%%step a\nx = 1", "%%step b\nprint(x)\nx = 3", "%%step c\nz = x"),
      {("a", "b", ("x",)), ("b", "c", ("x",))}),
@@ -50,6 +53,21 @@ GRAPH_CASES = [
      cells("%%params\nflag = False", "%%step a\nx = 1", "%%step b\nif flag:\n    x = 2",
            "%%step c\ny = x"),
      {("a", "b", ("x",)), ("b", "c", ("x",))}),
+    ("a name bound in one branch of an if never wires to a parallel sibling",
+     cells("%%params\ngenre = 'x'", "%%step start\ndata = [1, 2]", "%%step genre_movies\ndf = list(data)\nmovies = df[::-1]",
+           "%%step bonus_movie\nif genre:\n    df = data[:1]\n    bonus = df[0]\nelse:\n    bonus = None",
+           "%%step join\nout = (movies, bonus)"),
+     {("start", "genre_movies", ("data",)), ("start", "bonus_movie", ("data",)),
+      ("genre_movies", "join", ("movies",)), ("bonus_movie", "join", ("bonus",))}),
+    ("a reader of the conditional name keeps the pass-through edge (Run All's value)",
+     cells("%%params\ngenre = 'x'", "%%step start\ndata = [1, 2]", "%%step genre_movies\ndf = list(data)",
+           "%%step bonus_movie\nif genre:\n    df = data[:1]", "%%step join\nout = df"),
+     {("start", "genre_movies", ("data",)), ("start", "bonus_movie", ("data",)),
+      ("genre_movies", "bonus_movie", ("df",)), ("bonus_movie", "join", ("df",))}),
+    ("a conditional write read later passes the upstream value through, along a chain",
+     cells("%%params\nflag = False", "%%step a\nx = 1", "%%step b\nif flag:\n    x = 2",
+           "%%step c\nif not flag:\n    x = 3", "%%step d\ny = x"),
+     {("a", "b", ("x",)), ("b", "c", ("x",)), ("c", "d", ("x",))}),
     ("a maybe-unbound name with no upstream is fine",
      cells("%%step a\nfor i in range(3):\n    last = i\nprint(last)"), set()),
     ("loop variables reused by later steps are not wired",
@@ -162,7 +180,7 @@ def test_nested_foreach():
 def test_foreach_over_a_name_rebound_after_the_foreach_step():
     graph = build_flow(cells(
         "%%step a\nitems = [1]", "%%step f --foreach items\nv = input",
-        "%%step b\nitems = [2]", "%%step g --foreach items\nw = input"))
+        "%%step b\nitems = [x + 1 for x in items]", "%%step g --foreach items\nw = input"))
     assert graph.producers("g") == {"items": "b"}
 
 
@@ -245,6 +263,25 @@ ERROR_CASES = [
     ("ambiguous inputs", cells("%%step s\na = [1]\nb = [2]", "%%step f --foreach a\nu = input",
                                "%%step g --foreach b\nv = input", "%%step j\nz = (u, v, inputs)"),
      "j", 3, "inputs", None, ["ambiguous"]),
+    # Sibling writers: the value a reader gets would depend on cell order alone (issue 16, item 1).
+    ("two parallel steps write the name a join reads",
+     cells("%%step start\nitems = [1, 2, 3, 4]",
+           "%%step pick_even\nresult = [x for x in items if x % 2 == 0]",
+           "%%step pick_odd\nresult = [x for x in items if x % 2]\nfirst_odd = result[0]",
+           "%%step join\nevens = result"),
+     "join", 3, "result", 2,
+     ["'pick_even' (cell 1, line 2)", "'pick_odd' (cell 2, line 2)", "neither depends on the other",
+      "Rename it", "--after pick_even"]),
+    ("two roots write the name",
+     cells("%%step a\nx = 1", "%%step b\n\nx = 2", "%%step c\ny = x"),
+     "c", 2, "x", 2, ["'a' (cell 0, line 2)", "'b' (cell 1, line 3)"]),
+    ("the sibling writer is further up than the nearest one",
+     cells("%%step s\nd = 1", "%%step a\nx = d", "%%step b\nx = d + 1", "%%step c\nx += 1", "%%step e\ny = x"),
+     "c", 3, "x", 2, ["'a' (cell 1", "'b' (cell 2"]),
+    ("a conditional read of sibling writers",
+     cells("%%params\nflag = True", "%%step a\nx = 1", "%%step b\nx = 2",
+           "%%step c\nif flag:\n    x = 3\ny = x"),
+     "c", 3, "x", 4, ["'a' (cell 1", "'b' (cell 2"]),
 ]
 
 
@@ -257,6 +294,31 @@ def test_errors(sources, step, cell, variable, line, words):
     assert (error.step, error.cell, error.variable, error.line) == (step, cell, variable, line)
     for word in words:
         assert word in str(error)
+
+
+# (id, cells, words each warning must contain: one list per expected warning)
+WARNING_CASES = [
+    ("a sibling shadows an output nobody reads",
+     cells("%%step start\nitems = [1, 2]", "%%step pick_even\nresult = [x for x in items if x % 2 == 0]",
+           "%%step pick_odd\nresult = [x for x in items if x % 2]"),
+     [["step 'pick_even' (cell 1, line 2) writes 'result'", "no step reads", "step 'pick_odd' (cell 2)"]]),
+    ("a rewrite that depends on the first writer is no warning",
+     cells("%%step a\nx = 1", "%%step b\nx = x + 1"), []),
+    ("an output that is read is no warning",
+     cells("%%step a\nx = 1", "%%step b\ny = x", "%%step c\nx = 2"), []),
+    ("loop targets are scratch names", cells("%%step a\nfor i in range(3):\n    pass",
+                                             "%%step b\nfor i in range(2):\n    pass"), []),
+    ("the last writer is no warning", cells("%%step a\nx = 1"), []),
+]
+
+
+@pytest.mark.parametrize("sources, expected", [c[1:] for c in WARNING_CASES], ids=[c[0] for c in WARNING_CASES])
+def test_warnings(sources, expected):
+    warnings = build_flow(sources).warnings
+    assert len(warnings) == len(expected), warnings
+    for warning, words in zip(warnings, expected):
+        for word in words:
+            assert word in warning
 
 
 BAD_HEADERS = [
@@ -480,6 +542,8 @@ def random_notebook(seed: int) -> list[str]:
             expr = " + ".join(rng.sample(readable, min(len(readable), rng.randint(1, 3)))) + f" + {number}"
             form = rng.choice(forms)
             known = target in readable
+            if known and target not in expr.split(" + "):
+                expr = f"{target} + {expr}"  # a rewrite follows the last writer: never a sibling writer
             if form == "cond" and known:
                 lines.append(f"if ({expr}) % 2:\n    {target} = {expr}")
             elif form == "aug" and known:
@@ -558,9 +622,72 @@ def test_a_name_a_later_ordinary_cell_computes_is_not_prelude():
 def test_dag_imports_and_builds_plain_python_without_ipython():
     import subprocess
     import sys
-    code = ("import sys\nimport flowmagic.dag as d\nassert 'IPython' not in sys.modules\n"
+    code = ("import sys\nimport flowmagic.flow.graph as d\nassert 'IPython' not in sys.modules\n"
             "d.build_flow(['import os', '%%step a\\nx = 1', '%%step b\\ny = x'])\n"
             "assert 'IPython' not in sys.modules, 'plain Python needs no transformer'\n"
             "d.build_flow(['%%step a\\n!echo hi\\nx = 1'])\nassert 'IPython' in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- ordering without data (--after) ----------------------------------------------
+
+AFTER_CASES = [
+    ("an ordering edge has no variables",
+     cells("%%step start\nprint('hi')", "%%step hello\nprint('hello')", "%%step end --after hello\npass"),
+     {("hello", "end", ())}),
+    ("--after is repeatable",
+     cells("%%step a\nx = 1", "%%step b\ny = 2", "%%step c --after a --after b\nprint('c')"),
+     {("a", "c", ()), ("b", "c", ())}),
+    ("--after a step that is also a producer adds no second edge",
+     cells("%%step a\nx = 1", "%%step b --after a\ny = x"),
+     {("a", "b", ("x",))}),
+    ("--after orders sibling writers: the nearest one wins",
+     cells("%%step a\nx = 1", "%%step b --after a\nx = 2", "%%step c\ny = x"),
+     {("a", "b", ()), ("b", "c", ("x",))}),
+]
+
+
+@pytest.mark.parametrize("sources, expected", [c[1:] for c in AFTER_CASES], ids=[c[0] for c in AFTER_CASES])
+def test_after(sources, expected):
+    graph = build_flow(sources)
+    assert edges_of(graph) == expected
+
+
+def test_after_shows_in_json_and_orders_steps():
+    graph = build_flow(cells("%%step start\nprint(1)", "%%step hello --after start\nprint(2)",
+                             "%%step end --after hello\nprint(3)"))
+    doc = graph.to_json()
+    assert {"from": "start", "to": "hello", "variables": []} in doc["edges"]
+    assert doc["steps"][2]["options"] == {"after": ["hello"]}
+    assert graph.parents("end") == ["hello"] and graph.roots() == ["start"]
+    assert graph.warnings == ()
+
+
+AFTER_ERRORS = [
+    ("--after a later step", cells("%%step a --after b\nx = 1", "%%step b\ny = 2"),
+     "a", 0, 1, ["--after b", "step 'b' (cell 1) is further down", "move this step below"]),
+    ("--after an unknown step", cells("%%step train\nx = 1", "%%step end --after trian\npass"),
+     "end", 1, 1, ["--after trian", "no step is named 'trian'", "did you mean 'train'"]),
+    ("--after itself", cells("%%step a --after a\nx = 1"), "a", 0, 1, ["names the step itself"]),
+    ("--after a bad name", cells("%%step a --after 1x\nx = 1"), "a", 0, 1, ["'1x' is not a step name"]),
+]
+
+
+@pytest.mark.parametrize("sources, step, cell, line, words", [c[1:] for c in AFTER_ERRORS],
+                         ids=[c[0] for c in AFTER_ERRORS])
+def test_after_errors(sources, step, cell, line, words):
+    with pytest.raises(FlowDefinitionError) as info:
+        build_flow(sources)
+    assert (info.value.step, info.value.cell, info.value.line) == (step, cell, line)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_steps_that_share_no_data_are_warned_about():
+    graph = build_flow(cells("%%step start\nprint(1)", "%%step hello\nprint(2)", "%%step end\npass"))
+    (warning,) = graph.warnings
+    assert "'start' (cell 0), 'hello' (cell 1), 'end' (cell 2) share no data" in warning
+    assert "--after" in warning
+    linked = build_flow(cells("%%step a\nx = 1", "%%step b\ny = x"))
+    assert linked.warnings == ()

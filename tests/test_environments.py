@@ -24,7 +24,7 @@ import pytest
 import flowmagic
 from flowmagic.store import open_store
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.runtime.environments import (
+from flowmagic.runtime.environments.builder import (
     EnvironmentBuildError,
     EnvSpec,
     check_environment_tools,
@@ -38,6 +38,8 @@ from flowmagic.runtime.environments import (
 )
 
 PANDAS_PIN = "pandas==2.2.3"   # has wheels for Python 3.11; the kernel runs pandas 3
+
+pytestmark = pytest.mark.slow   # builds real uv environments: not in the quick loop
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +252,8 @@ def _values(store, flow: str, run_id: int, step: str) -> dict:
 @pytest.fixture(scope="module")
 def env_runs(store_root, pandas_env):
     """The same flow run RUNS times in one process (as a kernel would), after its environment exists."""
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     graph = build_flow(FLOW_CELLS, name="EnvFlow")
@@ -278,7 +280,7 @@ def test_a_step_on_another_pandas_hands_a_frame_to_the_kernels_pandas(env_runs):
 
 
 def test_the_run_records_the_environments_packages(env_runs, pandas_env):
-    from flowmagic.runtime.environments import recorded_environments
+    from flowmagic.store.environments import recorded_environments
 
     store, results, _ = env_runs
     recorded = recorded_environments(store.meta.get_run("EnvFlow", results[-1].run_id))
@@ -312,8 +314,8 @@ def test_later_runs_create_no_environment_and_the_env_step_starts_like_an_ordina
 
 
 def test_a_bad_spec_fails_its_step_with_the_resolvers_message(store_root, env_runs):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
 
     store, results, envs_before = env_runs
     cells = ["%%step start\nx = 1", '%%step broken --pypi "nonexistent-pkg-xyz==1"\ny = x + 1']
@@ -333,8 +335,8 @@ def test_a_bad_spec_fails_its_step_with_the_resolvers_message(store_root, env_ru
 
 
 def test_conda_without_a_tool_stops_the_run_before_it_starts(tmp_path, monkeypatch):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     monkeypatch.setenv("PATH", str(tmp_path))   # no micromamba, mamba or conda anywhere
@@ -460,7 +462,7 @@ def _cell_text(cell) -> str:
 
 
 def test_the_conda_example_notebook_runs_all(conda_example):
-    from flowmagic.runtime.environments import recorded_environments
+    from flowmagic.store.environments import recorded_environments
     from flowmagic.store import open_store
 
     store_root, nb, error = conda_example
@@ -481,8 +483,8 @@ def test_the_conda_example_notebook_runs_all(conda_example):
 
 
 def test_a_pickled_object_whose_module_is_missing_downstream_is_a_clear_error(conda_example):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     cells = [
@@ -556,8 +558,57 @@ def test_a_failing_sibling_stops_an_environment_build_and_the_run_ends_promptly(
         states = {t.step: t.state for t in store.meta.tasks("StopBuild", 1)}
     finally:
         store.close()
-    assert states["broken"] == "failed" and states["envstep"] == "failed", states
+    # the task that waited for its build never started: cancelled, not failed
+    assert states["broken"] == "failed" and states["envstep"] == "cancelled", states
+    assert "[envstep/" in proc.stdout and "cancelled: the run stopped because broken failed" in proc.stdout
     assert took < 5, took   # not held up by the rest of the build (~8 s here)
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if any("uv" in part for part in (p.info["cmdline"] or [])[:1]) and str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
+
+
+# ------------------------------------------- a step whose environment has the other IPython major
+
+
+def _other_ipython() -> str | None:
+    import sys
+
+    import IPython
+
+    if IPython.version_info[0] >= 9:
+        return "ipython<9"
+    return "ipython>=9,<10" if sys.version_info >= (3, 11) else None   # IPython 9 needs Python 3.11
+
+
+@pytest.mark.slow
+def test_a_step_whose_environment_has_the_other_ipython_major_runs_magics_and_shows_values(tmp_path):
+    import IPython
+
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
+    from flowmagic.store import load_artifact
+
+    other = _other_ipython()
+    if other is None:
+        pytest.skip("no other IPython major installs on this Python")
+    graph = build_flow([
+        f'%%step start --pypi "{other}"\nimport IPython\nmajor = IPython.version_info[0]\n%time x = 41 + 1\n'
+        "{'shown': x}",
+        "%%step end\ny = x + major",
+    ], name="OtherIPython")
+    store = open_store(tmp_path / "store")
+    result = run_flow(graph, store)
+    assert result.status == "succeeded", result.failed
+    (task,) = store.meta.tasks("OtherIPython", result.run_id, "start")
+    values = {ref.name: load_artifact(store.objects, ref) for ref in store.meta.artifacts(task.task_id)}
+    assert values["x"] == 42
+    assert values["major"] != IPython.version_info[0]
+    store.close()
+    from flowmagic.client import Run, namespace_root
+
+    namespace_root(tmp_path / "store")
+    try:
+        shown = [o.text for o in Run(f"OtherIPython/{result.run_id}")["start"].task.outputs]
+    finally:
+        namespace_root(None)
+    assert shown == ["{'shown': 42}"]

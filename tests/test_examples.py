@@ -14,6 +14,8 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from flowmagic.notebook import load_flow
 from plain_kernel import plain_cells, run_plainly
 
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_notebooks"
 
 

@@ -14,16 +14,17 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 import matplotlib.pyplot  # noqa: F401 - preloaded, as the fork server does: children start warm
 import pandas  # noqa: F401
 
-from flowmagic.runtime import execute
-from flowmagic.runtime.execute import ExecutionResult, execute_cell, prepare_shell
-from flowmagic.runtime.outputs import OutputLimits
+from flowmagic.runtime.worker import execute
+from flowmagic.runtime.worker.execute import ExecutionResult, execute_cell, prepare_shell
+from flowmagic.store.outputs import OutputLimits
 
 CELL = "<step demo>"
 SHELL_MODES = ("shell made before fork", "shell made when needed")
@@ -40,7 +41,7 @@ def shell_mode(request):
 
 def forget_the_shell() -> None:
     """In a forked child: no shell, no IPython builtins, as in a server that did not load IPython."""
-    shell_module = sys.modules.get("flowmagic.runtime.shell")
+    shell_module = sys.modules.get("flowmagic.runtime.worker.shell")
     if shell_module is not None:
         shell_module.TaskShell.clear_instance()
         shell_module._SHELL = None
@@ -108,7 +109,7 @@ def test_prepare_shell_is_fork_safe_and_leaves_the_process_main_module_alone():
     def body():
         import threading
 
-        from flowmagic.runtime import shell as shell_module
+        from flowmagic.runtime.worker import shell as shell_module
 
         shell_module.TaskShell.clear_instance()  # a fresh process, as the fork server is before its prelude
         shell_module._SHELL = None
@@ -119,7 +120,7 @@ def test_prepare_shell_is_fork_safe_and_leaves_the_process_main_module_alone():
                 os.environ["MPLBACKEND"], shell.history_manager.enabled)
     same, main_kept, no_new_thread, backend, history = in_task_process(body)
     assert same and main_kept and no_new_thread
-    assert backend == "module://flowmagic.runtime.mpl_backend"
+    assert backend == "module://flowmagic.runtime.worker.mpl_backend"
     assert history is False  # no SQLite connection or saving thread may cross fork()
 
 
@@ -289,7 +290,7 @@ def test_figures_are_captured_even_when_the_step_fails():
 def test_matplotlib_is_non_interactive_in_the_task():
     result, names, _ = run("import matplotlib\nbackend = matplotlib.get_backend()\n")
     assert result.ok, result.error
-    assert names["backend"] in ("module://flowmagic.runtime.mpl_backend", "agg")
+    assert names["backend"] in ("module://flowmagic.runtime.worker.mpl_backend", "agg")
 
 
 # -- IPython syntax -----------------------------------------------------------------------

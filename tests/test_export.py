@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.export import export_flow, export_notebook, plan_export
 from flowmagic.export.rewrite import StepNames, Where, rewrite_step_code
@@ -191,7 +191,7 @@ def test_a_foreach_inside_a_static_branch():
 # --- joins carry what the notebook would see ---------------------------------------------
 
 def test_static_join_takes_a_rebound_name_from_the_latest_writer_and_merges_the_rest():
-    graph = flow("%%step start\nx = 1\nkeep = 'same'", "%%step b\ny = x + 1", "%%step c\nx = 2",
+    graph = flow("%%step start\nx = 1\nkeep = 'same'", "%%step b\ny = x + 1", "%%step c\nx = x * 2",
                  "%%step j\nz = (x, y, keep)")
     plan = plan_export(graph)
     join = plan.joins["j"]
@@ -244,7 +244,8 @@ DEFINITION_ERRORS = [
     ("a lambda read by a later step", ("%%step a\nf = lambda v: v", "%%step b\ny = f(1)"), "a", "defines"),
     ("start not first", ("%%step a\nx = 1", "%%step start\ny = x"), "start", "first step"),
     ("end not last", ("%%step end\nx = 1", "%%step b\ny = x"), "end", "last step"),
-    ("a reserved Metaflow attribute", ("%%step a\nindex = 1",), "a", "reserves"),
+    ("a reserved Metaflow attribute another step reads", ("%%step a\nx = 1\nindex = 1", "%%step b\ny = index"),
+     "a", "reserves"),
     ("an uppercase step name", ("%%step Train\nx = 1",), "Train", "lowercase"),
     ("a step Metaflow reserves", ("%%step cmd\nx = 1",), "cmd", "lowercase"),
 ]
@@ -256,6 +257,21 @@ def test_what_has_no_metaflow_equivalent_is_an_error_naming_the_step(sources, st
     with pytest.raises(FlowDefinitionError, match=message) as info:
         export_flow(flow(*sources))
     assert info.value.step == step
+
+
+def test_a_reserved_name_read_downstream_is_refused_with_its_line():
+    with pytest.raises(FlowDefinitionError, match="'index' would be self.index") as info:
+        export_flow(flow("%%step a\nx = 1\nindex = 1", "%%step b\ny = index"))
+    assert (info.value.cell, info.value.line, info.value.variable) == (0, 3, "index")
+
+
+def test_a_reserved_name_used_only_inside_a_step_stays_local():
+    graph = flow("%%step start\nitems = ['a', 'b']\nindex = {v: i for i, v in enumerate(items)}\n"
+                 "name = 'x'\nfirst = index['a']", "%%step end\nout = first")
+    plan = plan_export(graph)
+    assert {"index", "name"} <= plan.locals["start"] and "first" in plan.attributes["start"]
+    body = method_source(export_flow(graph), "start")
+    assert "self.index" not in body and "index = {" in body and "self.first = index['a']" in body
 
 
 def test_parameter_named_like_a_metaflow_option_is_refused():
@@ -342,7 +358,7 @@ def test_every_example_exports_to_a_script_that_compiles(notebook, tmp_path):
 def test_export_command_writes_the_script_and_reports_json(tmp_path, capsys):
     import json
 
-    from flowmagic.cli import main
+    from flowmagic.cli.main import main
 
     target = tmp_path / "flow.py"
     assert main(["export", str(EXAMPLES / "catch_flow.ipynb"), "-o", str(target), "--name", "Catch",

@@ -23,7 +23,7 @@ import pytest
 from flowmagic.export import export_notebook, plan_export
 from flowmagic.notebook import load_flow
 
-pytestmark = pytest.mark.metaflow
+pytestmark = [pytest.mark.metaflow, pytest.mark.slow]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_notebooks"
 TIMEOUT = 240
@@ -81,7 +81,7 @@ def metaflow_artifacts(class_name: str, env: dict[str, str], tmp_path: Path) -> 
 
 def flowmagic_artifacts(graph, tmp_path: Path) -> dict:
     from flowmagic.client import Run
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     root = tmp_path / "fm_store"
@@ -173,12 +173,12 @@ BRANCHES = [
     "weights = Parameter('weights', default={'a': 1.5}, help='Weights')",
     "%%step numbers\n# Two roots: numbers and words\nnums = [1, 2, 3]\ntag = 'numbers'\n"
     "text = '''multi\n  line'''",
-    "%%step vocabulary\nwords = ['x', 'yy']\ntag = 'words'",
+    "%%step vocabulary\nwords = ['x', 'yy']\nword_tag = 'words'",
     "%%step grid\n# Pairs for a nested foreach\nrows = [[n, n + 1] for n in nums]",
     "%%step row --foreach rows\ncells = input\nrow_sum = sum(cells)",
     "%%step cell --foreach cells --retry 1\nvalue = scaled(input)",
     "%%step collect\n# Joins both foreach levels\nflat = [v for vs in value for v in vs]\ntotals = row_sum",
-    "%%step merge\nsummary = {'flat': flat, 'words': words, 'tag': tag, 'label': label,\n"
+    "%%step merge\nsummary = {'flat': flat, 'words': words, 'tag': (tag, word_tag), 'label': label,\n"
     "           'w': weights['a'], 'text': text, 'root': math.sqrt(16)}\n"
     "for w in words:\n    last = w\nif verbose:\n    print(summary)",
 ]
@@ -195,11 +195,34 @@ def test_branches_nested_foreach_helpers_and_parameters(tmp_path):
     notebook = write_notebook(tmp_path / "branches.ipynb", BRANCHES)
     ours, theirs = export_run_and_compare(notebook, tmp_path)
     summary = theirs[("merge", None)]["summary"]
-    assert summary["tag"] == "words"   # the later writer of two parallel branches wins
+    assert summary["tag"] == ("numbers", "words")
     assert summary["w"] == 1.5 and summary["text"] == "multi\n  line"
     assert theirs[("collect", None)]["value"] == [[20, 40], [40, 60], [60, 80]]
     assert theirs[("cell", (1, 0))]["value"] == ours[("cell", (1, 0))]["value"] == 40
     assert theirs[("merge", None)]["last"] == "yy"
+
+
+# Metaflow's HelloFlow (tutorials/00-helloworld): three steps that only print, ordered by --after.
+HELLO = [
+    "%load_ext flowmagic",
+    "%%step start\n# This is the 'start' step.\nprint('HelloFlow is starting.')",
+    "%%step hello --after start\n# A step for metaflow to introduce itself.\nprint('Metaflow says: Hi!')",
+    "%%step end --after hello\n# This is the 'end' step.\nprint('HelloFlow is all done.')",
+]
+
+
+def test_ported_hello_flow_runs_in_order_in_metaflow_too(tmp_path):
+    notebook = write_notebook(tmp_path / "hello_flow.ipynb", HELLO)
+    plan = plan_export(load_flow(notebook))
+    assert {s.name: s.next for s in plan.structure.steps.values()} == \
+        {"start": ["hello"], "hello": ["end"], "end": []}
+    script = tmp_path / "flow.py"
+    export_notebook(notebook, script)
+    done = metaflow(script, metaflow_env(tmp_path), "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout + done.stderr
+    said = [text.index(words) for words in ("HelloFlow is starting.", "Metaflow says: Hi!", "HelloFlow is all done.")]
+    assert said == sorted(said), text
 
 
 # --- show: same steps and transitions ----------------------------------------------------------
@@ -266,7 +289,7 @@ SHOW_NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb")) + ["branches"]
 def test_show_lists_the_same_steps_and_transitions(notebook, tmp_path):
     path = write_notebook(tmp_path / "branches.ipynb", BRANCHES) if notebook == "branches" \
         else EXAMPLES / notebook
-    shown = subprocess.run([sys.executable, "-m", "flowmagic.cli", "show", str(path), "--json"],
+    shown = subprocess.run([sys.executable, "-m", "flowmagic.cli.main", "show", str(path), "--json"],
                            capture_output=True, text=True, timeout=TIMEOUT, env=metaflow_env(tmp_path))
     assert shown.returncode == 0, shown.stderr
     document = json.loads(shown.stdout)
@@ -308,3 +331,19 @@ def test_metaflow_accepts_the_exported_structure(shape, tmp_path):
     export_notebook(notebook, script)
     shown = metaflow_show(script, metaflow_env(tmp_path))
     assert shown == {s.name: s.next for s in plan.structure.steps.values()}
+
+
+# A set of strings pickles in an order that depends on the process's hash seed: each
+# Metaflow foreach task, which saves again what it reads, saves different bytes.
+READ_IN_FOREACH = [
+    "%%step start\nwords = {f'word{i}' for i in range(40)}\nshards = [0, 1, 2, 3]",
+    "%%step count --foreach shards\nmine = sorted(words)[input::4]\nn = len(mine)",
+    "%%step join\ntotal = sum(n)\nvocabulary = len(words)",
+]
+
+
+def test_a_join_after_a_foreach_that_only_read_a_name_merges_in_metaflow(tmp_path):
+    notebook = write_notebook(tmp_path / "read_in_foreach.ipynb", READ_IN_FOREACH)
+    ours, theirs = export_run_and_compare(notebook, tmp_path)
+    assert theirs[("join", None)]["total"] == ours[("join", None)]["total"] == 40
+    assert theirs[("join", None)]["vocabulary"] == 40

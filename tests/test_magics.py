@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.session import KernelFlowDefinition, SessionRun, notebook_path, store_root_for
+from flowmagic.magics.session import KernelFlowDefinition, SessionRun, notebook_path
+from flowmagic.store.paths import store_root_for
 
 
 # -- the kernel's flow definition ---------------------------------------------------
@@ -106,6 +107,8 @@ def test_store_root(tmp_path: Path):
     assert store_root_for(nb, {"FLOWMAGIC_HOME": str(tmp_path / "home")}) == tmp_path / "home"
     assert store_root_for(nb, {}) == tmp_path / ".flowmagic"
     assert store_root_for(None, {}) == Path.cwd() / ".flowmagic"
+    # a relative $FLOWMAGIC_HOME means the same folder to the console, %flow and the Client: absolute
+    assert store_root_for(nb, {"FLOWMAGIC_HOME": "rel"}) == Path.cwd() / "rel"
 
 
 def test_session_run_producers_staleness_and_status():

@@ -33,7 +33,7 @@ def runs(root: Path, flow: str) -> list:
 
 
 def latest_tasks(store, flow: str, run_id: int, step: str) -> list:
-    from flowmagic.runtime.scheduler import latest_generation
+    from flowmagic.runtime.orchestrator.scheduler import latest_generation
 
     return sorted(latest_generation(store.meta.tasks(flow, run_id, step)), key=lambda t: t.index or ())
 
@@ -285,6 +285,26 @@ def test_reading_commands_mirror_the_console(kernel, tmp_path):
     assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"]}]
     failing = kernel.execute("%flow dump 999")
     assert failing.status == "error" and "999" in failing.error_text and "Traceback" not in failing.error_text
+
+
+def test_flow_dump_and_the_console_build_the_same_document(kernel, tmp_path):
+    """One service layer: `%flow dump --json` is `flowmagic dump --json`, environments included."""
+    from runtime_helpers import flowmagic, flowmagic_json, write_notebook
+
+    fresh_flow(kernel, "SameDump")
+    kernel.ok("%%step start\nvalues = [1, 2, 3]")
+    kernel.ok("%%step end\ntotal = sum(values)")
+    run_id = kernel.value("%flow run --json")["run_id"]
+    store = open_store(kernel.store_root)   # an --pypi step's record, as the runtime keeps it
+    record = {"kind": "pypi", "requested": ["six==1.16.0"], "key": "k1", "python": "3.11", "packages": ["six==1.16.0"]}
+    graph = dict(store.meta.get_run("SameDump", run_id).graph or {})
+    store.meta.set_run_graph("SameDump", run_id, graph={**graph, "environments": {"end": record}})
+    notebook = write_notebook(tmp_path / "same_dump.ipynb", ["%flow name SameDump"])
+    for spec in (f"{run_id}", f"{run_id}/start"):
+        ours = kernel.value(f"%flow dump {spec} --json")
+        assert ours == flowmagic_json("dump", notebook, spec, store=kernel.store_root)
+    assert kernel.value(f"%flow dump {run_id} --json")["environments"] == {"end": record}
+    assert flowmagic("status", notebook, store=kernel.store_root).stdout.splitlines()[0] == "Flow SameDump"
 
 
 def test_rich_output_reaches_the_cell_and_foreach_tasks_are_labelled(kernel):

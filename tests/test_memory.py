@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from flowmagic.cells import parse_step_header
-from flowmagic.dag import build_flow
+from flowmagic.flow.cells import parse_step_header
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.runtime import memory
-from flowmagic.runtime.scheduler import run_flow
+from flowmagic.runtime.orchestrator import memory
+from flowmagic.runtime.orchestrator.scheduler import run_flow
 from flowmagic.store import load_artifact, open_store
 
 # Allocates 50 MB a round, touching every page, for up to 10 s: far past any small limit.
@@ -56,6 +56,7 @@ def test_default_limit_is_most_of_the_machine_minus_the_orchestrator():
     assert memory.limit_for(300) == 300 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_leaking_step_is_killed_within_seconds_and_earlier_steps_are_kept(store, tmp_path):
     graph = build_flow(["import time", "%%step start\nkept = 41", f"%%step hog --memory 300\nx = kept\n{LEAK}"],
                        name="Leak")
@@ -73,6 +74,7 @@ def test_leaking_step_is_killed_within_seconds_and_earlier_steps_are_kept(store,
     assert load_artifact(store.objects, ref) == 41
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_retried_and_caught_like_any_failure(store, tmp_path):
     graph = build_flow(["import time", f"%%step hog --memory 250 --retry 1 --catch oom\n{LEAK}",
                         "%%step after\nreport = oom['message']"], name="Caught")
@@ -96,6 +98,7 @@ def test_a_leaking_child_process_counts_for_its_step(store, tmp_path):
     assert attempt.finished_at - attempt.started_at < 5
 
 
+@pytest.mark.slow
 def test_memory_mapped_inputs_and_shared_pages_do_not_count(store, tmp_path):
     # 'big' is 400 MB on disk; the reader maps and touches all of it (RSS > 400 MB),
     # but those are clean file pages, not the step's own memory: no kill at 300 MB.
@@ -117,6 +120,7 @@ def test_message_names_step_sizes_and_the_option():
     assert "80% of this machine's memory; set --memory MB" in default
 
 
+@pytest.mark.slow
 def test_export_writes_resources_and_metaflow_runs_it(tmp_path):
     import os
     import subprocess

@@ -7,7 +7,8 @@ import nbformat
 import pytest
 
 from flowmagic.errors import FlowDefinitionError, UsageError
-from flowmagic.notebook import camel_case, flow_name_for, load_flow, read_cells, store_root_for
+from flowmagic.notebook import camel_case, flow_name_for, load_flow, read_cells
+from flowmagic.store.paths import store_root_for
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "example_notebooks").glob("*.ipynb"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmagic.runtime.outputs import (
+from flowmagic.store.outputs import (
     INLINE_MAX_CHARS,
     Output,
     OutputBudget,
@@ -165,6 +165,7 @@ def test_output_objects_render_again_in_a_notebook(objects):
 # -- the console command ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
     from runtime_helpers import flowmagic, flowmagic_json, write_notebook
 
@@ -194,9 +195,10 @@ def test_flowmagic_dump_outputs_prints_text_and_image_paths(tmp_path):
 # -- the artifact inspector ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_inspector_shows_a_tasks_outputs(tmp_path):
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
     from flowmagic.widgets.inspector import Inspector
 
@@ -216,8 +218,8 @@ def test_the_inspector_shows_a_tasks_outputs(tmp_path):
 
 def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
     from flowmagic.client import Flow
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import resume_flow, run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import resume_flow, run_flow
     from flowmagic.store import open_store
 
     store = open_store(tmp_path / "store")
@@ -235,8 +237,8 @@ def test_a_cloned_task_shows_its_origins_outputs(tmp_path):
 def test_outputs_reach_the_ui_in_order_with_the_printed_text(tmp_path):
     """A task's text (prints and `!cmd`) and its outputs travel on different pipes;
     the UI must still see them in the order the step produced them."""
-    from flowmagic.dag import build_flow
-    from flowmagic.runtime.scheduler import run_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import run_flow
     from flowmagic.store import open_store
 
     body = "".join(f"print('line {i}')\ndisplay('shown {i}')\n!echo shell {i}\n" for i in range(25))

@@ -11,10 +11,10 @@ import time
 import psutil
 import pytest
 
-from flowmagic.runtime.forkserver import ForkServer, PreludeError, get_server, close_all
-from flowmagic.runtime.processes import describe_wait_status
+from flowmagic.runtime.worker.forkserver import ForkServer, PreludeError, get_server, close_all
+from flowmagic.runtime.worker.processes import describe_wait_status
 
-ENTRY = "flowmagic.runtime.forkserver:run_source"
+ENTRY = "flowmagic.runtime.worker.forkserver:run_source"
 
 
 def run_source(server: ForkServer, source: str):
@@ -120,7 +120,7 @@ def test_killing_the_orchestrator_kills_server_and_tasks(tmp_path):
     script.write_text(textwrap.dedent(
         f"""
         import os, sys, time
-        from flowmagic.runtime.forkserver import ForkServer
+        from flowmagic.runtime.worker.forkserver import ForkServer
         server = ForkServer("", preload=()).start()
         proc = server.spawn({ENTRY!r})
         proc.channel.sendall(b"import time\\nprint('up', flush=True)\\ntime.sleep(120)")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from flowmagic.dag import build_flow
-from flowmagic.runtime import inputs as plan
-from flowmagic.runtime.inputs import TaskInfo
+from flowmagic.flow.graph import build_flow
+from flowmagic.runtime.orchestrator import inputs as plan
+from flowmagic.runtime.orchestrator.inputs import TaskInfo
 
 GRAPH = build_flow([
     "%%step start\nouter = [1, 2]\nconst = 3",

@@ -20,6 +20,8 @@ from flowmagic.notebook import load_flow
 from plain_kernel import run_plainly
 from runtime_helpers import artifacts, flowmagic_json
 
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_notebooks"
 FAIL_ON_PURPOSE = {"parameter_flow", "timeout_flow"}
 # Builds a --pypi environment from PyPI: covered by tests/test_environments.py.

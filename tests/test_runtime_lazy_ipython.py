@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from flowmagic import Flow, namespace_root
-from flowmagic.runtime.forkserver import ARROW_CODECS, IPYTHON, flow_preload
+from flowmagic.runtime.worker.forkserver import ARROW_CODECS, IPYTHON, flow_preload
 from runtime_helpers import flowmagic, write_notebook
+
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
 
 # Built at run time so the step's own text does not name IPython (which would preload it).
 LOADED = "loaded = ('IPy' + 'thon') in sys.modules\n"
@@ -89,7 +91,7 @@ def test_a_library_that_draws_with_pyplot_unnamed_in_the_flow_still_shows_its_fi
 def test_a_fresh_process_runs_plain_python_cells_without_importing_ipython():
     code = """
 import sys
-from flowmagic.runtime.execute import execute_cell
+from flowmagic.runtime.worker.execute import execute_cell
 out = []
 ns = {}
 plain = execute_cell("x = 1\\nfor i in range(3):\\n    x += i\\n", ns, filename="<c>", first_line=1, emit=out.append)
@@ -104,7 +106,7 @@ print(plain.ok, ns["x"], after_plain, valued.ok, out[0]["data"]["text/plain"], "
 
 def test_a_syntax_error_is_reported_the_same_with_or_without_the_shell():
     code = """
-from flowmagic.runtime.execute import execute_cell, prepare_shell
+from flowmagic.runtime.worker.execute import execute_cell, prepare_shell
 def error():
     r = execute_cell("x = 1\\ny = (2\\n", {}, filename="<c>", first_line=3, emit=lambda o: None)
     return r.error["type"], r.error["line"]

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-from flowmagic.runtime.forkpool import ForkServer
-from flowmagic.runtime.forkserver import ARROW_CODECS, IPYTHON, flow_preload
+from flowmagic.runtime.worker.forkpool import ForkServer
+from flowmagic.runtime.worker.forkserver import ARROW_CODECS, IPYTHON, flow_preload
+
+pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the quick loop
 
 HEAVY = ("numpy", "pyarrow", "pandas")
-ENTRY = "flowmagic.runtime.forkserver:run_source"
+ENTRY = "flowmagic.runtime.worker.forkserver:run_source"
 REPORT = "import sys, json\nprint(json.dumps({m: m in sys.modules for m in %r}))\n" % ((HEAVY + (ARROW_CODECS,)),)
 
 
@@ -145,8 +147,8 @@ def test_a_resumed_step_that_loads_a_frame_runs_with_pandas_preloaded(tmp_path):
     """The re-run step's code names no pandas, but its input is an Arrow frame."""
     from runtime_helpers import write_notebook
     from flowmagic.notebook import load_flow
-    from flowmagic.runtime import forkpool
-    from flowmagic.runtime.scheduler import resume_flow, run_flow
+    from flowmagic.runtime.worker import forkpool
+    from flowmagic.runtime.orchestrator.scheduler import resume_flow, run_flow
     from flowmagic.store import load_artifact, open_store
 
     flag = tmp_path / "fail.flag"

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from flowmagic.dag import build_flow
+from flowmagic.flow.graph import build_flow
 from flowmagic.errors import RunError, UsageError
-from flowmagic.runtime.forkserver import PreludeError
-from flowmagic.runtime.scheduler import new_session_run, resume_flow, run_flow, run_step
+from flowmagic.runtime.worker.forkserver import PreludeError
+from flowmagic.runtime.orchestrator.scheduler import new_session_run, resume_flow, run_flow, run_step
 from flowmagic.store import load_artifact, open_store
 
 
@@ -163,6 +163,20 @@ def test_step_cache_reuses_identical_tasks_only(store, tmp_path):
     assert run_flow(plain, store, workdir=str(tmp_path)).cached == 0
     assert run_flow(plain, store, cache=True, workdir=str(tmp_path)).cached == 5
     assert first.cached == 0
+
+
+def test_step_cache_of_a_join_compares_the_inputs_the_task_is_given(store, tmp_path):
+    cells = ["%%step start\nitems = [1, 2]",
+             "%%step double --foreach items\nd = input * 2",
+             "%%step join --cache\ntotal = sum(i.d for i in inputs)"]
+    graph = build_flow(cells, name="CachedJoin")
+    assert run_flow(graph, store, workdir=str(tmp_path)).cached == 0
+    assert run_flow(graph, store, workdir=str(tmp_path)).cached == 1          # same inputs: reused
+    changed = build_flow(cells[:1] + ["%%step double --foreach items\nd = input * 3"] + cells[2:], name="CachedJoin")
+    again = run_flow(changed, store, workdir=str(tmp_path))
+    assert again.cached == 0 and again.status == "succeeded"                  # its inputs changed: run again
+    [join] = store.meta.tasks("CachedJoin", again.run_id, "join")
+    assert [values(store, r) for r in store.meta.artifacts(join.task_id)] == [9]
 
 
 def test_catch_records_a_crashed_process_and_the_run_goes_on(store, tmp_path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
-from flowmagic.analysis import _line_magics_only, transform_ipython
+from flowmagic.flow.analysis import _line_magics_only, transform_ipython
 
 SOURCES = [
     "%load_ext flowmagic",
@@ -66,6 +66,6 @@ def test_the_console_forks_its_fork_server_instead_of_starting_an_interpreter(tm
     try:
         data = Flow("ForkFlow").latest_run["start"].task.data
         assert data.server_cmdline == data.orchestrator_cmdline
-        assert "run" in data.server_cmdline and "flowmagic.runtime.forkserver" not in data.server_cmdline
+        assert "run" in data.server_cmdline and "flowmagic.runtime.worker.forkserver" not in data.server_cmdline
     finally:
         namespace_root(None)

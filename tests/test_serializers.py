@@ -353,6 +353,18 @@ def test_truncated_objects_are_a_store_error(objects: ObjectStore) -> None:
         os.chmod(path, 0o644)
         with open(path, "r+b") as f:
             f.truncate(ref.size // 2)
+        with pytest.raises(StoreError, match="artifact 'x'.*damaged"):
+            load_artifact(objects, ref)
+
+
+def test_truncated_objects_are_a_store_error_without_verification(objects: ObjectStore, monkeypatch) -> None:
+    monkeypatch.setenv("FLOWMAGIC_VERIFY_OBJECTS", "0")  # the codecs' own checks still hold
+    for value in (np.arange(100_000), pd.DataFrame({"a": np.arange(100_000)}), {"w": np.arange(100_000)}):
+        ref = save_artifact(objects, "x", value)
+        path = objects.path(ref.hash)
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.truncate(ref.size // 2)
         with pytest.raises(StoreError, match="artifact 'x'.*cannot be read"):
             load_artifact(objects, ref)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowmagic.runtime.events import Event
+from flowmagic.runtime.orchestrator.events import Event
 from flowmagic.widgets import DagView, StepStates, Throttle, graph_svg, graph_text
 from flowmagic.widgets.dagview import check_graph
 from flowmagic.widgets.static import format_duration, status_text
@@ -54,7 +54,22 @@ FOLD_CASES = [
     ({1: ["running", "done"], 2: ["running", "failed"]}, "failed"),
     ({1: ["running", "caught"], 2: ["running", "done"]}, "caught"),
     ({1: ["running", "interrupted"]}, "interrupted"),
+    ({1: ["pending", "cancelled"], 2: ["pending", "cancelled"]}, "cancelled"),
+    ({1: ["running", "done"], 2: ["pending", "cancelled"]}, "cancelled"),
+    ({1: ["running", "failed"], 2: ["pending", "cancelled"]}, "failed"),
 ]
+
+
+def test_a_cancelled_step_is_grey_and_counts_neither_done_nor_failed():
+    live = StepStates(["fit"])
+    for task_id in (1, 2):
+        live.apply(task("fit", "pending", task_id=task_id))
+        live.apply(task("fit", "cancelled", task_id=task_id))
+    record = live.snapshot()["fit"]
+    assert (record["state"], record["done"], record["failed"], record["total"]) == ("cancelled", 0, 0, 2)
+    from flowmagic.widgets.static import _COLOURS
+
+    assert _COLOURS["cancelled"][0] not in (_COLOURS["failed"][0], _COLOURS["done"][0])  # grey, not red
 
 
 @pytest.mark.parametrize("tasks,expected", FOLD_CASES)
@@ -476,6 +491,7 @@ def test_states_from_store_and_graph_of_a_run_without_graph(recorded_run):
 
 
 # -- nbconvert: the static fallback in an exported page ----------------------------------
+@pytest.mark.slow
 def test_nbconvert_execute_to_html_shows_the_static_svg(tmp_path):
     """An example notebook with `%flow show` and `%flow run` added, executed by
     nbconvert: no widget front end there, so the page carries the SVGs."""

@@ -6,10 +6,11 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFoundError, UsageError
-from ..store import Store, open_store, store_root
-from ..report import format_size as _fmt_size  # noqa: F401  (re-exported to the client modules)
-from ..store.metadata import RunRecord
+from flowmagic.errors import NotFoundError, UsageError
+from flowmagic.store import Store, open_store
+from flowmagic.store.paths import store_root
+from flowmagic.report.text import format_size as _fmt_size  # noqa: F401  (re-exported to the client modules)
+from flowmagic.store.metadata import RunRecord
 
 _root_override: Path | None = None
 _stores: dict[Path, tuple[int, Store]] = {}  # root -> (database inode, store)

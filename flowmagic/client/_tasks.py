@@ -6,19 +6,20 @@ import html
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
-from ..errors import NotFoundError
-from ..store import Store
-from ..store.metadata import AttemptRecord, TaskRecord
-from ..store.serializers import ArtifactRef, load_artifact
+from flowmagic.errors import NotFoundError
+from flowmagic.states import task_finished, task_successful
+from flowmagic.store import Store
+from flowmagic.store.metadata import AttemptRecord, TaskRecord
+from flowmagic.store.serializers import ArtifactRef, load_artifact
 from ._base import _ClientObject, _fmt_size, _html_table, _parts, _short_list, _when
 
 if TYPE_CHECKING:
-    from ..runtime.outputs import Output
+    from flowmagic.store.outputs import Output
     from ._runs import Run, Step
 
-_OK_TASK_STATES = ("done", "cloned", "cached")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TaskException:
         return f"{self.type}: {self.message}"
 
     def to_dict(self) -> dict:
+        """``{"type", "message", "traceback"}``, as ``flowmagic logs --json`` shows it."""
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
 
 
@@ -48,7 +50,7 @@ class Task(_ClientObject):
         self._init(step_obj, found._record)
 
     @classmethod
-    def _make(cls, step: Step, record: TaskRecord) -> "Task":
+    def _make(cls, step: Step, record: TaskRecord) -> Task:
         self = cls.__new__(cls)
         self._init(step, record)
         return self
@@ -62,35 +64,44 @@ class Task(_ClientObject):
 
     @property
     def step(self) -> Step:
+        """The :class:`Step` this task belongs to."""
         return self._step
 
     @property
     def run(self) -> Run:
+        """The :class:`Run` this task belongs to."""
         return self._step.run
 
     @property
     def index(self) -> tuple[int, ...] | None:
+        """The task's position in its foreach splits (one int per nesting level), or None outside a foreach."""
         return self._record.index
 
     @property
     def item(self) -> str | None:
+        """A short text of the foreach item this task worked on, or None outside a foreach."""
         return self._record.item
 
     @property
     def state(self) -> str:
+        """The task's state, read fresh from the store: ``pending``, ``running``, ``retrying``, ``done``,
+        ``failed``, ``caught``, ``cloned``, ``cached`` or ``interrupted``."""
         self._record = self._store.meta.get_task(self.task_id)
         return self._record.state
 
     @property
     def successful(self) -> bool:
-        return self.state in _OK_TASK_STATES
+        """True once the task finished OK: done, cloned, cached, or caught
+        (``--catch`` saved its exception; its downstream steps ran)."""
+        return task_successful(self.state)
 
     @property
     def finished(self) -> bool:
-        return self.state not in ("pending", "running", "retrying")
+        """True once the task will not change again (cancelled and failed tasks included)."""
+        return task_finished(self.state)
 
     @property
-    def origin(self) -> "Task | None":
+    def origin(self) -> Task | None:
         """For a cloned or cached task, the task it copies."""
         origin = self._record.origin_task_id
         if origin is None:
@@ -100,16 +111,19 @@ class Task(_ClientObject):
 
     @property
     def created_at(self) -> dt.datetime:
+        """When the task was created (a datetime)."""
         return _when(self._record.created_at)  # type: ignore[return-value]
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the task's last attempt ended, or None while it is unfinished."""
         last = self._last_attempt()
         return _when(last.finished_at) if last is not None and self.finished else None
 
     # attempts, logs, outputs
     @property
     def attempts(self) -> list[AttemptRecord]:
+        """Every attempt of the task, first to last (retries make more than one)."""
         return self._store.meta.attempts(self.task_id)
 
     def _last_attempt(self) -> AttemptRecord | None:
@@ -118,21 +132,25 @@ class Task(_ClientObject):
 
     @property
     def current_attempt(self) -> int | None:
+        """The number of the last attempt (0 for the first), or None before any attempt."""
         last = self._last_attempt()
         return last.attempt if last is not None else None
 
     @property
     def stdout(self) -> str:
+        """What the last attempt printed to stdout (``""`` when it has not run)."""
         last = self._last_attempt()
         return last.stdout if last is not None else ""
 
     @property
     def stderr(self) -> str:
+        """What the last attempt printed to stderr (``""`` when it has not run)."""
         last = self._last_attempt()
         return last.stderr if last is not None else ""
 
     @property
     def exception(self) -> TaskException | None:
+        """The :class:`TaskException` the last attempt raised, or None."""
         last = self._last_attempt()
         if last is None or not last.exception:
             return None
@@ -140,11 +158,11 @@ class Task(_ClientObject):
         return TaskException(str(e.get("type", "")), str(e.get("message", "")), str(e.get("traceback", "")))
 
     @property
-    def outputs(self) -> list["Output"]:
+    def outputs(self) -> list[Output]:
         """Rich outputs of the last attempt (display() calls, the last value, figures),
         in order; each has ``.type``, ``.data`` (a mimebundle), ``.text`` and shows
         its rich form again when displayed in a notebook."""
-        from ..runtime.outputs import Output, load_outputs  # owned by the runtime
+        from flowmagic.store.outputs import Output, load_outputs
 
         last = self._last_attempt()
         if last is None:  # a cloned or cached task shows what its origin showed
@@ -153,21 +171,23 @@ class Task(_ClientObject):
         return [Output(**bundle) for bundle in load_outputs(self._store.objects, last.outputs)]
 
     # artifacts
-    def _artifacts(self) -> dict[str, "DataArtifact"]:
+    def _artifacts(self) -> dict[str, DataArtifact]:
         if self._artifact_cache is None:
             refs = self._store.meta.artifacts(self.task_id)
             self._artifact_cache = {r.name: DataArtifact._make(self, r) for r in refs}
         return self._artifact_cache
 
     @property
-    def artifacts(self) -> "TaskArtifacts":
+    def artifacts(self) -> TaskArtifacts:
+        """The task's artifacts as :class:`DataArtifact` handles: ``task.artifacts.NAME``."""
         return TaskArtifacts(self)
 
     @property
-    def data(self) -> "TaskData":
+    def data(self) -> TaskData:
+        """The task's artifact values: ``task.data.NAME`` loads that one value."""
         return TaskData(self)
 
-    def __getitem__(self, name: str) -> "DataArtifact":
+    def __getitem__(self, name: str) -> DataArtifact:
         artifacts = self._artifacts()
         if name not in artifacts:
             raise NotFoundError(f"task {self.pathspec} has no artifact '{name}'; its artifacts: "
@@ -177,7 +197,7 @@ class Task(_ClientObject):
     def __contains__(self, name: str) -> bool:
         return name in self._artifacts()
 
-    def __iter__(self) -> Iterator["DataArtifact"]:
+    def __iter__(self) -> Iterator[DataArtifact]:
         return iter(self._artifacts().values())
 
     def _repr_html_(self) -> str:
@@ -254,7 +274,7 @@ class DataArtifact(_ClientObject):
         self._init(task, other._ref)
 
     @classmethod
-    def _make(cls, task: Task, ref: ArtifactRef) -> "DataArtifact":
+    def _make(cls, task: Task, ref: ArtifactRef) -> DataArtifact:
         self = cls.__new__(cls)
         self._init(task, ref)
         return self
@@ -267,38 +287,46 @@ class DataArtifact(_ClientObject):
 
     @property
     def data(self) -> Any:
+        """The stored value, loaded on first access (memory-mapped for Arrow data) and kept."""
         if self._value is self._UNLOADED:
-            self._value = load_artifact(self._store.objects, self._ref)
+            self._value = load_artifact(self._store.objects, self._ref, step=self._task._record.step)
         return self._value
 
     @property
     def type(self) -> str:
+        """The value's type name, e.g. ``pandas.DataFrame``."""
         return self._ref.type
 
     @property
     def size(self) -> int:
+        """The stored size in bytes."""
         return self._ref.size
 
     @property
     def hash(self) -> str:
+        """The content hash the value is stored under (``sha`` is Metaflow's name for it)."""
         return self._ref.hash
 
     sha = hash  # Metaflow's name
 
     @property
     def serializer(self) -> str:
+        """How the value is stored: ``inline``, ``arrow-*``, ``pickle``, ``unsaved``, ..."""
         return self._ref.serializer
 
     @property
     def ref(self) -> ArtifactRef:
+        """The store's record of the artifact (name, type, size, hash, serializer)."""
         return self._ref
 
     @property
     def task(self) -> Task:
+        """The :class:`Task` that produced this artifact."""
         return self._task
 
     @property
     def finished_at(self) -> dt.datetime | None:
+        """When the producing task finished (Metaflow's name for the artifact's time)."""
         return self._task.finished_at
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flowmagic.dag import FlowGraph
+    from flowmagic.flow.graph import FlowGraph
 
 __all__ = ["ExportPlan", "export_flow", "export_notebook", "plan_export"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping
 
-from flowmagic.dag import JOIN_INPUTS, FlowGraph, StepSpec
+from flowmagic.flow.graph import JOIN_INPUTS, FlowGraph, StepSpec, binding_line
 from flowmagic.errors import FlowDefinitionError
 
 # Attributes of Metaflow's FlowSpec that a notebook variable cannot shadow.
@@ -137,12 +137,15 @@ def step_attributes(graph: FlowGraph, spec: StepSpec, downstream: set[str],
                 f"{what} {name!r}, which a later step reads; Metaflow pickles artifacts and cannot "
                 f"pass a module or a function defined in a step: move it to an ordinary cell",
                 step=spec.name, cell=spec.cell, variable=name)
-        throwaway = how <= _THROWAWAY and name not in downstream and name not in reads \
-            and name not in needed_by_helpers and name != spec.options.catch
+        only_here = name not in downstream and name not in reads and name not in needed_by_helpers \
+            and name != spec.options.catch
+        # A reserved name (`index`, `name`) used only inside the step stays a plain local there.
+        throwaway = only_here and (how <= _THROWAWAY or name in RESERVED_ATTRIBUTES)
         (local if throwaway else attributes).add(name)
-    for name in attributes:
-        if name in RESERVED_ATTRIBUTES:
-            raise FlowDefinitionError(
-                f"the variable {name!r} would be self.{name}, which Metaflow's FlowSpec reserves; rename it",
-                step=spec.name, cell=spec.cell, variable=name)
+    for name in sorted(attributes & RESERVED_ATTRIBUTES):
+        line = binding_line(ast.parse(spec.code), name)
+        raise FlowDefinitionError(
+            f"the variable {name!r} would be self.{name}, which Metaflow's FlowSpec reserves "
+            f"(another step reads it): rename it", step=spec.name, cell=spec.cell, variable=name,
+            line=spec.body_line + line - 1 if line else None)
     return frozenset(attributes), frozenset(local)

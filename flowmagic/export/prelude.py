@@ -11,8 +11,8 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from flowmagic.analysis import free_names
-from flowmagic.dag import FlowGraph
+from flowmagic.flow.analysis import free_names
+from flowmagic.flow.graph import FlowGraph
 from flowmagic.errors import FlowDefinitionError
 
 # Names the script imports from metaflow; the prelude must not redefine them.

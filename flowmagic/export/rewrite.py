@@ -18,7 +18,7 @@ import ast
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flowmagic._scopes import header_expressions
+from flowmagic.flow.scopes import header_expressions
 from flowmagic.errors import FlowDefinitionError
 
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)

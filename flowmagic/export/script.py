@@ -8,7 +8,7 @@ import math
 import tokenize
 from dataclasses import dataclass
 
-from flowmagic.dag import FlowGraph, Parameter, StepSpec
+from flowmagic.flow.graph import FlowGraph, Parameter, StepSpec
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.export.carry import JoinPlan, plan_joins, topological
 from flowmagic.export.names import RESERVED_ATTRIBUTES, read_downstream, step_attributes
@@ -96,6 +96,8 @@ def render_script(plan: ExportPlan) -> str:
         lines += ["try:", f"{INDENT}from IPython.display import display",
                   "except ImportError:  # a step environment without IPython: print instead",
                   f"{INDENT}display = print"]
+    if any(f"{_KEEP_PICKLABLE}(" in text for text, _ in methods):
+        lines += ["", "", _KEEP_PICKLABLE_SOURCE.strip("\n"), ""]
     if plan.prelude.source:
         lines += ["", plan.prelude.source.strip("\n")]
     lines += ["", "", f"class {plan.class_name}(FlowSpec):",
@@ -150,12 +152,13 @@ def _method(plan: ExportPlan, node: MfStep) -> tuple[str, set[str]]:
     head = [INDENT + d for d in decorators] + [f"{INDENT}@step", f"{INDENT}def {node.name}({args}):"]
     body: list[str] = [_docstring(doc)] if doc else []
     if node.join:
-        body += _join_lines(plan.joins[node.name], node)
+        body += _join_lines(plan.joins[node.name], node, _read_in_foreach_body(plan, node))
     if spec is not None:
         body += _catch_lines(plan, spec)
         code = _step_code(plan, spec)
         if code.strip():
             body.append(code.rstrip("\n"))
+        body += _keep_picklable_lines(plan, spec)
     transition = _transition(node)
     if transition:
         body.append(transition)
@@ -163,6 +166,37 @@ def _method(plan: ExportPlan, node: MfStep) -> tuple[str, set[str]]:
         body.append("pass")
     text = "\n".join(head + [_indent(b, INDENT * 2) for b in body])
     return text, {d.split("(")[0].lstrip("@") for d in decorators}
+
+
+_KEEP_PICKLABLE = "_keep_picklable"
+_KEEP_PICKLABLE_SOURCE = f'''
+def {_KEEP_PICKLABLE}(flow, step, names):
+    """Metaflow pickles every self.<name> when a step ends; the notebook run skips a value
+    it cannot save that no later step reads (with a warning): do the same here."""
+    import pickle
+    import sys
+    for name in names:
+        value = getattr(flow, name, None)
+        if value is None or type(value).__module__.split(".")[0] in ("builtins", "numpy", "pandas", "pyarrow") \\
+                and not isinstance(value, (list, tuple, dict, set)):
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception:
+            delattr(flow, name)
+            print(f"warning: step {{step!r}}: {{name!r}} ({{type(value).__name__}}) cannot be saved; "
+                  "it is not persisted (fine while no later step reads it)", file=sys.stderr)
+'''
+
+
+def _keep_picklable_lines(plan: ExportPlan, spec: StepSpec) -> list[str]:
+    """Outputs no later step reads may be values Metaflow cannot pickle (a lock, a client
+    handle): the notebook run only warns about those, so the export drops them the same way."""
+    unread = (set(spec.writes) & plan.attributes[spec.name]) - read_downstream(plan.graph)[spec.name] \
+        - {spec.options.catch}
+    if not unread:
+        return []
+    return [f"{_KEEP_PICKLABLE}(self, {spec.name!r}, {sorted(unread)!r})"]
 
 
 def _decorators(spec: StepSpec) -> list[str]:
@@ -212,7 +246,26 @@ def _docstring(text: str) -> str:
     return f'"""{text}"""'
 
 
-def _join_lines(plan: JoinPlan, node: MfStep) -> list[str]:
+def _read_in_foreach_body(plan: ExportPlan, join: MfStep) -> set[str]:
+    """Artifacts the steps between a foreach and its join read from upstream.
+
+    Metaflow saves again every artifact a task reads (``self.x`` loads it onto
+    the flow object), and a frame pickled after a read may differ byte for byte,
+    so ``merge_artifacts`` would see conflicting values for a name no task wrote.
+    """
+    if join.join != "foreach" or join.closes is None:
+        return set()
+    steps, names, todo = plan.structure.steps, set(), [join.closes]
+    while todo:
+        name = todo.pop()
+        node = steps[name]
+        if node.real:
+            names |= set(plan.graph.step(name).reads) & plan.attributes[name]
+        todo += [child for child in node.next if child != join.name]
+    return names
+
+
+def _join_lines(plan: JoinPlan, node: MfStep, read_in_body: set[str] = frozenset()) -> list[str]:
     lines = []
     if plan.gathered:
         lines.append(f"# One value per {node.closes} task, in item order, as the notebook's join sees them.")
@@ -221,6 +274,10 @@ def _join_lines(plan: JoinPlan, node: MfStep) -> list[str]:
         lines.append("# Taken from the branch that wrote it last, as in the notebook.")
         lines += [f"self.{var} = inputs.{source}.{var}" for var, source in plan.explicit]
     if plan.merge:
+        pinned = [var for var in plan.merged if var in read_in_body]
+        if pinned:
+            lines.append(f"# Read, not written, by every {node.closes} task: one copy, as the notebook has.")
+            lines += [f"self.{var} = inputs[0].{var}" for var in pinned]
         lines.append("self.merge_artifacts(inputs)")
     return lines
 

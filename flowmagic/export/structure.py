@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
-from flowmagic.dag import FlowGraph
+from flowmagic.flow.graph import FlowGraph
 from flowmagic.errors import FlowDefinitionError
 
 JoinKind = Literal["static", "foreach"]
@@ -67,7 +67,7 @@ class Parallel:
     parts: tuple[Block, ...]
 
 
-Block = Union[Step, Series, Parallel]
+Block = Step | Series | Parallel
 
 
 def reachability(graph: FlowGraph) -> dict[str, set[str]]:

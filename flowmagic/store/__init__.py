@@ -11,12 +11,12 @@ opens the whole :class:`Store`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..errors import StoreError
+from flowmagic.errors import StoreError
 from .metadata import AttemptRecord, Metadata, RunRecord, TaskRecord
 from .objects import ObjectStore
+from .paths import store_root
 from .serializers import ArtifactRef, load_artifact, save_artifact, value_hash
 
 __all__ = [
@@ -24,17 +24,8 @@ __all__ = [
     "load_artifact", "open_store", "save_artifact", "store_root", "value_hash",
 ]
 
-STORE_DIRNAME = ".flowmagic"
 METADATA_FILE = "metadata.sqlite"
 OBJECTS_DIR = "objects"
-
-
-def store_root(notebook_dir: Path | None = None) -> Path:
-    """``$FLOWMAGIC_HOME`` when set, else ``<notebook_dir or cwd>/.flowmagic``."""
-    home = os.environ.get("FLOWMAGIC_HOME")
-    if home:
-        return Path(home).expanduser().absolute()
-    return (Path(notebook_dir) if notebook_dir is not None else Path.cwd()).absolute() / STORE_DIRNAME
 
 
 class Store:

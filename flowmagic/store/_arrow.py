@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import mmap
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -46,8 +45,8 @@ def write_numpy(arr: np.ndarray, fh: BinaryIO) -> None:
     _write_batches(fh, schema, [batch])
 
 
-def read_numpy(path: Path) -> np.ndarray:
-    mm, buf, reader = _open(path)
+def read_numpy(mm: mmap.mmap) -> np.ndarray:
+    buf, reader = _open(mm)
     meta = _meta(reader.schema)
     dtype = np.lib.format.descr_to_dtype(_descr(meta["dtype"]))
     shape = tuple(meta["shape"])
@@ -82,10 +81,11 @@ def write_table(table: pa.Table, fh: BinaryIO, meta: dict | None = None) -> None
     _write_batches(fh, table.schema, batches)
 
 
-def read_table(path: Path) -> tuple[pa.Table, dict, mmap.mmap, pa.Buffer]:
-    """The mapped table (flowmagic's metadata removed from its schema), that
-    metadata, and the mapping with its Arrow buffer."""
-    mm, buf, reader = _open(path)
+def read_table(mm: mmap.mmap) -> tuple[pa.Table, dict, mmap.mmap, pa.Buffer]:
+    """The table in the (verified, copy-on-write) mapping ``mm`` with
+    flowmagic's metadata removed from its schema, that metadata, and the
+    mapping with its Arrow buffer."""
+    buf, reader = _open(mm)
     table = reader.read_all()
     schema_meta = dict(table.schema.metadata or {})
     meta = json.loads(schema_meta.pop(META_KEY, b"{}"))
@@ -102,11 +102,9 @@ def _write_batches(fh: BinaryIO, schema: pa.Schema, batches: list[pa.RecordBatch
             writer.write_batch(batch)
 
 
-def _open(path: Path) -> tuple[mmap.mmap, pa.Buffer, pa.ipc.RecordBatchFileReader]:
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+def _open(mm: mmap.mmap) -> tuple[pa.Buffer, pa.ipc.RecordBatchFileReader]:
     buf = pa.py_buffer(mm)
-    return mm, buf, pa.ipc.open_file(pa.BufferReader(buf))
+    return buf, pa.ipc.open_file(pa.BufferReader(buf))
 
 
 def _meta(schema: pa.Schema) -> dict:
@@ -229,8 +227,8 @@ def _keep_nan(table: pa.Table, df: Any) -> pa.Table:
     return table
 
 
-def read_pandas(path: Path) -> Any:
-    table, meta, mm, buf = read_table(path)
+def read_pandas(mm: mmap.mmap) -> Any:
+    table, meta, mm, buf = read_table(mm)
     df = table.to_pandas(split_blocks=True)  # one block per column: no consolidation copy
     df = _writable_frame(df, mm, buf)
     for name in meta.get("object_columns", ()):
@@ -298,7 +296,7 @@ def write_polars(df: Any, fh: BinaryIO) -> None:
     write_table(df.to_arrow(), fh, {"kind": "polars"})
 
 
-def read_polars(path: Path) -> Any:
+def read_polars(mm: mmap.mmap) -> Any:
     import polars as pl
 
-    return pl.from_arrow(read_table(path)[0])
+    return pl.from_arrow(read_table(mm)[0])

@@ -3,7 +3,8 @@
 Safety rules, because tasks write objects before the orchestrator records
 them (and may re-use an existing object by touching it):
 
-- a run whose status is ``running`` is never removed;
+- a run whose status is ``running`` is never removed, nor the origin of a
+  running resume (a run whose orchestrator died reads as ``crashed``: finished);
 - an object no remaining run refers to is removed only if it is older
   (mtime) than the start of every running run, so objects a live run wrote
   or re-used but has not recorded yet survive; an object no run ever
@@ -62,8 +63,11 @@ def gc(store: Store, keep: int | None = None, *, dry_run: bool = False,
 
     referenced_before = store.meta.referenced_objects()
     if doomed and not dry_run:
-        for flow in {f for f, _ in doomed}:
-            store.meta.delete_runs(flow, [r for f, r in doomed if f == flow])
+        # the store has the last word: it spares runs that became live (or the
+        # origin of a live resume) since they were listed
+        doomed = [(flow, r) for flow in sorted({f for f, _ in doomed})
+                  for r in store.meta.delete_runs(flow, [r for f, r in doomed if f == flow])]
+        result.runs_removed = doomed
     referenced = store.meta.referenced_objects(exclude_runs=doomed if dry_run else ())
     released = referenced_before - referenced  # recorded by a removed run only
 

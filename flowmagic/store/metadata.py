@@ -17,13 +17,17 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
-from ..errors import NotFoundError, StoreError
+from flowmagic.errors import NotFoundError, StoreError
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
-    OUTCOMES, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES, AttemptRecord,
+    OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES,
+    AttemptRecord,
     Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)
+from .liveness import orchestrator_gone, this_process
 from .serializers import ArtifactRef
 
 _OBJECT_KEY_RE = re.compile(r"\b[0-9a-f]{32}\b")
@@ -103,6 +107,7 @@ class Metadata:
                     f"the store at {self.path.parent} was written by a newer flowmagic (schema "
                     f"version {version}; this one knows up to {SCHEMA_VERSION}). Upgrade flowmagic, "
                     "or point FLOWMAGIC_HOME at another store.")
+            self._add_missing_columns(conn)
             return
         if tables and not has_info:
             raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
@@ -113,7 +118,30 @@ class Metadata:
                     conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO schema_info VALUES ('version', ?)", (str(SCHEMA_VERSION),))
 
+    def _add_missing_columns(self, conn: sqlite3.Connection) -> None:
+        """Additive, automatic migration: a store made before a column existed gets it."""
+        if not self._missing_columns(conn):
+            return
+        with self._write(conn):
+            for name in self._missing_columns(conn):  # again, inside the lock: another opener may have won
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_ADDED_COLUMNS[name]}")
+
+    @staticmethod
+    def _missing_columns(conn: sqlite3.Connection) -> list[str]:
+        have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        return [name for name in RUN_ADDED_COLUMNS if name not in have]
+
     def _store_error(self, exc: sqlite3.DatabaseError) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        io_error = code is not None and code & 0xFF == sqlite3.SQLITE_IOERR or "disk I/O error" in str(exc)
+        # SQLite often reports a full disk as an I/O error (a failed WAL or shm write)
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or (io_error and _disk_full(self.path)):
+            return StoreError(f"the metadata database {self.path} cannot be written: No space left on device "
+                              f"({exc}). Free some space (`flowmagic gc` removes old runs) and try again; "
+                              "the store itself is not damaged.")
+        if io_error:
+            return StoreError(f"the metadata database {self.path} cannot be written: an I/O error ({exc}); "
+                              "check the disk (space, permissions, a network file system that went away)")
         return StoreError(f"the metadata database {self.path} cannot be used ({exc}). If the file "
                           "is corrupted, move the store away (it holds your runs) and start a new one.")
 
@@ -154,16 +182,23 @@ class Metadata:
         """Create a running run; return its id (increasing per flow)."""
         now = time.time()
         user = user if user is not None else _current_user()
+        pid, pid_started, host = this_process()
         with self._write() as conn:
+            if origin_run_id is not None and conn.execute(
+                    "SELECT 1 FROM runs WHERE flow = ? AND run_id = ?", (flow, origin_run_id)).fetchone() is None:
+                # gc removed it between the resume's reading it and now; once this run exists, gc spares it
+                raise NotFoundError(f"run {flow}/{origin_run_id} was removed (by gc) while a resume of it was "
+                                    "starting; nothing was run: resume another run")
             conn.execute("INSERT OR IGNORE INTO flows (name, next_run_id, created_at) VALUES (?, 1, ?)",
                          (flow, now))
             run_id = conn.execute("SELECT next_run_id FROM flows WHERE name = ?", (flow,)).fetchone()[0]
             conn.execute("UPDATE flows SET next_run_id = ? WHERE name = ?", (run_id + 1, flow))
             conn.execute(
                 "INSERT INTO runs (flow, run_id, status, params, code, graph, user, interactive,"
-                " origin_run_id, started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                " origin_run_id, started_at, orchestrator_pid, orchestrator_started, orchestrator_host)"
+                " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (flow, run_id, _json(params), _json(code), _json(graph) if graph is not None else None,
-                 user, int(interactive), origin_run_id, now))
+                 user, int(interactive), origin_run_id, now, pid, pid_started, host))
             conn.executemany("INSERT OR IGNORE INTO run_tags VALUES (?, ?, ?)",
                              [(flow, run_id, str(t)) for t in tags])
         return int(run_id)
@@ -263,17 +298,40 @@ class Metadata:
                              " FROM artifacts WHERE task_id = ? AND attempt = ?", (new_id, task_id, last))
         return int(new_id)
 
-    def delete_runs(self, flow: str, run_ids: Sequence[int]) -> None:
+    def delete_runs(self, flow: str, run_ids: Sequence[int]) -> list[int]:
         """Remove runs with their tasks, attempts, logs and artifact records
-        (gc only; objects are gc's business). Run ids are not reused."""
+        (gc only; objects are gc's business). Run ids are not reused.
+
+        Live runs and the origins of live runs (a resume clones from its
+        origin) are spared, decided inside the same write transaction that a
+        new run is created in, so a starting resume and gc cannot interleave
+        badly. Returns the ids removed."""
+        removed = []
         with self._write() as conn:
+            pinned = self._live_runs_and_origins(conn, flow)
             for run_id in run_ids:
+                if int(run_id) in pinned:
+                    continue
+                removed.append(int(run_id))
                 tasks = "SELECT task_id FROM tasks WHERE flow = ? AND run_id = ?"
                 conn.execute(f"DELETE FROM artifacts WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute(f"DELETE FROM attempts WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute("DELETE FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+        return removed
+
+    @staticmethod
+    def _live_runs_and_origins(conn: sqlite3.Connection, flow: str) -> set[int]:
+        pinned = set()
+        for run_id, origin, pid, started, host in conn.execute(
+                "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host"
+                " FROM runs WHERE flow = ? AND status = 'running'", (flow,)):
+            if not orchestrator_gone(pid, started, host):
+                pinned.add(int(run_id))
+                if origin is not None:
+                    pinned.add(int(origin))
+        return pinned
 
     def referenced_objects(self, exclude_runs: Sequence[tuple[str, int]] = ()) -> set[str]:
         """Every object key a recorded artifact or stored output refers to
@@ -292,6 +350,17 @@ class Metadata:
                 keys.update(_OBJECT_KEY_RE.findall(outputs))  # any key-shaped string: conservative
         return keys
 
+    def artifact_locations(self) -> list[tuple[str, str, int, str, int, str]]:
+        """``(object, flow, run_id, step, task_id, name)`` of every artifact stored as an object."""
+        return self._read(
+            "SELECT a.hash, t.flow, t.run_id, t.step, t.task_id, a.name FROM artifacts a"
+            " JOIN tasks t ON a.task_id = t.task_id WHERE a.serializer NOT IN ('inline', 'unsaved')"
+            " ORDER BY t.flow, t.run_id, t.task_id, a.name")
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check of the database file: ``["ok"]`` when sound."""
+        return [r[0] for r in self._read("PRAGMA integrity_check")]
+
     # -- read side ---------------------------------------------------------------
     def list_flows(self) -> list[str]:
         return [r[0] for r in self._read("SELECT name FROM flows ORDER BY name")]
@@ -305,14 +374,14 @@ class Metadata:
             args += [flow, tag]
         rows = self._read(sql + " ORDER BY run_id DESC", args)
         tags = self._tags_by_run(flow)
-        return [run_record(r, tags.get(r[1], ())) for r in rows]
+        return [_honest(run_record(r, tags.get(r[1], ()))) for r in rows]
 
     def get_run(self, flow: str, run_id: int) -> RunRecord:
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
         if not rows:
             raise self._missing_run(flow, run_id)
         tags = self._read("SELECT tag FROM run_tags WHERE flow = ? AND run_id = ? ORDER BY tag", (flow, run_id))
-        return run_record(rows[0], tuple(t[0] for t in tags))
+        return _honest(run_record(rows[0], tuple(t[0] for t in tags)))
 
     def tasks(self, flow: str, run_id: int, step: str | None = None) -> list[TaskRecord]:
         """Tasks of a run (of one step), in creation order."""
@@ -364,7 +433,7 @@ class Metadata:
         return NotFoundError(f"run {flow}/{run_id} does not exist; runs of {flow}: {shown or '(none)'}")
 
 
-_instances: "weakref.WeakSet[Metadata]" = weakref.WeakSet()
+_instances: weakref.WeakSet[Metadata] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
@@ -375,6 +444,14 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
+
+
+def _honest(run: RunRecord) -> RunRecord:
+    """A run still marked running whose orchestrator is gone is shown as crashed."""
+    if run.status == "running" and orchestrator_gone(run.orchestrator_pid, run.orchestrator_started,
+                                                     run.orchestrator_host):
+        return replace(run, status="crashed")
+    return run
 
 
 def _as_ref(a: ArtifactRef | dict) -> ArtifactRef:
@@ -388,6 +465,15 @@ def _json(value: Any) -> str:
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} '{value}' (expected one of: {', '.join(allowed)})")
+
+
+def _disk_full(path: Path) -> bool:
+    """Less than 1 MiB left for us on the file system holding ``path``."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _current_user() -> str | None:

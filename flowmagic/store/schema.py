@@ -6,25 +6,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
-TaskState = Literal[
-    "pending",      # created, waiting for its inputs
-    "running",      # an attempt is executing
-    "retrying",     # an attempt failed, another one is coming
-    "done",         # the last attempt succeeded
-    "failed",       # the last attempt failed and nothing caught it
-    "caught",       # the last attempt failed, --catch recorded it, the run goes on
-    "cloned",       # copied from an earlier run by resume
-    "cached",       # copied from an identical earlier task by the step cache
-    "interrupted",  # stopped by the user
-]
+from flowmagic.states import RUN_STATES, TASK_STATES, RunState, TaskState  # noqa: F401 - re-exported
+
+# The states live in flowmagic.states (one vocabulary for every layer); the
+# names below are the ones the store has always exported.
+RunStatus = RunState
 Outcome = Literal["ok", "failed", "timeout", "killed", "interrupted"]
 
-RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
-TASK_STATES = ("pending", "running", "retrying", "done", "failed", "caught", "cloned", "cached", "interrupted")
+RUN_STATUSES = RUN_STATES
 OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # additive changes (new nullable columns) keep the version: older code still opens the store
+# Columns added after version 1 shipped: a store that lacks them gets them when opened.
+RUN_ADDED_COLUMNS = {"orchestrator_pid": "INTEGER", "orchestrator_started": "REAL", "orchestrator_host": "TEXT"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,6 +38,9 @@ CREATE TABLE IF NOT EXISTS runs (
     origin_run_id INTEGER,
     started_at REAL NOT NULL,
     finished_at REAL,
+    orchestrator_pid INTEGER,       -- the process running it (RUN_ADDED_COLUMNS: added to older stores)
+    orchestrator_started REAL,      -- that process's start time (a reused pid is another process)
+    orchestrator_host TEXT,         -- where it runs: a pid means nothing on another machine
     PRIMARY KEY (flow, run_id));
 CREATE TABLE IF NOT EXISTS run_tags (
     flow TEXT NOT NULL, run_id INTEGER NOT NULL, tag TEXT NOT NULL,
@@ -101,6 +98,9 @@ class RunRecord:
     started_at: float
     finished_at: float | None
     graph: dict | None = field(default=None, repr=False)
+    orchestrator_pid: int | None = field(default=None, repr=False)
+    orchestrator_started: float | None = field(default=None, repr=False)
+    orchestrator_host: str | None = field(default=None, repr=False)
 
     @property
     def pathspec(self) -> str:
@@ -154,7 +154,7 @@ class AttemptRecord:
 
 # column lists of the SELECTs that run_record / task_record read
 RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
-               " finished_at, graph")
+               " finished_at, graph, orchestrator_pid, orchestrator_started, orchestrator_host")
 TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin_task_id, created_at,"
                 " updated_at")
 
@@ -162,7 +162,8 @@ TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin
 def run_record(r: tuple, tags: tuple[str, ...]) -> RunRecord:
     return RunRecord(flow=r[0], run_id=r[1], status=r[2], params=json.loads(r[3]), code=json.loads(r[4]),
                      tags=tags, user=r[5], interactive=bool(r[6]), origin_run_id=r[7], started_at=r[8],
-                     finished_at=r[9], graph=json.loads(r[10]) if r[10] else None)
+                     finished_at=r[9], graph=json.loads(r[10]) if r[10] else None,
+                     orchestrator_pid=r[11], orchestrator_started=r[12], orchestrator_host=r[13])
 
 
 def task_record(r: tuple) -> TaskRecord:

@@ -30,13 +30,12 @@ import struct
 import sys
 import types
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import xxhash
 
-from ..errors import SerializationError, StoreError
-from .objects import ObjectStore
+from flowmagic.errors import NotFoundError, SerializationError, StoreError
+from .objects import DamagedObjectError, ObjectStore
 
 SERIALIZERS = ("arrow-pandas", "arrow-numpy", "arrow-table", "arrow-polars", "pickle", "inline")
 # A value that could not be saved and no step read: recorded (DESIGN 4: "recorded as not
@@ -66,7 +65,7 @@ class ArtifactRef:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ArtifactRef":
+    def from_dict(cls, d: dict) -> ArtifactRef:
         return cls(name=d["name"], type=d["type"], size=int(d["size"]), hash=d["hash"],
                    serializer=d["serializer"], inline=d.get("inline"))
 
@@ -103,8 +102,11 @@ def unsaved_message(ref: ArtifactRef, step: str | None = None) -> str:
             "or compute it in the step that reads it")
 
 
-def load_artifact(objects: ObjectStore, ref: ArtifactRef) -> Any:
-    """The stored value; arrays and frames are memory-mapped (copy-on-write)."""
+def load_artifact(objects: ObjectStore, ref: ArtifactRef, step: str | None = None) -> Any:
+    """The stored value; arrays and frames are memory-mapped (copy-on-write).
+
+    The object is checked against its hash first (see ``objects``): a damaged
+    one raises StoreError naming the artifact, ``step`` and the object."""
     if ref.serializer == UNSAVED:
         raise SerializationError(unsaved_message(ref), variable=ref.name, type_name=ref.type)
     if ref.serializer == "inline":
@@ -113,13 +115,23 @@ def load_artifact(objects: ObjectStore, ref: ArtifactRef) -> Any:
     if reader is None:
         raise StoreError(f"artifact '{ref.name}' uses serializer '{ref.serializer}', which this "
                          f"version of flowmagic does not know (known: {', '.join(SERIALIZERS)})")
-    path = objects.open_path(ref.hash)
     try:
-        return reader(path)
+        mm = objects.map(ref.hash)
+    except DamagedObjectError as exc:  # say which artifact it was
+        raise DamagedObjectError(f"artifact '{ref.name}'{_of_step(step)} cannot be loaded: {exc}",
+                                 key=exc.key, quarantined=exc.quarantined) from None
+    except NotFoundError as exc:
+        raise NotFoundError(f"artifact '{ref.name}'{_of_step(step)} cannot be loaded: {exc}") from None
+    try:
+        return reader(mm)
     # (an ImportError is left alone: a pickled class whose module is missing
     # here is the caller's to explain, not a damaged store)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError, IndexError) as exc:
         raise StoreError(f"artifact '{ref.name}' (object {ref.hash}) cannot be read: {exc}") from exc
+
+
+def _of_step(step: str | None) -> str:
+    return f" of step '{step}'" if step else ""
 
 
 def value_hash(value: Any) -> str:
@@ -280,9 +292,7 @@ def _write_padded(fh: BinaryIO, data: bytes | memoryview, pos: int) -> int:
     return pos + pad
 
 
-def _read_pickle(path: Path) -> Any:
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+def _read_pickle(mm: mmap.mmap) -> Any:
     if mm[:len(_PICKLE_MAGIC)] != _PICKLE_MAGIC:
         raise ValueError("not a flowmagic pickle object")
     pos = len(_PICKLE_MAGIC)
@@ -308,18 +318,18 @@ def _aligned(pos: int) -> int:
 
 def _arrow_reader(name: str):
     """A reader from ``_arrow``, which (with pyarrow and numpy) is imported on the first load."""
-    def read(path: Path) -> Any:
+    def read(mm: mmap.mmap) -> Any:
         from . import _arrow
 
-        return getattr(_arrow, name)(path)
+        return getattr(_arrow, name)(mm)
 
     return read
 
 
-def _read_table(path: Path) -> Any:
+def _read_table(mm: mmap.mmap) -> Any:
     from . import _arrow
 
-    return _arrow.read_table(path)[0]
+    return _arrow.read_table(mm)[0]
 
 
 _READERS = {

@@ -7,7 +7,8 @@ below (see docs/ARCHITECTURE.md, "widgets/").
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from .dagview import DagView
 from .inspector import Inspector

@@ -9,7 +9,8 @@ are folded into per-step records (:mod:`.live`) and pushed at most
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import traitlets
 from ipywidgets import widget_serialization

@@ -12,8 +12,9 @@ from typing import Any
 
 import traitlets
 
-from ..runtime.environments import environments_of_run
-from ..runtime.outputs import output_previews
+from flowmagic.states import TASK_WENT_WRONG
+from flowmagic.store.environments import environments_of_run
+from flowmagic.store.outputs import output_previews
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
 from .preview import format_size, preview_artifact
@@ -24,7 +25,7 @@ LOG_CHARS = 20_000  # the end of a task's stdout/stderr shown per attempt
 
 def as_store(store: Any) -> Any:
     """A Store from a Store, a store root path, or None (the default root)."""
-    from ..store import Store, open_store
+    from flowmagic.store import Store, open_store
 
     if isinstance(store, Store):
         return store
@@ -140,7 +141,7 @@ class InspectorMixin(traitlets.HasTraits):
         self.steps = [{"value": name, "label": f"{name} · {states.get(name, {}).get('state', 'pending')}",
                        "state": states.get(name, {}).get("state", "pending")} for name in order]
         if step not in order:
-            failed = [s["value"] for s in self.steps if s["state"] in ("failed", "interrupted", "caught")]
+            failed = [s["value"] for s in self.steps if s["state"] in TASK_WENT_WRONG]
             step = failed[0] if failed else (order[0] if order else "")
         self.step = step or ""
         self._load_tasks(task_id)
@@ -150,7 +151,7 @@ class InspectorMixin(traitlets.HasTraits):
         self.tasks = [task_option(t) for t in tasks]
         ids = [t.task_id for t in tasks]
         if task_id not in ids:
-            failed = [t.task_id for t in tasks if t.state in ("failed", "interrupted", "caught")]
+            failed = [t.task_id for t in tasks if t.state in TASK_WENT_WRONG]
             task_id = failed[0] if failed else (ids[0] if ids else None)
         self.task_id = task_id
         self._load_detail()

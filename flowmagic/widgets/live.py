@@ -12,25 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
-StepState = Literal[
-    "pending",      # not started in this run
-    "running",      # at least one task is running (or some done, some to go)
-    "retrying",     # a task failed an attempt and runs again
-    "failed",       # a task failed its last attempt (or was interrupted)
-    "caught",       # a task failed, --catch recorded the error, the run went on
-    "cloned",       # every task was cloned from the origin run (resume)
-    "cached",       # every task was cloned from a matching earlier task (--cache)
-    "stale",        # ran before, but a step upstream re-ran since (interactive)
-    "done",         # every task finished
-]
-STATES: tuple[str, ...] = StepState.__args__  # type: ignore[attr-defined]
+from flowmagic.states import (STEP_STATES, TASK_ACTIVE, TASK_FINISHED_BAD, TASK_FINISHED_OK, TASK_TERMINAL,
+                              TASK_WENT_WRONG, StepState, task_successful)  # noqa: F401 - StepState re-exported
 
-_ACTIVE = {"running", "retrying"}
-_OK = {"done", "cloned", "cached"}
-_BAD = {"failed", "interrupted", "killed", "timeout"}
-_TERMINAL = _OK | _BAD | {"caught"}
+STATES: tuple[str, ...] = STEP_STATES
+
+_ACTIVE = TASK_ACTIVE
+_OK = TASK_FINISHED_OK - {"caught"}         # counted "done" in the progress bar
+_WRONG = TASK_WENT_WRONG                     # counted "failed" in the progress bar (caught too)
+_BAD = TASK_FINISHED_BAD - {"cancelled"}     # a task ran and did not finish OK
+_TERMINAL = TASK_TERMINAL
 
 
 @dataclass
@@ -84,7 +78,7 @@ class StepStates:
             task.started = when
         if event.state in _TERMINAL:
             task.finished = when
-            if task.started is None and event.state in _BAD | {"caught"}:
+            if task.started is None and event.state in _WRONG:
                 task.started = when
         return True
 
@@ -135,7 +129,7 @@ class StepStates:
         tasks = list(step.tasks.values())
         total = max(step.expected, len(tasks))
         done = sum(t.state in _OK for t in tasks)
-        failed = sum(t.state in _BAD or t.state == "caught" for t in tasks)
+        failed = sum(t.state in _WRONG for t in tasks)
         record = {
             "state": _fold(tasks, total),
             "attempt": max((t.attempt for t in tasks), default=0),
@@ -156,9 +150,9 @@ class StepStates:
 
 def _outcome(state: str) -> str | None:
     """Success or failure, for states that end a step; None for the others."""
-    if state in _OK or state == "caught":
+    if task_successful(state):
         return "ok"
-    if state in _BAD:
+    if state in TASK_FINISHED_BAD:
         return "bad"
     return None
 
@@ -177,6 +171,8 @@ def _fold(tasks: list[_Task], total: int) -> str:
         return "running" if finished else "pending"
     if any(s in _BAD for s in states):
         return "failed" if "interrupted" not in states else "interrupted"
+    if "cancelled" in states:
+        return "cancelled"
     if "caught" in states:
         return "caught"
     for uniform in ("cloned", "cached"):
@@ -260,6 +256,6 @@ def states_from_tasks(tasks: Iterable[Any]) -> dict[str, dict]:
     for record in tasks:
         step = live._steps.setdefault(record.step, _Step())
         finished = record.updated_at if record.state in _TERMINAL else None
-        started = record.created_at if record.state in _ACTIVE | _BAD | {"caught", "done"} else None
+        started = record.created_at if record.state in _ACTIVE | _WRONG | {"done"} else None
         step.tasks[record.task_id] = _Task(record.state, 0, started, finished)
     return live.snapshot()

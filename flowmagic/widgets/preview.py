@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flowmagic.report import format_size  # noqa: F401  (the inspector imports it from here)
+from flowmagic.report.text import format_size  # noqa: F401  (the inspector imports it from here)
 
 PREVIEW_ROWS = 8
 PREVIEW_COLUMNS = 12
@@ -40,6 +40,7 @@ def preview_artifact(objects: Any, ref: Any) -> dict:
         if ref.serializer == "inline":
             value = json.loads(ref.inline) if ref.inline is not None else None
             return {"kind": "text", "text": cut(repr(value))}
+        objects.map(ref.hash).close()  # verified first: a damaged object is "no preview", never wrong values
         path = Path(objects.open_path(ref.hash))
         if ref.serializer in _ARROW_TABLES:
             return frame_preview(path)
@@ -141,7 +142,7 @@ def _pickle_preview(objects: Any, ref: Any) -> dict:
         return {"kind": "none",
                 "text": f"{format_size(ref.size)} pickle: not loaded for a preview "
                         f"(read it with the Client API: .data.{ref.name})"}
-    from ..store import load_artifact
+    from flowmagic.store import load_artifact
 
     value = load_artifact(objects, ref)
     return {"kind": "text", "text": cut(repr(value))}

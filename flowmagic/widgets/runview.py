@@ -7,7 +7,8 @@ store at most once a second as tasks finish.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import traitlets
 
@@ -16,8 +17,8 @@ from .dagview import PUSH_INTERVAL, DagMixin
 from .inspector import InspectorMixin, as_store
 from .live import states_from_tasks
 from .static import graph_svg
+from flowmagic.states import TASK_TERMINAL
 
-_TASK_FINISHED = {"done", "failed", "caught", "cloned", "cached", "interrupted"}
 
 
 def graph_of_run(store: Any, flow: str, run_id: int | None) -> dict:
@@ -84,7 +85,7 @@ class RunView(DagMixin, InspectorMixin, FlowmagicWidget):
         if kind == "run":
             # a new run shows up in the pickers at once; a finished one is re-read
             self.select(event.run_id, self.step or None, None)
-        elif kind == "task" and state in _TASK_FINISHED:
+        elif kind == "task" and state in TASK_TERMINAL:
             self._refresh_throttle.request()
 
     def finish(self) -> None:

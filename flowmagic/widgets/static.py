@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 _MAX_EDGE_VARIABLES = 3
 # (border, fill) per state: fixed colours, because the SVG leaves the page's
@@ -26,9 +27,10 @@ _COLOURS = {
     "cloned": ("#0097a7", "#e0f7fa"),
     "cached": ("#006064", "#e0f2f1"),
     "stale": ("#9e9e9e", "#eeeeee"),
+    "cancelled": ("#757575", "#f5f5f5"),
     "done": ("#388e3c", "#e8f5e9"),
 }
-_DASHED = {"caught", "cloned", "cached", "stale"}
+_DASHED = {"caught", "cloned", "cached", "stale", "cancelled"}
 _svg_counter = itertools.count(1)
 
 

@@ -7,7 +7,8 @@ import { buildDot } from "./dot.js";
 import { getViz, hasVizAsset } from "./viz.js";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-const TERMINAL = new Set(["done", "failed", "caught", "cloned", "cached"]);
+// step states that end a step (flowmagic/states.py); an unknown state counts as unfinished
+const TERMINAL = new Set(["done", "failed", "interrupted", "cancelled", "caught", "cloned", "cached"]);
 let widgetCounter = 0;
 
 export function uniqueId() {

@@ -3,6 +3,8 @@
 // reads the store and fills the traits; this file only draws them and sends
 // the pickers' choices back (run_id, step, task_id).
 
+import { sanitizeHtml } from "./sanitize.js";
+
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -133,7 +135,7 @@ function outputsBlock(outputs) {
       item.append(h("img", { className: "fm-output-image", src: output.src, alt: output.text || output.label }));
     } else if (output.kind === "html") {
       const body = h("div", { className: "fm-output-html" });
-      body.innerHTML = output.html;
+      body.innerHTML = sanitizeHtml(output.html); // untrusted: see sanitize.js
       item.append(body);
     } else {
       item.append(h("pre", { className: "fm-preview fm-preview-text" }, output.text));

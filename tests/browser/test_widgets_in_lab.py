@@ -30,7 +30,7 @@ def wait_state(scope, step: str, state: str, timeout: float = 60_000) -> None:
 
 def flow_show_json(notebook: Path) -> dict:
     """The console command's reading of the notebook: what the DAG must show."""
-    done = subprocess.run([sys.executable, "-m", "flowmagic.cli", "show", str(notebook), "--json"],
+    done = subprocess.run([sys.executable, "-m", "flowmagic.cli.main", "show", str(notebook), "--json"],
                           capture_output=True, text=True, timeout=60, check=True)
     return json.loads(done.stdout)
 
@@ -86,7 +86,7 @@ WIDE = {
 
 SETUP = f"""
 import json, pathlib, time
-from flowmagic.runtime.events import Event
+from flowmagic.runtime.orchestrator.events import Event
 from flowmagic.widgets import DagView
 view = DagView(json.loads({json.dumps(json.dumps(GRAPH))}), interval=0.1)
 view.observe(lambda change: pathlib.Path("selected.txt").write_text(change["new"]), "selected_step")

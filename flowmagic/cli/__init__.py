@@ -1,0 +1,1 @@
+"""The console command ``flowmagic``: option parsing and rendering over the services."""

@@ -1,0 +1,1 @@
+"""The console's sub-commands, one module per family."""

@@ -1,0 +1,192 @@
+"""``%%step``, ``%%params`` and ``%flow``: the notebook's face of the engine.
+
+A thin layer: it keeps the kernel's flow definition (:mod:`flowmagic.magics.session`),
+calls the scheduler, streams its events into the cell and binds a step's
+outputs into the namespace. Every error a user can cause is shown as one
+clear message (never a traceback of this module); a failing step shows its
+own traceback, with the cell's line numbers, and makes the cell an error so
+Run All stops there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from flowmagic.errors import FlowDefinitionError
+from flowmagic.magics.session import KernelFlowDefinition, SessionRun, notebook_path
+from flowmagic.magics import output
+
+
+@magics_class
+class FlowMagics(Magics):
+    """The magics, and the kernel-side state they share."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.definition = KernelFlowDefinition()
+        self.session: SessionRun | None = None
+        self._current: tuple[str, str | None, int | None] | None = None  # raw, cell id, In[n]
+        self._stores: dict[Path, Any] = {}
+        self.view: Any = None          # the session run's live DAG view, once shown
+        self._graph: tuple[tuple, Any] | None = None   # (flow name + sources, FlowGraph)
+
+    # -- shell events: which cells the kernel executed --------------------
+    def pre_run_cell(self, info: Any) -> None:
+        self._current = (info.raw_cell, getattr(info, "cell_id", None), self.shell.execution_count)
+
+    def post_run_cell(self, result: Any) -> None:
+        info = result.info
+        if info is None or result.error_before_exec is not None or result.error_in_exec is not None:
+            return
+        self.record_ordinary(info.raw_cell, getattr(info, "cell_id", None), result.execution_count)
+
+    def record_ordinary(self, raw: str, cell_id: str | None, count: int | None) -> None:
+        """Keep an ordinary cell that ran (its imports/defs feed the prelude)."""
+        first = raw.lstrip().split(None, 1)[:1]
+        if not first or first[0] in ("%%step", "%%params"):
+            return   # the magics record these themselves, even when they fail
+        try:
+            self.definition.record(raw, cell_id=cell_id, execution_count=count)
+        except FlowDefinitionError:
+            pass
+
+    def backfill(self, history: list[str]) -> None:
+        """Cells executed before ``%load_ext flowmagic`` still count."""
+        for number, raw in enumerate(history, start=1):
+            # a flowmagic magic there could not run yet (it was not loaded): skip it
+            if raw.strip() and "%flow" not in raw and "%%step" not in raw and "%%params" not in raw:
+                self.record_ordinary(raw, None, number)
+
+    # -- where, what --------------------------------------------------------
+    def notebook(self) -> Path | None:
+        return notebook_path(os.environ, self.shell.user_ns)
+
+    def flow_name(self) -> str:
+        return self.definition.flow_name(self.notebook())
+
+    def store(self) -> Any:
+        from flowmagic.store import open_store
+        from flowmagic.store.paths import store_root_for
+
+        root = store_root_for(self.notebook())
+        if root not in self._stores:
+            self._stores[root] = open_store(root)
+            self._point_client_at(root)
+        return self._stores[root]
+
+    @staticmethod
+    def _point_client_at(root: Path) -> None:
+        """`Flow("X")` in a cell must read the store the magics write, even when
+        the kernel's cwd is not the notebook's folder (VS Code)."""
+        from flowmagic.store.paths import store_root
+
+        if store_root() != root.absolute():
+            from flowmagic.client import namespace_root
+
+            namespace_root(root)
+
+    def graph(self) -> Any:
+        """The kernel's flow; rebuilt only when an executed cell changed it."""
+        key = (self.flow_name(), tuple(self.definition.sources()))
+        if self._graph is None or self._graph[0] != key:
+            self._graph = (key, self.definition.build(key[0]))
+        return self._graph[1]
+
+    def client_run(self, flow: str, run_id: int) -> Any:
+        """The run as the Client API shows it (what `r = %flow run` binds)."""
+        from flowmagic.client import Run
+
+        return Run(f"{flow}/{run_id}", root=self.store().root)
+
+    def _cell_text(self, magic: str, line: str, cell: str) -> tuple[str, str | None, int | None]:
+        """The executing cell's raw text and id (rebuilt when called from code)."""
+        if self._current is not None:
+            raw, cell_id, count = self._current
+            first = raw.lstrip().split("\n", 1)[0].strip()
+            if first.startswith(magic) and first[len(magic):].strip() == line.strip():
+                return raw, cell_id, count
+        return f"{magic} {line}\n{cell}".replace(f"{magic} \n", f"{magic}\n"), None, None
+
+    # -- %%step ------------------------------------------------------------
+    @cell_magic
+    def step(self, line: str, cell: str) -> Any:
+        """Run this cell as step NAME of the notebook's session run.
+
+        %%step NAME [--retry [N]] [--timeout S] [--foreach VAR] [--catch VAR]
+                    [--pypi SPEC] [--conda SPEC] [--cache] [--memory MB]
+        """
+        from flowmagic.magics import steps as _magic_steps
+
+        return output.guarded(lambda: _magic_steps.run_step_cell(self, line, cell))
+
+    # -- %%params ----------------------------------------------------------
+    @cell_magic
+    def params(self, line: str, cell: str) -> None:
+        """Declare the flow's parameters and bind their defaults.
+
+        name = literal   # help text
+        name = Parameter("name", default=..., help="...", type=...)
+        """
+        from flowmagic.magics import steps as _magic_steps
+
+        return output.guarded(lambda: _magic_steps.define_params(self, line, cell))
+
+    # -- %flow -------------------------------------------------------------
+    @line_magic
+    def flow(self, line: str) -> Any:
+        """The console command's sub-commands on the kernel's flow.
+
+        %flow show | run [--PARAM V] [--max-workers N] [--tag T] | resume [RUN] [--from STEP]
+              | status | dump RUN[/STEP[/TASK]] | tag add|remove|list RUN [TAG...]
+              | logs RUN/STEP[/TASK] | new | name NAME | export [-o FILE] | forget STEP
+        Add --help to any of them.
+        """
+        from flowmagic.magics import dispatch as _magic_flow
+
+        return output.guarded(lambda: _magic_flow.flow_command(self, line))
+
+
+def load(shell: Any) -> FlowMagics:
+    """Register the magics and the shell hooks on ``shell`` (idempotent)."""
+    existing = getattr(shell, "_flowmagic", None)
+    if existing is not None:
+        return existing
+    magics = FlowMagics(shell)
+    shell.register_magics(magics)
+    shell.events.register("pre_run_cell", magics.pre_run_cell)
+    shell.events.register("post_run_cell", magics.post_run_cell)
+    history = list(getattr(shell.history_manager, "input_hist_raw", [])[1:-1]) if shell.history_manager else []
+    magics.backfill(history)
+    shell._flowmagic = magics
+    keep_a_warm_server()
+    return magics
+
+
+def keep_a_warm_server() -> None:
+    """Every fork server of this kernel makes the IPython shell before it forks
+    (steps in a notebook show values more often than not), and one starts now,
+    so the first step need not wait for its imports (~0.25 s; numpy/pandas
+    follow once the flow is known). Only one: an idle spare costs memory."""
+    try:
+        from flowmagic.runtime.worker.forkpool import preload_in_every_server, prestart
+        from flowmagic.runtime.worker.forkserver import KERNEL_PRELOAD
+
+        preload_in_every_server(KERNEL_PRELOAD)
+        prestart()
+    except Exception:  # an optimisation only: a step starts its own server anyway
+        pass
+
+
+def unload(shell: Any) -> None:
+    magics = getattr(shell, "_flowmagic", None)
+    if magics is None:
+        return
+    for event, callback in (("pre_run_cell", magics.pre_run_cell), ("post_run_cell", magics.post_run_cell)):
+        try:
+            shell.events.unregister(event, callback)
+        except ValueError:
+            pass
+    del shell._flowmagic

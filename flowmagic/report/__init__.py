@@ -1,0 +1,1 @@
+"""Text renderings of service documents and event streams, shared by the console and the magics."""

@@ -1,0 +1,1 @@
+"""Isolated per-step environments (``--pypi``, ``--conda``)."""

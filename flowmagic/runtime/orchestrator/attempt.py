@@ -1,0 +1,226 @@
+"""Drive one attempt of one task: fork it, feed it its spec, pump its output,
+enforce its timeout, and collect its manifest and exit status.
+
+Runs on a worker thread of the orchestrator; it never touches metadata (the
+orchestrator's thread records what this returns).
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import selectors
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
+from flowmagic.runtime.worker.forkpool import ForkServer, TaskProcess
+from flowmagic.runtime.worker.processes import describe_wait_status, signal_name
+
+TERM_GRACE = 1.0      # seconds between SIGTERM and SIGKILL on a timeout
+DRAIN_AFTER_EXIT = 2.0  # how long to wait for pipes to close after the task exited
+
+OutputCallback = Callable[[str, str], None]      # (stream, text)
+MessageCallback = Callable[[dict], None]         # display messages from the task
+
+
+@dataclass
+class AttemptExit:
+    """What happened to one attempt, as seen from outside the process."""
+
+    outcome: str                      # Outcome: ok | failed | timeout | killed | interrupted
+    manifest: Manifest | None
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    started_at: float
+    finished_at: float
+    pid: int | None = None
+    exception: ExceptionRecord | None = None
+    messages: list[dict] = field(default_factory=list)
+
+
+def run_attempt(
+    server: ForkServer,
+    spec: TaskSpec,
+    *,
+    timeout: float | None = None,
+    on_output: OutputCallback | None = None,
+    on_message: MessageCallback | None = None,
+    cancel: threading.Event | None = None,
+    on_start: Callable[[TaskProcess], None] | None = None,
+) -> AttemptExit:
+    started = time.time()
+    server.hold(+1)  # a server with running tasks is never closed for a newer prelude
+    try:
+        proc = server.spawn()
+        if on_start is not None:
+            on_start(proc)
+        try:
+            _send_spec(proc, spec)
+            return _Pump(proc, timeout, on_output, on_message, cancel, started).run()
+        finally:
+            proc.close()
+    finally:
+        server.hold(-1)
+
+
+def _send_spec(proc: TaskProcess, spec: TaskSpec) -> None:
+    try:
+        proc.channel.sendall(json.dumps(spec.to_json()).encode())
+        proc.channel.shutdown(1)  # SHUT_WR: the task reads until EOF
+    except OSError:
+        pass  # the task died before reading; its exit status tells why
+
+
+class _Pump:
+    def __init__(self, proc, timeout, on_output, on_message, cancel, started) -> None:
+        self.proc = proc
+        self.deadline = started + timeout if timeout else None
+        self.on_output = on_output or (lambda stream, text: None)
+        self.on_message = on_message or (lambda msg: None)
+        self.cancel = cancel
+        self.started = started
+        self.text = {"stdout": [], "stderr": []}
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.text}
+        self.channel_buf = b""
+        self.messages: list[dict] = []
+        self.manifest: Manifest | None = None
+        self.status_buf = b""
+        self.wait_status: int | None = None
+        self.killed_for: str | None = None   # "timeout" | "interrupted"
+        self.term_sent_at: float | None = None
+
+    def run(self) -> AttemptExit:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(self.proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(self.proc.status, selectors.EVENT_READ, "status")
+        sel.register(self.proc.channel, selectors.EVENT_READ, "channel")
+        exited_at = None
+        while sel.get_map():
+            if exited_at is not None and time.monotonic() - exited_at > DRAIN_AFTER_EXIT:
+                break  # something outside the group holds a pipe open: stop waiting
+            # Outputs first: a task sends one only once its earlier text was read (execute.py),
+            # so text waiting beside it in this round was written after it.
+            for key, _ in sorted(sel.select(timeout=0.1), key=lambda event: event[0].data != "channel"):
+                if not self._read(key.data, key.fileobj):
+                    sel.unregister(key.fileobj)
+            if self.manifest is not None and self.wait_status is None:
+                # The task flushed its output, then sent its manifest: it is done.
+                # Tearing down a big forked process takes tens of milliseconds;
+                # the fork server reaps it (and kills its group) without us.
+                self._drain_available(sel)
+                self.wait_status = 0
+                break
+            if self.wait_status is not None and exited_at is None:
+                exited_at = time.monotonic()
+            self._enforce_limits()
+        sel.close()
+        return self._result()
+
+    def _drain_available(self, sel) -> None:
+        for key in list(sel.get_map().values()):
+            if key.data not in ("stdout", "stderr"):
+                continue
+            os.set_blocking(key.fileobj, False)
+            try:
+                while self._read(key.data, key.fileobj):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _read(self, what: str, fileobj) -> bool:
+        if what == "channel":
+            try:
+                data = fileobj.recv(1 << 16)
+            except OSError:
+                data = b""
+        else:
+            data = os.read(fileobj, 1 << 16)
+        if what in ("stdout", "stderr"):
+            text = self.decoders[what].decode(data, final=not data)
+            if text:
+                self.text[what].append(text)
+                self.on_output(what, text)
+        elif what == "status":
+            self.status_buf += data
+            for line in self.status_buf.decode().splitlines():
+                if line.startswith("exit "):
+                    self.wait_status = int(line.split()[1])
+            if not data and self.wait_status is None:
+                self.wait_status = -1  # the fork server died: the task died with it
+        else:
+            self._channel(data)
+        return bool(data)
+
+    def _channel(self, data: bytes) -> None:
+        self.channel_buf += data
+        *lines, self.channel_buf = self.channel_buf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            msg = json.loads(line)
+            if msg.get("type") == "manifest":
+                self.manifest = Manifest.from_json(msg)
+            else:
+                self.messages.append(msg)
+                self.on_message(msg)
+
+    def _enforce_limits(self) -> None:
+        if self.wait_status is not None:
+            return
+        now = time.time()
+        if self.cancel is not None and self.cancel.is_set() and self.killed_for != "interrupted":
+            self.killed_for = "interrupted"
+            self.proc.kill(signal.SIGKILL)
+            return
+        if self.deadline is not None and now >= self.deadline:
+            if self.term_sent_at is None:
+                self.killed_for = "timeout"
+                self.term_sent_at = now
+                self.proc.kill(signal.SIGTERM)
+            elif now - self.term_sent_at >= TERM_GRACE:
+                self.proc.kill(signal.SIGKILL)
+
+    def _result(self) -> AttemptExit:
+        exit_code, sig = (None, None)
+        if self.wait_status is not None and self.wait_status >= 0:
+            exit_code, sig = describe_wait_status(self.wait_status)
+        outcome, exception = self._judge(exit_code, sig)
+        return AttemptExit(
+            outcome=outcome,
+            manifest=self.manifest,
+            exit_code=exit_code,
+            signal=sig,
+            stdout="".join(self.text["stdout"]),
+            stderr="".join(self.text["stderr"]),
+            started_at=self.started,
+            finished_at=time.time(),
+            pid=self.proc.pid,
+            exception=exception,
+            messages=self.messages,
+        )
+
+    def _judge(self, exit_code, sig) -> tuple[str, ExceptionRecord | None]:
+        if self.killed_for == "interrupted":
+            return "interrupted", _record("KeyboardInterrupt", "the run was interrupted")
+        if self.killed_for == "timeout":
+            limit = self.deadline - self.started if self.deadline else 0
+            return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {limit:g} s and was killed")
+        if self.manifest is not None and exit_code == 0:
+            return self.manifest.outcome, self.manifest.exception
+        if sig is not None:
+            return "killed", _record("ProcessKilled", f"the task process was killed by {signal_name(sig)}"
+                                     + (" (out of memory?)" if sig == signal.SIGKILL else ""))
+        if self.wait_status == -1 or self.wait_status is None:
+            return "killed", _record("ProcessKilled", "the task process vanished (the fork server died)")
+        return "failed", _record("ProcessExited", f"the task process exited with status {exit_code} "
+                                 "before reporting its result")
+
+
+_record = ExceptionRecord.plain

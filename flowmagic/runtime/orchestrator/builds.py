@@ -1,0 +1,77 @@
+"""The fork server of each step, and the --pypi/--conda environments being built for them.
+
+A first build takes seconds to minutes: it runs on a thread of its own and
+posts :class:`~flowmagic.runtime.orchestrator.messages.EnvironmentBuilt` to the engine's
+queue, so other tasks start, stream their output and finish meanwhile.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from flowmagic.runtime.environments import builder as environments
+from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.messages import EngineMessage, EnvironmentBuilt
+from flowmagic.runtime.worker.forkpool import ForkServer, get_server
+
+Waiting = list[tuple[TaskInfo, int]]
+
+
+class StepServers:
+    def __init__(self, graph, store_root, workdir, post: Callable[[EngineMessage], None]) -> None:
+        self.graph, self.store_root, self.workdir, self.post = graph, store_root, workdir, post
+        self._servers: dict[str, ForkServer] = {}
+        self.building: dict[str, Waiting] = {}     # step -> its attempts waiting for the build
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()              # the run ends (failed, interrupted): builds stop
+
+    def server_for(self, step: str) -> ForkServer:
+        if step not in self._servers:   # an environment's server is there already (built())
+            self._servers[step] = get_server(self.graph.prelude, cwd=self.workdir)
+        server = self._servers[step]
+        if not server.alive():
+            server = self._servers[step] = get_server(server.prelude, python=server.python, cwd=self.workdir,
+                                                      preload=server.flow_modules)
+        return server
+
+    def waits(self, info: TaskInfo, attempt: int) -> bool:
+        """Whether the attempt must wait for its step's environment (then it is kept here)."""
+        options = self.graph.step(info.step).options
+        if info.step in self._servers or not (options.pypi or options.conda):
+            return False
+        if info.step not in self.building:
+            self.building[info.step] = []
+            thread = threading.Thread(target=self._build, args=(info.step,),
+                                      name=f"flowmagic-environment-{info.step}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self.building[info.step].append((info, attempt))
+        return True
+
+    def _build(self, step: str) -> None:
+        try:
+            result: tuple | BaseException = environments.environment_server(
+                self.graph.step(step), self.graph.prelude, self.store_root, workdir=self.workdir, stop=self._stop)
+        except BaseException as exc:  # noqa: BLE001 - the waiting tasks fail with it
+            result = exc
+        self.post(EnvironmentBuilt(step, result))
+
+    def built(self, step: str, result: tuple | BaseException) -> tuple[Waiting, object | None]:
+        """The attempts that waited for ``step``, and its environment (None if the build failed)."""
+        waiting = self.building.pop(step, [])
+        if isinstance(result, BaseException):
+            return waiting, None
+        env, self._servers[step] = result
+        return waiting, env
+
+    def stop(self) -> Waiting:
+        """The run ends: stop the builds in progress; the attempts waiting for them never start."""
+        self._stop.set()
+        waiting = [item for items in self.building.values() for item in items]
+        self.building.clear()
+        return waiting
+
+    def join(self, deadline: float) -> None:
+        for thread in self._threads:   # their tools are killed: no build outlives the run
+            thread.join(timeout=max(0.0, deadline - time.time()))

@@ -1,0 +1,387 @@
+"""The engine behind every run: steps in dependency order, tasks on worker threads.
+
+One :class:`_Engine` drives every kind of run: a whole run (``run_flow``),
+the steps left over by a resume (``resume_flow``), and one step of a
+notebook's session run (``run_step``). It runs on the caller's thread, which
+is the only one that writes metadata and emits events (through its
+:class:`Recorder`); worker threads only drive task processes
+(``attempt.run_attempt``) or build a step's environment (:class:`StepServers`)
+and post typed messages (runtime/protocol.py) to a queue. What the run
+knows is a :class:`RunState`; attempts waiting for a worker are in a
+:class:`RetryQueue`. A KeyboardInterrupt kills every task's process group,
+records the run as interrupted and is re-raised.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+from flowmagic.errors import RunError
+from flowmagic.flow.catch import caught_exception
+from flowmagic.states import TASK_FINISHED_OK
+from flowmagic.runtime.environments import builder as environments
+from flowmagic.runtime.orchestrator import memory
+from flowmagic.runtime.orchestrator import inputs as plan
+from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
+from flowmagic.runtime.orchestrator.builds import StepServers
+from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
+from flowmagic.runtime.orchestrator.events import EventHandler
+from flowmagic.runtime.orchestrator.recorder import Recorder
+from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
+from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
+                                                     TaskOutput)
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json
+from flowmagic.runtime.worker.forkpool import ForkServer, get_server
+from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
+from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.results import RunResult
+from flowmagic.store.serializers import ArtifactRef, save_artifact
+
+# Seconds before a failed attempt is retried (Metaflow waits minutes): long
+# enough for a flaky cause (a clock, a busy service) to change, short enough
+# for a notebook.
+RETRY_DELAY = 1.0
+
+
+
+def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:
+    refs = store.meta.artifacts(record.task_id)
+    info = TaskInfo(record.task_id, record.step, tuple(record.index or ()), state or record.state,
+                    {r.name: r.to_dict() for r in refs})
+    for var in plan.foreach_vars(graph, record.step):
+        ref = next((r for r in refs if r.name == var), None)
+        if ref is not None:
+            from flowmagic.runtime.worker.task import _foreach_info
+            from flowmagic.store.serializers import load_artifact
+
+            info.foreach[var] = _foreach_info(load_artifact(store.objects, ref))
+    return info
+
+
+def _last_line(exception: ExceptionRecord | None) -> str:
+    return exception.last_line if exception is not None else "failed"
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class _Engine:
+    def __init__(self, graph, store, run_id: int, params: dict, options: RunOptions, *,
+                 known: dict[str, list[TaskInfo]] | None = None, on_event: EventHandler | None = None) -> None:
+        self.graph, self.store, self.run_id, self.params = graph, store, run_id, params
+        self.options = options
+        self.flow = graph.name
+        self.meta = store.meta
+        self.chain = plan.chains(graph)
+        self.max_workers = max(1, options.max_workers or os.cpu_count() or 1)
+        tasks: dict[str, list[TaskInfo]] = {s.name: [] for s in graph.steps}
+        tasks.update(known or {})
+        self.state = RunState(tasks, {s.name: ("pending" if s.name in options.targets else "done")
+                                      for s in graph.steps})
+        self.record = Recorder(self.meta, self.flow, run_id, on_event)
+        self.queue = RetryQueue(RETRY_DELAY)
+        self.running: dict[int, tuple[TaskInfo, int, threading.Thread]] = {}
+        self.events: queue.Queue[EngineMessage] = queue.Queue()
+        self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
+        self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
+
+    def input_plan(self, step: str, index: tuple[int, ...],
+                   tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
+        """What the task of ``step`` at ``index`` reads, from this run's tasks (or ``tasks``: the cache)."""
+        return plan.plan_inputs(self.graph, step, index, self.chain, self.state.tasks if tasks is None else tasks,
+                                self.params)
+
+    # what scheduler.py and cache.py read
+    @property
+    def tasks(self) -> dict[str, list[TaskInfo]]:
+        return self.state.tasks
+
+    @property
+    def outputs(self) -> dict[str, list[dict]]:
+        return self.state.outputs
+
+    # -- driving -------------------------------------------------------------------
+    def run_to_end(self, origin_run_id: int | None, announce: bool = True) -> RunResult:
+        if announce:
+            self.record.run_started()
+        status = self.run_tasks(finish_run=True)
+        state = self.state
+        return RunResult(self.flow, self.run_id, status, origin_run_id, state.failed,
+                         time.time() - state.started, state.executed, state.cloned, state.cached)
+
+    def run_tasks(self, *, finish_run: bool) -> str:
+        try:
+            self._schedule_steps()
+            while self.queue.has_ready() or self._waiting_for_something():
+                self.queue.release_due()
+                self._launch()
+                if not self._waiting_for_something():
+                    break
+                try:
+                    message = self.events.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                self._handle(message)
+        except KeyboardInterrupt:
+            self._interrupt(finish_run)
+            raise
+        status = self.state.status()
+        if finish_run:
+            self.record.run_finished(status, self.state.failed)
+        return status
+
+    def _waiting_for_something(self) -> bool:
+        return bool(self.running) or self.queue.has_delayed() or bool(self.servers.building)
+
+    def _interrupt(self, finish_run: bool) -> None:
+        self.cancel.set()
+        for info, _attempt in self.servers.stop():
+            self.record.task_state(info, "interrupted")
+        deadline = time.time() + 5
+        while self.running and time.time() < deadline:
+            try:
+                self._handle(self.events.get(timeout=0.1))
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                continue  # a second Ctrl-C: keep cleaning up
+        for info, _attempt, _thread in list(self.running.values()):
+            self.record.task_state(info, "interrupted")
+        for info, _attempt in self.queue.drain():
+            self.record.task_state(info, "interrupted")
+        self.servers.join(deadline)
+        if finish_run:
+            self.record.run_finished("interrupted")
+
+    def _schedule_steps(self) -> None:
+        progressed = True
+        step_state = self.state.step_state
+        while progressed and not self.state.stopping:
+            progressed = False
+            for name in self.graph.topological_order():
+                if step_state[name] != "pending":
+                    continue
+                if all(step_state[p] == "done" for p in self.graph.parents(name)):
+                    self._start_step(name)
+                    progressed = True
+
+    def _start_step(self, name: str) -> None:
+        indices = self._foreach_indices(name)
+        if indices is None:
+            return
+        self.state.step_state[name] = "running"
+        use_cache = cache_enabled(self.graph.step(name), self.options.cache)
+        for index, item in indices:
+            cached = find_cached(self, name, index) if use_cache else None
+            if cached is not None:
+                info = self._cached_task(cached)
+                self.state.tasks[name].append(info)
+                self.record.task_reused(info)
+                continue
+            info = self.record.new_task(name, index, item)
+            self.state.tasks[name].append(info)
+            self.queue.add(info)
+        if self.state.step_finished_ok(name):  # empty foreach, or all cached
+            self._step_finished(name)
+
+    def _foreach_indices(self, name: str) -> list[tuple[tuple[int, ...], str | None]] | None:
+        """The index (and item repr) of each task of the step; None if its list is unusable (the step failed)."""
+        var = self.graph.step(name).options.foreach
+        if not var:
+            return [((), None)]
+        producer = self.graph.producers(name).get(var)
+        if producer is None:  # iterating over a parameter
+            return [((i,), repr(x)[:60]) for i, x in enumerate(list(self.params.get(var) or []))]
+        bad = [t for t in self.state.tasks[producer] if (t.foreach.get(var) or {}).get("length") is None]
+        if bad:
+            error = (bad[0].foreach.get(var) or {}).get("error") or f"'{var}' was not saved"
+            self.state.fail_step(name, f"TypeError: --foreach {var}: {error}")
+            return None
+        return plan.foreach_indices(var, producer, self.state.tasks[producer])
+
+    def _cached_task(self, origin_task_id: int) -> TaskInfo:
+        new_id = self.meta.clone_task(origin_task_id, self.run_id, state="cached")
+        self.state.cached += 1
+        return _known_task(self.graph, self.store, self.meta.get_task(new_id))
+
+    def _launch(self) -> None:
+        while self.queue.has_ready() and len(self.running) < self.max_workers and not self.state.stopping:
+            info, attempt = self.queue.pop()
+            if self.servers.waits(info, attempt):
+                continue
+            spec = self._task_spec(info, attempt)
+            try:
+                server = self.servers.server_for(info.step)
+                # what the server did not preload for the flow: an environment's server knows only its
+                # prelude, and a resumed step may read a frame though its code never names pandas
+                server.ensure_preloaded(flow_preload([spec.code], _input_serializers(spec)))
+            except RunError as exc:  # its environment cannot be built, or the prelude fails in it
+                self.record.task_state(info, "running", attempt)
+                self._finish_attempt(info, attempt, _not_started(exc))
+                continue
+            self.record.task_state(info, "running", attempt)
+            timeout = self.graph.step(info.step).options.timeout
+            thread = threading.Thread(target=self._attempt_thread, args=(info, attempt, server, spec, timeout),
+                                      name=f"flowmagic-task-{info.task_id}", daemon=True)
+            self.running[info.task_id] = (info, attempt, thread)
+            thread.start()
+        if self.state.stopping:
+            self._cancel_waiting()
+
+    def _cancel_waiting(self) -> None:
+        """A task failed, so the run stops: the tasks that have not started never will."""
+        state = "cancelled" if not self.cancel.is_set() else "interrupted"
+        data = {"reason": self.state.stop_reason()} if state == "cancelled" else None
+        for info, _attempt in [*self.queue.drain(), *self.servers.stop()]:
+            self.record.task_state(info, state, data=data)
+
+    def _environment_ready(self, step: str, result: tuple | BaseException) -> None:
+        waiting, env = self.servers.built(step, result)
+        if env is not None:
+            # the package list the step ran with, kept with the run (dump, the inspector)
+            environments.record_environment(self.meta, self.flow, self.run_id, step, env)
+            self.queue.add_first(waiting)
+            return
+        for info, attempt in waiting:   # cannot be built, or the prelude fails in it
+            self.record.task_state(info, "running", attempt)
+            self._finish_attempt(info, attempt, _not_started(result))
+
+    def _attempt_thread(self, info: TaskInfo, attempt: int, server: ForkServer, spec: TaskSpec,
+                        timeout: float | None) -> None:
+        post = self.events.put
+
+        def on_output(stream: str, text: str) -> None:
+            post(TaskOutput(info, attempt, stream, text))
+
+        def on_message(message: dict) -> None:
+            post(TaskMessage(info, attempt, message))
+
+        options = self.graph.step(info.step).options
+        watch = memory.MemoryWatch(info.step, options.memory)   # kills the group over its memory limit
+        for tries in range(2):
+            try:
+                result = run_attempt(server, spec, timeout=timeout, on_output=on_output,
+                                     on_message=on_message, cancel=self.cancel, on_start=watch.start)
+                break
+            except ForkServerDied:
+                if tries:
+                    result = _crashed("the fork server died and could not be restarted")
+                    break
+                server = get_server(server.prelude, python=server.python, cwd=self.options.workdir,
+                                    preload=server.flow_modules)
+            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
+                result = _crashed(f"{type(exc).__name__}: {exc}")
+                break
+        post(AttemptFinished(info, attempt, watch.verdict(result)))
+
+    def _handle(self, message: EngineMessage) -> None:
+        if isinstance(message, EnvironmentBuilt):
+            self._environment_ready(message.step, message.result)
+        elif isinstance(message, TaskOutput):
+            self.record.output(message.info, message.attempt, message.stream, message.text)
+        elif isinstance(message, TaskMessage):
+            data = message.message
+            if data.get("type") == "output":  # data: {"type", "data": mimebundle, "metadata"}
+                self.record.display(message.info, message.attempt, data.get("output"))
+        elif isinstance(message, AttemptFinished):
+            self.running.pop(message.info.task_id, None)
+            self._finish_attempt(message.info, message.attempt, message.result)
+
+    # -- one attempt finished ---------------------------------------------------------
+    def _finish_attempt(self, info: TaskInfo, attempt: int, result: AttemptExit) -> None:
+        spec = self.graph.step(info.step)
+        manifest = result.manifest or Manifest(result.outcome)
+        state = self._state_after(spec, attempt, result)
+        artifacts = [ArtifactRef.from_dict(d) for d in manifest.artifacts]
+        if state == "caught" and not manifest.caught:  # the process died: nothing was saved, so save the record here
+            artifacts = self._caught_artifacts(spec, result.exception)
+        if state not in TASK_FINISHED_OK:   # a failed attempt saves nothing
+            artifacts = []
+        self.record.attempt(info, attempt, result, manifest, artifacts)
+        self.state.executed += attempt == 0
+        self.state.outputs.setdefault(info.step, []).extend(manifest.outputs)
+        info.exception = exception_json(result.exception)
+        self.record.task_state(info, state, attempt, data={"exception": info.exception} if info.exception else None)
+        if state == "retrying":
+            self.queue.retry_later(info, attempt + 1)
+        elif state in TASK_FINISHED_OK:
+            info.artifacts = {r.name: r.to_dict() for r in artifacts}
+            info.foreach = manifest.foreach
+            if self.state.step_finished_ok(info.step):
+                self._step_finished(info.step)
+        elif state == "failed":
+            self.state.fail_step(info.step, _last_line(result.exception))
+
+    def _state_after(self, spec, attempt: int, result: AttemptExit) -> str:
+        if result.outcome == "ok":
+            return "done"
+        if result.outcome == "interrupted" or self.cancel.is_set():
+            return "interrupted"
+        if attempt < spec.options.retry:
+            return "retrying"
+        return "caught" if spec.options.catch else "failed"
+
+    def _caught_artifacts(self, spec, exception: ExceptionRecord | None) -> list[ArtifactRef]:
+        refs = [save_artifact(self.store.objects, name, None, step=spec.name)
+                for name in spec.writes if name != spec.options.catch]
+        refs.append(save_artifact(self.store.objects, spec.options.catch, caught_exception(exception_json(exception)),
+                                  step=spec.name))
+        return refs
+
+    def _step_finished(self, name: str) -> None:
+        self.state.step_state[name] = "done"
+        self._schedule_steps()
+
+    # -- specs ---------------------------------------------------------------------------
+    def _task_spec(self, info: TaskInfo, attempt: int) -> TaskSpec:
+        graph, step = self.graph, info.step
+        spec = graph.step(step)
+        inputs = self.input_plan(step, info.index)
+        return TaskSpec(
+            objects_root=str(self.store.objects.root),
+            flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
+            step=step, cell=spec.cell, index=tuple(info.index),
+            source=spec.source, code=spec.code, first_line=spec.body_line,
+            filename=f"<cell {spec.cell}: step {step}>",
+            params=self.params, bindings=inputs.bindings, foreach=inputs.foreach, inputs=inputs.inputs,
+            catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
+            writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
+            required=tuple(sorted(plan.required_names(graph, step))),
+            foreach_vars=tuple(plan.foreach_vars(graph, step)),
+            mutation_check=True,
+        )
+
+
+def _input_serializers(spec: TaskSpec) -> set[str]:
+    """The serializers of every artifact a task loads (an Arrow one needs pyarrow, maybe pandas)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            ref = node.get("ref")
+            if isinstance(ref, dict) and isinstance(ref.get("serializer"), str):
+                found.add(ref["serializer"])
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec.input_bindings())
+    return found
+
+
+def _not_started(exc: Exception) -> AttemptExit:
+    now = time.time()
+    return AttemptExit("failed", None, None, None, "", "", now, now,
+                       exception=ExceptionRecord.plain(type(exc).__name__, str(exc)))
+
+
+def _crashed(message: str) -> AttemptExit:
+    now = time.time()
+    # the traceback is the message alone, as earlier releases stored it
+    return AttemptExit("killed", None, None, None, "", "", now, now,
+                       exception=ExceptionRecord("RunError", message, message + "\n"))

@@ -1,0 +1,185 @@
+"""Which values a task gets: foreach nesting, gathering, ``input`` and ``inputs``.
+
+Pure functions over the graph and the tasks known so far (no I/O), so the
+rules of ARCHITECTURE ("dag.py semantics") are in one place:
+
+* A step's *chain* is the tuple of foreach steps it runs inside: ``()`` for
+  an ordinary step, ``(F,)`` for a foreach step F whose list comes from an
+  ordinary step, ``chain(P) + (G,)`` for a foreach step G nested in the
+  foreach step P that writes G's list. A task's index has one entry per
+  element of its step's chain.
+* A task of S reading ``v`` from step P uses P's tasks that share S's
+  position in their common chain prefix; the remaining dimensions of P's
+  chain are gathered into (nested) lists in item order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowmagic.states import task_successful
+
+Index = tuple[int, ...]
+
+
+@dataclass
+class TaskInfo:
+    """What the orchestrator knows about one task of the current run."""
+
+    task_id: int
+    step: str
+    index: Index
+    state: str = "pending"            # TaskState
+    artifacts: dict[str, dict] = field(default_factory=dict)   # name -> ArtifactRef dict
+    foreach: dict[str, dict] = field(default_factory=dict)     # name -> {"length", "items"}
+    exception: dict | None = None
+
+    @property
+    def finished_ok(self) -> bool:
+        return task_successful(self.state)
+
+
+def chains(graph) -> dict[str, tuple[str, ...]]:
+    """Step name -> its foreach chain."""
+    result: dict[str, tuple[str, ...]] = {}
+    for name in graph.topological_order():
+        spec = graph.step(name)
+        var = spec.options.foreach
+        if not var:
+            result[name] = ()
+            continue
+        producer = graph.producers(name).get(var)
+        outer = result.get(producer, ()) if producer else ()
+        result[name] = outer + (name,)
+    return result
+
+
+def _common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def matching_tasks(tasks: list[TaskInfo], depth: int, index: Index) -> list[TaskInfo]:
+    """The tasks whose index starts with ``index[:depth]``, in item order."""
+    prefix = index[:depth]
+    return sorted((t for t in tasks if t.index[:depth] == prefix), key=lambda t: t.index)
+
+
+def binding_for(var: str, producer: str, reader_chain: tuple[str, ...], index: Index,
+                chain_of: dict[str, tuple[str, ...]], tasks: list[TaskInfo]) -> dict:
+    """The binding (see task.resolve_binding) of ``var`` for one task of a reader."""
+    depth = _common(reader_chain, chain_of[producer])
+    chosen = matching_tasks(tasks, depth, index)
+    return _nest(var, producer, chosen, depth, len(chain_of[producer]))
+
+
+def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int) -> dict:
+    if depth >= full:
+        if not tasks:
+            return {"missing": f"step '{producer}' has no task for this item, so '{var}' is undefined"}
+        task = tasks[0]
+        ref = task.artifacts.get(var)
+        if ref is None:
+            return {"missing": f"name '{var}' is not defined: step '{producer}' (task {task.task_id}) "
+                               "did not assign it"}
+        return {"ref": ref, "step": producer}
+    groups: dict[int, list[TaskInfo]] = {}
+    for task in tasks:
+        groups.setdefault(task.index[depth], []).append(task)
+    return {"list": [_nest(var, producer, groups[k], depth + 1, full) for k in sorted(groups)]}
+
+
+def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,
+               chain_of: dict[str, tuple[str, ...]], tasks: list[TaskInfo]) -> list[dict]:
+    """``inputs`` of a join: one name -> binding dict per foreach task, in item order."""
+    depth = _common(reader_chain, chain_of[producer])
+    return [{name: {"ref": ref} for name, ref in t.artifacts.items()}
+            for t in matching_tasks(tasks, depth, index)]
+
+
+def foreach_indices(var: str, producer: str | None, producer_tasks: list[TaskInfo]) -> list[tuple[Index, str | None]]:
+    """The indices (and item reprs) of a foreach step's tasks: per task of the
+    producer of its list, one index per item."""
+    result: list[tuple[Index, str | None]] = []
+    for task in sorted(producer_tasks, key=lambda t: t.index):
+        info = task.foreach.get(var) or {}
+        items = info.get("items", [])
+        for i in range(int(info.get("length") or 0)):
+            result.append((task.index + (i,), items[i] if i < len(items) else None))
+    return result
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """Every value one task reads from earlier steps and parameters: what its
+    TaskSpec carries, and what the step cache compares (``fingerprint``), so
+    both follow the same rules."""
+
+    bindings: dict[str, dict]          # name -> binding (see task.resolve_binding)
+    foreach: dict | None               # {"binding", "index"} for a task of a foreach step
+    inputs: list[dict] | None          # a join's ``inputs``: one name -> binding per foreach task
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The content hashes of everything the task reads from earlier steps
+        (parameter values are compared by the cache itself)."""
+        found: dict[str, Any] = {var: _hashes(b) for var, b in sorted(self.bindings.items())}
+        if self.foreach is not None and "value" not in self.foreach["binding"]:
+            found["<foreach>"] = (_hashes(self.foreach["binding"]), self.foreach["index"])
+        if self.inputs is not None:
+            found["<inputs>"] = [{n: _hashes(b) for n, b in sorted(ns.items())} for ns in self.inputs]
+        return found
+
+
+def plan_inputs(graph, step: str, index: Index, chain_of: dict[str, tuple[str, ...]],
+                tasks: dict[str, list[TaskInfo]], params: dict) -> InputPlan:
+    """The input plan of the task of ``step`` at ``index``, given the tasks known per step."""
+    spec = graph.step(step)
+    chain = chain_of[step]
+    steps = {s.name for s in graph.steps}
+    producers = graph.producers(step)
+    bindings = {var: binding_for(var, producer, chain, index, chain_of, tasks.get(producer, []))
+                for var, producer in producers.items() if producer in steps and var not in ("input", "inputs")}
+    foreach = None
+    if spec.options.foreach:
+        var = spec.options.foreach
+        producer = producers.get(var)
+        if producer in steps:
+            binding = binding_for(var, producer, chain[:-1], index[:-1], chain_of, tasks.get(producer, []))
+        else:   # iterating over a parameter
+            binding = {"value": params.get(var)}
+        foreach = {"binding": binding, "index": index[-1]}
+    inputs = None
+    joined = graph.foreach_producer(step) if "inputs" in spec.reads else None
+    if joined:
+        inputs = inputs_for(joined, chain, index, chain_of, tasks.get(joined, []))
+    return InputPlan(bindings, foreach, inputs)
+
+
+def _hashes(binding: dict) -> Any:
+    if "ref" in binding:
+        return binding["ref"].get("hash")
+    if "list" in binding:
+        return [_hashes(b) for b in binding["list"]]
+    return ("missing",)
+
+
+def required_names(graph, step: str) -> set[str]:
+    """Names of ``step`` that a later step reads (they must be saved)."""
+    names: set[str] = set()
+    for edge in graph.edges:
+        if edge.source == step:
+            names.update(edge.variables)
+    return names
+
+
+def foreach_vars(graph, step: str) -> list[str]:
+    """Names of ``step`` that a later foreach step iterates over."""
+    found = []
+    for child in graph.children(step):
+        var = graph.step(child).options.foreach
+        if var and graph.producers(child).get(var) == step:
+            found.append(var)
+    return sorted(set(found))
+

@@ -1,0 +1,96 @@
+"""What one run knows while it runs: its options, its tasks and step states,
+and the attempts waiting for a worker. Plain data, no I/O: the engine
+(engine.py) changes it on its own thread."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from flowmagic.runtime.orchestrator.inputs import TaskInfo
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: which steps, on how many workers, where, with the step cache or not."""
+
+    targets: frozenset[str]            # the steps to execute (the others are known already)
+    max_workers: int | None = None     # None: one per core
+    workdir: str | None = None         # the tasks' working directory (the notebook's)
+    cache: bool = False                # --cache for every step
+
+
+@dataclass
+class RunState:
+    """Tasks per step, step states, failures and counts of one run."""
+
+    tasks: dict[str, list[TaskInfo]]
+    step_state: dict[str, str]          # step -> pending | running | done | failed
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (step, last line of its exception)
+    outputs: dict[str, list[dict]] = field(default_factory=dict)  # step -> rich outputs of its tasks
+    stopping: bool = False              # a step failed: nothing new starts
+    executed: int = 0
+    cloned: int = 0
+    cached: int = 0
+    started: float = field(default_factory=time.time)
+
+    def fail_step(self, step: str, line: str) -> None:
+        self.step_state[step] = "failed"
+        self.failed.append((step, line))
+        self.stopping = True
+
+    def step_finished_ok(self, step: str) -> bool:
+        return all(t.finished_ok for t in self.tasks[step])
+
+    def status(self) -> str:
+        ok = not self.failed and all(s == "done" for s in self.step_state.values())
+        return "succeeded" if ok else "failed"
+
+    def stop_reason(self) -> str:
+        """Why the tasks that never started were cancelled."""
+        failed = list(dict.fromkeys(step for step, _line in self.failed))
+        if not failed:
+            return "the run stopped"
+        return f"the run stopped because {' and '.join(failed)} failed"
+
+
+class RetryQueue:
+    """Attempts waiting for a worker: ready now, or retries due after a delay."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._ready: deque[tuple[TaskInfo, int]] = deque()
+        self._delayed: list[tuple[float, TaskInfo, int]] = []
+
+    def add(self, info: TaskInfo, attempt: int = 0) -> None:
+        self._ready.append((info, attempt))
+
+    def add_first(self, items: list[tuple[TaskInfo, int]]) -> None:
+        """Back at the head of the line (their environment is built now)."""
+        self._ready.extendleft(reversed(items))
+
+    def retry_later(self, info: TaskInfo, attempt: int) -> None:
+        self._delayed.append((time.time() + self.delay, info, attempt))
+
+    def release_due(self) -> None:
+        now = time.time()
+        due = [item for item in self._delayed if item[0] <= now]
+        if due:
+            self._delayed = [item for item in self._delayed if item[0] > now]
+            self._ready.extendleft((info, attempt) for _due, info, attempt in reversed(due))
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def has_delayed(self) -> bool:
+        return bool(self._delayed)
+
+    def pop(self) -> tuple[TaskInfo, int]:
+        return self._ready.popleft()
+
+    def drain(self) -> list[tuple[TaskInfo, int]]:
+        """Every waiting attempt, ready or delayed; the queue is empty after."""
+        waiting = [*self._ready, *((info, attempt) for _due, info, attempt in self._delayed)]
+        self._ready.clear()
+        self._delayed.clear()
+        return waiting

@@ -1,0 +1,181 @@
+"""The orchestrator's public API: run_flow, resume_flow, new_session_run, run_step.
+
+The work is done by :class:`flowmagic.runtime.orchestrator.engine._Engine`; this module
+decides what a run is made of (a fresh run, a resume that clones what
+succeeded, one step of a session run).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flowmagic.errors import RunError, UsageError
+from flowmagic.states import task_successful
+from flowmagic.runtime.environments import builder as environments
+from flowmagic.runtime.orchestrator import inputs as plan
+from flowmagic.runtime.orchestrator.engine import _Engine, _known_task
+from flowmagic.store.metadata import latest_generation
+from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
+from flowmagic.runtime.worker.forkpool import ForkServer, get_server
+from flowmagic.runtime.worker.forkserver import flow_preload
+from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.parameters import resolve_params
+from flowmagic.runtime.orchestrator.results import RunResult, StepResult
+from flowmagic.runtime.orchestrator.run_state import RunOptions
+from flowmagic.store.serializers import ArtifactRef
+
+__all__ = ["RunResult", "StepResult", "new_session_run", "resume_flow", "run_flow", "run_step"]
+
+PRELUDE_KEY = "_prelude"
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def run_flow(graph, store, *, params: dict | None = None, tags=(), max_workers: int | None = None,
+             on_event: EventHandler | None = None, cache: bool = False, workdir: str | None = None) -> RunResult:
+    """Run the whole flow as a new run; returns when it has finished."""
+    values = resolve_params(graph, params)
+    _warm_up(graph, store, workdir)
+    run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
+                                graph=graph.to_json())
+    options = RunOptions(frozenset(graph.topological_order()), max_workers=max_workers, workdir=workdir, cache=cache)
+    engine = _Engine(graph, store, run_id, values, options, on_event=on_event)
+    return engine.run_to_end(origin_run_id=None)
+
+
+def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: str | None = None, tags=(),
+                max_workers: int | None = None, on_event: EventHandler | None = None,
+                workdir: str | None = None) -> RunResult:
+    """A new run that clones what succeeded in the origin run (the latest by
+    default) and re-runs the failed steps, ``from_step``, and everything
+    downstream of them, with the current code and the origin's parameters."""
+    meta = store.meta
+    origin = _origin_run(meta, graph.name, origin_run_id)
+    if from_step is not None and from_step not in {s.name for s in graph.steps}:
+        raise UsageError(f"--from: no step '{from_step}' (steps: {', '.join(s.name for s in graph.steps)})")
+    values = resolve_params(graph, {k: v for k, v in origin.params.items() if k in {p.name for p in graph.params}})
+    origin_tasks = {s.name: latest_generation(meta.tasks(graph.name, origin.run_id, s.name)) for s in graph.steps}
+    rerun = steps_to_rerun(graph, origin_tasks, from_step)
+    _warm_up(graph, store, workdir)
+    run_id = meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
+                          origin_run_id=origin.run_id, graph=graph.to_json())
+    emit = emit_to(on_event)
+    emit(Event("run", run_id, state="running", data={"flow": graph.name}))
+    known: dict[str, list[TaskInfo]] = {}
+    for name in graph.topological_order():
+        if name in rerun:
+            continue
+        known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
+    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir)
+    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
+    engine.state.cloned = sum(len(v) for v in known.values())
+    return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
+
+
+def new_session_run(graph, store, *, params: dict | None = None) -> int:
+    """Create the interactive run that a notebook's executed step cells join."""
+    values = resolve_params(graph, params)
+    return store.meta.new_run(graph.name, params=values, code=code_of(graph), interactive=True,
+                              graph=graph.to_json())
+
+
+def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None,
+             on_event: EventHandler | None = None, workdir: str | None = None) -> StepResult:
+    """Run one step (all its foreach tasks) inside an existing run, reading the
+    latest task of each producer step in that run."""
+    meta = store.meta
+    spec = graph.step(step)
+    run = meta.get_run(graph.name, run_id)
+    values = resolve_params(graph, params if params is not None else
+                            {k: v for k, v in run.params.items() if k in {p.name for p in graph.params}})
+    known: dict[str, list[TaskInfo]] = {}
+    for producer in _upstream_sources(graph, step):
+        tasks = latest_generation(meta.tasks(graph.name, run_id, producer))
+        if not tasks or not all(task_successful(t.state) for t in tasks):
+            cell = graph.step(producer).cell
+            reads = sorted(v for v, p in graph.producers(step).items() if p == producer)
+            what = f"reads {', '.join(repr(r) for r in reads)} from" if reads else "depends on"
+            raise RunError(f"step '{step}' (cell {spec.cell}) {what} step '{producer}' (cell {cell}), "
+                           f"which has not {'run' if not tasks else 'succeeded'} in this session yet: "
+                           "execute that cell first")
+        known[producer] = [_known_task(graph, store, t) for t in tasks]
+    meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
+    _warm_up(graph, store, workdir)
+    engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
+                     on_event=on_event)
+    status = engine.run_tasks(finish_run=False)
+    tasks = engine.tasks[step]
+    artifacts = _gathered_refs(engine, step)
+    exception = next((t.exception for t in tasks if t.state == "failed"), None)
+    return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def code_of(graph) -> dict[str, str]:
+    code = {s.name: s.source for s in graph.steps}
+    code[PRELUDE_KEY] = graph.prelude
+    return code
+
+
+def steps_to_rerun(graph, origin_tasks: dict[str, list], from_step: str | None) -> set[str]:
+    rerun: set[str] = set()
+    for name in graph.topological_order():
+        tasks = origin_tasks.get(name) or []
+        if not tasks or not all(task_successful(t.state) for t in tasks):
+            rerun.add(name)
+    if from_step is not None:
+        rerun.add(from_step)
+    for name in list(rerun):
+        rerun |= graph.downstream(name)
+    return rerun
+
+
+def _origin_run(meta, flow: str, origin_run_id: int | None):
+    if origin_run_id is not None:
+        return meta.get_run(flow, origin_run_id)
+    runs = [r for r in meta.list_runs(flow) if r.status != "running"]
+    if not runs:
+        raise RunError(f"flow '{flow}' has no finished run to resume")
+    return runs[0]
+
+
+def _upstream_sources(graph, step: str) -> list[str]:
+    spec = graph.step(step)
+    sources = set(graph.producers(step).values()) & {s.name for s in graph.steps}
+    if "inputs" in spec.reads and graph.foreach_producer(step):
+        sources.add(graph.foreach_producer(step))
+    return sorted(sources)
+
+
+def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
+    new_id = store.meta.clone_task(record.task_id, run_id)
+    info = _known_task(graph, store, record, state="cloned")
+    info.task_id = new_id
+    emit(Event("task", run_id, step=record.step, task_id=new_id, index=info.index, state="cloned"))
+    return info
+
+
+def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
+    tasks = engine.tasks[step]
+    names = sorted({n for t in tasks for n in t.artifacts})
+    depth = len(engine.chain[step])
+
+    def convert(binding):
+        if "ref" in binding:
+            return ArtifactRef.from_dict(binding["ref"])
+        if "list" in binding:
+            return [convert(b) for b in binding["list"]]
+        return None
+
+    return {name: convert(plan._nest(name, step, sorted(tasks, key=lambda t: t.index), 0, depth))
+            for name in names}
+
+
+def _warm_up(graph, store, workdir) -> ForkServer:
+    """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
+    environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
+    environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
+    sources = [graph.prelude, *(step.code for step in graph.steps)]
+    return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used

@@ -1,0 +1,264 @@
+"""The code that runs inside a task process (forked by the fork server).
+
+It reads its *spec* (JSON) from the channel, binds parameters and inputs
+(loaded memory-mapped from the object store) into the prelude's namespace,
+executes the step's code like a notebook cell, saves every name the step
+writes, and sends back a manifest. It never touches metadata: that is the
+orchestrator's job (DESIGN section 9).
+
+The spec is a :class:`~flowmagic.runtime.protocol.TaskSpec`. Channel
+messages (JSON lines): ``{"type": "output", "output": {"type", "data",
+"metadata"}}`` (see store/outputs.py) while running, then ``{"type":
+"manifest", ...}``: a :class:`~flowmagic.runtime.protocol.Manifest`.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import types
+from typing import Any
+from collections.abc import Callable
+
+from flowmagic.errors import SerializationError, StoreError
+from flowmagic.flow.catch import caught_exception
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
+from flowmagic.store.content_hash import content_hash
+from flowmagic.store.outputs import save_outputs
+from flowmagic.store.objects import ObjectStore
+from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
+                                         unsaved_message, unsaved_ref)
+
+ITEM_REPR_MAX = 60
+ITEM_REPRS_MAX = 10_000
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
+
+
+def main(channel: socket.socket, namespace: dict) -> int:
+    """Entry point called by the fork server in the forked child."""
+    spec = TaskSpec.from_json(json.loads(_recv_all(channel)))
+    sender = _Sender(channel)
+    manifest = run_task(spec, namespace, sender.send)
+    # Output first: the orchestrator treats the manifest as the end of the task
+    # and does not wait for this process to finish exiting.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    sender.send({"type": "manifest", **manifest.to_json()})
+    channel.close()
+    return 0
+
+
+def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest:
+    objects = ObjectStore(spec.objects_root)
+    step = spec.step
+    outputs: list[dict] = []
+    warnings: list[str] = []
+
+    def emit(output: dict) -> None:
+        # An output is {"type": "display"|"execute_result"|"update_display", "data", "metadata"}.
+        outputs.extend(save_outputs(objects, [output]))
+        send({"type": "output", "output": output})
+
+    def failed(error: ExceptionRecord | None, not_persisted: list[dict] = ()) -> Manifest:
+        return Manifest("failed", [], error, outputs, {}, warnings, list(not_persisted))
+
+    try:
+        bound = bind_inputs(spec, ns, objects)
+    except Exception as exc:  # noqa: BLE001 - a missing/unreadable input fails the task, clearly
+        # flowmagic's own frames would hide the message: it names the input and its step
+        return failed(ExceptionRecord.of(exc.with_traceback(None)))
+    before = _hashes(bound, spec) if spec.mutation_check else {}
+    if spec.catch:
+        ns[spec.catch] = None
+    ok, error = _execute(spec, ns, emit)
+    if not ok and not (spec.catch and spec.catch_now):
+        return failed(ExceptionRecord.from_json(error))
+    if not ok:  # caught: names bound before the failure keep their values, the rest are None
+        for name in spec.writes:
+            ns.setdefault(name, None)
+        ns[spec.catch] = caught_exception(error)  # a dict that also reads like Metaflow's wrapper
+    refs, not_persisted, save_error = _save_writes(spec, ns, objects, warnings)
+    if save_error is not None:
+        return failed(save_error, not_persisted)
+    if ok and before:
+        warnings.extend(_mutation_warnings(step, bound, before, spec))
+    foreach = {name: _foreach_info(ns[name]) for name in spec.foreach_vars if name in ns}
+    return Manifest("ok" if ok else "failed", refs, ExceptionRecord.from_json(error), outputs, foreach,
+                    warnings, not_persisted, caught=not ok)
+
+
+# -- inputs ---------------------------------------------------------------------
+
+
+def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
+    """A binding is ``{"ref": ArtifactRef dict}``, ``{"list": [bindings]}`` (a
+    gathered foreach value, nested for nested foreach), ``{"value": JSON}`` or
+    ``{"missing": message}``."""
+    if "ref" in binding:
+        ref = ArtifactRef.from_dict(binding["ref"])
+        if ref.serializer == UNSAVED:   # the producer could not save it: name that step
+            raise SerializationError(unsaved_message(ref, binding.get("step")), variable=ref.name,
+                                     type_name=ref.type, step=binding.get("step"))
+        return load_artifact(objects, ref, step=binding.get("step"))
+    if "list" in binding:
+        return [resolve_binding(b, objects) for b in binding["list"]]
+    if "value" in binding:
+        return binding["value"]
+    raise NameError(binding["missing"])
+
+
+def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any]:
+    """Put parameters, inputs, ``input`` and ``inputs`` into ``ns``; return the inputs."""
+    ns.update(spec.params)
+    bound: dict[str, Any] = {}
+    for name, binding in spec.bindings.items():
+        try:
+            bound[name] = ns[name] = resolve_binding(binding, objects)
+        except ModuleNotFoundError as exc:  # pickled in another --pypi/--conda environment
+            raise _missing_module(spec.step, name, binding, exc) from None
+    if spec.foreach is not None:
+        items = _as_sequence(resolve_binding(spec.foreach["binding"], objects))
+        ns["input"] = items[spec.foreach["index"]]
+    if spec.inputs is not None:
+        ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
+    return bound
+
+
+class _LazyNamespace(types.SimpleNamespace):
+    """One foreach task's artifacts (``inputs[i].x``), loaded on first access."""
+
+    def __init__(self, bindings: dict, objects: ObjectStore) -> None:
+        super().__init__()
+        object.__setattr__(self, "_bindings", bindings)
+        object.__setattr__(self, "_objects", objects)
+
+    def __getattr__(self, name: str) -> Any:
+        bindings = object.__getattribute__(self, "_bindings")
+        if name not in bindings:
+            raise AttributeError(f"this foreach task has no artifact '{name}' (it has: {', '.join(sorted(bindings))})")
+        value = resolve_binding(bindings[name], object.__getattribute__(self, "_objects"))
+        object.__setattr__(self, name, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"namespace({', '.join(sorted(object.__getattribute__(self, '_bindings')))})"
+
+    def __reduce__(self):
+        # Saved (a join's loop variable `for inp in inputs`) as a plain namespace of values.
+        values = {name: getattr(self, name) for name in object.__getattribute__(self, "_bindings")}
+        return (types.SimpleNamespace, (), values)
+
+
+def _missing_module(step: str, name: str, binding: dict, exc: ModuleNotFoundError) -> ModuleNotFoundError:
+    writer = f" (written by step '{binding['step']}')" if binding.get("step") else ""
+    return ModuleNotFoundError(
+        f"step '{step}' cannot load its input '{name}'{writer}: the value is an object of module "
+        f"'{exc.name}', which is not installed where this step runs. Add that package to this step's "
+        "--pypi list, or hand on plain data (numbers, lists, dicts, a data frame) instead.", name=exc.name)
+
+
+def _as_sequence(value: Any) -> Any:
+    if isinstance(value, (list, tuple, range, str)):
+        return value
+    return list(value)
+
+
+# -- execution --------------------------------------------------------------------
+
+
+def _execute(spec: TaskSpec, ns: dict, emit: Callable[[dict], None]) -> tuple[bool, dict | None]:
+    from flowmagic.runtime.worker.execute import execute_cell
+
+    result = execute_cell(spec.source, ns, filename=spec.filename, first_line=spec.first_line, emit=emit)
+    return result.ok, result.error
+
+
+# -- outputs ----------------------------------------------------------------------
+
+
+def _save_writes(spec: TaskSpec, ns: dict, objects: ObjectStore, warnings: list[str]):
+    names = list(spec.writes)
+    if spec.catch and spec.catch not in names:
+        names.append(spec.catch)
+    required = set(spec.required)
+    refs: list[dict] = []
+    not_persisted: list[dict] = []
+    for name in names:
+        if name not in ns:
+            continue  # never bound (a branch not taken): a reader gets a clear NameError
+        value = ns[name]
+        try:
+            refs.append(save_artifact(objects, name, value, step=spec.step).to_dict())
+        except StoreError as exc:  # the disk, not the value (ENOSPC, EIO): fail, never skip the name
+            return refs, not_persisted, ExceptionRecord.plain("StoreError", str(exc))
+        except Exception as exc:  # noqa: BLE001 - SerializationError and anything a writer raises
+            type_name = type_name_of(value)
+            if name in required:
+                message = str(exc) if isinstance(exc, SerializationError) else (
+                    f"step '{spec.step}': variable '{name}' of type {type_name} cannot be saved ({exc})")
+                return refs, not_persisted, ExceptionRecord.plain("SerializationError", message)
+            not_persisted.append({"name": name, "type": type_name})
+            refs.append(unsaved_ref(name, type_name).to_dict())
+            warnings.append(f"step '{spec.step}': '{name}' ({type_name}) cannot be saved; "
+                            "it is not persisted (fine while no later step reads it)")
+    return refs, not_persisted, None
+
+
+def _foreach_info(value: Any) -> dict:
+    try:
+        items = _as_sequence(value)
+        length = len(items)
+    except TypeError:
+        return {"length": None, "items": [], "error": f"a {type(value).__name__} cannot be iterated"}
+    reprs = []
+    for item in items[:ITEM_REPRS_MAX] if not isinstance(items, str) else items[:ITEM_REPRS_MAX]:
+        text = repr(item)
+        reprs.append(text if len(text) <= ITEM_REPR_MAX else text[: ITEM_REPR_MAX - 3] + "...")
+    return {"length": length, "items": reprs}
+
+
+def _hashes(bound: dict[str, Any], spec: TaskSpec) -> dict[str, str]:
+    writes = set(spec.writes)
+    hashes = {}
+    for name, value in bound.items():
+        if name in writes or isinstance(value, _IMMUTABLE):
+            continue
+        try:
+            hashes[name] = content_hash(value)  # by content: a read may re-layout a frame
+        except Exception:  # noqa: BLE001 - an unhashable input just is not checked
+            pass
+    return hashes
+
+
+def _mutation_warnings(step: str, bound: dict, before: dict[str, str], spec: TaskSpec) -> list[str]:
+    changed = []
+    for name, digest in before.items():
+        try:
+            if content_hash(bound[name]) != digest:
+                changed.append(name)
+        except Exception:  # noqa: BLE001
+            pass
+    return [f"step '{step}' changed '{name}' in place (a method call such as .append() or "
+            f"inplace=True); the change is not saved: assign the result (`{name} = ...`) "
+            "to make it an output of this step" for name in changed]
+
+
+# -- plumbing -----------------------------------------------------------------------
+
+
+class _Sender:
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+
+    def send(self, message: dict) -> None:
+        try:
+            self.channel.sendall(json.dumps(message, default=str).encode() + b"\n")
+        except OSError:
+            pass  # the orchestrator is gone; the exit status is all that matters now
+
+
+def _recv_all(channel: socket.socket) -> bytes:
+    chunks = []
+    while chunk := channel.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
