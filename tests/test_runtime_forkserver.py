@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from flowmagic.runtime.worker.forkserver import ForkServer, PreludeError, get_server, close_all
+from flowmagic.runtime.worker.forkpool import ForkServer, close_all, get_server
+from flowmagic.runtime.worker.forkserver import PreludeError
 from flowmagic.runtime.worker.processes import describe_wait_status
 
 ENTRY = "flowmagic.runtime.worker.forkserver:run_source"
@@ -120,7 +121,7 @@ def test_killing_the_orchestrator_kills_server_and_tasks(tmp_path):
     script.write_text(textwrap.dedent(
         f"""
         import os, sys, time
-        from flowmagic.runtime.worker.forkserver import ForkServer
+        from flowmagic.runtime.worker.forkpool import ForkServer
         server = ForkServer("", preload=()).start()
         proc = server.spawn({ENTRY!r})
         proc.channel.sendall(b"import time\\nprint('up', flush=True)\\ntime.sleep(120)")

@@ -118,7 +118,8 @@ class Run(_ClientObject):
     # what the run recorded
     @property
     def status(self) -> str:
-        """``running``, ``succeeded``, ``failed`` or ``interrupted``, read fresh from the store."""
+        """``running``, ``succeeded``, ``failed``, ``interrupted`` or ``crashed`` (its orchestrator
+        died while it ran), read fresh from the store."""
         return self._refresh().status
 
     @property

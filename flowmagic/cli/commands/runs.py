@@ -59,7 +59,7 @@ def run_parser(graph: Any, command: str, notebook: str) -> argparse.ArgumentPars
 
 
 def _prestart_server() -> None:
-    from flowmagic.runtime.worker.forkserver import prestart
+    from flowmagic.runtime.worker.forkpool import prestart
 
     # Forked from this process, before any thread starts: its imports overlap
     # with reading the notebook and building the flow.

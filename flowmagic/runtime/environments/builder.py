@@ -248,7 +248,7 @@ def environment_server(step: Any, prelude: str, store_root: Path, *, workdir: st
     tolerant of modules the environment lacks. Raises EnvironmentBuildError
     (the resolver's message, or ``stop`` was set during a build) or PreludeError.
     """
-    from flowmagic.runtime.worker.forkserver import get_server
+    from flowmagic.runtime.worker.forkpool import get_server
 
     spec = EnvSpec.from_options(step.options, step=step.name)
     token = build_stopped.set(stop)
@@ -263,13 +263,13 @@ def prestart_servers(steps: Iterable[Any], store_root: Path) -> None:
     """Start the fork servers of the steps' already-built environments now, so their
     imports overlap with the run's first steps (an environment not built yet is
     built when its step runs, never here)."""
-    from flowmagic.runtime.worker import forkserver
+    from flowmagic.runtime.worker import forkpool
 
     for step in steps:
         spec = EnvSpec.from_options(step.options, step=step.name)
         env = _lookup_request(Path(store_root) / "envs", spec) if spec is not None else None
-        if env is not None and not forkserver.has_server(str(env.python)):
-            forkserver.prestart(str(env.python))
+        if env is not None and not forkpool.has_server(str(env.python)):
+            forkpool.prestart(str(env.python))
 
 
 def record_environment(meta: Any, flow: str, run_id: int, step: str, env: Environment) -> None:

@@ -460,19 +460,5 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.flush()
     os._exit(0)
 
-# The orchestrator's side (TaskProcess, ForkServer, get_server, prestart...)
-# lives in forkpool.py; these names stay importable from here.
-_POOL_NAMES = frozenset({'TaskProcess', 'ForkServer', 'prestart', 'get_server', 'close_all', 'has_server',
-                         'prelude_hash'})
-
-
-def __getattr__(name: str):
-    if name in _POOL_NAMES:
-        from flowmagic.runtime.worker import forkpool
-
-        return getattr(forkpool, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     main()
