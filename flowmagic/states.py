@@ -55,6 +55,10 @@ STEP_STATES: tuple[str, ...] = get_args(StepState)
 # --- runs
 RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "interrupted", "crashed"})
 
+# --- steps
+# Every task finished OK: the step's outputs are there for the steps below.
+STEP_FINISHED_OK: frozenset[str] = frozenset({"done", "caught", "cloned", "cached"})
+
 # --- tasks
 # Its artifacts are saved: steps downstream may read them; the task is successful.
 TASK_FINISHED_OK: frozenset[str] = frozenset({"done", "caught", "cloned", "cached"})

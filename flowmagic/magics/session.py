@@ -18,26 +18,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from collections.abc import Mapping
 
 from flowmagic.flow.cells import classify_cell, flow_name_in
 from flowmagic.errors import FlowDefinitionError
+from flowmagic.states import STEP_FINISHED_OK
 
 if TYPE_CHECKING:  # the engine is imported lazily: `import flowmagic` stays fast
     from flowmagic.flow.graph import FlowGraph
 
 DEFAULT_FLOW_NAME = "NotebookFlow"
 
-StepState = Literal[
-    "running",      # executing now
-    "done",         # succeeded in the session run; its outputs are bound
-    "caught",       # failed, but --catch recorded the exception; counts as done
-    "failed",       # its last attempt failed
-    "interrupted",  # stopped by the user (the notebook's stop button)
-    "stale",        # ran, but a step it depends on ran again since
-]
-_HAS_OUTPUTS: frozenset[str] = frozenset({"done", "caught", "stale"})
+# A session run's steps take states from flowmagic.states.StepState: running,
+# done, caught, failed, interrupted, and stale (ran, but a step it depends on
+# ran again since). Done and caught steps have their outputs bound.
+_HAS_OUTPUTS: frozenset[str] = STEP_FINISHED_OK | {"stale"}
 
 
 @dataclass
@@ -255,11 +251,11 @@ class SessionRun:
         """Record a step's outcome; returns the steps that became stale."""
         had_run = step in self.states
         self.states[step] = state
-        if state not in ("done", "caught") or not had_run:
+        if state not in STEP_FINISHED_OK or not had_run:
             return []
         stale = []
         for below in sorted(graph.downstream(step)):
-            if self.states.get(below) in ("done", "caught", "failed"):
+            if self.states.get(below) in STEP_FINISHED_OK | {"failed"}:
                 self.states[below] = "stale"
                 stale.append(below)
         return stale
@@ -271,6 +267,6 @@ class SessionRun:
             return "interrupted"
         if "failed" in states:
             return "failed"
-        if states and all(s in ("done", "caught") for s in states):
+        if states and all(s in STEP_FINISHED_OK for s in states):
             return "succeeded"
         return "running"
