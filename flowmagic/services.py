@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowmagic.errors import NotFoundError, UsageError
@@ -178,20 +177,16 @@ class Export:
 def export_document(graph: FlowGraph, class_name: str | None = None,
                     output: str | os.PathLike | None = None) -> Export:
     """The flow as a Metaflow FlowSpec script, written to ``output`` when given (never half-written)."""
+    from flowmagic.export import write_script
     from flowmagic.export.script import plan_export, render_script
 
     plan = plan_export(graph, class_name)
     source = render_script(plan)
     if output is not None:
-        _write_atomically(Path(output), source)
+        write_script(output, source)
     steps = [{"name": s.name, "added": not s.real, "next": s.next, "foreach": s.foreach, "join": s.join}
              for s in plan.structure.steps.values()]
     document = {"flow": plan.graph.name, "class": plan.class_name,
                 "output": None if output is None else str(output), "steps": steps}
     return Export(source=source, class_name=plan.class_name, document=document)
 
-
-def _write_atomically(target: Path, text: str) -> None:
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(target)

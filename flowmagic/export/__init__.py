@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flowmagic.flow.graph import FlowGraph
 
-__all__ = ["ExportPlan", "export_flow", "export_notebook", "plan_export"]
+__all__ = ["ExportPlan", "export_flow", "export_notebook", "plan_export", "write_script"]
 
 
 def __getattr__(name: str):
-    # The parts load on first use: the console command imports `.command`
+    # The parts load on first use: the console imports this package
     # for every subcommand's parser, and `flowmagic run` needs none of this.
     if name in ("ExportPlan", "plan_export", "render_script"):
         from flowmagic.export import script
@@ -49,8 +49,13 @@ def export_notebook(path: str | os.PathLike, output: str | os.PathLike | None = 
 
     source = export_flow(load_flow(path), class_name)
     if output is not None:
-        target = Path(output)
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(source, encoding="utf-8")
-        temporary.replace(target)   # never leave a half-written script behind
+        write_script(output, source)
     return source
+
+
+def write_script(output: str | os.PathLike, source: str) -> None:
+    """Write the script at ``output`` through a temporary file: never a half-written script."""
+    target = Path(output)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(source, encoding="utf-8")
+    temporary.replace(target)
