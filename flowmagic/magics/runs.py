@@ -27,14 +27,18 @@ def command_parser(command: str, make: Callable[[str, str], argparse.ArgumentPar
     return parser
 
 
+def _shown(args: argparse.Namespace, document: dict, render: Callable[[dict], str]) -> Any:
+    """``--json``: the document is the magic's value; else its text is printed."""
+    if args.json:
+        return document
+    print(render(document), end="")
+    return None
+
+
 def status(magics: FlowMagics, args: argparse.Namespace) -> Any:
     from flowmagic.report.text import render_status
 
-    document = services.status_document(magics.store(), magics.flow_name(), args.tag)
-    if args.json:
-        return document
-    print(render_status(document), end="")
-    return None
+    return _shown(args, services.status_document(magics.store(), magics.flow_name(), args.tag), render_status)
 
 
 def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
@@ -56,20 +60,13 @@ def tag(magics: FlowMagics, args: argparse.Namespace) -> Any:
     from flowmagic.report.text import render_tags
 
     document = services.tag_document(magics.store(), magics.flow_name(), args.action, args.run_id, args.tags)
-    if args.json:
-        return document
-    print(render_tags(document), end="")
-    return None
+    return _shown(args, document, render_tags)
 
 
 def logs(magics: FlowMagics, args: argparse.Namespace) -> Any:
     from flowmagic.report.text import render_logs
 
-    document = services.logs_document(magics.store(), magics.flow_name(), args.pathspec)
-    if args.json:
-        return document
-    print(render_logs(document), end="")
-    return None
+    return _shown(args, services.logs_document(magics.store(), magics.flow_name(), args.pathspec), render_logs)
 
 
 def export(magics: FlowMagics, args: argparse.Namespace) -> Any:
