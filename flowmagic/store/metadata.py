@@ -135,7 +135,8 @@ class Metadata:
         code = getattr(exc, "sqlite_errorcode", None)
         io_error = code is not None and code & 0xFF == sqlite3.SQLITE_IOERR or "disk I/O error" in str(exc)
         # SQLite often reports a full disk as an I/O error (a failed WAL or shm write)
-        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or (io_error and _disk_full(self.path)):
+        full = code == getattr(sqlite3, "SQLITE_FULL", 13)   # the name exists from Python 3.11
+        if full or "disk is full" in str(exc) or (io_error and _disk_full(self.path)):
             return StoreError(f"the metadata database {self.path} cannot be written: No space left on device "
                               f"({exc}). Free some space (`flowmagic gc` removes old runs) and try again; "
                               "the store itself is not damaged.")

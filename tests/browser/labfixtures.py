@@ -151,8 +151,17 @@ def lab(tmp_path_factory) -> Lab:
             print((base / "server.log").read_text())
 
 
+# Each test module that imports these fixtures defines them anew, so a
+# session fixture can be set up once per module; a second sync Playwright in
+# one process fails ("Sync API inside the asyncio loop"): share the first.
+_SHARED: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def chromium():
+    if "chromium" in _SHARED:
+        yield _SHARED["chromium"]
+        return
     path = chromium_path()
     if path is None:
         pytest.fail("Debian's chromium is missing: run scripts/install-browser-deps.sh")
@@ -160,9 +169,11 @@ def chromium():
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS, headless=True)
+        _SHARED["chromium"] = browser
         try:
             yield browser
         finally:
+            _SHARED.pop("chromium", None)
             browser.close()
 
 
