@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import mmap
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -132,8 +133,8 @@ def pandas_supported(df: Any) -> bool:
     for _, col in df.items():
         if col.dtype == object and not _arrow_safe_objects(col):
             return False
-    if any(level.dtype == object for level in _index_levels(df.index)):
-        return False  # Arrow would give back a str index; pickle keeps it as it is
+    if any(level.dtype == object and not _arrow_safe_objects(level) for level in _index_levels(df.index)):
+        return False  # mixed objects in an index: pickle keeps them as they are
     try:
         empty = df.iloc[:0]
         back = pa.Table.from_pandas(empty).to_pandas()
@@ -207,7 +208,9 @@ def write_pandas(df: Any, fh: BinaryIO, *, series_name: Any = _NOT_A_SERIES) -> 
     is_series = series_name is not _NOT_A_SERIES
     meta: dict[str, Any] = {"kind": "pandas-series" if is_series else "pandas",
                             "series_name": series_name if is_series else None,
-                            "object_columns": [name for name, col in df.items() if col.dtype == object]}
+                            "object_columns": [name for name, col in df.items() if col.dtype == object],
+                            "object_index_levels": [i for i, level in enumerate(_index_levels(df.index))
+                                                    if level.dtype == object]}
     freq = getattr(df.index, "freq", None)
     if freq is not None:  # Arrow keeps the values of a DatetimeIndex, not its frequency
         meta["index_freq"] = df.index.freqstr
@@ -230,13 +233,16 @@ def _keep_nan(table: pa.Table, df: Any) -> pa.Table:
 def read_pandas(mm: mmap.mmap) -> Any:
     table, meta, mm, buf = read_table(mm)
     df = table.to_pandas(split_blocks=True)  # one block per column: no consolidation copy
-    df = _writable_frame(df, mm, buf)
+    index = _object_levels(df.index, meta.get("object_index_levels", ()))
+    df = _writable_frame(df, mm, buf, index)
     for name in meta.get("object_columns", ()):
         df[name] = _as_object(df[name])
     if meta.get("index_freq"):
         df.index.freq = meta["index_freq"]
     if meta.get("kind") == "pandas-series":
-        return df[_SERIES_COLUMN].rename(meta.get("series_name"))
+        series = df[_SERIES_COLUMN]
+        series.name = meta.get("series_name")  # not rename(): it copies on pandas 2
+        return series
     return df
 
 
@@ -249,14 +255,26 @@ def _as_object(col: Any) -> Any:
     return col._constructor(values, index=col.index, name=col.name, dtype=object, copy=False)
 
 
-def _writable_frame(df: Any, mm: mmap.mmap, buf: pa.Buffer) -> Any:
+def _object_levels(index: Any, levels: Sequence[int]) -> Any:
+    """Arrow gives a string index back as pandas 3's str dtype; restore the
+    object levels the frame had."""
+    import pandas as pd
+
+    if not levels:
+        return index
+    if not isinstance(index, pd.MultiIndex):
+        return index if index.dtype == object else index.astype(object)
+    return index.set_levels([index.levels[i].astype(object) for i in levels], level=levels)
+
+
+def _writable_frame(df: Any, mm: mmap.mmap, buf: pa.Buffer, index: Any) -> Any:
     """Arrow hands pandas read-only views; rebuild each such column as a
     writable view of the copy-on-write mapping (or a copy if it lives
     elsewhere), so ``df.loc[0, "x"] = 1`` works as on any frame."""
     import pandas as pd
 
     columns = {name: _writable_column(col, mm, buf) for name, col in df.items()}
-    out = pd.DataFrame(columns, index=df.index, copy=False)
+    out = pd.DataFrame(columns, index=index, copy=False)
     out.columns = df.columns
     return out
 
