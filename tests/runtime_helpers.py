@@ -47,9 +47,9 @@ def flowmagic_json(*args: str, store: Path, expect: int = 0, **kw) -> dict:
     return json.loads(proc.stdout)
 
 
-def start_flowmagic(*args: str, store: Path) -> subprocess.Popen:
+def start_flowmagic(*args: str, store: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([*command(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env_for(store))
+                            text=True, env={**env_for(store), **(extra_env or {})})
 
 
 def artifacts(store: Path, flow: str, run_id: int, step: str) -> list[dict]:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -470,6 +471,7 @@ def test_the_conda_example_notebook_runs_all(conda_example):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "Hola" in _cell_text(code[1])
     assert "distance 1" in _cell_text(code[2])
+    assert "not bound" not in _cell_text(code[2])   # `import Levenshtein` in the step: no noise in the kernel
     assert _cell_text(code[3]).strip() == "1"   # read back in the kernel, which has no Levenshtein
     assert importlib.util.find_spec("Levenshtein") is None
     store = open_store(store_root)
@@ -515,11 +517,13 @@ def test_other_steps_run_and_stream_their_output_while_an_environment_builds(tmp
     notebook = write_notebook(tmp_path / "build_aside.ipynb", [
         "%load_ext flowmagic\nimport time",
         "%%step start\nx = 1",
-        '%%step envstep --pypi "six==1.16.0"\nimport six\nsix_version = six.__version__\ny = x',
+        '%%step envstep --pypi "six==1.16.0"\nimport os, sys, six\nsix_version = six.__version__\ny = x\n'
+        'venv, prefix = os.environ.get("VIRTUAL_ENV"), sys.prefix\n%time w = 1',
         "%%step ticker\nfor i in range(5):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\nz = x",
         "%%step end\ntotal = y + z",
     ])
-    proc = start_flowmagic("run", notebook, store=tmp_path / "store")
+    # as from an activated venv: the environment's step must not inherit it (IPython warns then)
+    proc = start_flowmagic("run", notebook, store=tmp_path / "store", extra_env={"VIRTUAL_ENV": sys.prefix})
     arrivals: list[tuple[float, str]] = []
     for line in proc.stdout:
         arrivals.append((time.monotonic(), line.rstrip("\n")))
@@ -529,9 +533,17 @@ def test_other_steps_run_and_stream_their_output_while_an_environment_builds(tmp
     assert len(ticks) == 5
     assert ticks[-1] - ticks[0] > 0.5          # streamed as printed, not in one burst after the build
     assert ticks[-1] < env_started              # the build did not hold the sibling step up
+    lines = [line for _, line in arrivals]
+    building = next(i for i, line in enumerate(lines)
+                    if line.startswith('[envstep] building the --pypi environment "six==1.16.0" ('))
+    ready = next(i for i, line in enumerate(lines) if line.startswith("[envstep] environment ready in "))
+    assert building < ready < lines.index("Step envstep started")   # a slow build is never a silent pause
+    assert not any("virtualenv" in line for line in lines), lines
     store = open_store(tmp_path / "store")
     try:
-        assert _values(store, "BuildAside", 1, "envstep")["six_version"] == "1.16.0"
+        values = _values(store, "BuildAside", 1, "envstep")
+        assert values["six_version"] == "1.16.0"
+        assert values["venv"] == values["prefix"] != sys.prefix   # its own venv, "activated"
     finally:
         store.close()
     print(f"build took ~{env_started - ticks[0]:.1f} s")

@@ -291,3 +291,30 @@ def test_an_unpicklable_value_no_step_reads_does_not_stop_metaflow(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'lock' (lock) cannot be saved" in done.stdout + done.stderr
     assert artifacts(store, "Locks", 1, "end")[0]["done"] == 12
+
+
+# --- no noise on ordinary idioms (item 7) ------------------------------------------------
+
+def test_with_as_files_and_client_handles_raise_no_warning_and_handles_reach_later_steps(tmp_path):
+    from flowmagic.client import Run, namespace_root
+
+    store = tmp_path / "fm"
+    first = write_notebook(tmp_path / "upstream.ipynb", ["%%step start\nscore = 0.9"])
+    assert flowmagic("run", first, store=store).returncode == 0
+    nb = write_notebook(tmp_path / "idioms.ipynb", [
+        "%%step start\nwith open('upstream.ipynb') as f:\n"
+        "    size = len(f.read())\nfrom flowmagic import Flow\nupstream = Flow('Upstream').latest_run",
+        "%%step end\nscore = upstream.data.score\nwhich = upstream.pathspec",
+    ])
+    proc = flowmagic("run", nb, store=store, cwd=tmp_path)
+    shown = proc.stdout + proc.stderr
+    assert proc.returncode == 0, shown
+    assert "warning" not in shown and "cannot be saved" not in shown, shown
+    namespace_root(store)
+    try:
+        run = Run("Idioms/1")
+        assert run["end"].task.data.score == 0.9 and run["end"].task.data.which == "Upstream/1"
+        handle = run["start"].task.data.upstream   # a Client object, stored by pathspec as Metaflow's are
+        assert isinstance(handle, Run) and handle.pathspec == "Upstream/1" and handle.data.score == 0.9
+    finally:
+        namespace_root(None)

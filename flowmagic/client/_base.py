@@ -84,6 +84,17 @@ class _ClientObject:
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.pathspec))
 
+    def __reduce__(self) -> tuple:
+        # A handle pickles as its pathspec and store root, as Metaflow's do, so a step
+        # may keep `run = Flow("X").latest_run` and a later step (or process) reopen it.
+        return _reopen, (type(self), self.pathspec, str(self._store.root))
+
+
+def _reopen(cls: type, pathspec: str, root: str) -> _ClientObject:
+    if not pathspec:  # Metaflow(): the whole store
+        return cls(root=root)
+    return cls(pathspec, root=root)
+
 
 def _fmt_time(when: dt.datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if when is not None else ""

@@ -197,6 +197,8 @@ def _bind_outputs(magics: FlowMagics, store: Any, result: Any) -> None:
         try:
             values[name] = load(ref)
         except Exception as exc:  # one bad artifact must not hide the others
+            if isinstance(exc, ImportError) and getattr(ref, "type", None) == "module":
+                continue   # `import editdistance` in a --pypi step: the kernel lacks it, as expected
             unreadable.append(f"{name} ({type(exc).__name__}: {exc})")
     magics.shell.user_ns.update(values)
     if unreadable:

@@ -25,6 +25,8 @@ class StepServers:
         self.building: dict[str, Waiting] = {}     # step -> its attempts waiting for the build
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()              # the run ends (failed, interrupted): builds stop
+        self.build_started: dict[str, float] = {}   # step -> when its environment build began
+        self._reported: dict[str, float] = {}       # step -> when its last progress line was shown
 
     def server_for(self, step: str) -> ForkServer:
         if step not in self._servers:   # an environment's server is there already (built())
@@ -42,6 +44,7 @@ class StepServers:
             return False
         if info.step not in self.building:
             self.building[info.step] = []
+            self.build_started[info.step] = time.time()
             thread = threading.Thread(target=self._build, args=(info.step,),
                                       name=f"flowmagic-environment-{info.step}", daemon=True)
             self._threads.append(thread)
@@ -56,6 +59,29 @@ class StepServers:
         except BaseException as exc:  # noqa: BLE001 - the waiting tasks fail with it
             result = exc
         self.post(EnvironmentBuilt(step, result))
+
+    def progress_lines(self, now: float) -> list[tuple[str, str]]:
+        """(step, line) for builds that have taken a while: the first after a second, then every
+        ten, so a 20 s ``uv`` resolve is never a silent pause."""
+        lines = []
+        for step in self.building:
+            elapsed = now - self.build_started[step]
+            last = self._reported.get(step)
+            if (last is None and elapsed >= 1.0) or (last is not None and now - last >= 10.0):
+                self._reported[step] = now
+                options = self.graph.step(step).options
+                kind, spec = ("pypi", options.pypi) if options.pypi else ("conda", options.conda)
+                lines.append((step, f"building the --{kind} environment \"{spec}\" ({elapsed:.0f} s)"))
+        return lines
+
+    def build_finished_line(self, step: str, env: object | None) -> str | None:
+        """The line that closes a build announced by :meth:`progress_lines`."""
+        if self._reported.pop(step, None) is None:
+            return None
+        elapsed = time.time() - self.build_started.get(step, time.time())
+        if env is None:
+            return f"environment build failed after {elapsed:.1f} s"
+        return f"environment ready in {elapsed:.1f} s ({len(getattr(env, 'packages', ()))} packages)"
 
     def built(self, step: str, result: tuple | BaseException) -> tuple[Waiting, object | None]:
         """The attempts that waited for ``step``, and its environment (None if the build failed)."""

@@ -117,6 +117,8 @@ class _Engine:
             while self.queue.has_ready() or self._waiting_for_something():
                 self.queue.release_due()
                 self._launch()
+                if self.servers.building:
+                    self._report_builds()
                 if not self._waiting_for_something():
                     break
                 try:
@@ -237,8 +239,15 @@ class _Engine:
         for info, _attempt in [*self.queue.drain(), *self.servers.stop()]:
             self.record.task_state(info, state, data=data)
 
+    def _report_builds(self) -> None:
+        for step, line in self.servers.progress_lines(time.time()):
+            self.record.step_note(step, line)
+
     def _environment_ready(self, step: str, result: tuple | BaseException) -> None:
         waiting, env = self.servers.built(step, result)
+        line = self.servers.build_finished_line(step, env)
+        if line is not None:
+            self.record.step_note(step, line)
         if env is not None:
             # the package list the step ran with, kept with the run (dump, the inspector)
             environments.record_environment(self.meta, self.flow, self.run_id, step, env)

@@ -61,6 +61,10 @@ class Recorder:
         self.emit(Event("output", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
                         attempt=attempt, stream=stream, text=text))
 
+    def step_note(self, step: str, text: str) -> None:
+        """A line about a step that is no task's output (its environment build), on stderr."""
+        self.emit(Event("output", self.run_id, step=step, stream="stderr", text=text + "\n"))
+
     def display(self, info: TaskInfo, attempt: int, output: dict | None) -> None:
         self.emit(Event("display", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
                         attempt=attempt, data=output))

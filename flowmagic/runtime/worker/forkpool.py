@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from flowmagic.runtime.worker.forkserver import (
     _MAX_MESSAGE, DEFAULT_PRELOAD, TASK_ENTRY, ForkServerDied, PreludeError, _close_quietly,
@@ -205,10 +206,26 @@ def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # a terminal's Ctrl-C goes to the orchestrator only
-        env=dict(os.environ if env is None else env),
+        env=_server_environ(python, os.environ if env is None else env),
     )
     child.close()
     return proc, parent
+
+
+def _server_environ(python: str, base: Mapping[str, str]) -> dict[str, str]:
+    """The variables a server runs with: a server on another interpreter (a ``--pypi``
+    environment) is "activated" in its own venv, never the kernel's, so IPython does not
+    warn that it works in a foreign virtualenv and a step's `python`/`pip` are its own."""
+    env = dict(base)
+    if python == sys.executable:
+        return env
+    root = Path(python).parent.parent
+    if (root / "pyvenv.cfg").exists():
+        env["VIRTUAL_ENV"] = str(root)
+        env["PATH"] = os.pathsep.join([str(root / "bin"), env.get("PATH", "")]).rstrip(os.pathsep)
+    else:
+        env.pop("VIRTUAL_ENV", None)
+    return env
 
 
 _prestarted: dict[str, tuple[subprocess.Popen | ForkedProcess, socket.socket]] = {}   # interpreter -> server

@@ -199,9 +199,18 @@ def _save_writes(spec: TaskSpec, ns: dict, objects: ObjectStore, warnings: list[
                 return refs, not_persisted, ExceptionRecord.plain("SerializationError", message)
             not_persisted.append({"name": name, "type": type_name})
             refs.append(unsaved_ref(name, type_name).to_dict())
+            if _closed_handle(value):
+                continue  # `with open(...) as f`: a closed file is of no use to anyone later
             warnings.append(f"step '{spec.step}': '{name}' ({type_name}) cannot be saved; "
                             "it is not persisted (fine while no later step reads it)")
     return refs, not_persisted, None
+
+
+def _closed_handle(value: Any) -> bool:
+    try:
+        return getattr(value, "closed", False) is True
+    except Exception:  # noqa: BLE001 - a property that raises is not a closed file
+        return False
 
 
 def _foreach_info(value: Any) -> dict:
