@@ -77,7 +77,7 @@ def test_show_json_is_one_document(movie_notebook):
     assert steps["compute"]["options"] == {"foreach": "params", "catch": "compute_failed"}
     assert steps["compute"]["cell"] == 6 and steps["compute"]["next"] == ["join"]
     assert steps["split"]["reads"] == ["clean", "movies"]
-    assert {"from": "compute", "to": "join", "variables": ["compute_failed", "div"]} in document["edges"]
+    assert {"from": "compute", "to": "join", "variables": ["compute_failed", "div"], "maybe": []} in document["edges"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -13,6 +13,7 @@ import pytest
 
 from flowmagic.flow.graph import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
 from flowmagic.errors import FlowDefinitionError
+from flowmagic.report.text import render_show
 
 
 def cells(*sources: str) -> list[str]:
@@ -462,7 +463,7 @@ def test_to_json_is_the_show_document():
     start = document["steps"][0]
     assert {k: start[k] for k in ("name", "cell", "reads", "writes", "options", "next")} == {
         "name": "start", "cell": 1, "reads": ["alpha"], "writes": ["x"], "options": {"retry": 2}, "next": ["end"]}
-    assert document["edges"] == [{"from": "start", "to": "end", "variables": ["x"]}]
+    assert document["edges"] == [{"from": "start", "to": "end", "variables": ["x"], "maybe": []}]
 
 
 def test_build_flow_is_deterministic_and_pure():
@@ -658,7 +659,7 @@ def test_after_shows_in_json_and_orders_steps():
     graph = build_flow(cells("%%step start\nprint(1)", "%%step hello --after start\nprint(2)",
                              "%%step end --after hello\nprint(3)"))
     doc = graph.to_json()
-    assert {"from": "start", "to": "hello", "variables": []} in doc["edges"]
+    assert {"from": "start", "to": "hello", "variables": [], "maybe": []} in doc["edges"]
     assert doc["steps"][2]["options"] == {"after": ["hello"]}
     assert graph.parents("end") == ["hello"] and graph.roots() == ["start"]
     assert graph.warnings == ()
@@ -691,3 +692,13 @@ def test_steps_that_share_no_data_are_warned_about():
     assert "--after" in warning
     linked = build_flow(cells("%%step a\nx = 1", "%%step b\ny = x"))
     assert linked.warnings == ()
+
+
+def test_show_explains_an_edge_kept_for_a_name_bound_only_in_some_branches():
+    graph = build_flow(["%%step start\nflag = True", "%%step mid\ny = 0",
+                        "%%step b\nif flag:\n    y = 5\nprint(y)\nz = 1"], name="Maybe")
+    edges = graph.to_json()["edges"]
+    assert {"from": "mid", "to": "b", "variables": ["y"], "maybe": ["y"]} in edges
+    assert {"from": "start", "to": "b", "variables": ["flag"], "maybe": []} in edges
+    shown = render_show(graph)
+    assert "(b binds y only in some branches: where it does not, it reads mid's, so it runs after mid)" in shown

@@ -84,6 +84,9 @@ class Edge:
     source: str
     target: str
     variables: tuple[str, ...]  # sorted
+    # Of those, the names the target reads only when its own cell did not bind them
+    # first (a branch of an `if`): `show` says so, since the edge may look unneeded.
+    maybe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ class FlowGraph:
             "steps": [{"name": s.name, "cell": s.cell, "reads": list(s.reads), "writes": list(s.writes),
                        "options": s.options.as_dict(), "next": self.children(s.name), "doc": s.doc}
                       for s in self.steps],
-            "edges": [{"from": e.source, "to": e.target, "variables": list(e.variables)}
-                      for e in self.edges],
+            "edges": [{"from": e.source, "to": e.target, "variables": list(e.variables),
+                       "maybe": list(e.maybe)} for e in self.edges],
         }
 
 
@@ -374,6 +377,7 @@ class _Resolver:
                 self.pending[(draft.name, var)] = self.latest_writer[var]
                 continue
             self._resolve(draft, var, line, options, producers, reads, required=False)
+        maybe = {var for var in producers if var in analysis.maybe_reads and var not in analysis.reads}
         if JOIN_INPUTS in analysis.reads:
             # After the other reads: `inputs` follows the foreach step they come from.
             producers[JOIN_INPUTS] = self._inputs_producer(draft, producers, options)
@@ -390,7 +394,7 @@ class _Resolver:
         self.ancestors[spec.name] = self._ancestors_of(set(producers.values()) | set(ordering))
         for var, producer in sorted(producers.items()):
             self._check_single_writer(draft, var, producer)
-        self._add_edges(spec, producers, ordering)
+        self._add_edges(spec, producers, ordering, maybe)
         self.specs[spec.name] = spec
         self.steps.append(spec)
         for var in writes:
@@ -411,9 +415,10 @@ class _Resolver:
         self.steps[self.steps.index(spec)] = updated
         edge = next((e for e in self.edges if e.source == upstream and e.target == step), None)
         if edge is None:
-            self.edges.append(Edge(upstream, step, (var,)))
+            self.edges.append(Edge(upstream, step, (var,), (var,)))
         else:
-            self.edges[self.edges.index(edge)] = Edge(upstream, step, tuple(sorted(set(edge.variables) | {var})))
+            self.edges[self.edges.index(edge)] = Edge(upstream, step, tuple(sorted(set(edge.variables) | {var})),
+                                                      tuple(sorted(set(edge.maybe) | {var})))
         self._recompute_ancestors()
 
     def _recompute_ancestors(self) -> None:
@@ -624,12 +629,14 @@ class _Resolver:
                 return later.name, later.cell.index
         return None
 
-    def _add_edges(self, spec: StepSpec, producers: Mapping[str, str], ordering: Sequence[str] = ()) -> None:
+    def _add_edges(self, spec: StepSpec, producers: Mapping[str, str], ordering: Sequence[str] = (),
+                   maybe: set[str] | frozenset[str] = frozenset()) -> None:
         by_source: dict[str, list[str]] = {source: [] for source in ordering}
         for var, source in producers.items():
             by_source.setdefault(source, []).append(var)
         for source in sorted(by_source, key=lambda s: self.specs[s].cell):
-            self.edges.append(Edge(source, spec.name, tuple(sorted(by_source[source]))))
+            variables = tuple(sorted(by_source[source]))
+            self.edges.append(Edge(source, spec.name, variables, tuple(v for v in variables if v in maybe)))
 
 
 def assignment_lines(tree: ast.AST, var: str) -> list[int]:

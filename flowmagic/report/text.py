@@ -83,6 +83,10 @@ def _render_step(graph: FlowGraph, spec: StepSpec) -> list[str]:
         lines.append(f"{_INDENT}=> (end)")
     for edge in edges:
         lines.append(f"{_INDENT}=> {edge.target}  [{', '.join(edge.variables)}]")
+        if edge.maybe:
+            names = ", ".join(edge.maybe)
+            lines.append(f"{_INDENT}   ({edge.target} binds {names} only in some branches: where it does not, "
+                         f"it reads {spec.name}'s, so it runs after {spec.name})")
     lines.append("")
     return lines
 
