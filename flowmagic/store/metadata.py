@@ -23,6 +23,7 @@ from typing import Any
 from collections.abc import Iterator, Sequence
 
 from flowmagic.errors import NotFoundError, StoreError
+from flowmagic.states import TASK_TERMINAL
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
     OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES,
     AttemptRecord,
@@ -391,7 +392,7 @@ class Metadata:
         if step is not None:
             sql += " AND step = ?"
             args.append(step)
-        return [task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
+        return self._honest_tasks([task_record(r) for r in self._read(sql + " ORDER BY task_id", args)])
 
     def step_names(self, flow: str, run_id: int) -> list[str]:
         """Steps that have tasks in the run, in the order of their first task."""
@@ -403,7 +404,27 @@ class Metadata:
         rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             raise NotFoundError(f"task {task_id} does not exist")
-        return task_record(rows[0])
+        return self._honest_tasks([task_record(rows[0])])[0]
+
+    def _honest_tasks(self, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Unfinished tasks of a crashed run read as ``crashed``: nobody will finish them.
+        The run is looked up (and its orchestrator checked) only when one is unfinished."""
+        runs: dict[tuple[str, int], bool] = {}
+        out = []
+        for task in tasks:
+            if task.state not in TASK_TERMINAL:
+                key = (task.flow, task.run_id)
+                if key not in runs:
+                    runs[key] = self._run_crashed(*key)
+                if runs[key]:
+                    task = replace(task, state="crashed")
+            out.append(task)
+        return out
+
+    def _run_crashed(self, flow: str, run_id: int) -> bool:
+        rows = self._read("SELECT status, orchestrator_pid, orchestrator_started, orchestrator_host FROM runs"
+                          " WHERE flow = ? AND run_id = ?", (flow, run_id))
+        return bool(rows) and rows[0][0] == "running" and orchestrator_gone(*rows[0][1:])
 
     def attempts(self, task_id: int) -> list[AttemptRecord]:
         rows = self._read("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))
