@@ -173,10 +173,11 @@ class _Engine:
             return
         self.state.step_state[name] = "running"
         use_cache = cache_enabled(self.graph.step(name), self.options.cache)
+        clones = self.options.clones.get(name, {})
         for index, item in indices:
             cached = find_cached(self, name, index) if use_cache else None
-            if cached is not None:
-                info = self._cached_task(cached)
+            if index in clones or cached is not None:
+                info = self._reused_task(clones[index], "cloned") if index in clones else self._cached_task(cached)
                 self.state.tasks[name].append(info)
                 self.record.task_reused(info)
                 continue
@@ -202,8 +203,15 @@ class _Engine:
         return plan.foreach_indices(var, producer, self.state.tasks[producer])
 
     def _cached_task(self, origin_task_id: int) -> TaskInfo:
-        new_id = self.meta.clone_task(origin_task_id, self.run_id, state="cached")
-        self.state.cached += 1
+        return self._reused_task(origin_task_id, "cached")
+
+    def _reused_task(self, origin_task_id: int, state: str) -> TaskInfo:
+        """A copy of a finished task: the step cache's (cached) or a resumed foreach's (cloned)."""
+        new_id = self.meta.clone_task(origin_task_id, self.run_id, state=state)
+        if state == "cached":
+            self.state.cached += 1
+        else:
+            self.state.cloned += 1
         return _known_task(self.graph, self.store, self.meta.get_task(new_id))
 
     def _launch(self) -> None:

@@ -66,9 +66,10 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         if name in rerun:
             continue
         known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
-    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir)
+    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir,
+                         clones=partial_foreach_clones(graph, origin_tasks, rerun, from_step))
     engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
-    engine.state.cloned = sum(len(v) for v in known.values())
+    engine.state.cloned += sum(len(v) for v in known.values())
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 
@@ -130,6 +131,23 @@ def steps_to_rerun(graph, origin_tasks: dict[str, list], from_step: str | None) 
     for name in list(rerun):
         rerun |= graph.downstream(name)
     return rerun
+
+
+def partial_foreach_clones(graph, origin_tasks: dict[str, list], rerun: set[str],
+                           from_step: str | None) -> dict[str, dict[tuple[int, ...], int]]:
+    """The finished tasks of a partly done foreach, by index, to clone rather than run (as
+    Metaflow does): only in a step re-run for its own tasks (not ``--from`` it or below),
+    all of whose parents are cloned, so its foreach list and inputs are the origin's."""
+    forced = {from_step, *graph.downstream(from_step)} if from_step is not None else set()
+    clones: dict[str, dict[tuple[int, ...], int]] = {}
+    for name in rerun - forced:
+        if any(parent in rerun for parent in graph.parents(name)):
+            continue
+        done = {tuple(t.index): t.task_id for t in origin_tasks.get(name) or []
+                if t.index and task_successful(t.state)}
+        if done:
+            clones[name] = done
+    return clones
 
 
 def _origin_run(meta, flow: str, origin_run_id: int | None):
