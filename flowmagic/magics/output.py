@@ -15,6 +15,7 @@ from collections.abc import Callable
 from IPython.core.error import UsageError
 
 from flowmagic.errors import FlowmagicError
+from flowmagic.report.text import MAX_PARTIAL_LINE
 
 T = TypeVar("T")
 
@@ -155,7 +156,9 @@ class LivePrinter:
         prefix = self.label(event)
         text = self._partial.pop(key, ("", ""))[1] + text
         *lines, rest = text.split("\n")
-        if rest:
+        if len(rest) > MAX_PARTIAL_LINE:  # a step printing without newlines: show it in pieces, not hold it
+            lines.append(rest)
+        elif rest:
             self._partial[key] = (prefix, rest)
         if lines:
             stream.write("".join(f"{prefix}{line}\n" for line in lines))

@@ -185,7 +185,9 @@ class RunPrinter:
         key = (event.task_id, event.stream)
         text = self._partial.pop(key, "") + (event.text or "")
         *lines, rest = text.split("\n")
-        if rest:
+        if len(rest) > MAX_PARTIAL_LINE:  # a step printing without newlines: show it in pieces, not hold it
+            lines.append(rest)
+        elif rest:
             self._partial[key] = rest
         for line in lines:
             self.out.write(f"[{event.label}] {line}\n")
@@ -194,6 +196,9 @@ class RunPrinter:
         for key in [k for k in self._partial if k[0] == event.task_id]:
             self.out.write(f"[{event.label}] {self._partial.pop(key)}\n")
         self.out.write(f"[{event.label}] {text}\n")
+
+
+MAX_PARTIAL_LINE = 1 << 16   # characters of an unfinished output line held back for its end
 
 
 def exception_line(data: dict | None) -> str:

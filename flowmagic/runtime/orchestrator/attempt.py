@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
+from flowmagic.runtime.orchestrator.logs import CappedLog, LogLimits
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.runtime.worker.forkpool import ForkServer, TaskProcess
 from flowmagic.runtime.worker.processes import describe_wait_status, signal_name
@@ -35,7 +36,7 @@ class AttemptExit:
     manifest: Manifest | None
     exit_code: int | None
     signal: int | None
-    stdout: str
+    stdout: str                       # what the store keeps: head, a marker line, tail (logs.py)
     stderr: str
     started_at: float
     finished_at: float
@@ -53,8 +54,10 @@ def run_attempt(
     on_message: MessageCallback | None = None,
     cancel: threading.Event | None = None,
     on_start: Callable[[TaskProcess], None] | None = None,
+    log_limits: LogLimits | None = None,
 ) -> AttemptExit:
     started = time.time()
+    limits = log_limits or LogLimits.from_env()
     server.hold(+1)  # a server with running tasks is never closed for a newer prelude
     try:
         proc = server.spawn()
@@ -62,7 +65,7 @@ def run_attempt(
             on_start(proc)
         try:
             _send_spec(proc, spec)
-            return _Pump(proc, timeout, on_output, on_message, cancel, started).run()
+            return _Pump(proc, timeout, on_output, on_message, cancel, started, limits).run()
         finally:
             proc.close()
     finally:
@@ -78,15 +81,15 @@ def _send_spec(proc: TaskProcess, spec: TaskSpec) -> None:
 
 
 class _Pump:
-    def __init__(self, proc, timeout, on_output, on_message, cancel, started) -> None:
+    def __init__(self, proc, timeout, on_output, on_message, cancel, started, limits: LogLimits) -> None:
         self.proc = proc
         self.deadline = started + timeout if timeout else None
         self.on_output = on_output or (lambda stream, text: None)
         self.on_message = on_message or (lambda msg: None)
         self.cancel = cancel
         self.started = started
-        self.text = {"stdout": [], "stderr": []}
-        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.text}
+        self.logs = {"stdout": CappedLog(limits), "stderr": CappedLog(limits)}  # bounded: a step may print GBs
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.logs}
         self.channel_buf = b""
         self.messages: list[dict] = []
         self.manifest: Manifest | None = None
@@ -143,9 +146,9 @@ class _Pump:
         else:
             data = os.read(fileobj, 1 << 16)
         if what in ("stdout", "stderr"):
+            self.logs[what].append(data)
             text = self.decoders[what].decode(data, final=not data)
             if text:
-                self.text[what].append(text)
                 self.on_output(what, text)
         elif what == "status":
             self.status_buf += data
@@ -197,8 +200,8 @@ class _Pump:
             manifest=self.manifest,
             exit_code=exit_code,
             signal=sig,
-            stdout="".join(self.text["stdout"]),
-            stderr="".join(self.text["stderr"]),
+            stdout=self.logs["stdout"].text(),
+            stderr=self.logs["stderr"].text(),
             started_at=self.started,
             finished_at=time.time(),
             pid=self.proc.pid,

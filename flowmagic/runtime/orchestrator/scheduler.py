@@ -18,6 +18,7 @@ from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult
 from flowmagic.runtime.orchestrator.run_state import RunOptions
@@ -194,6 +195,7 @@ def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
 def _warm_up(graph, store, workdir) -> ForkServer:
     """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
     environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
+    LogLimits.from_env()   # a bad FLOWMAGIC_LOG_HEAD/TAIL is refused before a run is created
     environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
     sources = [graph.prelude, *(step.code for step in graph.steps)]
     return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used
