@@ -379,6 +379,8 @@ class Metadata:
         return [_honest(run_record(r, tags.get(r[1], ()))) for r in rows]
 
     def get_run(self, flow: str, run_id: int) -> RunRecord:
+        if not _SQLITE_INT[0] <= int(run_id) <= _SQLITE_INT[1]:  # sqlite3 raises OverflowError: no such run
+            raise self._missing_run(flow, run_id)
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
         if not rows:
             raise self._missing_run(flow, run_id)
@@ -466,6 +468,9 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
+
+
+_SQLITE_INT = (-(1 << 63), (1 << 63) - 1)
 
 
 def _honest(run: RunRecord) -> RunRecord:
