@@ -237,7 +237,15 @@ def render_status(document: dict) -> str:
     return f"Flow {flow}\n" + _table(rows)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes from a tag) shown as ``\\x1b``, not obeyed."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _table(rows) -> str:
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
 
@@ -331,4 +339,4 @@ def render_outputs(objects: Any, outputs: list[dict]) -> str:
 
 def render_tags(document: dict) -> str:
     """The text of a tag document: the run's tags after the change."""
-    return (" ".join(document["tags"]) or "(no tags)") + "\n"
+    return (" ".join(map(printable, document["tags"])) or "(no tags)") + "\n"

@@ -80,6 +80,7 @@ class Metadata:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_emptied()
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
@@ -92,6 +93,20 @@ class Metadata:
             self._conn = None
             raise self._store_error(exc) from exc
         return conn
+
+    def _refuse_emptied(self) -> None:
+        """A 0-byte database beside stored objects lost its runs (a copy cut short, a full
+        disk): refuse it, or run ids would restart at 1 over the old runs' objects."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            if self.path.stat().st_size or (wal.exists() and wal.stat().st_size):
+                return
+        except FileNotFoundError:
+            return  # a new store
+        if _holds_objects(self.path.parent / "objects"):
+            raise StoreError(f"{self.path} is empty (0 bytes) but the store holds objects of earlier runs: "
+                             "its database lost its contents. Restore it from a copy, or move the store "
+                             "away to start a new one; it is not reinitialised over the old runs.")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         row = None
@@ -468,6 +483,15 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
+
+
+def _holds_objects(objects: Path) -> bool:
+    """Whether any object file is stored (tmp/ and quarantine/ aside); stops at the first."""
+    try:
+        shards = [d for d in objects.iterdir() if d.is_dir() and d.name not in ("tmp", "quarantine")]
+    except OSError:
+        return False
+    return any(any(True for _ in shard.iterdir()) for shard in shards)
 
 
 _SQLITE_INT = (-(1 << 63), (1 << 63) - 1)

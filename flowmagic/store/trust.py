@@ -26,6 +26,8 @@ def untrusted_reason(store_root: Path, object_path: Path) -> str | None:
     for what, path in (("the store", store_root), ("its object", object_path)):
         try:
             owner = path.stat().st_uid
+        except FileNotFoundError:
+            return None  # nothing to load: loading it says what is missing
         except OSError as exc:
             return f"{what} cannot be checked ({exc.strerror})"
         if owner != me:

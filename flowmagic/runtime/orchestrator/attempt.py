@@ -83,7 +83,9 @@ def _send_spec(proc: TaskProcess, spec: TaskSpec) -> None:
 class _Pump:
     def __init__(self, proc, timeout, on_output, on_message, cancel, started, limits: LogLimits) -> None:
         self.proc = proc
+        self.timeout = timeout
         self.deadline = started + timeout if timeout else None
+        self.late: float | None = None       # it finished, but after its deadline: how long it took
         self.on_output = on_output or (lambda stream, text: None)
         self.on_message = on_message or (lambda msg: None)
         self.cancel = cancel
@@ -119,6 +121,9 @@ class _Pump:
                 # the fork server reaps it (and kills its group) without us.
                 self._drain_available(sel)
                 self.wait_status = 0
+                if self.deadline is not None and time.time() >= self.deadline:
+                    self.killed_for = "timeout"  # done, but too late: a limit shorter than a poll still holds
+                    self.late = time.time() - self.started
                 break
             if self.wait_status is not None and exited_at is None:
                 exited_at = time.monotonic()
@@ -213,13 +218,17 @@ class _Pump:
         if self.killed_for == "interrupted":
             return "interrupted", _record("KeyboardInterrupt", "the run was interrupted")
         if self.killed_for == "timeout":
-            limit = self.deadline - self.started if self.deadline else 0
-            return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {limit:g} s and was killed")
+            if self.late is not None:
+                return "timeout", _record("TimeoutError", f"the task took {self.late:.3g} s, past its timeout "
+                                          f"of {self.timeout:g} s (its results are discarded)")
+            return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {self.timeout:g} s "
+                                      "and was killed")
         if self.manifest is not None and exit_code == 0:
             return self.manifest.outcome, self.manifest.exception
         if sig is not None:
+            # flowmagic's own kills are labelled elsewhere (timeout, interrupt, memory.py's limit)
             return "killed", _record("ProcessKilled", f"the task process was killed by {signal_name(sig)}"
-                                     + (" (out of memory?)" if sig == signal.SIGKILL else ""))
+                                     + (_FROM_OUTSIDE if sig == signal.SIGKILL else ""))
         if self.wait_status == -1 or self.wait_status is None:
             return "killed", _record("ProcessKilled", "the task process vanished (the fork server died)")
         return "failed", _record("ProcessExited", f"the task process exited with status {exit_code} "
@@ -227,3 +236,4 @@ class _Pump:
 
 
 _record = ExceptionRecord.plain
+_FROM_OUTSIDE = " from outside flowmagic (another process, or the system's out-of-memory killer)"
