@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_helpers import flowmagic, wait_gone, write_notebook
+from runtime_helpers import flowmagic, start_flowmagic, wait_gone, write_notebook
 from flowmagic.runtime.worker.forkpool import ForkServer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")
@@ -59,6 +59,22 @@ def test_own_session_children_and_a_daemon_end_with_the_task(tmp_path, ending):
     pids = [int(p) for p in pidfile.read_text().split()]
     daemon = int(Path(f"{pidfile}.daemon").read_text())
     assert len(pids) == CHILDREN
+    assert wait_gone([*pids, daemon], 5) == []
+
+
+def test_own_session_children_end_when_the_run_is_interrupted(tmp_path):
+    import signal
+
+    nb, pidfile = _notebook(tmp_path, "timeout")   # it would sleep; Ctrl-C comes first
+    proc = start_flowmagic("run", nb, store=tmp_path / "store")
+    for line in proc.stdout:
+        if "spawned" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1 and "interrupted" in rest, rest
+    pids = [int(p) for p in pidfile.read_text().split()]
+    daemon = int(Path(f"{pidfile}.daemon").read_text())
     assert wait_gone([*pids, daemon], 5) == []
 
 
