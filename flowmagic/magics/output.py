@@ -18,6 +18,7 @@ from flowmagic.errors import FlowmagicError
 from flowmagic.report.text import MAX_PARTIAL_LINE
 
 T = TypeVar("T")
+FLUSH_EVERY = 1 << 20
 
 _RED = "\x1b[0;31m"
 _BOLD_RED = "\x1b[1;31m"
@@ -116,6 +117,7 @@ class LivePrinter:
         self._lock = threading.Lock()
         self._partial: dict[tuple, tuple[str, str]] = {}   # (task, stream) -> (prefix, text)
         self.result: dict | None = None    # a lone step's last value, kept for take_result()
+        self._unflushed = 0                # characters written since the cell's stream was last flushed
 
     def __call__(self, event: Any) -> None:
         with self._lock:
@@ -149,6 +151,7 @@ class LivePrinter:
     def _write(self, event: Any) -> None:
         text = event.text or ""
         stream = self._stream(event.stream)
+        self._pace(stream, len(text))
         if not self.label_tasks:
             stream.write(text)
             return
@@ -162,6 +165,18 @@ class LivePrinter:
             self._partial[key] = (prefix, rest)
         if lines:
             stream.write("".join(f"{prefix}{line}\n" for line in lines))
+
+    def _pace(self, stream: Any, size: int) -> None:
+        """Flush the cell's stream every FLUSH_EVERY characters: ipykernel's stream only
+        buffers, and its flush waits until the text is sent, so a step printing GBs
+        is slowed to what the kernel can send instead of filling the kernel's memory."""
+        self._unflushed += size
+        if self._unflushed >= FLUSH_EVERY:
+            self._unflushed = 0
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or odd stream must not stop the run
+                pass
 
     def _write_line(self, event: Any, stream: str, text: str) -> None:
         """A note of flowmagic's own (not the task's output)."""
