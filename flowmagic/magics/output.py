@@ -103,6 +103,16 @@ Interrupted.__name__ = Interrupted.__qualname__ = "KeyboardInterrupt"  # the cel
 
 
 # -- live output --------------------------------------------------------------
+def _write_untracked(stream: Any, text: str) -> None:
+    """Write a task's output to the cell past IPython 9's tee, which keeps every
+    write of a cell in ``history_manager.outputs`` (for ``%notebook``): a step
+    printing 1 GB would stay in the kernel. The store keeps the task's logs."""
+    if "write" in getattr(stream, "__dict__", {}):   # the tee patches the instance's write
+        type(stream).write(stream, text)
+    else:
+        stream.write(text)
+
+
 class LivePrinter:
     """The scheduler's ``on_event``: streams task output into the running cell.
 
@@ -153,7 +163,7 @@ class LivePrinter:
         stream = self._stream(event.stream)
         self._pace(stream, len(text))
         if not self.label_tasks:
-            stream.write(text)
+            _write_untracked(stream, text)
             return
         key = (event.task_id, event.stream)
         prefix = self.label(event)
@@ -164,7 +174,7 @@ class LivePrinter:
         elif rest:
             self._partial[key] = (prefix, rest)
         if lines:
-            stream.write("".join(f"{prefix}{line}\n" for line in lines))
+            _write_untracked(stream, "".join(f"{prefix}{line}\n" for line in lines))
 
     def _pace(self, stream: Any, size: int) -> None:
         """Flush the cell's stream every FLUSH_EVERY characters: ipykernel's stream only

@@ -107,3 +107,51 @@ def test_output_budget_waits_for_room_and_gives_up_after_its_patience():
     started = time.monotonic()
     budget.take(1)
     assert time.monotonic() - started < 0.1
+
+
+def _drain(kernel, code: str, timeout: float = 300) -> tuple[int, list[str]]:
+    """Execute a cell, counting its stream characters without keeping them; (count, error names)."""
+    msg_id = kernel.kc.execute(code)
+    count, errors = 0, []
+    while True:
+        io = kernel.kc.get_iopub_msg(timeout=timeout)
+        if io["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind = io["header"]["msg_type"]
+        if kind == "stream":
+            count += len(io["content"]["text"])
+        elif kind == "error":
+            errors.append(io["content"]["ename"])
+        elif kind == "status" and io["content"]["execution_state"] == "idle":
+            return count, errors
+
+
+@pytest.mark.slow
+def test_a_step_printing_1_gb_in_a_kernel_keeps_the_kernel_small(live_kernel):
+    """The kernel is the orchestrator: IPython 9 keeps every write of a cell
+    (history outputs), so task output goes to the cell past that tee."""
+    import threading
+
+    assert _drain(live_kernel, "%load_ext flowmagic\n%flow name Printer") == (0, [])
+    assert _drain(live_kernel, "%%step warm\nx = 1")[1] == []
+    kernel = psutil.Process(live_kernel.pid)
+    base = peak = kernel.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, kernel.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        count, errors = _drain(live_kernel, "%%step big\nimport sys\nchunk = ('x' * 1023 + '\\n') * 1024\n"
+                                            "for i in range(1024):\n    sys.stdout.write(chunk)\ny = 1")
+    finally:
+        done.set()
+        sampler.join()
+    print(f"kernel RSS {base / MB:.0f} MB before, peak {peak / MB:.0f} MB while a step printed 1 GB")
+    assert errors == [] and count == 1024 * MB   # every byte reached the cell
+    assert peak - base < 150 * MB
