@@ -104,8 +104,8 @@ def kill_orphans(keep: set[int]) -> int:
         if not foreign:
             break
         for child in foreign:
-            # Descendants first, leaves last in the list: SIGSTOP would be
-            # cleaner, but SIGKILL is immediate and the next round catches forks.
+            # The whole subtree is listed before any of it dies; what forks or
+            # re-parents to us meanwhile is caught by the next round.
             for pid in [child, *_descendants(child)]:
                 try:
                     os.kill(pid, signal.SIGKILL)
