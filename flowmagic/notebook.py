@@ -24,9 +24,11 @@ def read_cells(path: str | os.PathLike) -> list[str]:
 
         document = json.loads(notebook_path.read_text(encoding="utf-8"))
         if isinstance(document, dict) and document.get("nbformat") == 4 and isinstance(document.get("cells"), list):
-            return [_source(cell) for cell in document["cells"]]
+            return [_source(cell, i, notebook_path) for i, cell in enumerate(document["cells"])]
     except (ValueError, UnicodeDecodeError):
         pass  # let nbformat say what is wrong
+    except RecursionError:  # json and nbformat both recurse per level of nesting
+        raise UsageError(f"{notebook_path} is not a Jupyter notebook (its JSON is nested too deeply)") from None
     import nbformat  # imported here: the dag does not need it
 
     try:
@@ -34,14 +36,29 @@ def read_cells(path: str | os.PathLike) -> list[str]:
     except Exception as exc:  # nbformat raises JSON, validation and reader errors
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UsageError(f"{notebook_path} is not a Jupyter notebook ({reason})") from None
-    return [_source(cell) for cell in notebook.get("cells", [])]
+    return [_source(cell, i, notebook_path) for i, cell in enumerate(notebook.get("cells", []))]
 
 
-def _source(cell) -> str:
+def _source(cell, index: int, path: Path) -> str:
+    if not isinstance(cell, dict):
+        raise UsageError(f"{path}: cell {index} is a {type(cell).__name__}, not a cell (a JSON object)")
     if cell.get("cell_type") != "code":
         return ""
     source = cell.get("source", "")
-    return "".join(source) if isinstance(source, list) else str(source)
+    if isinstance(source, str):
+        return source
+    if isinstance(source, list) and all(isinstance(line, str) for line in source):
+        return "".join(source)
+    raise UsageError(f"{path}: cell {index}'s source is {_json_kind(source)}, not text "
+                     "(a string or a list of strings)")
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, list):
+        bad = next(v for v in value if not isinstance(v, str))
+        return f"a list holding {_json_kind(bad)}"
+    return {dict: "an object", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def camel_case(stem: str) -> str:

@@ -68,18 +68,20 @@ def select_tasks(store: Store, flow: str, pathspec: str) -> tuple[int, list[Task
 # --- dump ---------------------------------------------------------------------------
 
 def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str] = (), *,
-                  previews: bool = False, outputs: bool = False) -> dict:
+                  previews: bool = False, outputs: bool = False, trust: bool = False) -> dict:
     """``{"flow", "run_id", "artifacts", ["environments"], ["outputs"]}`` of the tasks ``pathspec`` names.
 
     ``include``: artifact names (an item may be comma-separated); ``previews``
     adds each artifact's one-line text preview (for text, not ``--json``);
-    ``outputs`` adds each task's stored rich outputs.
+    ``outputs`` adds each task's stored rich outputs. A pickled value is
+    previewed only in a store of the current user's, or with ``trust``
+    (loading a pickle runs code: store/trust.py); else its preview says why not.
     """
     from flowmagic.store.environments import environments_of_run
 
     run_id, tasks = select_tasks(store, flow, pathspec)
     wanted = {name for item in include for name in item.split(",") if name}
-    rows = _artifact_rows(store, tasks, wanted, previews)
+    rows = _artifact_rows(store, tasks, wanted, previews, trust)
     _check_included(store, flow, pathspec, tasks, wanted, rows)
     document: dict[str, Any] = {"flow": flow, "run_id": run_id, "artifacts": rows}
     environments = environments_of_run(store.meta, flow, run_id, {t.step for t in tasks})   # --pypi/--conda
@@ -91,7 +93,8 @@ def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str]
     return document
 
 
-def _artifact_rows(store: Store, tasks: Sequence[TaskRecord], wanted: set[str], previews: bool) -> list[dict]:
+def _artifact_rows(store: Store, tasks: Sequence[TaskRecord], wanted: set[str], previews: bool,
+                   trust: bool = False) -> list[dict]:
     rows = []
     for task in tasks:
         for ref in store.meta.artifacts(task.task_id):
@@ -100,17 +103,22 @@ def _artifact_rows(store: Store, tasks: Sequence[TaskRecord], wanted: set[str], 
             row = {"step": task.step, "task": task.task_id, "name": ref.name, "type": ref.type,
                    "size": ref.size, "hash": ref.hash}
             if previews:
-                row["preview"] = _preview(store, ref, task.step)
+                row["preview"] = _preview(store, ref, task.step, trust)
             rows.append(row)
     return rows
 
 
-def _preview(store: Store, ref: Any, step: str) -> str:
+def _preview(store: Store, ref: Any, step: str, trust: bool = False) -> str:
     from flowmagic.report.text import preview
     from flowmagic.store import load_artifact
+    from flowmagic.store.trust import untrusted_reason
 
     if ref.serializer == "unsaved":
         return "(not saved)"
+    if ref.serializer == "pickle" and not trust:
+        why = untrusted_reason(store.root, store.objects.path(ref.hash))
+        if why is not None:
+            return f"(a pickle, not loaded: {why}; loading it runs code: --trust to show it)"
     try:
         return preview(load_artifact(store.objects, ref, step=step))
     except Exception as exc:  # noqa: BLE001 - a preview must not hide the others

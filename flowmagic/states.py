@@ -32,6 +32,7 @@ TaskState = Literal[
     "cancelled",    # never started (or stopped): another task failed, so the run stopped
     "cloned",       # copied from the origin run by resume
     "cached",       # copied from an identical earlier task by the step cache (--cache)
+    "crashed",      # never written: an unfinished task of a run whose orchestrator is gone (computed on read)
 ]
 
 StepState = Literal[
@@ -63,7 +64,7 @@ STEP_FINISHED_OK: frozenset[str] = frozenset({"done", "caught", "cloned", "cache
 # Its artifacts are saved: steps downstream may read them; the task is successful.
 TASK_FINISHED_OK: frozenset[str] = frozenset({"done", "caught", "cloned", "cached"})
 # It ended without saving artifacts: the run cannot succeed.
-TASK_FINISHED_BAD: frozenset[str] = frozenset({"failed", "interrupted", "cancelled"})
+TASK_FINISHED_BAD: frozenset[str] = frozenset({"failed", "interrupted", "cancelled", "crashed"})
 # It will not change state again in this run.
 TASK_TERMINAL: frozenset[str] = TASK_FINISHED_OK | TASK_FINISHED_BAD
 # An attempt is executing or about to.

@@ -82,6 +82,38 @@ def _truncate_objects(store: Path) -> None:
             f.truncate(path.stat().st_size // 2)
 
 
+def _emptied_database(store: Path) -> None:
+    """The database cut to 0 bytes (a copy cut short): the objects of Catalogue/1 remain."""
+    for suffix in ("-wal", "-shm"):
+        (store / f"metadata.sqlite{suffix}").unlink(missing_ok=True)
+    (store / "metadata.sqlite").write_bytes(b"")
+
+
+def _wrong_hash_in_database(store: Path) -> None:
+    """The recorded hash of 'words' changed by one digit: the object it names does not exist."""
+    with sqlite3.connect(store / "metadata.sqlite") as conn:
+        conn.execute("UPDATE artifacts SET hash = CASE substr(hash, 1, 1) WHEN '0' THEN '1' ELSE '0' END"
+                     " || substr(hash, 2) WHERE name = 'words'")
+
+
+def _escape_codes_in_a_tag(store: Path) -> None:
+    with sqlite3.connect(store / "metadata.sqlite") as conn:
+        conn.execute("INSERT INTO run_tags (flow, run_id, tag) VALUES (?, 1, ?)", (FLOW, "\x1b[31mred\x1b[0m"))
+
+
+def _wrong_hash_named(store: Path) -> None:
+    from flowmagic.errors import NotFoundError
+
+    data = _client(store).Run(f"{FLOW}/1")["start"].task.data
+    with pytest.raises(NotFoundError, match="artifact 'words'.*recorded hash is damaged"):
+        data.words
+    assert data.x == 41
+
+
+def _not_reinitialised(store: Path) -> None:
+    assert (store / "metadata.sqlite").stat().st_size == 0
+
+
 # ----------------------------------------------------------------------------- reading back
 
 
@@ -195,6 +227,14 @@ CASES = [
     Case("missing run id: resume", ("resume", "NB", "99"), 2, ("Catalogue/99", "runs of Catalogue: 1")),
     Case("missing run id: tag", ("tag", "add", "NB", "99", "best"), 2, ("Catalogue/99", "runs of Catalogue: 1")),
     Case("missing run id: logs", ("logs", "NB", "99/start"), 2, ("Catalogue/99", "runs of Catalogue: 1")),
+    Case("23-digit run id: dump", ("dump", "NB", "12345678901234567890123"), 2,
+         ("Catalogue/12345678901234567890123 does not exist", "runs of Catalogue: 1")),
+    Case("23-digit run id: resume", ("resume", "NB", "12345678901234567890123"), 2,
+         ("Catalogue/12345678901234567890123 does not exist",)),
+    Case("a 5,000-term expression", ("run", "NB"), 2, ("step 'start'", "cell 2", "nested too deeply", "split it"),
+         cells=[HEAD, PARAMS, "%%step start\nx = " + "+".join(["1"] * 5000), END]),
+    Case("--timeout shorter than the step", ("run", "NB"), 1, ("step start failed", "past its timeout of 1e-09 s"),
+         cells=[HEAD, PARAMS, "%%step start --timeout 1e-9\nx = 41", END], after=failed_in("start")),
     Case("resume --from an unknown step", ("resume", "NB", "1", "--from", "train"), 2, ("'train'", "start")),
     # -- a damaged store: exit 2 with a message naming the file; the client says the same ----
     Case("garbage over the SQLite file's pages", ("dump", "NB", "1"), 2,
@@ -204,6 +244,14 @@ CASES = [
          damage=_garbage_database_header, intact=False, refused="not a database"),
     Case("store written by a newer schema", ("status", "NB"), 2, ("newer flowmagic", "schema version 99"),
          damage=_newer_schema, intact=False, refused="newer flowmagic"),
+    Case("0-byte database beside stored objects", ("run", "NB"), 2,
+         ("metadata.sqlite is empty (0 bytes)", "not reinitialised"),
+         damage=_emptied_database, intact=False, refused="is empty", after=_not_reinitialised),
+    Case("a recorded hash changed by one digit", ("dump", "NB", "1/start"), 0,
+         ("cannot load: artifact 'words'", "recorded hash is damaged", "41"),
+         damage=_wrong_hash_in_database, intact=False, forbidden=("removed by gc",), after=_wrong_hash_named),
+    Case("terminal escape codes in a tag", ("status", "NB"), 0, ("\\x1b[31mred\\x1b[0m",),
+         damage=_escape_codes_in_a_tag, forbidden=("\x1b",)),
     Case("truncated object files", ("dump", "NB", "1/start"), 0,
          ("cannot load: artifact 'arr'", "cannot load: artifact 'words'", "truncated", "41"),
          damage=_truncate_objects, intact=False, after=_truncated_artifacts_named),
@@ -221,6 +269,18 @@ CASES = [
          after=failed_in("boom")),
     Case("os._exit in a step", ("run", "NB"), 1, ("step boom failed", "exited with status 3"),
          cells=[HEAD, PARAMS, START, "%%step boom\nimport os\nos._exit(3)\ny = x"], after=failed_in("boom")),
+    Case("a step that closes sys.stdout", ("run", "NB"), 0, ("Run Catalogue/2 succeeded",),
+         forbidden=("exited before reporting",),
+         cells=[HEAD, PARAMS, START, "%%step end\nimport sys\nprint('bye')\nsys.stdout.close()\ny = x + 1"]),
+    Case("a SIGKILL from outside", ("run", "NB"), 1, ("step boom failed", "SIGKILL from outside flowmagic"),
+         cells=[HEAD, PARAMS, START, "%%step boom\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)\ny = x"],
+         forbidden=("out of memory?",), after=failed_in("boom")),
+    Case("a reconstructor that fails on load", ("run", "NB"), 1,
+         ("artifact 'v' of step 'start'", "could not be rebuilt from its pickle", "ValueError",
+          "the stored object is intact"),
+         cells=[HEAD, "class Bad:\n    def __reduce__(self):\n        return (int, ('not a number',))",
+                "%%step start\nv = Bad()", "%%step end\nw = v"],
+         forbidden=("cannot be read",), after=failed_in("end")),
     Case("memory leak in a step", ("run", "NB"), 1,
          ("step hog failed", "out of memory: step 'hog' used", "limit 0.29 GiB", "--memory 300"),
          cells=[HEAD, PARAMS, START, f"%%step hog --memory 300\ny = x\n{LEAK}"], after=failed_in("hog")),
@@ -364,3 +424,31 @@ def test_every_console_failure_is_one_line_without_traceback(tmp_path: Path):
                            (("logs", nb, "1"), "no runs yet")]:
         proc = flowmagic(*args, store=tmp_path / "store")
         assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _with_source(source) -> str:
+    import json
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%%step start\nx = 1")]
+    document = json.loads(nbformat.writes(nb))
+    document["cells"][0]["source"] = source
+    return json.dumps(document)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (_with_source(5), "cell 0's source is a number, not text"),
+    (_with_source(["x = 1\n", None]), "cell 0's source is a list holding null, not text"),
+    (_with_source({"a": 1}), "cell 0's source is an object, not text"),
+    ("[" * 100_000 + "]" * 100_000, "its JSON is nested too deeply"),
+], ids=["number source", "list with null", "object source", "deeply nested JSON"])
+def test_a_notebook_file_with_bad_json_is_a_one_line_error(tmp_path: Path, text: str, expected: str):
+    nb = tmp_path / "broken.ipynb"
+    nb.write_text(text)
+    for command in ("run", "show"):
+        proc = flowmagic(command, nb, store=tmp_path / "store")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr

@@ -85,7 +85,8 @@ class Task(_ClientObject):
     @property
     def state(self) -> str:
         """The task's state, read fresh from the store: ``pending``, ``running``, ``retrying``, ``done``,
-        ``failed``, ``caught``, ``cloned``, ``cached`` or ``interrupted``."""
+        ``failed``, ``caught``, ``cloned``, ``cached``, ``interrupted`` or ``crashed`` (unfinished in a run whose
+        orchestrator died)."""
         self._record = self._store.meta.get_task(self.task_id)
         return self._record.state
 

@@ -116,12 +116,17 @@ def prepare_code(source: str, filename: str = "<cell>", *, check: bool = True) -
     the transformer, and the IPython import, entirely.
     """
     try:
-        tree = compile(source, filename, "exec", _FLAGS)
-    except SyntaxError:
-        code = transform_ipython(source)
-        return code, parse_code(code, filename, check=check)
-    if check:
-        compile(tree, filename, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        try:
+            tree = compile(source, filename, "exec", _FLAGS)
+        except SyntaxError:
+            code = transform_ipython(source)
+            return code, parse_code(code, filename, check=check)
+        if check:
+            compile(tree, filename, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except RecursionError:  # CPython's parser recurses per operand of a long chain (1+1+... 5,000 times)
+        raise SyntaxError("this code is nested too deeply for Python to compile (a very long expression, "
+                          "or deeply nested brackets): split it into several statements",
+                          (filename, 1, 1, "")) from None
     return (source if source.endswith("\n") or not source else source + "\n"), tree
 
 

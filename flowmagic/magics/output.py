@@ -15,8 +15,10 @@ from collections.abc import Callable
 from IPython.core.error import UsageError
 
 from flowmagic.errors import FlowmagicError
+from flowmagic.report.text import MAX_PARTIAL_LINE
 
 T = TypeVar("T")
+FLUSH_EVERY = 1 << 20
 
 _RED = "\x1b[0;31m"
 _BOLD_RED = "\x1b[1;31m"
@@ -101,6 +103,16 @@ Interrupted.__name__ = Interrupted.__qualname__ = "KeyboardInterrupt"  # the cel
 
 
 # -- live output --------------------------------------------------------------
+def _write_untracked(stream: Any, text: str) -> None:
+    """Write a task's output to the cell past IPython 9's tee, which keeps every
+    write of a cell in ``history_manager.outputs`` (for ``%notebook``): a step
+    printing 1 GB would stay in the kernel. The store keeps the task's logs."""
+    if "write" in getattr(stream, "__dict__", {}):   # the tee patches the instance's write
+        type(stream).write(stream, text)
+    else:
+        stream.write(text)
+
+
 class LivePrinter:
     """The scheduler's ``on_event``: streams task output into the running cell.
 
@@ -115,6 +127,7 @@ class LivePrinter:
         self._lock = threading.Lock()
         self._partial: dict[tuple, tuple[str, str]] = {}   # (task, stream) -> (prefix, text)
         self.result: dict | None = None    # a lone step's last value, kept for take_result()
+        self._unflushed = 0                # characters written since the cell's stream was last flushed
 
     def __call__(self, event: Any) -> None:
         with self._lock:
@@ -148,17 +161,32 @@ class LivePrinter:
     def _write(self, event: Any) -> None:
         text = event.text or ""
         stream = self._stream(event.stream)
+        self._pace(stream, len(text))
         if not self.label_tasks:
-            stream.write(text)
+            _write_untracked(stream, text)
             return
         key = (event.task_id, event.stream)
         prefix = self.label(event)
         text = self._partial.pop(key, ("", ""))[1] + text
         *lines, rest = text.split("\n")
-        if rest:
+        if len(rest) > MAX_PARTIAL_LINE:  # a step printing without newlines: show it in pieces, not hold it
+            lines.append(rest)
+        elif rest:
             self._partial[key] = (prefix, rest)
         if lines:
-            stream.write("".join(f"{prefix}{line}\n" for line in lines))
+            _write_untracked(stream, "".join(f"{prefix}{line}\n" for line in lines))
+
+    def _pace(self, stream: Any, size: int) -> None:
+        """Flush the cell's stream every FLUSH_EVERY characters: ipykernel's stream only
+        buffers, and its flush waits until the text is sent, so a step printing GBs
+        is slowed to what the kernel can send instead of filling the kernel's memory."""
+        self._unflushed += size
+        if self._unflushed >= FLUSH_EVERY:
+            self._unflushed = 0
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or odd stream must not stop the run
+                pass
 
     def _write_line(self, event: Any, stream: str, text: str) -> None:
         """A note of flowmagic's own (not the task's output)."""

@@ -189,7 +189,9 @@ class RunPrinter:
         key = (event.task_id, event.stream)
         text = self._partial.pop(key, "") + (event.text or "")
         *lines, rest = text.split("\n")
-        if rest:
+        if len(rest) > MAX_PARTIAL_LINE:  # a step printing without newlines: show it in pieces, not hold it
+            lines.append(rest)
+        elif rest:
             self._partial[key] = rest
         for line in lines:
             self.out.write(f"[{event.label}] {line}\n")
@@ -198,6 +200,9 @@ class RunPrinter:
         for key in [k for k in self._partial if k[0] == event.task_id]:
             self.out.write(f"[{event.label}] {self._partial.pop(key)}\n")
         self.out.write(f"[{event.label}] {text}\n")
+
+
+MAX_PARTIAL_LINE = 1 << 16   # characters of an unfinished output line held back for its end
 
 
 def exception_line(data: dict | None) -> str:
@@ -236,7 +241,15 @@ def render_status(document: dict) -> str:
     return f"Flow {flow}\n" + _table(rows)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes from a tag) shown as ``\\x1b``, not obeyed."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _table(rows) -> str:
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
 
@@ -330,4 +343,4 @@ def render_outputs(objects: Any, outputs: list[dict]) -> str:
 
 def render_tags(document: dict) -> str:
     """The text of a tag document: the run's tags after the change."""
-    return (" ".join(document["tags"]) or "(no tags)") + "\n"
+    return (" ".join(map(printable, document["tags"])) or "(no tags)") + "\n"

@@ -23,11 +23,24 @@ def this_process() -> tuple[int, float | None, str]:
     return pid, started, socket.gethostname()
 
 
+_own: dict[int, float | None] = {}
+
+
+def _own_start() -> float | None:
+    pid = os.getpid()  # keyed by pid: a forked child has its own start time
+    if pid not in _own:
+        _own[pid] = this_process()[1]
+    return _own[pid]
+
+
 def orchestrator_gone(pid: int | None, started: float | None, host: str | None) -> bool:
     """True only when we can tell for sure: same host, and no such process
     (or a zombie, or another process that reuses the pid)."""
     if pid is None or host != socket.gethostname():
         return False  # an older run without a pid, or another machine's: cannot tell
+    if pid == os.getpid():  # the engine reading its own tasks: no process table per read
+        own = _own_start()
+        return started is not None and own is not None and abs(own - started) > _START_TOLERANCE_S
     import psutil
 
     try:

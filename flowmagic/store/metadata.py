@@ -23,6 +23,7 @@ from typing import Any
 from collections.abc import Iterator, Sequence
 
 from flowmagic.errors import NotFoundError, StoreError
+from flowmagic.states import TASK_TERMINAL
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
     OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES,
     AttemptRecord,
@@ -79,6 +80,7 @@ class Metadata:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_emptied()
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
@@ -91,6 +93,20 @@ class Metadata:
             self._conn = None
             raise self._store_error(exc) from exc
         return conn
+
+    def _refuse_emptied(self) -> None:
+        """A 0-byte database beside stored objects lost its runs (a copy cut short, a full
+        disk): refuse it, or run ids would restart at 1 over the old runs' objects."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            if self.path.stat().st_size or (wal.exists() and wal.stat().st_size):
+                return
+        except FileNotFoundError:
+            return  # a new store
+        if _holds_objects(self.path.parent / "objects"):
+            raise StoreError(f"{self.path} is empty (0 bytes) but the store holds objects of earlier runs: "
+                             "its database lost its contents. Restore it from a copy, or move the store "
+                             "away to start a new one; it is not reinitialised over the old runs.")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         row = None
@@ -378,6 +394,8 @@ class Metadata:
         return [_honest(run_record(r, tags.get(r[1], ()))) for r in rows]
 
     def get_run(self, flow: str, run_id: int) -> RunRecord:
+        if not _SQLITE_INT[0] <= int(run_id) <= _SQLITE_INT[1]:  # sqlite3 raises OverflowError: no such run
+            raise self._missing_run(flow, run_id)
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, int(run_id)))
         if not rows:
             raise self._missing_run(flow, run_id)
@@ -391,7 +409,7 @@ class Metadata:
         if step is not None:
             sql += " AND step = ?"
             args.append(step)
-        return [task_record(r) for r in self._read(sql + " ORDER BY task_id", args)]
+        return self._honest_tasks([task_record(r) for r in self._read(sql + " ORDER BY task_id", args)])
 
     def step_names(self, flow: str, run_id: int) -> list[str]:
         """Steps that have tasks in the run, in the order of their first task."""
@@ -403,7 +421,27 @@ class Metadata:
         rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             raise NotFoundError(f"task {task_id} does not exist")
-        return task_record(rows[0])
+        return self._honest_tasks([task_record(rows[0])])[0]
+
+    def _honest_tasks(self, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Unfinished tasks of a crashed run read as ``crashed``: nobody will finish them.
+        The run is looked up (and its orchestrator checked) only when one is unfinished."""
+        runs: dict[tuple[str, int], bool] = {}
+        out = []
+        for task in tasks:
+            if task.state not in TASK_TERMINAL:
+                key = (task.flow, task.run_id)
+                if key not in runs:
+                    runs[key] = self._run_crashed(*key)
+                if runs[key]:
+                    task = replace(task, state="crashed")
+            out.append(task)
+        return out
+
+    def _run_crashed(self, flow: str, run_id: int) -> bool:
+        rows = self._read("SELECT status, orchestrator_pid, orchestrator_started, orchestrator_host FROM runs"
+                          " WHERE flow = ? AND run_id = ?", (flow, run_id))
+        return bool(rows) and rows[0][0] == "running" and orchestrator_gone(*rows[0][1:])
 
     def attempts(self, task_id: int) -> list[AttemptRecord]:
         rows = self._read("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))
@@ -445,6 +483,18 @@ def _reset_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
+
+
+def _holds_objects(objects: Path) -> bool:
+    """Whether any object file is stored (tmp/ and quarantine/ aside); stops at the first."""
+    try:
+        shards = [d for d in objects.iterdir() if d.is_dir() and d.name not in ("tmp", "quarantine")]
+    except OSError:
+        return False
+    return any(any(True for _ in shard.iterdir()) for shard in shards)
+
+
+_SQLITE_INT = (-(1 << 63), (1 << 63) - 1)
 
 
 def _honest(run: RunRecord) -> RunRecord:

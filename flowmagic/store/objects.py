@@ -190,8 +190,10 @@ class ObjectStore:
             if moved:
                 raise NotFoundError(f"object {key} was found damaged and moved to {moved[-1]}; "
                                     "run the step that writes it again to store it anew")
-            raise NotFoundError(f"object {key} is missing from the store at {self.root} "
-                                "(removed by gc, or the store was copied partially)")
+            # gc removes only objects no recorded run references, so it is not the likely cause
+            raise NotFoundError(f"object {key} is missing from the store at {self.root} (the store was "
+                                "copied partially, files were deleted by hand, or the recorded hash is "
+                                "damaged; `flowmagic fsck` checks every reference)")
         return p
 
     def quarantined(self, key: str | None = None) -> list[Path]:

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from flowmagic.errors import NotFoundError, SerializationError, StoreError
-from .objects import DamagedObjectError, ObjectStore
+from .objects import DamagedObjectError, ObjectStore, verify_on_load
 
 SERIALIZERS = ("arrow-pandas", "arrow-numpy", "arrow-table", "arrow-polars", "pickle", "inline")
 # A value that could not be saved and no step read: recorded (DESIGN 4: "recorded as not
@@ -127,6 +127,13 @@ def load_artifact(objects: ObjectStore, ref: ArtifactRef, step: str | None = Non
     # (an ImportError is left alone: a pickled class whose module is missing
     # here is the caller's to explain, not a damaged store)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError, IndexError) as exc:
+        if ref.serializer == "pickle" and verify_on_load():
+            # The bytes matched their hash: not store damage, the value's own code failed to rebuild it.
+            raise SerializationError(
+                f"artifact '{ref.name}'{_of_step(step)} ({ref.type}) could not be rebuilt from its pickle: "
+                f"its reconstructor raised {type(exc).__name__}: {exc} (the stored object is intact; "
+                "the class's unpickling code, or its version here, is what fails)",
+                variable=ref.name, type_name=ref.type, step=step) from exc
         raise StoreError(f"artifact '{ref.name}' (object {ref.hash}) cannot be read: {exc}") from exc
 
 

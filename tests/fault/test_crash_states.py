@@ -59,6 +59,11 @@ def test_a_sigkilled_run_is_crashed_gc_frees_it_and_plain_resume_picks_it(tmp_pa
     assert [(r["run_id"], r["status"]) for r in status["runs"]] == [(2, "crashed"), (1, "succeeded")]
     from flowmagic.client import Run
     assert Run("Crash/2", root=store).status == "crashed"
+    # Its unfinished task reads as crashed too, everywhere: logs, dump's tasks, the Client.
+    logs = flowmagic_json("logs", nb, "2", store=store)
+    assert {t["step"]: t["state"] for t in logs["tasks"]} == {"start": "done", "slow": "crashed"}
+    slow = Run("Crash/2", root=store)["slow"].task
+    assert slow.state == "crashed" and slow.finished and not slow.successful
 
     hold.touch()
     doc = flowmagic_json("resume", nb, store=store)  # no run id: the crashed run, with n=7

@@ -143,7 +143,7 @@ def run_dump(args: argparse.Namespace) -> int:
 
     flow, store = _open(args.notebook)
     document = services.dump_document(store, flow, args.pathspec, args.include, previews=not args.json,
-                                      outputs=args.outputs)
+                                      outputs=args.outputs, trust=args.trust)
     _print(args, document, render_dump)
     if args.outputs and not args.json:
         sys.stdout.write(render_outputs(store.objects, document["outputs"]))

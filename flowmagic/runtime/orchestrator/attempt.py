@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
+from flowmagic.runtime.orchestrator.logs import CappedLog, LogLimits
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
 from flowmagic.runtime.worker.forkpool import ForkServer, TaskProcess
 from flowmagic.runtime.worker.processes import describe_wait_status, signal_name
@@ -35,7 +36,7 @@ class AttemptExit:
     manifest: Manifest | None
     exit_code: int | None
     signal: int | None
-    stdout: str
+    stdout: str                       # what the store keeps: head, a marker line, tail (logs.py)
     stderr: str
     started_at: float
     finished_at: float
@@ -53,8 +54,10 @@ def run_attempt(
     on_message: MessageCallback | None = None,
     cancel: threading.Event | None = None,
     on_start: Callable[[TaskProcess], None] | None = None,
+    log_limits: LogLimits | None = None,
 ) -> AttemptExit:
     started = time.time()
+    limits = log_limits or LogLimits.from_env()
     server.hold(+1)  # a server with running tasks is never closed for a newer prelude
     try:
         proc = server.spawn()
@@ -62,7 +65,7 @@ def run_attempt(
             on_start(proc)
         try:
             _send_spec(proc, spec)
-            return _Pump(proc, timeout, on_output, on_message, cancel, started).run()
+            return _Pump(proc, timeout, on_output, on_message, cancel, started, limits).run()
         finally:
             proc.close()
     finally:
@@ -78,15 +81,17 @@ def _send_spec(proc: TaskProcess, spec: TaskSpec) -> None:
 
 
 class _Pump:
-    def __init__(self, proc, timeout, on_output, on_message, cancel, started) -> None:
+    def __init__(self, proc, timeout, on_output, on_message, cancel, started, limits: LogLimits) -> None:
         self.proc = proc
+        self.timeout = timeout
         self.deadline = started + timeout if timeout else None
+        self.late: float | None = None       # it finished, but after its deadline: how long it took
         self.on_output = on_output or (lambda stream, text: None)
         self.on_message = on_message or (lambda msg: None)
         self.cancel = cancel
         self.started = started
-        self.text = {"stdout": [], "stderr": []}
-        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.text}
+        self.logs = {"stdout": CappedLog(limits), "stderr": CappedLog(limits)}  # bounded: a step may print GBs
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.logs}
         self.channel_buf = b""
         self.messages: list[dict] = []
         self.manifest: Manifest | None = None
@@ -116,6 +121,9 @@ class _Pump:
                 # the fork server reaps it (and kills its group) without us.
                 self._drain_available(sel)
                 self.wait_status = 0
+                if self.deadline is not None and time.time() >= self.deadline:
+                    self.killed_for = "timeout"  # done, but too late: a limit shorter than a poll still holds
+                    self.late = time.time() - self.started
                 break
             if self.wait_status is not None and exited_at is None:
                 exited_at = time.monotonic()
@@ -143,9 +151,9 @@ class _Pump:
         else:
             data = os.read(fileobj, 1 << 16)
         if what in ("stdout", "stderr"):
+            self.logs[what].append(data)
             text = self.decoders[what].decode(data, final=not data)
             if text:
-                self.text[what].append(text)
                 self.on_output(what, text)
         elif what == "status":
             self.status_buf += data
@@ -197,8 +205,8 @@ class _Pump:
             manifest=self.manifest,
             exit_code=exit_code,
             signal=sig,
-            stdout="".join(self.text["stdout"]),
-            stderr="".join(self.text["stderr"]),
+            stdout=self.logs["stdout"].text(),
+            stderr=self.logs["stderr"].text(),
             started_at=self.started,
             finished_at=time.time(),
             pid=self.proc.pid,
@@ -210,13 +218,17 @@ class _Pump:
         if self.killed_for == "interrupted":
             return "interrupted", _record("KeyboardInterrupt", "the run was interrupted")
         if self.killed_for == "timeout":
-            limit = self.deadline - self.started if self.deadline else 0
-            return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {limit:g} s and was killed")
+            if self.late is not None:
+                return "timeout", _record("TimeoutError", f"the task took {self.late:.3g} s, past its timeout "
+                                          f"of {self.timeout:g} s (its results are discarded)")
+            return "timeout", _record("TimeoutError", f"the task exceeded its timeout of {self.timeout:g} s "
+                                      "and was killed")
         if self.manifest is not None and exit_code == 0:
             return self.manifest.outcome, self.manifest.exception
         if sig is not None:
+            # flowmagic's own kills are labelled elsewhere (timeout, interrupt, memory.py's limit)
             return "killed", _record("ProcessKilled", f"the task process was killed by {signal_name(sig)}"
-                                     + (" (out of memory?)" if sig == signal.SIGKILL else ""))
+                                     + (_FROM_OUTSIDE if sig == signal.SIGKILL else ""))
         if self.wait_status == -1 or self.wait_status is None:
             return "killed", _record("ProcessKilled", "the task process vanished (the fork server died)")
         return "failed", _record("ProcessExited", f"the task process exited with status {exit_code} "
@@ -224,3 +236,4 @@ class _Pump:
 
 
 _record = ExceptionRecord.plain
+_FROM_OUTSIDE = " from outside flowmagic (another process, or the system's out-of-memory killer)"

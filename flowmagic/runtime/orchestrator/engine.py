@@ -28,6 +28,7 @@ from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.orchestrator.builds import StepServers
 from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
 from flowmagic.runtime.orchestrator.events import EventHandler
+from flowmagic.runtime.orchestrator.logs import LogLimits, OutputBudget
 from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
 from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
@@ -86,6 +87,8 @@ class _Engine:
         self.events: queue.Queue[EngineMessage] = queue.Queue()
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
+        self.live = OutputBudget(cancel=self.cancel)   # output queued for this thread to show: bounded (logs.py)
+        self.log_limits = LogLimits.from_env()         # here: a bad FLOWMAGIC_LOG_HEAD stops the run before it starts
 
     def input_plan(self, step: str, index: tuple[int, ...],
                    tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
@@ -139,6 +142,7 @@ class _Engine:
 
     def _interrupt(self, finish_run: bool) -> None:
         self.cancel.set()
+        self.live.stop()
         for info, _attempt in self.servers.stop():
             self.record.task_state(info, "interrupted")
         deadline = time.time() + 5
@@ -175,10 +179,11 @@ class _Engine:
             return
         self.state.step_state[name] = "running"
         use_cache = cache_enabled(self.graph.step(name), self.options.cache)
+        clones = self.options.clones.get(name, {})
         for index, item in indices:
             cached = find_cached(self, name, index) if use_cache else None
-            if cached is not None:
-                info = self._cached_task(cached)
+            if index in clones or cached is not None:
+                info = self._reused_task(clones[index], "cloned") if index in clones else self._cached_task(cached)
                 self.state.tasks[name].append(info)
                 self.record.task_reused(info)
                 continue
@@ -204,8 +209,15 @@ class _Engine:
         return plan.foreach_indices(var, producer, self.state.tasks[producer])
 
     def _cached_task(self, origin_task_id: int) -> TaskInfo:
-        new_id = self.meta.clone_task(origin_task_id, self.run_id, state="cached")
-        self.state.cached += 1
+        return self._reused_task(origin_task_id, "cached")
+
+    def _reused_task(self, origin_task_id: int, state: str) -> TaskInfo:
+        """A copy of a finished task: the step cache's (cached) or a resumed foreach's (cloned)."""
+        new_id = self.meta.clone_task(origin_task_id, self.run_id, state=state)
+        if state == "cached":
+            self.state.cached += 1
+        else:
+            self.state.cloned += 1
         return _known_task(self.graph, self.store, self.meta.get_task(new_id))
 
     def _launch(self) -> None:
@@ -262,6 +274,7 @@ class _Engine:
         post = self.events.put
 
         def on_output(stream: str, text: str) -> None:
+            self.live.take(len(text))
             post(TaskOutput(info, attempt, stream, text))
 
         def on_message(message: dict) -> None:
@@ -272,7 +285,8 @@ class _Engine:
         for tries in range(2):
             try:
                 result = run_attempt(server, spec, timeout=timeout, on_output=on_output,
-                                     on_message=on_message, cancel=self.cancel, on_start=watch.start)
+                                     on_message=on_message, cancel=self.cancel, on_start=watch.start,
+                                     log_limits=self.log_limits)
                 break
             except ForkServerDied:
                 if tries:
@@ -289,6 +303,7 @@ class _Engine:
         if isinstance(message, EnvironmentBuilt):
             self._environment_ready(message.step, message.result)
         elif isinstance(message, TaskOutput):
+            self.live.give_back(len(message.text))
             self.record.output(message.info, message.attempt, message.stream, message.text)
         elif isinstance(message, TaskMessage):
             data = message.message

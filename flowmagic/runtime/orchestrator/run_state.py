@@ -18,6 +18,8 @@ class RunOptions:
     max_workers: int | None = None     # None: one per core
     workdir: str | None = None         # the tasks' working directory (the notebook's)
     cache: bool = False                # --cache for every step
+    # resume: step -> {foreach index: origin task id} of a partly done foreach's finished tasks, cloned not run
+    clones: dict[str, dict[tuple[int, ...], int]] = field(default_factory=dict)
 
 
 @dataclass

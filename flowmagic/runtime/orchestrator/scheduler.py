@@ -18,6 +18,7 @@ from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult
 from flowmagic.runtime.orchestrator.run_state import RunOptions
@@ -66,9 +67,10 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         if name in rerun:
             continue
         known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
-    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir)
+    options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir,
+                         clones=partial_foreach_clones(graph, origin_tasks, rerun, from_step))
     engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
-    engine.state.cloned = sum(len(v) for v in known.values())
+    engine.state.cloned += sum(len(v) for v in known.values())
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 
@@ -132,6 +134,23 @@ def steps_to_rerun(graph, origin_tasks: dict[str, list], from_step: str | None) 
     return rerun
 
 
+def partial_foreach_clones(graph, origin_tasks: dict[str, list], rerun: set[str],
+                           from_step: str | None) -> dict[str, dict[tuple[int, ...], int]]:
+    """The finished tasks of a partly done foreach, by index, to clone rather than run (as
+    Metaflow does): only in a step re-run for its own tasks (not ``--from`` it or below),
+    all of whose parents are cloned, so its foreach list and inputs are the origin's."""
+    forced = {from_step, *graph.downstream(from_step)} if from_step is not None else set()
+    clones: dict[str, dict[tuple[int, ...], int]] = {}
+    for name in rerun - forced:
+        if any(parent in rerun for parent in graph.parents(name)):
+            continue
+        done = {tuple(t.index): t.task_id for t in origin_tasks.get(name) or []
+                if t.index and task_successful(t.state)}
+        if done:
+            clones[name] = done
+    return clones
+
+
 def _origin_run(meta, flow: str, origin_run_id: int | None):
     if origin_run_id is not None:
         return meta.get_run(flow, origin_run_id)
@@ -176,6 +195,7 @@ def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
 def _warm_up(graph, store, workdir) -> ForkServer:
     """Start (or reuse) the fork server now, so a prelude error stops the run before it begins."""
     environments.check_environment_tools(graph.steps)   # e.g. --conda without a conda tool
+    LogLimits.from_env()   # a bad FLOWMAGIC_LOG_HEAD/TAIL is refused before a run is created
     environments.prestart_servers(graph.steps, store.root)   # built environments: imports start now
     sources = [graph.prelude, *(step.code for step in graph.steps)]
     return get_server(graph.prelude, cwd=workdir, preload=flow_preload(sources))   # pandas only if it is used

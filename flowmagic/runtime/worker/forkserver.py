@@ -26,7 +26,10 @@ Protocol (a ``SOCK_SEQPACKET`` socket pair, messages are JSON):
 The child calls ``setsid()`` (its own process group, so a timeout can kill its
 subprocesses too) and ``PR_SET_PDEATHSIG`` (it dies with the server, which
 dies with the orchestrator). When a task's leader exits, the server kills
-whatever is left in its group before reaping it.
+whatever is left in its group before reaping it. Server and tasks are
+subreapers, so descendants that left the group (their own session) re-parent
+to the task while it lives and to the server after: the server kills every
+child of its that is not a task (``processes.kill_orphans``).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from collections.abc import Callable, Iterable
 
 from flowmagic.errors import RunError
 from flowmagic.runtime.protocol import ExceptionRecord
-from flowmagic.runtime.worker.processes import die_with_parent, kill_group
+from flowmagic.runtime.worker.processes import become_subreaper, children_of, die_with_parent, kill_group, kill_orphans
 
 # What every server imports before it knows the flow. IPython (~0.25 s) and
 # numpy/pandas/pyarrow (~0.6 s) only when the flow uses them: see flow_preload
@@ -119,6 +122,7 @@ class _Server:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.namespace: dict[str, Any] = {}
+        self.own: set[int] = set()  # children the prelude started: not orphans of a task
 
     # -- setup ------------------------------------------------------------
     def configure(self, config: dict) -> dict:
@@ -175,6 +179,7 @@ class _Server:
         sel = selectors.DefaultSelector()
         sel.register(self.ctrl, selectors.EVENT_READ)
         sel.register(self.wake_r, selectors.EVENT_READ)
+        self.own = children_of(os.getpid())
         self.prepare_spare()
         while True:
             for key, _ in sel.select(timeout=1.0):
@@ -303,6 +308,7 @@ class _Server:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the server's handler
+        become_subreaper()  # descendants in their own session re-parent here, not to init
         # Drop every descriptor that belongs to the server or to other tasks,
         # or the orchestrator would never see EOF on them.
         for fd in (self.wake_r, self.wake_w, *self.children.values()):
@@ -352,6 +358,13 @@ class _Server:
             kill_group(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             self._report_exit(pid, status)
+        self._kill_orphans()
+
+    def _kill_orphans(self) -> None:
+        """Kill what ended tasks left: live tasks are subreapers of their own
+        descendants, so any other child of ours belongs to a task that ended."""
+        keep = self.own | set(self.children) | ({self.spare[0]} if self.spare else set())
+        kill_orphans(keep)
 
     def _report_exit(self, pid: int, status: int) -> None:
         fd = self.children.pop(pid)
@@ -375,6 +388,7 @@ class _Server:
             except ChildProcessError:
                 status = 0
             self._report_exit(pid, status)
+        self._kill_orphans()
 
 
 def _write_line(fd: int, text: str) -> None:
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM, not SIGKILL: serve() handles it by killing every task's process
     # group (subprocesses a step started included) before exiting (small edit by H6).
     die_with_parent(orchestrator_pid, signal.SIGTERM)
+    become_subreaper()  # tasks' orphaned descendants come here to be killed (processes.py)
     # Imports first, before the prelude is known: a server can be started
     # while the orchestrator is still reading the notebook.
     preload(argv[2].split(",") if len(argv) > 2 and argv[2] else ())

@@ -42,7 +42,10 @@ def main(channel: socket.socket, namespace: dict) -> int:
     # Output first: the orchestrator treats the manifest as the end of the task
     # and does not wait for this process to finish exiting.
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        try:
+            stream.flush()
+        except (ValueError, OSError):  # the step closed it (sys.stdout.close()): nothing left to flush
+            pass
     sender.send({"type": "manifest", **manifest.to_json()})
     channel.close()
     return 0
