@@ -84,6 +84,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                help="only these artifacts (repeatable, or comma-separated)"),
         option("--outputs", action="store_true",
                help="also show each task's rich outputs: their text and the paths of saved images"),
+        option("--all-executions", action="store_true",
+               help="a session run: also the superseded executions of its cells (default: the current one of each)"),
         JSON,
     )),
     Command("tag", "add, remove or list the tags of a run", (

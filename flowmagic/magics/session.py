@@ -1,10 +1,14 @@
 """The kernel's flow definition and its session run (no IPython here).
 
-A notebook kernel does not read the ``.ipynb`` file: its flow is what it has
-executed (DESIGN 1b). :class:`KernelFlowDefinition` keeps, in the order the
-cells were first executed (notebook order under Run All), the latest source
-of every ``%%step`` and ``%%params`` cell and the ordinary cells that ran,
-and turns them into the same cell list the console command would read.
+A notebook kernel's flow is what it has executed (DESIGN 1b), seeded from
+the saved notebook when the kernel knows its file (after a restart the
+steps are there, marked as not executed in this kernel) and kept in step
+with it: a cell deleted from the saved notebook leaves the flow.
+:class:`KernelFlowDefinition` keeps, in notebook order (first-executed
+order for cells the saved notebook does not have), the latest source of
+every ``%%step`` and ``%%params`` cell and the ordinary cells, tracked by
+cell id (the header name without one), and turns them into the same cell
+list the console command would read.
 
 :class:`SessionRun` tracks which steps have run in the notebook's
 interactive run, so a step whose producer has not run gets a clear error and
@@ -16,6 +20,7 @@ free of IPython makes it testable and keeps the engine IPython-free.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +37,8 @@ DEFAULT_FLOW_NAME = "NotebookFlow"
 
 # A session run's steps take states from flowmagic.states.StepState: running,
 # done, caught, failed, interrupted, and stale (ran, but a step it depends on
-# ran again since). Done and caught steps have their outputs bound.
+# ran again since). Done and caught steps have their outputs bound. The run is
+# `partial` while some step of the flow has not run (DESIGN: never `succeeded`).
 _HAS_OUTPUTS: frozenset[str] = STEP_FINISHED_OK | {"stale"}
 
 
@@ -45,6 +51,10 @@ class DefinedCell:
     source: str                   # the full cell text, %%step line included
     execution_count: int | None   # the `In [n]` of its latest execution
     step: str | None = None       # the step name for a %%step cell
+    cell_id: str | None = None    # the front end's (or the saved notebook's) cell id
+    executed: bool = True         # False: read from the saved notebook, not executed in this kernel
+    recorded_at: float = field(default_factory=time.time)
+    renamed_from: str | None = None   # the step's previous name in this same cell
 
     def label(self) -> str:
         """How an error names this cell: ``%%step start`` (In [3])."""
@@ -55,6 +65,8 @@ class DefinedCell:
         else:
             first = next((ln.strip() for ln in self.source.splitlines() if ln.strip()), "")
             what = f"the cell '{first[:40]}'"
+        if not self.executed:
+            return f"{what} (saved, not executed in this kernel yet)"
         return f"{what} (In [{self.execution_count}])" if self.execution_count else what
 
 
@@ -64,10 +76,12 @@ class KernelFlowDefinition:
     def __init__(self) -> None:
         self._cells: dict[str, DefinedCell] = {}
         self.name_override: str | None = None   # set by `%flow name X`
+        self._saved_ids: set[str] = set()        # the cell ids of the saved notebook, as last read
 
     def record(self, source: str, *, cell_id: str | None = None,
-               execution_count: int | None = None) -> DefinedCell:
+               execution_count: int | None = None, executed: bool = True) -> DefinedCell:
         """Remember an executed cell; a re-executed cell keeps its first position.
+        A step cell whose header changed name says so in ``renamed_from``.
 
         Raises FlowDefinitionError for a malformed ``%%step`` line.
         """
@@ -80,7 +94,11 @@ class KernelFlowDefinition:
             return DefinedCell("", "ordinary", source, execution_count)
         kind = parsed.kind
         key = cell_id or self._fallback_key(kind, parsed.step_name, source)
-        cell = DefinedCell(key, kind, source, execution_count, parsed.step_name)
+        cell = DefinedCell(key, kind, source, execution_count, parsed.step_name, cell_id=cell_id,
+                           executed=executed)
+        before = self._cells.get(key)
+        if before is not None and before.kind == "step" and kind == "step" and before.step != cell.step:
+            cell.renamed_from = before.step
         previous = self._same_step_elsewhere(cell)
         if previous is not None:
             # The step moved to another cell (or was defined before the
@@ -101,10 +119,15 @@ class KernelFlowDefinition:
         return f"code:{source}"
 
     def _same_step_elsewhere(self, cell: DefinedCell) -> DefinedCell | None:
-        if cell.kind != "step":
-            return None
+        """The cell this one replaces: the same step in another cell, or the
+        saved twin (not executed here) of a cell executed without an id."""
         for other in self._cells.values():
-            if other.kind == "step" and other.step == cell.step and other.key != cell.key:
+            if other.key == cell.key:
+                continue
+            if cell.kind == "step" and other.kind == "step" and other.step == cell.step:
+                return other
+            if cell.cell_id is None and not other.executed and other.kind == cell.kind and (
+                    cell.kind == "params" or other.source == cell.source):
                 return other
         return None
 
@@ -116,6 +139,73 @@ class KernelFlowDefinition:
             elif key != cell.key:
                 rebuilt[key] = other
         self._cells = rebuilt
+
+    # -- the saved notebook ---------------------------------------------------
+    def sync_saved(self, saved: list[tuple[str | None, str]], saved_at: float) -> list[str]:
+        """Follow the saved notebook (``(cell id, source)`` per code cell, in order).
+
+        Cells it has that this kernel does not know join the flow, not
+        executed; saved sources replace those of cells not executed here; a
+        cell with an id that it no longer has leaves the flow when it had
+        been saved before or was executed before this save (a cell executed
+        since may simply not be saved yet). Returns the steps that left.
+        """
+        ids = {cell_id for cell_id, _ in saved if cell_id}
+        gone = [c for c in self._cells.values() if c.cell_id and c.cell_id not in ids
+                and (not c.executed or c.cell_id in self._saved_ids or c.recorded_at < saved_at)]
+        for cell in gone:
+            del self._cells[cell.key]
+        self._merge_saved(saved)
+        self._saved_ids = ids
+        return sorted({c.step for c in gone if c.kind == "step" and c.step and self.step_cell(c.step) is None})
+
+    def _merge_saved(self, saved: list[tuple[str | None, str]]) -> None:
+        """Saved cells in notebook order (executed ones as executed); then the
+        kernel's cells the saved notebook does not have yet."""
+        merged: dict[str, DefinedCell] = {}
+        for cell_id, source in saved:
+            known = self._cells.get(cell_id) if cell_id else None
+            if known is not None and known.executed:
+                merged[known.key] = known
+                continue
+            cell = _saved_cell(source, cell_id)
+            if cell is None:
+                continue
+            twin = self._executed_twin(cell)   # executed without an id (nbclient, a terminal)
+            merged.setdefault(twin.key if twin else cell.key, twin or cell)
+        for key, cell in self._cells.items():
+            if cell.executed:
+                merged.setdefault(key, cell)
+        self._cells = merged
+
+    def _executed_twin(self, cell: DefinedCell) -> DefinedCell | None:
+        """The executed cell that stands for a saved one (same step, or the same text)."""
+        for other in self._cells.values():
+            if not other.executed or other.cell_id:
+                continue
+            if (cell.kind == "step" and other.kind == "step" and other.step == cell.step) or \
+                    (cell.kind == other.kind and other.source == cell.source) or \
+                    (cell.kind == "params" and other.kind == "params"):
+                return other
+        return None
+
+    def cell_ids(self) -> set[str]:
+        """The real cell ids this definition knows (front end's or saved)."""
+        return {c.cell_id for c in self._cells.values() if c.cell_id}
+
+    def explicit_name(self) -> str | None:
+        """`%flow name X` (the magic, or a line in an ordinary cell), if any."""
+        if self.name_override:
+            return self.name_override
+        for cell in reversed(self.cells):
+            if cell.kind == "ordinary":
+                try:
+                    name = flow_name_in(cell.source)
+                except FlowDefinitionError:
+                    name = None
+                if name:
+                    return name
+        return None
 
     def snapshot(self) -> dict[str, DefinedCell]:
         return dict(self._cells)
@@ -153,16 +243,9 @@ class KernelFlowDefinition:
 
     def flow_name(self, notebook: Path | None) -> str:
         """`%flow name X`, else the notebook's stem in CamelCase, else NotebookFlow."""
-        if self.name_override:
-            return self.name_override
-        for cell in reversed(self.cells):
-            if cell.kind == "ordinary":
-                try:
-                    name = flow_name_in(cell.source)
-                except FlowDefinitionError:
-                    name = None
-                if name:
-                    return name
+        explicit = self.explicit_name()
+        if explicit:
+            return explicit
         if notebook is not None:
             from flowmagic.notebook import camel_case
 
@@ -198,6 +281,18 @@ class KernelFlowDefinition:
     def _cell_words(self, index: int, original: str) -> str:
         cell = self.cell_at(index)
         return cell.label() if cell is not None else original
+
+
+def _saved_cell(source: str, cell_id: str | None) -> DefinedCell | None:
+    """A saved cell as a definition cell, not executed; None for an empty or malformed one."""
+    try:
+        parsed = classify_cell(source, index=0)
+    except FlowDefinitionError:
+        return None   # executing it will say what is wrong
+    if parsed.kind == "empty":
+        return None
+    key = cell_id or KernelFlowDefinition._fallback_key(parsed.kind, parsed.step_name, source)
+    return DefinedCell(key, parsed.kind, source, None, parsed.step_name, cell_id=cell_id, executed=False)
 
 
 # "cell 3" inside a message from build_flow refers to an index of our cell list
@@ -269,4 +364,14 @@ class SessionRun:
             return "failed"
         if states and all(s in STEP_FINISHED_OK for s in states):
             return "succeeded"
-        return "running"
+        # a session run in which some step has not run (or is stale) is not a success
+        return "running" if "running" in states else "partial"
+
+    def rename(self, old: str, new: str) -> None:
+        """A step cell's header changed name: its state follows the cell."""
+        if old in self.states:
+            self.states[new] = self.states.pop(old)
+
+    def forget(self, steps: list[str]) -> None:
+        for step in steps:
+            self.states.pop(step, None)

@@ -56,6 +56,7 @@ def session_for(magics: FlowMagics) -> SessionRun:
     flow, root = magics.flow_name(), store_root_for(magics.notebook())
     session = magics.session
     if session is None or session.flow != flow or session.root != root:
+        magics.warn_if_unnamed()
         session = magics.session = SessionRun(flow=flow, root=root)
     return session
 
@@ -79,11 +80,16 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
 
     step = defined.step
     session = session_for(magics)
+    renamed = defined.renamed_from
+    if renamed:
+        session.rename(renamed, step)
+        print(f"[flowmagic] step '{renamed}' renamed to '{step}'")
     _check_producers(magics, graph, session, step)
     store = magics.store()
     params = parameter_values(graph)
     if session.run_id is None:
         session.run_id = scheduler.new_session_run(graph, store, params=params)
+        magics.record_notebook(graph.name, session.run_id)
     spec = graph.step(step)
     printer = LivePrinter(label_tasks=bool(spec.options.foreach),
                           on_state=lambda event: views.on_state(magics, event))
@@ -108,7 +114,8 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         raise step_failure(step, record, _failure_note(step, session))
     _bind_outputs(magics, store, result)
     if stale:
-        print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
+        previous = f"'{renamed}' before its rename" if renamed else f"the previous '{step}'"
+        print(f"[flowmagic] marked stale (they used {previous}): {', '.join(stale)}")
     return value
 
 
@@ -122,6 +129,7 @@ def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, stat
     if status != session.recorded:
         magics.store().meta.finish_run(graph.name, session.run_id, status)
         session.recorded = status
+    magics.record_notebook(graph.name, session.run_id)   # cells executed since may have new ids
     views.refresh_view(magics, graph)
     return stale
 
