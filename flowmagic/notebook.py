@@ -142,18 +142,23 @@ def _still_there(recorded_at: str | None, cell_ids: set[str]) -> bool:
     return bool(ids & cell_ids)
 
 
-def notebook_with_cells(folder: Path, cell_ids: set[str], limit: int = 50) -> Path | None:
-    """The one notebook in ``folder`` holding one of ``cell_ids`` (a kernel that
-    was not told its notebook, as under nbclient, finds it by its cells' ids)."""
-    if not cell_ids:
+def notebook_with_cells(folder: Path, cell_ids: set[str], sources: set[str] = frozenset(),
+                        limit: int = 50) -> Path | None:
+    """The one notebook in ``folder`` holding one of ``cell_ids``, else every one
+    of ``sources`` (a kernel that was not told its notebook, as under nbclient,
+    which sends no cell ids either, finds it by what it executed)."""
+    if not cell_ids and not sources:
         return None
     found = []
     for candidate in sorted(folder.glob("*.ipynb"))[:limit]:
         try:
-            if {c.cell_id for c in read_saved_cells(candidate)} & cell_ids:
-                found.append(candidate)
+            cells = read_saved_cells(candidate)
         except UsageError:
             continue
+        if cell_ids and {c.cell_id for c in cells} & cell_ids:
+            found.append(candidate)
+        elif not cell_ids and sources <= {c.source for c in cells}:
+            found.append(candidate)
     return found[0] if len(found) == 1 else None
 
 

@@ -77,9 +77,10 @@ class FlowMagics(Magics):
         if explicit:
             return explicit
         notebook = self.notebook()
-        # Decided once per notebook path; without one, again as cells bring ids,
+        # Decided once per notebook path; without one, again as executed cells tell more,
         # until a name other than the shared default is found (then it stays).
-        basis = (notebook, None if notebook else frozenset(self.definition.cell_ids()))
+        basis = (notebook, None if notebook else (frozenset(self.definition.cell_ids()),
+                                                  frozenset(self.definition.executed_flow_sources())))
         settled = self._identity is not None and self._identity[1] != DEFAULT_FLOW_NAME and notebook is None \
             and self._identity[0][0] is None
         if not settled and (self._identity is None or self._identity[0] != basis):

@@ -67,7 +67,7 @@ def decide(definition: KernelFlowDefinition, notebook: Path | None, meta: Metada
     if notebook is None:
         # nbclient, nbconvert and papermill do not say which file they run:
         # its cells' ids find it in the working folder, or earlier runs of it
-        notebook = notebook_with_cells(Path.cwd(), ids)
+        notebook = notebook_with_cells(Path.cwd(), ids, definition.executed_flow_sources())
     default = camel_case(notebook.stem) if notebook is not None else DEFAULT_FLOW_NAME
     known = _known(meta, notebook, ids)
     if known is None or known.flow == default:

@@ -193,6 +193,10 @@ class KernelFlowDefinition:
         """The real cell ids this definition knows (front end's or saved)."""
         return {c.cell_id for c in self._cells.values() if c.cell_id}
 
+    def executed_flow_sources(self) -> set[str]:
+        """The text of the step and params cells this kernel executed."""
+        return {c.source for c in self._cells.values() if c.executed and c.kind != "ordinary"}
+
     def explicit_name(self) -> str | None:
         """`%flow name X` (the magic, or a line in an ordinary cell), if any."""
         if self.name_override:
@@ -215,8 +219,8 @@ class KernelFlowDefinition:
         self._cells = dict(snapshot)
 
     def forget_flow_cells(self) -> None:
-        """Forget every step and params cell (ordinary cells stay: the kernel still has them)."""
-        self._cells = {k: c for k, c in self._cells.items() if c.kind == "ordinary"}
+        """Forget every step and params cell (ordinary cells the kernel executed stay: it still has them)."""
+        self._cells = {k: c for k, c in self._cells.items() if c.kind == "ordinary" and c.executed}
 
     def forget_step(self, step: str) -> bool:
         """Drop a step cell from the definition (the user deleted it)."""
