@@ -238,3 +238,21 @@ def test_kernels_without_a_notebook_path_do_not_share_a_flow(folder):
     stderr = "".join(o.get("text", "") for c in nb.cells for o in c.outputs if o.get("name") == "stderr")
     warnings = [ln for ln in stderr.splitlines() if "does not know its notebook" in ln]
     assert len(warnings) == 1 and "%flow name NAME" in warnings[0]
+
+
+def test_after_a_restart_resume_runs_the_saved_notebooks_code(request, folder):
+    store = folder / "store"
+    cells = dict(CELLS, total="%%step total\nn = sum(rows) / 0")
+    notebook = write_notebook(folder / "fix_later.ipynb", cells)
+    kernel = open_kernel(request, notebook, store)
+    for cell_id in ("load", "start", "settings"):
+        kernel.cell(cells, cell_id)
+    assert kernel.execute(cells["total"], cell_id="total").status == "error"
+    write_notebook(notebook, CELLS)            # the fix is saved, then the kernel restarted
+    kernel.restart()
+    kernel.cell(CELLS, "load")
+    resumed = kernel.ok("r = %flow resume")
+    assert kernel.value("r['total'].task.data.n") == 90
+    assert kernel.value("r.id") == "2"
+    first, = [r for r in open_store(store).meta.list_runs("FixLater") if r.run_id == 1]
+    assert first.status == "failed" and "cloned" in resumed.stdout
