@@ -125,3 +125,12 @@ def test_a_cell_executed_without_an_id_replaces_its_saved_twin():
     d.record(CELLS["b"], execution_count=2)
     assert [c.source for c in d.cells] == list(CELLS.values())
     assert [c.executed for c in d.cells] == [True, True, False]
+
+
+def test_gc_spares_a_partial_session_run_of_a_live_kernel(tmp_path):
+    meta = open_store(tmp_path / "store").meta
+    live = meta.new_run("F", params={}, code={}, interactive=True)   # this process stands for the kernel
+    meta.finish_run("F", live, "partial")
+    done = meta.new_run("F", params={}, code={})
+    meta.finish_run("F", done, "succeeded")
+    assert meta.delete_runs("F", [live, done]) == [done]

@@ -346,10 +346,11 @@ class Metadata:
 
     @staticmethod
     def _live_runs_and_origins(conn: sqlite3.Connection, flow: str) -> set[int]:
+        # a partial session run of a kernel that still lives gets more steps: spare it too
         pinned = set()
         for run_id, origin, pid, started, host in conn.execute(
                 "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host"
-                " FROM runs WHERE flow = ? AND status = 'running'", (flow,)):
+                " FROM runs WHERE flow = ? AND status IN ('running', 'partial')", (flow,)):
             if not orchestrator_gone(pid, started, host):
                 pinned.add(int(run_id))
                 if origin is not None:
