@@ -77,13 +77,13 @@ class FlowMagics(Magics):
         if explicit:
             return explicit
         notebook = self.notebook()
-        # Decided once per notebook path; without one, again as executed cells tell more,
-        # until a name other than the shared default is found (then it stays).
-        basis = (notebook, None if notebook else (frozenset(self.definition.cell_ids()),
-                                                  frozenset(self.definition.executed_flow_sources())))
-        settled = self._identity is not None and self._identity[1] != DEFAULT_FLOW_NAME and notebook is None \
-            and self._identity[0][0] is None
-        if not settled and (self._identity is None or self._identity[0] != basis):
+        if notebook is None and self._identity is not None and self._identity[0][0] is None \
+                and self._identity[1] != DEFAULT_FLOW_NAME:
+            return self._identity[1]   # a kernel without a path found its notebook once: it stays
+        # decided once per notebook path; without one, again as executed cells tell more
+        basis = (notebook, None) if notebook else (None, (frozenset(self.definition.cell_ids()),
+                                                          frozenset(self.definition.executed_flow_sources())))
+        if self._identity is None or self._identity[0] != basis:
             name, note = identity.decide(self.definition, notebook, self._existing_store_meta())
             if note:
                 print(f"[flowmagic] {note}")
