@@ -144,6 +144,10 @@ def test_a_session_run_of_some_steps_is_partial_and_not_the_latest_success(reque
     assert run.status == "partial"
     assert Flow("HalfDone", root=store).latest_successful_run is None
     assert Flow("HalfDone", root=store).latest_run.run_id == run.run_id
+    proc = flowmagic("status", str(notebook), store=store)
+    assert proc.returncode == 0 and "partial (session)" in proc.stdout, proc.stdout + proc.stderr
+    refused = flowmagic("resume", str(notebook), store=store)   # a plain resume skips partial runs
+    assert refused.returncode != 0 and "no finished run to resume" in refused.stderr + refused.stdout
     kernel.cell(CELLS, "settings")
     kernel.cell(CELLS, "total")
     assert open_store(store).meta.get_run("HalfDone", run.run_id).status == "succeeded"
