@@ -65,23 +65,6 @@ def select_tasks(store: Store, flow: str, pathspec: str) -> tuple[int, list[Task
     return run_id, tasks
 
 
-def current_executions(run: RunRecord, tasks: Sequence[TaskRecord], *, named_step: bool = False) -> list[TaskRecord]:
-    """Of a session run's tasks, those of each step's latest execution, for the
-    steps its flow has now (a renamed or deleted step cell's tasks are history,
-    unless the step is ``named_step``)."""
-    if not run.interactive:
-        return list(tasks)
-    from flowmagic.store.metadata import latest_generation
-
-    steps_now = set() if named_step else {s["name"] for s in (run.graph or {}).get("steps", [])}
-    by_step: dict[str, list[TaskRecord]] = {}
-    for task in tasks:
-        by_step.setdefault(task.step, []).append(task)
-    kept = [t for step, group in by_step.items() if not steps_now or step in steps_now
-            for t in latest_generation(group)]
-    return sorted(kept, key=lambda t: t.task_id)
-
-
 # --- dump ---------------------------------------------------------------------------
 
 def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str] = (), *,
@@ -96,6 +79,8 @@ def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str]
     from flowmagic.store.environments import environments_of_run
 
     run_id, tasks = select_tasks(store, flow, pathspec)
+    from flowmagic.store.metadata import current_executions
+
     _run, step, task = parse_pathspec(pathspec)
     if not all_executions and task is None:
         tasks = current_executions(store.meta.get_run(flow, run_id), tasks, named_step=step is not None)

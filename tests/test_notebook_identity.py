@@ -134,3 +134,25 @@ def test_gc_spares_a_partial_session_run_of_a_live_kernel(tmp_path):
     done = meta.new_run("F", params={}, code={})
     meta.finish_run("F", done, "succeeded")
     assert meta.delete_runs("F", [live, done]) == [done]
+
+
+def test_dump_and_the_inspector_show_a_session_runs_current_execution(tmp_path):
+    from flowmagic import services
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.runtime.orchestrator.scheduler import new_session_run, run_step
+    from flowmagic.widgets.inspector import Inspector
+
+    store = open_store(tmp_path / "store")
+    broken = build_flow(["%%step fit\nmodel = 1 / 0"], name="Fits")
+    run_id = new_session_run(broken, store)
+    assert run_step(broken, store, run_id, "fit", workdir=str(tmp_path)).status == "failed"
+    fixed = build_flow(["%%step fit\nmodel = 1 / 2"], name="Fits")
+    assert run_step(fixed, store, run_id, "fit", workdir=str(tmp_path)).status == "succeeded"
+
+    current = services.dump_document(store, "Fits", str(run_id))
+    every = services.dump_document(store, "Fits", f"{run_id}/fit", all_executions=True)
+    assert len(current["artifacts"]) == 1 and len(store.meta.tasks("Fits", run_id)) == 2
+    assert [a["task"] for a in every["artifacts"]] == [a["task"] for a in current["artifacts"]]  # failed: none
+    view = Inspector(store, "Fits", run_id=run_id)
+    assert [s["label"] for s in view.steps] == ["fit · done"]
+    assert len(view.tasks) == 1

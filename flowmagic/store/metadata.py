@@ -27,7 +27,8 @@ from .schema import (  # noqa: F401  (the states and records are re-exported: pa
     ADDED_TABLES, OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS,
     TASK_STATES,
     AttemptRecord,
-    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)
+    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, current_executions, latest_generation, run_record,
+    task_record)
 from .liveness import orchestrator_gone, this_process
 from .serializers import ArtifactRef
 

@@ -150,6 +150,21 @@ def latest_generation(tasks: list[TaskRecord]) -> list[TaskRecord]:
     return [t for t in tasks if t.task_id >= first]
 
 
+def current_executions(run: RunRecord, tasks: list[TaskRecord], *, named_step: bool = False) -> list[TaskRecord]:
+    """Of a session run's tasks, those of each step's latest execution, for the
+    steps its flow has now (a renamed or deleted step cell's tasks are history,
+    unless the step is ``named_step``). Other runs' tasks as they are."""
+    if not run.interactive:
+        return list(tasks)
+    steps_now = set() if named_step else {s["name"] for s in (run.graph or {}).get("steps", [])}
+    by_step: dict[str, list[TaskRecord]] = {}
+    for task in tasks:
+        by_step.setdefault(task.step, []).append(task)
+    kept = [t for step, group in by_step.items() if not steps_now or step in steps_now
+            for t in latest_generation(group)]
+    return sorted(kept, key=lambda t: t.task_id)
+
+
 @dataclass(frozen=True)
 class AttemptRecord:
     task_id: int
