@@ -117,7 +117,7 @@ def test_after_a_restart_the_saved_steps_are_there_and_load_binds_the_last_run(r
     shown = kernel.value("%flow show --json")
     assert [s["name"] for s in shown["steps"]] == ["start", "choose_settings", "total"]
     loaded = kernel.ok("%flow load")
-    assert "bound 3 names from run RestartMe/1 (succeeded): n, rows, settings" in loaded.stdout
+    assert "bound 3 names from run RestartMe/1 (succeeded): n, rows, settings;" in loaded.stdout
     assert kernel.value("(n, len(rows), settings)") == (90, 10, [1, 2])
     assert kernel.value("type(rows).__name__") == "list"
 
@@ -126,7 +126,16 @@ def test_after_a_restart_the_saved_steps_are_there_and_load_binds_the_last_run(r
     assert "Traceback" not in refused.error_text
     assert [r.run_id for r in open_store(store).meta.list_runs("RestartMe")] == [1]   # nothing recorded
 
-    # a step whose producer has not run in this kernel names the saved cell
+    # the next step cell continues from the loaded run: its steps above count as run
+    kernel.cell(dict(CELLS, total="%%step total\nn = sum(rows) * len(settings) + 1"), "total")
+    assert kernel.value("n") == 91
+    meta = open_store(store).meta
+    assert [t.state for t in meta.tasks("RestartMe", 2)] == ["cloned", "cloned", "done"]
+    assert meta.get_run("RestartMe", 2).status == "succeeded"
+
+    # without a load, a step whose producer has not run in this kernel names the saved cell
+    kernel.restart()
+    kernel.cell(CELLS, "load")
     early = kernel.execute(CELLS["total"], cell_id="total")
     assert early.status == "error"
     assert "step 'start' (the cell '%%step start' (saved, not executed in this kernel yet))" in early.error_text

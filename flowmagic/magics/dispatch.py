@@ -73,7 +73,7 @@ def _overview() -> str:
             "  show                          the flow's steps, parameters and edges\n"
             "  run [--PARAM V] [--tag T]     a fresh run of the whole flow, in parallel\n"
             "  resume [RUN] [--from STEP]    re-run what failed, clone what succeeded\n"
-            "  load [RUN]                    bind a past run's artifacts here (default: the latest run)\n"
+            "  load [RUN]                    bind a past run's artifacts here and continue from it\n"
             "  status                        the flow's runs, newest first\n"
             "  dump RUN[/STEP[/TASK]]        artifacts with type, size and a preview\n"
             "  tag add|remove|list RUN [TAG...]\n"
@@ -187,8 +187,11 @@ def _load(magics: FlowMagics, words: list[str]) -> Any:
         except Exception as exc:  # noqa: BLE001 - one bad artifact must not hide the others
             unreadable.append(f"{name} ({type(exc).__name__}: {exc})")
     magics.shell.user_ns.update(values)
+    # the next step cell starts a session run in which this run's finished steps count as run
+    magics.session, magics.loaded_run = None, (flow, record.run_id)
     names = ", ".join(sorted(values)) or "nothing"
-    print(f"[flowmagic] bound {len(values)} names from run {flow}/{record.run_id} ({record.status}): {names}")
+    print(f"[flowmagic] bound {len(values)} names from run {flow}/{record.run_id} ({record.status}): {names}; "
+          "the next step cell continues from its steps")
     if unreadable:
         print(f"[flowmagic] warning: not bound: {'; '.join(unreadable)}", file=sys.stderr)
     return None

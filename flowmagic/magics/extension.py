@@ -38,6 +38,7 @@ class FlowMagics(Magics):
         self._identity: tuple[Any, str] | None = None   # (what it was decided from, flow name)
         self._recorded: dict[tuple[str, int], tuple] = {}   # what record_notebook last wrote per run
         self._warned_unnamed = False
+        self.loaded_run: tuple[str, int] | None = None   # `%flow load`: the next session run starts from it
 
     # -- shell events: which cells the kernel executed --------------------
     def pre_run_cell(self, info: Any) -> None:
