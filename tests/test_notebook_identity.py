@@ -156,3 +156,34 @@ def test_dump_and_the_inspector_show_a_session_runs_current_execution(tmp_path):
     view = Inspector(store, "Fits", run_id=run_id)
     assert [s["label"] for s in view.steps] == ["fit · done"]
     assert len(view.tasks) == 1
+
+
+def test_a_saved_cell_that_does_not_build_is_left_out_not_the_whole_flow():
+    cells = {**CELLS, "w": "%%step wip\nz = not_defined_anywhere"}
+    d = KernelFlowDefinition()
+    d.sync_saved(saved(cells), saved_at=0)
+    assert [s.name for s in d.build("F").steps] == ["start", "end"]
+    assert d.notes == ["the cell '%%step wip' (saved, not executed in this kernel yet) is left out of the flow "
+                       "until it is executed: reads 'not_defined_anywhere', which no step above it writes and "
+                       "no parameter, import, def, class or constant defines"]
+    d.sync_saved(saved(cells), saved_at=1)               # saved again unchanged: still out
+    assert [s.name for s in d.build("F").steps] == ["start", "end"]
+
+
+def test_executed_cells_keep_the_order_they_ran_in():
+    """Interactive order is what the kernel executed; the saved order only places
+    the cells not executed yet."""
+    cells = {"s2": "%%step second\ny = x + 1", "s1": "%%step first\nx = 1"}
+    d = KernelFlowDefinition()
+    d.sync_saved(saved(cells), saved_at=0)
+    d.record(cells["s1"], cell_id="s1", execution_count=1)
+    d.record(cells["s2"], cell_id="s2", execution_count=2)
+    assert [s.name for s in d.build("F").steps] == ["first", "second"]
+
+
+def test_saved_cells_not_executed_sit_after_their_executed_neighbour():
+    d = KernelFlowDefinition()
+    d.sync_saved(saved(CELLS), saved_at=0)
+    d.record(CELLS["b"], cell_id="b", execution_count=1)
+    assert [c.key for c in d.cells] == ["a", "b", "c"]
+    assert [s.name for s in d.build("F").steps] == ["start", "end"]

@@ -157,7 +157,12 @@ class FlowMagics(Magics):
         self.follow_saved_notebook()
         key = (self.flow_name(), tuple(self.definition.sources()))
         if self._graph is None or self._graph[0] != key:
-            self._graph = (key, self.definition.build(key[0]))
+            try:
+                self._graph = (key, self.definition.build(key[0]))
+            finally:
+                for note in self.definition.notes:
+                    print(f"[flowmagic] note: {note}")
+                self.definition.notes.clear()
         return self._graph[1]
 
     def client_run(self, flow: str, run_id: int) -> Any:

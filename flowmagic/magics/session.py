@@ -77,6 +77,9 @@ class KernelFlowDefinition:
         self._cells: dict[str, DefinedCell] = {}
         self.name_override: str | None = None   # set by `%flow name X`
         self._saved_ids: set[str] = set()        # the cell ids of the saved notebook, as last read
+        self._saved_order: list[str] = []         # the keys of the saved notebook's cells, in its order
+        self._aside: dict[str, str] = {}          # saved cells that did not build: key -> their source
+        self.notes: list[str] = []                # what the magics should say once (cells set aside)
 
     def record(self, source: str, *, cell_id: str | None = None,
                execution_count: int | None = None, executed: bool = True) -> DefinedCell:
@@ -100,11 +103,18 @@ class KernelFlowDefinition:
         if before is not None and before.kind == "step" and kind == "step" and before.step != cell.step:
             cell.renamed_from = before.step
         previous = self._same_step_elsewhere(cell)
-        if previous is not None:
+        if previous is not None and not previous.executed:
+            del self._cells[previous.key]   # its saved twin: executed now, in first-executed order
+            self._cells.pop(key, None)
+            self._cells[key] = cell
+            self._saved_order = [key if k == previous.key else k for k in self._saved_order]
+        elif previous is not None:
             # The step moved to another cell (or was defined before the
             # front end sent cell ids): the newest source wins, in the old place.
             self._replace(previous.key, cell)
         else:
+            if before is not None and not before.executed:
+                del self._cells[key]   # first executed now: executed cells keep first-executed order
             self._cells[key] = cell   # dict keeps the first insertion's position
         return cell
 
@@ -160,23 +170,47 @@ class KernelFlowDefinition:
         return sorted({c.step for c in gone if c.kind == "step" and c.step and self.step_cell(c.step) is None})
 
     def _merge_saved(self, saved: list[tuple[str | None, str]]) -> None:
-        """Saved cells in notebook order (executed ones as executed); then the
-        kernel's cells the saved notebook does not have yet."""
-        merged: dict[str, DefinedCell] = {}
+        """The saved cells this kernel has not executed, and the saved order."""
+        kept = {k: c for k, c in self._cells.items() if c.executed}
+        order: list[str] = []
         for cell_id, source in saved:
-            known = self._cells.get(cell_id) if cell_id else None
-            if known is not None and known.executed:
-                merged[known.key] = known
+            known = kept.get(cell_id) if cell_id else None
+            if known is not None:
+                order.append(known.key)
                 continue
             cell = _saved_cell(source, cell_id)
-            if cell is None:
+            if cell is None or self._aside.get(cell.key) == source:
                 continue
             twin = self._executed_twin(cell)   # executed without an id (nbclient, a terminal)
-            merged.setdefault(twin.key if twin else cell.key, twin or cell)
-        for key, cell in self._cells.items():
+            if twin is None:
+                kept.setdefault(cell.key, cell)
+            order.append(twin.key if twin else cell.key)
+        self._cells, self._saved_order = kept, order
+
+    def _ordered(self) -> list[DefinedCell]:
+        """Executed cells in first-executed order (what worked interactively keeps
+        working); each saved cell not executed yet right after the executed cell
+        that precedes it in the saved notebook."""
+        after: dict[str | None, list[DefinedCell]] = {}
+        anchor: str | None = None
+        placed = set()
+        for key in self._saved_order:
+            cell = self._cells.get(key)
+            if cell is None or key in placed:
+                continue
             if cell.executed:
-                merged.setdefault(key, cell)
-        self._cells = merged
+                anchor = key
+            else:
+                after.setdefault(anchor, []).append(cell)
+                placed.add(key)
+        ordered = list(after.get(None, []))
+        for cell in self._cells.values():
+            if cell.executed:
+                ordered.append(cell)
+                ordered += after.get(cell.key, [])
+            elif cell.key not in placed:
+                ordered.append(cell)   # not in the saved order (restored by an undo): keep it
+        return ordered
 
     def _executed_twin(self, cell: DefinedCell) -> DefinedCell | None:
         """The executed cell that stands for a saved one (same step, or the same text)."""
@@ -232,11 +266,11 @@ class KernelFlowDefinition:
     # -- reading ------------------------------------------------------------
     @property
     def cells(self) -> list[DefinedCell]:
-        return list(self._cells.values())
+        return self._ordered()
 
     def sources(self) -> list[str]:
         """The cell list build_flow reads; indices match :meth:`cell_at`."""
-        return [c.source for c in self._cells.values()]
+        return [c.source for c in self._ordered()]
 
     def cell_at(self, index: int | None) -> DefinedCell | None:
         cells = self.cells
@@ -261,10 +295,22 @@ class KernelFlowDefinition:
         message names cells as the user knows them (``In [n]``)."""
         from flowmagic.flow.graph import build_flow
 
-        try:
-            return build_flow(self.sources(), name=name)
-        except FlowDefinitionError as exc:
-            raise self.relabel(exc) from None
+        while True:
+            try:
+                return build_flow(self.sources(), name=name)
+            except FlowDefinitionError as exc:
+                cell = self.cell_at(exc.cell)
+                if cell is None or cell.executed:
+                    raise self.relabel(exc) from None
+                self._set_aside(cell, exc)
+
+    def _set_aside(self, cell: DefinedCell, exc: FlowDefinitionError) -> None:
+        """A saved cell this kernel has not executed must not break the flow it
+        did execute: it stays out (until its saved text changes, or it runs)."""
+        del self._cells[cell.key]
+        self._aside[cell.key] = cell.source
+        reason = getattr(exc, "message", str(exc))
+        self.notes.append(f"{cell.label()} is left out of the flow until it is executed: {reason}")
 
     def relabel(self, exc: FlowDefinitionError) -> FlowDefinitionError:
         """The same error, with the kernel's cell index replaced by the cell's label."""
