@@ -4,11 +4,14 @@ A notebook kernel's flow is what it has executed (DESIGN 1b), seeded from
 the saved notebook when the kernel knows its file (after a restart the
 steps are there, marked as not executed in this kernel) and kept in step
 with it: a cell deleted from the saved notebook leaves the flow.
-:class:`KernelFlowDefinition` keeps, in notebook order (first-executed
-order for cells the saved notebook does not have), the latest source of
+:class:`KernelFlowDefinition` keeps the latest source of
 every ``%%step`` and ``%%params`` cell and the ordinary cells, tracked by
 cell id (the header name without one), and turns them into the same cell
-list the console command would read.
+list the console command would read. Executed cells keep the order they were
+first executed in (notebook order under Run All), so what worked
+interactively keeps working; saved cells not executed yet sit after the
+executed cell that precedes them in the saved notebook, and one that does
+not build is left out with a note rather than breaking the flow.
 
 :class:`SessionRun` tracks which steps have run in the notebook's
 interactive run, so a step whose producer has not run gets a clear error and
