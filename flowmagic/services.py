@@ -68,7 +68,8 @@ def select_tasks(store: Store, flow: str, pathspec: str) -> tuple[int, list[Task
 # --- dump ---------------------------------------------------------------------------
 
 def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str] = (), *,
-                  previews: bool = False, outputs: bool = False, trust: bool = False) -> dict:
+                  previews: bool = False, outputs: bool = False, trust: bool = False,
+                  all_executions: bool = False) -> dict:
     """``{"flow", "run_id", "artifacts", ["environments"], ["outputs"]}`` of the tasks ``pathspec`` names.
 
     ``include``: artifact names (an item may be comma-separated); ``previews``
@@ -76,10 +77,17 @@ def dump_document(store: Store, flow: str, pathspec: str, include: Iterable[str]
     ``outputs`` adds each task's stored rich outputs. A pickled value is
     previewed only in a store of the current user's, or with ``trust``
     (loading a pickle runs code: store/trust.py); else its preview says why not.
+    Of a session run, only the current execution of each of its cells, unless
+    ``all_executions``.
     """
     from flowmagic.store.environments import environments_of_run
 
     run_id, tasks = select_tasks(store, flow, pathspec)
+    from flowmagic.store.metadata import current_executions
+
+    _run, step, task = parse_pathspec(pathspec)
+    if not all_executions and task is None:
+        tasks = current_executions(store.meta.get_run(flow, run_id), tasks, named_step=step is not None)
     wanted = {name for item in include for name in item.split(",") if name}
     rows = _artifact_rows(store, tasks, wanted, previews, trust)
     _check_included(store, flow, pathspec, tasks, wanted, rows)

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 RunState = Literal[
     "running",      # tasks are executing (or the run was never finished: the process died)
     "succeeded",    # every step finished OK
+    "partial",      # a notebook session run in which some of the flow's steps never ran (or not since a change)
     "failed",       # a task failed and nothing caught it; the run stopped
     "interrupted",  # stopped by the user (Ctrl-C, the notebook's stop button)
     "crashed",      # never written: a `running` run whose orchestrator process is gone (computed on read)
@@ -54,7 +55,7 @@ TASK_STATES: tuple[str, ...] = get_args(TaskState)
 STEP_STATES: tuple[str, ...] = get_args(StepState)
 
 # --- runs
-RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "interrupted", "crashed"})
+RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "partial", "failed", "interrupted", "crashed"})
 
 # --- steps
 # Every task finished OK: the step's outputs are there for the steps below.

@@ -86,6 +86,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                help="also show each task's rich outputs: their text and the paths of saved images"),
         option("--trust", action="store_true",
                help="preview pickled values even in a store that is not yours (loading a pickle runs code)"),
+        option("--all-executions", action="store_true",
+               help="a session run: also the superseded executions of its cells (default: the current one of each)"),
         JSON,
     )),
     Command("tag", "add, remove or list the tags of a run", (

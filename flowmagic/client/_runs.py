@@ -71,7 +71,9 @@ class Flow(_ClientObject):
 
     @property
     def latest_successful_run(self) -> Run | None:
-        """The newest run whose status is ``succeeded``, or None."""
+        """The newest run whose status is ``succeeded``, or None. A ``partial``
+        session run (some step of the notebook never ran in it) is skipped:
+        ask for it by id, or with ``latest_run``."""
         for record in self._store.meta.list_runs(self.name):
             if record.status == "succeeded":
                 return Run._from_record(record, self._store)
@@ -129,7 +131,7 @@ class Run(_ClientObject):
 
     @property
     def finished(self) -> bool:
-        """True once the run stopped running (succeeded, failed or interrupted)."""
+        """True once the run stopped running (succeeded, partial, failed, interrupted or crashed)."""
         return self.status != "running"
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from flowmagic.errors import RunError
 if TYPE_CHECKING:
     from flowmagic.magics.extension import FlowMagics
 
-SUBCOMMANDS = ("show", "run", "resume", "status", "dump", "tag", "logs", "new", "name",
+SUBCOMMANDS = ("show", "run", "resume", "load", "status", "dump", "tag", "logs", "new", "name",
                "export", "forget", "reset")
 
 
@@ -72,6 +73,7 @@ def _overview() -> str:
             "  show                          the flow's steps, parameters and edges\n"
             "  run [--PARAM V] [--tag T]     a fresh run of the whole flow, in parallel\n"
             "  resume [RUN] [--from STEP]    re-run what failed, clone what succeeded\n"
+            "  load [RUN]                    bind a past run's artifacts here and continue from it\n"
             "  status                        the flow's runs, newest first\n"
             "  dump RUN[/STEP[/TASK]]        artifacts with type, size and a preview\n"
             "  tag add|remove|list RUN [TAG...]\n"
@@ -115,6 +117,7 @@ def _run(magics: FlowMagics, words: list[str]) -> Any:
     result = _drive(magics, graph, "run", lambda on_event: scheduler.run_flow(
         graph, magics.store(), params=params, tags=tuple(args.tag), max_workers=args.max_workers,
         on_event=on_event, cache=args.cache, workdir=str(Path.cwd())))
+    magics.record_notebook(result.flow, result.run_id)
     magics.shell.user_ns.update(params)
     return _finish(magics, result, args.json)
 
@@ -127,6 +130,7 @@ def _resume(magics: FlowMagics, words: list[str]) -> Any:
     result = _drive(magics, graph, "resume", lambda on_event: scheduler.resume_flow(
         graph, magics.store(), origin_run_id=args.run_id, from_step=args.from_step, tags=tuple(args.tag),
         max_workers=args.max_workers, on_event=on_event, workdir=str(Path.cwd())))
+    magics.record_notebook(result.flow, result.run_id)
     return _finish(magics, result, args.json)
 
 
@@ -162,6 +166,46 @@ def _finish(magics: FlowMagics, result: Any, as_json: bool) -> Any:
                        + "".join(f"\n  step '{step}': {line}" for step, line in result.failed)
                        + f"\nfix the cells, execute them, then %flow resume {result.run_id}")
     return magics.client_run(result.flow, result.run_id)
+
+
+# -- load ---------------------------------------------------------------------
+def _load(magics: FlowMagics, words: list[str]) -> Any:
+    parser = _parser("load", "Bind a past run's artifacts into the notebook (frames and arrays "
+                             "memory-mapped): each name from its latest writer, and the parameters.")
+    parser.add_argument("run_id", nargs="?", type=int, metavar="RUN", help="default: the latest run")
+    args = parser.parse_args(words)
+    flow, store = magics.flow_name(), magics.store()
+    record = _run_to_load(magics, store, flow, args.run_id)
+    run = magics.client_run(flow, record.run_id)
+    data = run.data
+    if data is None:
+        raise RunError(f"run {flow}/{record.run_id} ({record.status}) has no artifacts to load")
+    values, unreadable = {}, []
+    for name in data:
+        try:
+            values[name] = data[name]
+        except Exception as exc:  # noqa: BLE001 - one bad artifact must not hide the others
+            unreadable.append(f"{name} ({type(exc).__name__}: {exc})")
+    magics.shell.user_ns.update(values)
+    # the next step cell starts a session run in which this run's finished steps count as run
+    magics.session, magics.loaded_run = None, (flow, record.run_id)
+    names = ", ".join(sorted(values)) or "nothing"
+    print(f"[flowmagic] bound {len(values)} names from run {flow}/{record.run_id} ({record.status}): {names}; "
+          "the next step cell continues from its steps")
+    if unreadable:
+        print(f"[flowmagic] warning: not bound: {'; '.join(unreadable)}", file=sys.stderr)
+    return None
+
+
+def _run_to_load(magics: FlowMagics, store: Any, flow: str, run_id: int | None) -> Any:
+    """The named run, else the newest one that is not this kernel's session run nor still running."""
+    if run_id is not None:
+        return store.meta.get_run(flow, run_id)   # NotFoundError lists the runs
+    own = magics.session.run_id if magics.session is not None else None
+    for record in store.meta.list_runs(flow):
+        if record.run_id != own and record.status != "running":
+            return record
+    raise RunError(f"flow '{flow}' has no past run to load; run the flow (%flow run) or execute its step cells")
 
 
 # -- the kernel's flow --------------------------------------------------------
@@ -204,11 +248,12 @@ def _forget(magics: FlowMagics, words: list[str]) -> Any:
     if not magics.definition.forget_step(args.step):
         raise usage_error(f"%flow forget: the kernel has no step {args.step!r}")
     if magics.session is not None:
-        magics.session.states.pop(args.step, None)
+        magics.session.forget([args.step])
     print(f"[flowmagic] step '{args.step}' is no longer part of the flow")
     return None
 
 
 _HANDLERS: dict[str, Callable[[Any, list[str]], Any]] = {
-    "show": _show, "run": _run, "resume": _resume, "new": _new, "reset": _reset, "name": _name, "forget": _forget,
+    "show": _show, "run": _run, "resume": _resume, "load": _load, "new": _new, "reset": _reset,
+    "name": _name, "forget": _forget,
 }

@@ -10,14 +10,16 @@ Run All stops there.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from flowmagic.errors import FlowDefinitionError
-from flowmagic.magics.session import KernelFlowDefinition, SessionRun, notebook_path
-from flowmagic.magics import output
+from flowmagic.magics.session import DEFAULT_FLOW_NAME, KernelFlowDefinition, SessionRun, notebook_path
+from flowmagic.magics import identity, output
+from flowmagic.magics.identity import SavedNotebookWatch
 
 
 @magics_class
@@ -32,6 +34,11 @@ class FlowMagics(Magics):
         self._stores: dict[Path, Any] = {}
         self.view: Any = None          # the session run's live DAG view, once shown
         self._graph: tuple[tuple, Any] | None = None   # (flow name + sources, FlowGraph)
+        self.saved = SavedNotebookWatch()
+        self._identity: tuple[Any, str] | None = None   # (what it was decided from, flow name)
+        self._recorded: dict[tuple[str, int], tuple] = {}   # what record_notebook last wrote per run
+        self._warned_unnamed = False
+        self.loaded_run: tuple[str, int] | None = None   # `%flow load`: the next session run starts from it
 
     # -- shell events: which cells the kernel executed --------------------
     def pre_run_cell(self, info: Any) -> None:
@@ -65,7 +72,64 @@ class FlowMagics(Magics):
         return notebook_path(os.environ, self.shell.user_ns)
 
     def flow_name(self) -> str:
-        return self.definition.flow_name(self.notebook())
+        """`%flow name`, else the flow earlier runs of this notebook recorded
+        (it may have been renamed since), else its file name, else NotebookFlow."""
+        explicit = self.definition.explicit_name()
+        if explicit:
+            return explicit
+        notebook = self.notebook()
+        if notebook is None and self._identity is not None and self._identity[0][0] is None \
+                and self._identity[1] != DEFAULT_FLOW_NAME:
+            return self._identity[1]   # a kernel without a path found its notebook once: it stays
+        # decided once per notebook path; without one, again as executed cells tell more
+        basis = (notebook, None) if notebook else (None, (frozenset(self.definition.cell_ids()),
+                                                          frozenset(self.definition.executed_flow_sources())))
+        if self._identity is None or self._identity[0] != basis:
+            name, note = identity.decide(self.definition, notebook, self._existing_store_meta())
+            if note:
+                print(f"[flowmagic] {note}")
+            self._identity = (basis, name)
+        return self._identity[1]
+
+    def _existing_store_meta(self) -> Any:
+        """The store's metadata when the store exists (reading must not create one)."""
+        from flowmagic.store.paths import store_root_for
+
+        root = store_root_for(self.notebook())
+        return self.store().meta if (root / "metadata.sqlite").exists() else None
+
+    def warn_if_unnamed(self) -> None:
+        """Runs under the shared default name would mix notebooks: say so, once."""
+        if self._warned_unnamed or self.flow_name() != DEFAULT_FLOW_NAME:
+            return
+        self._warned_unnamed = True
+        print(f"[flowmagic] warning: this kernel does not know its notebook file (nbclient, nbconvert and "
+              f"papermill do not say), so its runs go to the shared flow {DEFAULT_FLOW_NAME}: "
+              "name this notebook's flow with %flow name NAME", file=sys.stderr)
+
+    def record_notebook(self, flow: str, run_id: int | None) -> None:
+        """Remember, with the run, where this notebook is and its cells' ids."""
+        if run_id is None:
+            return
+        notebook = self.notebook()
+        where = str(notebook.absolute()) if notebook is not None else None
+        record = (where, frozenset(self.definition.cell_ids()))
+        if self._recorded.get((flow, run_id)) == record:
+            return
+        try:
+            self.store().meta.record_notebook(flow, run_id, where, sorted(record[1]))
+            self._recorded[(flow, run_id)] = record
+        except Exception as exc:  # noqa: BLE001 - the run itself is recorded; only its identity is not
+            print(f"[flowmagic] warning: could not record this notebook with run {flow}/{run_id}: {exc}",
+                  file=sys.stderr)
+
+    def follow_saved_notebook(self) -> None:
+        """Bring the flow in step with the saved notebook, when it changed on disk."""
+        left = self.saved.follow(self.definition, self.notebook())
+        for step in left:
+            if self.session is not None:
+                self.session.forget([step])
+            print(f"[flowmagic] step '{step}' left the flow: its cell is no longer in the saved notebook")
 
     def store(self) -> Any:
         from flowmagic.store import open_store
@@ -89,10 +153,16 @@ class FlowMagics(Magics):
             namespace_root(root)
 
     def graph(self) -> Any:
-        """The kernel's flow; rebuilt only when an executed cell changed it."""
+        """The kernel's flow; rebuilt only when an executed or saved cell changed it."""
+        self.follow_saved_notebook()
         key = (self.flow_name(), tuple(self.definition.sources()))
         if self._graph is None or self._graph[0] != key:
-            self._graph = (key, self.definition.build(key[0]))
+            try:
+                self._graph = (key, self.definition.build(key[0]))
+            finally:
+                for note in self.definition.notes:
+                    print(f"[flowmagic] note: {note}")
+                self.definition.notes.clear()
         return self._graph[1]
 
     def client_run(self, flow: str, run_id: int) -> Any:
@@ -139,7 +209,7 @@ class FlowMagics(Magics):
     def flow(self, line: str) -> Any:
         """The console command's sub-commands on the kernel's flow.
 
-        %flow show | run [--PARAM V] [--max-workers N] [--tag T] | resume [RUN] [--from STEP]
+        %flow show | run [--PARAM V] [--max-workers N] [--tag T] | resume [RUN] [--from STEP] | load [RUN]
               | status | dump RUN[/STEP[/TASK]] | tag add|remove|list RUN [TAG...]
               | logs RUN/STEP[/TASK] | new | name NAME | export [-o FILE] | forget STEP
         Add --help to any of them.
@@ -161,6 +231,9 @@ def load(shell: Any) -> FlowMagics:
     history = list(getattr(shell.history_manager, "input_hist_raw", [])[1:-1]) if shell.history_manager else []
     magics.backfill(history)
     shell._flowmagic = magics
+    magics.follow_saved_notebook()   # after a restart: the saved notebook's steps, not executed yet
+    if magics.notebook() is not None:
+        magics.flow_name()   # says so now when the notebook continues a flow of another name
     keep_a_warm_server()
     return magics
 

@@ -46,7 +46,8 @@ def dump(magics: FlowMagics, args: argparse.Namespace) -> Any:
 
     store = magics.store()
     document = services.dump_document(store, magics.flow_name(), args.pathspec, args.include,
-                                      previews=not args.json, outputs=args.outputs, trust=args.trust)
+                                      previews=not args.json, outputs=args.outputs, trust=args.trust,
+                                      all_executions=args.all_executions)
     if args.json:
         return document
     if not views.show_inspector(magics, document["flow"], document["run_id"], args.pathspec):

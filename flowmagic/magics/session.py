@@ -1,10 +1,17 @@
 """The kernel's flow definition and its session run (no IPython here).
 
-A notebook kernel does not read the ``.ipynb`` file: its flow is what it has
-executed (DESIGN 1b). :class:`KernelFlowDefinition` keeps, in the order the
-cells were first executed (notebook order under Run All), the latest source
-of every ``%%step`` and ``%%params`` cell and the ordinary cells that ran,
-and turns them into the same cell list the console command would read.
+A notebook kernel's flow is what it has executed (DESIGN 1b), seeded from
+the saved notebook when the kernel knows its file (after a restart the
+steps are there, marked as not executed in this kernel) and kept in step
+with it: a cell deleted from the saved notebook leaves the flow.
+:class:`KernelFlowDefinition` keeps the latest source of
+every ``%%step`` and ``%%params`` cell and the ordinary cells, tracked by
+cell id (the header name without one), and turns them into the same cell
+list the console command would read. Executed cells keep the order they were
+first executed in (notebook order under Run All), so what worked
+interactively keeps working; saved cells not executed yet sit after the
+executed cell that precedes them in the saved notebook, and one that does
+not build is left out with a note rather than breaking the flow.
 
 :class:`SessionRun` tracks which steps have run in the notebook's
 interactive run, so a step whose producer has not run gets a clear error and
@@ -16,6 +23,7 @@ free of IPython makes it testable and keeps the engine IPython-free.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +40,8 @@ DEFAULT_FLOW_NAME = "NotebookFlow"
 
 # A session run's steps take states from flowmagic.states.StepState: running,
 # done, caught, failed, interrupted, and stale (ran, but a step it depends on
-# ran again since). Done and caught steps have their outputs bound.
+# ran again since). Done and caught steps have their outputs bound. The run is
+# `partial` while some step of the flow has not run (DESIGN: never `succeeded`).
 _HAS_OUTPUTS: frozenset[str] = STEP_FINISHED_OK | {"stale"}
 
 
@@ -45,6 +54,10 @@ class DefinedCell:
     source: str                   # the full cell text, %%step line included
     execution_count: int | None   # the `In [n]` of its latest execution
     step: str | None = None       # the step name for a %%step cell
+    cell_id: str | None = None    # the front end's (or the saved notebook's) cell id
+    executed: bool = True         # False: read from the saved notebook, not executed in this kernel
+    recorded_at: float = field(default_factory=time.time)
+    renamed_from: str | None = None   # the step's previous name in this same cell
 
     def label(self) -> str:
         """How an error names this cell: ``%%step start`` (In [3])."""
@@ -55,6 +68,8 @@ class DefinedCell:
         else:
             first = next((ln.strip() for ln in self.source.splitlines() if ln.strip()), "")
             what = f"the cell '{first[:40]}'"
+        if not self.executed:
+            return f"{what} (saved, not executed in this kernel yet)"
         return f"{what} (In [{self.execution_count}])" if self.execution_count else what
 
 
@@ -64,10 +79,15 @@ class KernelFlowDefinition:
     def __init__(self) -> None:
         self._cells: dict[str, DefinedCell] = {}
         self.name_override: str | None = None   # set by `%flow name X`
+        self._saved_ids: set[str] = set()        # the cell ids of the saved notebook, as last read
+        self._saved_order: list[str] = []         # the keys of the saved notebook's cells, in its order
+        self._aside: dict[str, str] = {}          # saved cells that did not build: key -> their source
+        self.notes: list[str] = []                # what the magics should say once (cells set aside)
 
     def record(self, source: str, *, cell_id: str | None = None,
-               execution_count: int | None = None) -> DefinedCell:
+               execution_count: int | None = None, executed: bool = True) -> DefinedCell:
         """Remember an executed cell; a re-executed cell keeps its first position.
+        A step cell whose header changed name says so in ``renamed_from``.
 
         Raises FlowDefinitionError for a malformed ``%%step`` line.
         """
@@ -80,13 +100,24 @@ class KernelFlowDefinition:
             return DefinedCell("", "ordinary", source, execution_count)
         kind = parsed.kind
         key = cell_id or self._fallback_key(kind, parsed.step_name, source)
-        cell = DefinedCell(key, kind, source, execution_count, parsed.step_name)
+        cell = DefinedCell(key, kind, source, execution_count, parsed.step_name, cell_id=cell_id,
+                           executed=executed)
+        before = self._cells.get(key)
+        if before is not None and before.kind == "step" and kind == "step" and before.step != cell.step:
+            cell.renamed_from = before.step
         previous = self._same_step_elsewhere(cell)
-        if previous is not None:
+        if previous is not None and not previous.executed:
+            del self._cells[previous.key]   # its saved twin: executed now, in first-executed order
+            self._cells.pop(key, None)
+            self._cells[key] = cell
+            self._saved_order = [key if k == previous.key else k for k in self._saved_order]
+        elif previous is not None:
             # The step moved to another cell (or was defined before the
             # front end sent cell ids): the newest source wins, in the old place.
             self._replace(previous.key, cell)
         else:
+            if before is not None and not before.executed:
+                del self._cells[key]   # first executed now: executed cells keep first-executed order
             self._cells[key] = cell   # dict keeps the first insertion's position
         return cell
 
@@ -101,10 +132,15 @@ class KernelFlowDefinition:
         return f"code:{source}"
 
     def _same_step_elsewhere(self, cell: DefinedCell) -> DefinedCell | None:
-        if cell.kind != "step":
-            return None
+        """The cell this one replaces: the same step in another cell, or the
+        saved twin (not executed here) of a cell executed without an id."""
         for other in self._cells.values():
-            if other.kind == "step" and other.step == cell.step and other.key != cell.key:
+            if other.key == cell.key:
+                continue
+            if cell.kind == "step" and other.kind == "step" and other.step == cell.step:
+                return other
+            if cell.cell_id is None and not other.executed and other.kind == cell.kind and (
+                    cell.kind == "params" or other.source == cell.source):
                 return other
         return None
 
@@ -117,6 +153,101 @@ class KernelFlowDefinition:
                 rebuilt[key] = other
         self._cells = rebuilt
 
+    # -- the saved notebook ---------------------------------------------------
+    def sync_saved(self, saved: list[tuple[str | None, str]], saved_at: float) -> list[str]:
+        """Follow the saved notebook (``(cell id, source)`` per code cell, in order).
+
+        Cells it has that this kernel does not know join the flow, not
+        executed; saved sources replace those of cells not executed here; a
+        cell with an id that it no longer has leaves the flow when it had
+        been saved before or was executed before this save (a cell executed
+        since may simply not be saved yet). Returns the steps that left.
+        """
+        ids = {cell_id for cell_id, _ in saved if cell_id}
+        gone = [c for c in self._cells.values() if c.cell_id and c.cell_id not in ids
+                and (not c.executed or c.cell_id in self._saved_ids or c.recorded_at < saved_at)]
+        for cell in gone:
+            del self._cells[cell.key]
+        self._merge_saved(saved)
+        self._saved_ids = ids
+        return sorted({c.step for c in gone if c.kind == "step" and c.step and self.step_cell(c.step) is None})
+
+    def _merge_saved(self, saved: list[tuple[str | None, str]]) -> None:
+        """The saved cells this kernel has not executed, and the saved order."""
+        kept = {k: c for k, c in self._cells.items() if c.executed}
+        order: list[str] = []
+        for cell_id, source in saved:
+            known = kept.get(cell_id) if cell_id else None
+            if known is not None:
+                order.append(known.key)
+                continue
+            cell = _saved_cell(source, cell_id)
+            if cell is None or self._aside.get(cell.key) == source:
+                continue
+            twin = self._executed_twin(cell)   # executed without an id (nbclient, a terminal)
+            if twin is None:
+                kept.setdefault(cell.key, cell)
+            order.append(twin.key if twin else cell.key)
+        self._cells, self._saved_order = kept, order
+
+    def _ordered(self) -> list[DefinedCell]:
+        """Executed cells in first-executed order (what worked interactively keeps
+        working); each saved cell not executed yet right after the executed cell
+        that precedes it in the saved notebook."""
+        after: dict[str | None, list[DefinedCell]] = {}
+        anchor: str | None = None
+        placed = set()
+        for key in self._saved_order:
+            cell = self._cells.get(key)
+            if cell is None or key in placed:
+                continue
+            if cell.executed:
+                anchor = key
+            else:
+                after.setdefault(anchor, []).append(cell)
+                placed.add(key)
+        ordered = list(after.get(None, []))
+        for cell in self._cells.values():
+            if cell.executed:
+                ordered.append(cell)
+                ordered += after.get(cell.key, [])
+            elif cell.key not in placed:
+                ordered.append(cell)   # not in the saved order (restored by an undo): keep it
+        return ordered
+
+    def _executed_twin(self, cell: DefinedCell) -> DefinedCell | None:
+        """The executed cell that stands for a saved one (same step, or the same text)."""
+        for other in self._cells.values():
+            if not other.executed or other.cell_id:
+                continue
+            if (cell.kind == "step" and other.kind == "step" and other.step == cell.step) or \
+                    (cell.kind == other.kind and other.source == cell.source) or \
+                    (cell.kind == "params" and other.kind == "params"):
+                return other
+        return None
+
+    def cell_ids(self) -> set[str]:
+        """The real cell ids this definition knows (front end's or saved)."""
+        return {c.cell_id for c in self._cells.values() if c.cell_id}
+
+    def executed_flow_sources(self) -> set[str]:
+        """The text of the step and params cells this kernel executed."""
+        return {c.source for c in self._cells.values() if c.executed and c.kind != "ordinary"}
+
+    def explicit_name(self) -> str | None:
+        """`%flow name X` (the magic, or a line in an ordinary cell), if any."""
+        if self.name_override:
+            return self.name_override
+        for cell in reversed(self.cells):
+            if cell.kind == "ordinary":
+                try:
+                    name = flow_name_in(cell.source)
+                except FlowDefinitionError:
+                    name = None
+                if name:
+                    return name
+        return None
+
     def snapshot(self) -> dict[str, DefinedCell]:
         return dict(self._cells)
 
@@ -125,8 +256,8 @@ class KernelFlowDefinition:
         self._cells = dict(snapshot)
 
     def forget_flow_cells(self) -> None:
-        """Forget every step and params cell (ordinary cells stay: the kernel still has them)."""
-        self._cells = {k: c for k, c in self._cells.items() if c.kind == "ordinary"}
+        """Forget every step and params cell (ordinary cells the kernel executed stay: it still has them)."""
+        self._cells = {k: c for k, c in self._cells.items() if c.kind == "ordinary" and c.executed}
 
     def forget_step(self, step: str) -> bool:
         """Drop a step cell from the definition (the user deleted it)."""
@@ -138,11 +269,11 @@ class KernelFlowDefinition:
     # -- reading ------------------------------------------------------------
     @property
     def cells(self) -> list[DefinedCell]:
-        return list(self._cells.values())
+        return self._ordered()
 
     def sources(self) -> list[str]:
         """The cell list build_flow reads; indices match :meth:`cell_at`."""
-        return [c.source for c in self._cells.values()]
+        return [c.source for c in self._ordered()]
 
     def cell_at(self, index: int | None) -> DefinedCell | None:
         cells = self.cells
@@ -153,16 +284,9 @@ class KernelFlowDefinition:
 
     def flow_name(self, notebook: Path | None) -> str:
         """`%flow name X`, else the notebook's stem in CamelCase, else NotebookFlow."""
-        if self.name_override:
-            return self.name_override
-        for cell in reversed(self.cells):
-            if cell.kind == "ordinary":
-                try:
-                    name = flow_name_in(cell.source)
-                except FlowDefinitionError:
-                    name = None
-                if name:
-                    return name
+        explicit = self.explicit_name()
+        if explicit:
+            return explicit
         if notebook is not None:
             from flowmagic.notebook import camel_case
 
@@ -174,10 +298,22 @@ class KernelFlowDefinition:
         message names cells as the user knows them (``In [n]``)."""
         from flowmagic.flow.graph import build_flow
 
-        try:
-            return build_flow(self.sources(), name=name)
-        except FlowDefinitionError as exc:
-            raise self.relabel(exc) from None
+        while True:
+            try:
+                return build_flow(self.sources(), name=name)
+            except FlowDefinitionError as exc:
+                cell = self.cell_at(exc.cell)
+                if cell is None or cell.executed:
+                    raise self.relabel(exc) from None
+                self._set_aside(cell, exc)
+
+    def _set_aside(self, cell: DefinedCell, exc: FlowDefinitionError) -> None:
+        """A saved cell this kernel has not executed must not break the flow it
+        did execute: it stays out (until its saved text changes, or it runs)."""
+        del self._cells[cell.key]
+        self._aside[cell.key] = cell.source
+        reason = getattr(exc, "message", str(exc))
+        self.notes.append(f"{cell.label()} is left out of the flow until it is executed: {reason}")
 
     def relabel(self, exc: FlowDefinitionError) -> FlowDefinitionError:
         """The same error, with the kernel's cell index replaced by the cell's label."""
@@ -198,6 +334,18 @@ class KernelFlowDefinition:
     def _cell_words(self, index: int, original: str) -> str:
         cell = self.cell_at(index)
         return cell.label() if cell is not None else original
+
+
+def _saved_cell(source: str, cell_id: str | None) -> DefinedCell | None:
+    """A saved cell as a definition cell, not executed; None for an empty or malformed one."""
+    try:
+        parsed = classify_cell(source, index=0)
+    except FlowDefinitionError:
+        return None   # executing it will say what is wrong
+    if parsed.kind == "empty":
+        return None
+    key = cell_id or KernelFlowDefinition._fallback_key(parsed.kind, parsed.step_name, source)
+    return DefinedCell(key, parsed.kind, source, None, parsed.step_name, cell_id=cell_id, executed=False)
 
 
 # "cell 3" inside a message from build_flow refers to an index of our cell list
@@ -269,4 +417,14 @@ class SessionRun:
             return "failed"
         if states and all(s in STEP_FINISHED_OK for s in states):
             return "succeeded"
-        return "running"
+        # a session run in which some step has not run (or is stale) is not a success
+        return "running" if "running" in states else "partial"
+
+    def rename(self, old: str, new: str) -> None:
+        """A step cell's header changed name: its state follows the cell."""
+        if old in self.states:
+            self.states[new] = self.states.pop(old)
+
+    def forget(self, steps: list[str]) -> None:
+        for step in steps:
+            self.states.pop(step, None)

@@ -56,6 +56,7 @@ def session_for(magics: FlowMagics) -> SessionRun:
     flow, root = magics.flow_name(), store_root_for(magics.notebook())
     session = magics.session
     if session is None or session.flow != flow or session.root != root:
+        magics.warn_if_unnamed()
         session = magics.session = SessionRun(flow=flow, root=root)
     return session
 
@@ -79,11 +80,21 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
 
     step = defined.step
     session = session_for(magics)
-    _check_producers(magics, graph, session, step)
+    renamed = defined.renamed_from
+    if renamed:
+        session.rename(renamed, step)
+        print(f"[flowmagic] step '{renamed}' renamed to '{step}'")
     store = magics.store()
+    clones = _continue_loaded_run(magics, graph, session, store, step)
+    _check_producers(magics, graph, session, step)
     params = parameter_values(graph)
     if session.run_id is None:
         session.run_id = scheduler.new_session_run(graph, store, params=params)
+        magics.record_notebook(graph.name, session.run_id)
+    if clones:
+        magics.loaded_run = None
+        for task_id in clones:
+            store.meta.clone_task(task_id, session.run_id)
     spec = graph.step(step)
     printer = LivePrinter(label_tasks=bool(spec.options.foreach),
                           on_state=lambda event: views.on_state(magics, event))
@@ -108,8 +119,30 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         raise step_failure(step, record, _failure_note(step, session))
     _bind_outputs(magics, store, result)
     if stale:
-        print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
+        previous = f"'{renamed}' before its rename" if renamed else f"the previous '{step}'"
+        print(f"[flowmagic] marked stale (they used {previous}): {', '.join(stale)}")
     return value
+
+
+def _continue_loaded_run(magics: FlowMagics, graph: Any, session: SessionRun, store: Any, step: str) -> list[int]:
+    """After `%flow load RUN`, the first step cell's new session run starts from
+    that run: the steps above that finished OK there count as run (their tasks
+    are cloned in). Returns the task ids to clone."""
+    loaded = magics.loaded_run
+    if loaded is None or loaded[0] != graph.name or session.run_id is not None:
+        return []
+    from flowmagic.states import task_successful
+    from flowmagic.store.metadata import latest_generation
+
+    redo = {step} | graph.downstream(step)
+    clones = []
+    for spec in graph.steps:
+        tasks = latest_generation(store.meta.tasks(graph.name, loaded[1], spec.name))
+        if spec.name in redo or not tasks or not all(task_successful(t.state) for t in tasks):
+            continue
+        session.states[spec.name] = "cloned"
+        clones += [t.task_id for t in tasks]
+    return clones
 
 
 def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:
@@ -122,6 +155,7 @@ def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, stat
     if status != session.recorded:
         magics.store().meta.finish_run(graph.name, session.run_id, status)
         session.recorded = status
+    magics.record_notebook(graph.name, session.run_id)   # cells executed since may have new ids
     views.refresh_view(magics, graph)
     return stale
 

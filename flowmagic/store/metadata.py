@@ -25,9 +25,11 @@ from collections.abc import Iterator, Sequence
 from flowmagic.errors import NotFoundError, StoreError
 from flowmagic.states import TASK_TERMINAL
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
-    OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS, TASK_STATES,
+    ADDED_TABLES, OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS,
+    TASK_STATES,
     AttemptRecord,
-    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, latest_generation, run_record, task_record)
+    Outcome, RunRecord, RunStatus, TaskRecord, TaskState, current_executions, latest_generation, run_record,
+    task_record)
 from .liveness import orchestrator_gone, this_process
 from .serializers import ArtifactRef
 
@@ -124,6 +126,7 @@ class Metadata:
                     f"version {version}; this one knows up to {SCHEMA_VERSION}). Upgrade flowmagic, "
                     "or point FLOWMAGIC_HOME at another store.")
             self._add_missing_columns(conn)
+            self._add_missing_tables(conn, tables)
             return
         if tables and not has_info:
             raise StoreError(f"{self.path} is a SQLite database but not a flowmagic store "
@@ -141,6 +144,12 @@ class Metadata:
         with self._write(conn):
             for name in self._missing_columns(conn):  # again, inside the lock: another opener may have won
                 conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_ADDED_COLUMNS[name]}")
+
+    def _add_missing_tables(self, conn: sqlite3.Connection, tables: list[str]) -> None:
+        if "notebook_runs" in tables:
+            return
+        with self._write(conn):
+            conn.execute(ADDED_TABLES.strip().rstrip(";"))
 
     @staticmethod
     def _missing_columns(conn: sqlite3.Connection) -> list[str]:
@@ -236,6 +245,19 @@ class Metadata:
                 conn.execute("UPDATE runs SET code = ? WHERE flow = ? AND run_id = ?", (_json(code), flow, run_id))
             if graph is not None:
                 conn.execute("UPDATE runs SET graph = ? WHERE flow = ? AND run_id = ?", (_json(graph), flow, run_id))
+
+    # -- which notebook a run came from ---------------------------------------------
+    def record_notebook(self, flow: str, run_id: int, notebook: str | None, cell_ids: Sequence[str]) -> None:
+        """Remember where the notebook of a run was and its cells' ids (replaces an earlier record)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO notebook_runs VALUES (?, ?, ?, ?, ?)",
+                         (flow, run_id, notebook, _json(sorted(set(cell_ids))), time.time()))
+
+    def notebook_records(self) -> list[tuple[str, int, str | None, frozenset[str]]]:
+        """Every ``(flow, run_id, notebook path, cell ids)`` recorded, newest first."""
+        rows = self._read("SELECT flow, run_id, notebook, cell_ids FROM notebook_runs"
+                          " ORDER BY recorded_at DESC, run_id DESC")
+        return [(r[0], r[1], r[2], frozenset(json.loads(r[3]))) for r in rows]
 
     def add_tags(self, flow: str, run_id: int, tags: Sequence[str]) -> None:
         self.get_run(flow, run_id)
@@ -335,15 +357,17 @@ class Metadata:
                 conn.execute(f"DELETE FROM attempts WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute("DELETE FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
+                conn.execute("DELETE FROM notebook_runs WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
         return removed
 
     @staticmethod
     def _live_runs_and_origins(conn: sqlite3.Connection, flow: str) -> set[int]:
+        # a partial session run of a kernel that still lives gets more steps: spare it too
         pinned = set()
         for run_id, origin, pid, started, host in conn.execute(
                 "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host"
-                " FROM runs WHERE flow = ? AND status = 'running'", (flow,)):
+                " FROM runs WHERE flow = ? AND status IN ('running', 'partial')", (flow,)):
             if not orchestrator_gone(pid, started, host):
                 pinned.add(int(run_id))
                 if origin is not None:

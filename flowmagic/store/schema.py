@@ -20,6 +20,19 @@ SCHEMA_VERSION = 1  # additive changes (new nullable columns) keep the version: 
 # Columns added after version 1 shipped: a store that lacks them gets them when opened.
 RUN_ADDED_COLUMNS = {"orchestrator_pid": "INTEGER", "orchestrator_started": "REAL", "orchestrator_host": "TEXT"}
 
+# Tables added after version 1 shipped: created in an older store when it is opened
+# (older releases ignore them). notebook_runs is how a notebook finds its flow
+# again after a rename or in a new kernel: the file it was at, and its cells' ids.
+ADDED_TABLES = """
+CREATE TABLE IF NOT EXISTS notebook_runs (
+    flow TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    notebook TEXT,                  -- the notebook's absolute path at that run, or NULL when unknown
+    cell_ids TEXT NOT NULL,         -- JSON list of the nbformat ids of its cells
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (flow, run_id));
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flows (
@@ -81,7 +94,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     inline TEXT,
     PRIMARY KEY (task_id, attempt, name));
 CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (hash);
-"""
+""" + ADDED_TABLES
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,21 @@ def latest_generation(tasks: list[TaskRecord]) -> list[TaskRecord]:
     starts = [t.task_id for t in tasks if not t.index or not any(t.index)]
     first = max(starts) if starts else tasks[0].task_id
     return [t for t in tasks if t.task_id >= first]
+
+
+def current_executions(run: RunRecord, tasks: list[TaskRecord], *, named_step: bool = False) -> list[TaskRecord]:
+    """Of a session run's tasks, those of each step's latest execution, for the
+    steps its flow has now (a renamed or deleted step cell's tasks are history,
+    unless the step is ``named_step``). Other runs' tasks as they are."""
+    if not run.interactive:
+        return list(tasks)
+    steps_now = set() if named_step else {s["name"] for s in (run.graph or {}).get("steps", [])}
+    by_step: dict[str, list[TaskRecord]] = {}
+    for task in tasks:
+        by_step.setdefault(task.step, []).append(task)
+    kept = [t for step, group in by_step.items() if not steps_now or step in steps_now
+            for t in latest_generation(group)]
+    return sorted(kept, key=lambda t: t.task_id)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import traitlets
 from flowmagic.states import TASK_WENT_WRONG
 from flowmagic.store.environments import environments_of_run
 from flowmagic.store.outputs import output_previews
+from flowmagic.store.metadata import current_executions
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
 from .preview import format_size, preview_artifact
@@ -135,7 +136,9 @@ class InspectorMixin(traitlets.HasTraits):
             self._loading = False
 
     def _load_steps(self, step: str | None, task_id: int | None) -> None:
-        tasks = self._store.meta.tasks(self.flow, self.run_id)
+        # a session run: the current execution of each cell (session branch, issue 15)
+        tasks = current_executions(self._store.meta.get_run(self.flow, self.run_id),
+                                   self._store.meta.tasks(self.flow, self.run_id))
         states = states_from_tasks(tasks)
         order = _step_order(self._store.meta.get_run(self.flow, self.run_id), tasks)
         self.steps = [{"value": name, "label": f"{name} · {states.get(name, {}).get('state', 'pending')}",
@@ -147,7 +150,9 @@ class InspectorMixin(traitlets.HasTraits):
         self._load_tasks(task_id)
 
     def _load_tasks(self, task_id: int | None) -> None:
-        tasks = self._store.meta.tasks(self.flow, self.run_id, self.step) if self.step else []
+        tasks = current_executions(self._store.meta.get_run(self.flow, self.run_id),
+                                   self._store.meta.tasks(self.flow, self.run_id, self.step),
+                                   named_step=True) if self.step else []
         self.tasks = [task_option(t) for t in tasks]
         ids = [t.task_id for t in tasks]
         if task_id not in ids:

@@ -21,19 +21,37 @@ from flowmagic.errors import UsageError
 
 
 def _load(notebook: str):
-    from flowmagic.notebook import load_flow
+    from flowmagic.flow.graph import build_flow
+    from flowmagic.notebook import read_cells
     from flowmagic.store import open_store
     from flowmagic.store.paths import store_root_for
 
-    graph = load_flow(notebook)
-    return graph, open_store(store_root_for(notebook))
+    cells = read_cells(notebook)   # a file that is no notebook says so before a store is made
+    store = open_store(store_root_for(notebook))
+    graph = build_flow(cells, name=_flow_name(notebook, store))
+    return graph, store
 
 
-def _flow_name(notebook: str) -> str:
-    """The flow's name, without building the DAG (reading commands)."""
-    from flowmagic.notebook import flow_name_for, read_cells
+def _flow_name(notebook: str, store: Any = None) -> str:
+    """The flow's name, without building the DAG: a renamed notebook keeps the
+    flow its runs recorded, and says so on stderr (stdout may be --json)."""
+    from flowmagic.notebook import flow_identity
 
-    return flow_name_for(notebook, read_cells(notebook))
+    name, note = flow_identity(Path(notebook), store.meta if store is not None else None)
+    if note:
+        print(f"[flowmagic] {note}", file=sys.stderr)
+    return name
+
+
+def _record_notebook(store: Any, notebook: str, result: Any) -> None:
+    """Remember where this notebook was and its cells' ids with the run (renames find it)."""
+    from flowmagic.notebook import read_saved_cells
+
+    try:
+        ids = [c.cell_id for c in read_saved_cells(notebook) if c.cell_id]
+        store.meta.record_notebook(result.flow, result.run_id, str(Path(notebook).absolute()), ids)
+    except Exception as exc:  # noqa: BLE001 - the run is recorded; only where it came from is not
+        print(f"[flowmagic] warning: could not record the notebook with the run: {exc}", file=sys.stderr)
 
 
 def _open(notebook: str):
@@ -41,11 +59,12 @@ def _open(notebook: str):
     from flowmagic.store import open_store
     from flowmagic.store.paths import store_root_for
 
-    flow = _flow_name(notebook)
     root = store_root_for(notebook)
     if not root.exists():
+        _flow_name(notebook)   # a notebook that is not one says so first
         raise UsageError(f"no runs yet: the store {root} does not exist (run the notebook first)")
-    return flow, open_store(root)
+    store = open_store(root)
+    return _flow_name(notebook, store), store
 
 
 # --- run / resume ----------------------------------------------------------------
@@ -74,9 +93,9 @@ def run_run(args: argparse.Namespace) -> int:
     params = given_params(opts)
     from flowmagic.runtime.orchestrator.scheduler import run_flow
 
-    return _drive(args, opts, graph, lambda on_event: run_flow(
+    return _drive(args, opts, graph, lambda on_event: _recorded(store, args.notebook, run_flow(
         graph, store, params=params, tags=opts.tag, max_workers=opts.max_workers, on_event=on_event,
-        cache=opts.cache, workdir=_workdir(args.notebook)))
+        cache=opts.cache, workdir=_workdir(args.notebook))))
 
 
 def run_resume(args: argparse.Namespace) -> int:
@@ -85,9 +104,14 @@ def run_resume(args: argparse.Namespace) -> int:
     opts = run_parser(graph, "resume", args.notebook).parse_args(args.options)
     from flowmagic.runtime.orchestrator.scheduler import resume_flow
 
-    return _drive(args, opts, graph, lambda on_event: resume_flow(
+    return _drive(args, opts, graph, lambda on_event: _recorded(store, args.notebook, resume_flow(
         graph, store, origin_run_id=opts.run_id, from_step=opts.from_step, tags=opts.tag,
-        max_workers=opts.max_workers, on_event=on_event, workdir=_workdir(args.notebook)))
+        max_workers=opts.max_workers, on_event=on_event, workdir=_workdir(args.notebook))))
+
+
+def _recorded(store: Any, notebook: str, result: Any) -> Any:
+    _record_notebook(store, notebook, result)
+    return result
 
 
 def _workdir(notebook: str) -> str:
@@ -135,7 +159,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     root = store_root_for(args.notebook)
     store = open_store(root) if root.exists() else None
-    return _print(args, services.status_document(store, _flow_name(args.notebook), args.tag), render_status)
+    return _print(args, services.status_document(store, _flow_name(args.notebook, store), args.tag), render_status)
 
 
 def run_dump(args: argparse.Namespace) -> int:
@@ -143,7 +167,8 @@ def run_dump(args: argparse.Namespace) -> int:
 
     flow, store = _open(args.notebook)
     document = services.dump_document(store, flow, args.pathspec, args.include, previews=not args.json,
-                                      outputs=args.outputs, trust=args.trust)
+                                      outputs=args.outputs, trust=args.trust,
+                                      all_executions=args.all_executions)
     _print(args, document, render_dump)
     if args.outputs and not args.json:
         sys.stdout.write(render_outputs(store.objects, document["outputs"]))

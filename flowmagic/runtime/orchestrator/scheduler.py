@@ -51,12 +51,18 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
     default) and re-runs the failed steps, ``from_step``, and everything
     downstream of them, with the current code and the origin's parameters."""
     meta = store.meta
+    if not graph.steps:
+        raise RunError(f"nothing to resume: flow '{graph.name}' has no steps (after a kernel restart, "
+                       "save the notebook or execute its step cells first); no run was recorded")
     origin = _origin_run(meta, graph.name, origin_run_id)
     if from_step is not None and from_step not in {s.name for s in graph.steps}:
         raise UsageError(f"--from: no step '{from_step}' (steps: {', '.join(s.name for s in graph.steps)})")
     values = resolve_params(graph, {k: v for k, v in origin.params.items() if k in {p.name for p in graph.params}})
     origin_tasks = {s.name: latest_generation(meta.tasks(graph.name, origin.run_id, s.name)) for s in graph.steps}
     rerun = steps_to_rerun(graph, origin_tasks, from_step)
+    if not rerun:
+        raise RunError(f"nothing to resume: every step of run {graph.name}/{origin.run_id} finished OK; "
+                       "use --from STEP to run a step again; no run was recorded")
     _warm_up(graph, store, workdir)
     run_id = meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
                           origin_run_id=origin.run_id, graph=graph.to_json())
@@ -154,9 +160,10 @@ def partial_foreach_clones(graph, origin_tasks: dict[str, list], rerun: set[str]
 def _origin_run(meta, flow: str, origin_run_id: int | None):
     if origin_run_id is not None:
         return meta.get_run(flow, origin_run_id)
-    runs = [r for r in meta.list_runs(flow) if r.status != "running"]
+    # a partial session run is resumed only when named: by default, a finished run
+    runs = [r for r in meta.list_runs(flow) if r.status not in ("running", "partial")]
     if not runs:
-        raise RunError(f"flow '{flow}' has no finished run to resume")
+        raise RunError(f"flow '{flow}' has no finished run to resume (partial session runs: name one)")
     return runs[0]
 
 
