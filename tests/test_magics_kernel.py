@@ -258,7 +258,7 @@ def test_a_front_end_cell_id_follows_a_renamed_step(kernel):
     assert kernel.execute("%%step first\nx = 1", cell_id="cell-1").status == "ok"   # renamed in place
     document = kernel.value("%flow show --json")
     assert [s["name"] for s in document["steps"]] == ["first", "b"]
-    assert document["edges"] == [{"from": "first", "to": "b", "variables": ["x"]}]
+    assert document["edges"] == [{"from": "first", "to": "b", "variables": ["x"], "maybe": []}]
 
 
 def test_reading_commands_mirror_the_console(kernel, tmp_path):
@@ -282,7 +282,7 @@ def test_reading_commands_mirror_the_console(kernel, tmp_path):
     shown = kernel.ok("%flow show")
     (bundle,) = shown.displays()
     assert "application/vnd.jupyter.widget-view+json" in bundle and "start" in bundle["text/plain"]
-    assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"]}]
+    assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"], "maybe": []}]
     failing = kernel.execute("%flow dump 999")
     assert failing.status == "error" and "999" in failing.error_text and "Traceback" not in failing.error_text
 

@@ -139,3 +139,21 @@ def test_export_writes_resources_and_metaflow_runs_it(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--no-pylint", "run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_frame_several_times_the_memory_limit_is_read_through_the_mapped_store(store, tmp_path):
+    # 'frame' is 5 float64 columns of 10M rows: 400 MB, four times the reader's 100 MB
+    # limit. Its Arrow file is mapped, so summing one column pages in that column only,
+    # as clean file pages, and the reader is not killed.
+    graph = build_flow(["import numpy as np\nimport pandas as pd",
+                        "%%step make\nframe = pd.DataFrame({c: np.full(10_000_000, 0.5) for c in 'abcde'})",
+                        "%%step read --memory 100\ntotal = float(frame['c'].sum())"], name="BigFrame")
+    result = run_flow(graph, store, workdir=str(tmp_path))
+    assert result.status == "succeeded", result.failed
+    (make,) = store.meta.tasks("BigFrame", result.run_id, "make")
+    (frame,) = store.meta.artifacts(make.task_id)
+    assert frame.size > 3.5 * 100 * 1024 * 1024   # several times the limit, on disk
+    (task,) = store.meta.tasks("BigFrame", result.run_id, "read")
+    (ref,) = store.meta.artifacts(task.task_id)
+    assert load_artifact(store.objects, ref) == 5_000_000.0

@@ -139,6 +139,8 @@ def add_run_options(parser: argparse.ArgumentParser, graph: Any, command: str) -
                         help="tasks run at the same time (default: number of cores)")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the run (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON document; logs go to stderr")
+    parser.add_argument("--verbose", action="store_true",
+                        help="a line for every finished task (by default a foreach shows its progress)")
     if command == "run":
         parser.add_argument("--cache", action="store_true", help="reuse identical earlier tasks of every step "
                                                                   "(as `%%%%step NAME --cache` does for one)")

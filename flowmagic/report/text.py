@@ -107,14 +107,27 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+# seconds between two progress lines of a step (``fit 41,250/100,000``) when
+# the output is not a terminal (a terminal gets one line, redrawn in place)
+PROGRESS_EVERY = 5.0
+_REDRAW_EVERY = 0.1   # a terminal redraws at most this often: 100,000 redraws would cost more than the tasks
+
+
 class RunPrinter:
     """Prints a run's events as text: task output prefixed ``[step/index]``,
-    step starts and ends, failures and retries. Used by the console command
-    (events arrive on one thread, so no lock)."""
+    step starts and ends, failures and retries, and a step's progress
+    (``fit 41,250/100,000``) rather than a line per task (``verbose`` adds
+    those). Used by the console command (events arrive on one thread, so no lock)."""
 
-    def __init__(self, out, *, flow: str = "") -> None:
+    def __init__(self, out, *, flow: str = "", verbose: bool = False, tty: bool | None = None,
+                 progress_every: float = PROGRESS_EVERY) -> None:
         self.out = out
         self.flow = flow
+        self.verbose = verbose                    # one line per finished task too
+        self.tty = _isatty(out) if tty is None else tty
+        self.progress_every = progress_every      # seconds between progress lines when not a tty
+        self._shown_at: dict[str, float] = {}     # step -> when its progress was last written
+        self._in_place = False                    # a progress line without its newline is on the tty
         self.run_id: int | None = None
         self._partial: dict[tuple, str] = {}
         self._started: dict[str, float] = {}
@@ -146,7 +159,7 @@ class RunPrinter:
         self.run_id = event.run_id
         flow = (event.data or {}).get("flow", self.flow)
         if event.state == "running":
-            self.out.write(f"Run {flow}/{event.run_id} started\n")
+            self._write(f"Run {flow}/{event.run_id} started\n")
 
     def _task(self, event) -> None:
         counts = self._counts.setdefault(event.step, [0, 0])
@@ -158,11 +171,11 @@ class RunPrinter:
             if event.step not in self._reused:  # one line per step, not per task
                 self._reused.add(event.step)
                 how = "cloned from the origin run" if state == "cloned" else "cached (identical earlier task)"
-                self.out.write(f"Step {event.step} {how}\n")
+                self._write(f"Step {event.step} {how}\n")
         elif state == "running" and event.step not in self._started:
             self._started[event.step] = event.time
             total = counts[1]
-            self.out.write(f"Step {event.step} started" + (f" ({total} tasks)" if total != 1 else "") + "\n")
+            self._write(f"Step {event.step} started" + (f" ({total} tasks)" if total != 1 else "") + "\n")
         elif state == "retrying":
             self._line(event, f"attempt {event.attempt + 1} failed: {exception_line(event.data)}; retrying")
         elif state == "failed":
@@ -175,6 +188,9 @@ class RunPrinter:
             self._line(event, f"cancelled: {(event.data or {}).get('reason') or 'the run stopped'}")
         if state in TASK_FINISHED_OK - TASK_REUSED:   # reused tasks were counted above
             counts[0] += 1
+            if self.verbose:
+                self._line(event, state)
+            self._progress(event.step)
             self._step_done_maybe(event.step)
 
     def _step_done_maybe(self, step: str) -> None:
@@ -183,7 +199,31 @@ class RunPrinter:
             return
         started = self._started.get(step)
         took = f" in {_seconds(time.time() - started)}" if started else ""
-        self.out.write(f"Step {step} done{took}\n")
+        self._write(f"Step {step} done{took}\n")
+
+    def _progress(self, step: str) -> None:
+        """``step done/total``: in place on a terminal, else every few seconds (never per task)."""
+        done, total = self._counts[step]
+        if total < 2 or done == total:   # one task, or the step's done line says it
+            return
+        now = time.monotonic()
+        every = _REDRAW_EVERY if self.tty else self.progress_every
+        if now - self._shown_at.setdefault(step, now) < every:
+            return
+        self._shown_at[step] = now
+        text = f"{step} {done:,}/{total:,}"
+        if self.tty:
+            self.out.write(f"\r\x1b[K{text}")
+            self._in_place = True
+        else:
+            self.out.write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write whole lines, first erasing a progress line drawn in place."""
+        if self._in_place:
+            self.out.write("\r\x1b[K")
+            self._in_place = False
+        self.out.write(text)
 
     def _output(self, event) -> None:
         key = (event.task_id, event.stream)
@@ -194,12 +234,19 @@ class RunPrinter:
         elif rest:
             self._partial[key] = rest
         for line in lines:
-            self.out.write(f"[{event.label}] {line}\n")
+            self._write(f"[{event.label}] {line}\n")
 
     def _line(self, event, text: str) -> None:
         for key in [k for k in self._partial if k[0] == event.task_id]:
-            self.out.write(f"[{event.label}] {self._partial.pop(key)}\n")
-        self.out.write(f"[{event.label}] {text}\n")
+            self._write(f"[{event.label}] {self._partial.pop(key)}\n")
+        self._write(f"[{event.label}] {text}\n")
+
+
+def _isatty(out) -> bool:
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed file
+        return False
 
 
 MAX_PARTIAL_LINE = 1 << 16   # characters of an unfinished output line held back for its end

@@ -5,7 +5,8 @@ taken before the step runs with one taken after. Pickle bytes are the wrong
 thing to compare for pandas objects: a read such as ``df.dropna(...)`` or
 ``df.values`` consolidates the frame's blocks in place, which changes its
 pickle but not its content. So frames and series are hashed by their values
-(``pandas.util.hash_pandas_object``), dtypes, index and columns; numpy
+(numeric columns by their bytes, others with ``pandas.util.hash_pandas_object``),
+dtypes, index and columns; numpy
 arrays by their bytes, dtype and shape; containers element by element; and
 anything else falls back to the serializer's hash.
 """
@@ -61,8 +62,27 @@ def _update_pandas(h: Any, pd: Any, value: Any) -> None:
     h.update(repr([(column, str(dtype)) for column, dtype in frame.dtypes.items()]).encode())
     h.update(f"{type(frame.index).__name__}:{list(frame.index.names)!r}:{frame.index.dtype}".encode())
     try:
-        rows = pd.util.hash_pandas_object(frame, index=True)
+        # column by column, numeric ones by their bytes: hashing the whole frame at
+        # once (a uint64 per row and column) took twice a column's memory, more than
+        # a task reading a memory-mapped frame bigger than its --memory limit has
+        _update_index(h, pd, frame.index)
+        for _name, col in frame.items():
+            _update_column(h, pd, col)
     except TypeError:  # unhashable cells (lists, dicts): the serializer's hash still tells
         h.update(b"pickled:" + value_hash(value).encode())
-        return
-    h.update(memoryview(rows.to_numpy()).cast("B"))
+
+
+def _update_index(h: Any, pd: Any, index: Any) -> None:
+    if isinstance(index, pd.RangeIndex):
+        h.update(f"range:{index.start}:{index.stop}:{index.step}:".encode())
+    else:
+        h.update(memoryview(pd.util.hash_pandas_object(index).to_numpy()).cast("B"))
+
+
+def _update_column(h: Any, pd: Any, col: Any) -> None:
+    np = sys.modules["numpy"]
+    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "biufcmM":
+        values = np.ascontiguousarray(col.to_numpy())   # a view of a mapped column
+        h.update(memoryview(values.view(np.uint8) if values.dtype.kind in "mM" else values).cast("B"))
+    else:
+        h.update(memoryview(pd.util.hash_pandas_object(col, index=False).to_numpy()).cast("B"))

@@ -283,6 +283,18 @@ class Metadata:
                 (flow, run_id, step, _json(list(index)) if index is not None else None, item, now, now))
         return int(cur.lastrowid)
 
+    def new_tasks(self, flow: str, run_id: int, step: str,
+                  items: Sequence[tuple[tuple[int, ...] | None, str | None]]) -> list[int]:
+        """Create the pending tasks of a step, ``(index, item)`` each, in one
+        transaction (a foreach of 100,000 tasks is one commit, not 100,000)."""
+        now = time.time()
+        with self._write() as conn:
+            return [int(conn.execute(
+                "INSERT INTO tasks (flow, run_id, step, foreach_index, item, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (flow, run_id, step, _json(list(index)) if index is not None else None, item, now, now)).lastrowid)
+                for index, item in items]
+
     def set_task_state(self, task_id: int, state: TaskState) -> None:
         _check(state, TASK_STATES, "task state")
         with self._write() as conn:

@@ -126,7 +126,7 @@ def _drive(args, opts, graph, start) -> int:
         raise UsageError(f"--max-workers must be 1 or more, not {opts.max_workers}")
 
     log = sys.stderr if opts.json else sys.stdout
-    printer = RunPrinter(log, flow=graph.name)
+    printer = RunPrinter(log, flow=graph.name, verbose=opts.verbose)
     try:
         result = start(printer)
     except KeyboardInterrupt:

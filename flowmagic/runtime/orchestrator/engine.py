@@ -180,18 +180,29 @@ class _Engine:
         self.state.step_state[name] = "running"
         use_cache = cache_enabled(self.graph.step(name), self.options.cache)
         clones = self.options.clones.get(name, {})
+        if use_cache or clones:
+            self._start_tasks_reusing(name, indices, use_cache, clones)
+        else:
+            for info in self.record.new_tasks(name, indices):   # one transaction for the whole foreach
+                self.state.tasks[name].append(info)
+                self.queue.add(info)
+        if self.state.step_finished_ok(name):  # empty foreach, or all cached
+            self._step_finished(name)
+
+    def _start_tasks_reusing(self, name: str, indices: list[tuple[tuple[int, ...], str | None]],
+                             use_cache: bool, clones: dict) -> None:
+        """Clone each task a resumed foreach finished or the step cache has, create the others;
+        task ids stay in index order (latest_generation tells a session run's generations apart by them)."""
         for index, item in indices:
-            cached = find_cached(self, name, index) if use_cache else None
+            cached = find_cached(self, name, index) if use_cache and index not in clones else None
             if index in clones or cached is not None:
                 info = self._reused_task(clones[index], "cloned") if index in clones else self._cached_task(cached)
                 self.state.tasks[name].append(info)
                 self.record.task_reused(info)
                 continue
-            info = self.record.new_task(name, index, item)
+            (info,) = self.record.new_tasks(name, [(index, item)])
             self.state.tasks[name].append(info)
             self.queue.add(info)
-        if self.state.step_finished_ok(name):  # empty foreach, or all cached
-            self._step_finished(name)
 
     def _foreach_indices(self, name: str) -> list[tuple[tuple[int, ...], str | None]] | None:
         """The index (and item repr) of each task of the step; None if its list is unusable (the step failed)."""

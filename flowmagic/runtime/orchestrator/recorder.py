@@ -27,10 +27,14 @@ class Recorder:
         self.emit(Event("run", self.run_id, state=status, data=data))
 
     # -- tasks
-    def new_task(self, step: str, index: tuple[int, ...], item: str | None) -> TaskInfo:
-        task_id = self.meta.new_task(self.flow, self.run_id, step, index=index or None, item=item)
-        self.emit(Event("task", self.run_id, step=step, task_id=task_id, index=index, state="pending"))
-        return TaskInfo(task_id, step, index)
+    def new_tasks(self, step: str, items: list[tuple[tuple[int, ...], str | None]]) -> list[TaskInfo]:
+        """The pending tasks of a step (its foreach items), recorded in one transaction."""
+        ids = self.meta.new_tasks(self.flow, self.run_id, step, [(index or None, item) for index, item in items])
+        infos = [TaskInfo(task_id, step, index) for task_id, (index, _item) in zip(ids, items)]
+        for info in infos:
+            self.emit(Event("task", self.run_id, step=step, task_id=info.task_id, index=info.index,
+                            state="pending"))
+        return infos
 
     def task_reused(self, info: TaskInfo) -> None:
         """A task cloned by the step cache (its metadata is written by clone_task)."""

@@ -35,6 +35,10 @@ class RunState:
     cloned: int = 0
     cached: int = 0
     started: float = field(default_factory=time.time)
+    # step -> how many of its first tasks are known to have finished ok: a task
+    # that finished ok stays so, so step_finished_ok resumes from there
+    # (checking every task on each finish made a foreach quadratic)
+    _ok_prefix: dict[str, int] = field(default_factory=dict, repr=False)
 
     def fail_step(self, step: str, line: str) -> None:
         self.step_state[step] = "failed"
@@ -42,7 +46,12 @@ class RunState:
         self.stopping = True
 
     def step_finished_ok(self, step: str) -> bool:
-        return all(t.finished_ok for t in self.tasks[step])
+        tasks = self.tasks[step]
+        done = min(self._ok_prefix.get(step, 0), len(tasks))
+        while done < len(tasks) and tasks[done].finished_ok:
+            done += 1
+        self._ok_prefix[step] = done
+        return done == len(tasks)
 
     def status(self) -> str:
         ok = not self.failed and all(s == "done" for s in self.step_state.values())
