@@ -238,6 +238,7 @@ class SessionRun:
     root: Path
     run_id: int | None = None
     states: dict[str, str] = field(default_factory=dict)
+    task_states: dict[str, list[str]] = field(default_factory=dict)   # step -> its last execution's task states
     recorded: str = "running"     # the status last written to the store
 
     def missing_producers(self, graph: FlowGraph, step: str) -> list[str]:

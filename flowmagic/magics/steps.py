@@ -98,7 +98,8 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         raise Interrupted(f"step '{step}' was stopped; its tasks are ended and "
                           f"session run {session.run_id} is marked interrupted") from None
     printer.close()
-    state = "done" if result.status == "succeeded" else "failed"   # StepResult: succeeded | failed
+    state = _step_state(result)
+    session.task_states[step] = list(result.task_states)
     stale = _settle(magics, graph, session, step, state)
     value = printer.take_result()
     if state == "failed":
@@ -110,6 +111,13 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
     if stale:
         print(f"[flowmagic] marked stale (they used the previous '{step}'): {', '.join(stale)}")
     return value
+
+
+def _step_state(result: Any) -> str:
+    """The session's word for an executed step: a success with a --catch'ed task is ``caught``, as in a run."""
+    if result.status != "succeeded":   # StepResult: succeeded | failed
+        return "failed"
+    return "caught" if "caught" in result.task_states else "done"
 
 
 def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:

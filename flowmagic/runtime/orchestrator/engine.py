@@ -65,6 +65,14 @@ def _last_line(exception: ExceptionRecord | None) -> str:
     return exception.last_line if exception is not None else "failed"
 
 
+def _state_data(exception: dict | None, state: str, catch: str | None) -> dict | None:
+    """A task event's details: its exception and, when caught, the variable that holds it (printers say so)."""
+    data: dict = {"exception": exception} if exception else {}
+    if state == "caught" and catch:
+        data["catch"] = catch
+    return data or None
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -112,7 +120,8 @@ class _Engine:
         status = self.run_tasks(finish_run=True)
         state = self.state
         return RunResult(self.flow, self.run_id, status, origin_run_id, state.failed,
-                         time.time() - state.started, state.executed, state.cloned, state.cached)
+                         time.time() - state.started, state.executed, state.cloned, state.cached,
+                         state.caught)
 
     def run_tasks(self, *, finish_run: bool) -> str:
         try:
@@ -327,7 +336,8 @@ class _Engine:
         self.state.executed += attempt == 0
         self.state.outputs.setdefault(info.step, []).extend(manifest.outputs)
         info.exception = exception_json(result.exception)
-        self.record.task_state(info, state, attempt, data={"exception": info.exception} if info.exception else None)
+        self.state.caught += state == "caught"
+        self.record.task_state(info, state, attempt, data=_state_data(info.exception, state, spec.options.catch))
         if state == "retrying":
             self.queue.retry_later(info, attempt + 1)
         elif state in TASK_FINISHED_OK:

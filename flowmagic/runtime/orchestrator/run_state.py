@@ -34,6 +34,7 @@ class RunState:
     executed: int = 0
     cloned: int = 0
     cached: int = 0
+    caught: int = 0                     # tasks whose failure --catch saved
     started: float = field(default_factory=time.time)
 
     def fail_step(self, step: str, line: str) -> None:

@@ -109,7 +109,8 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
     exception = next((t.exception for t in tasks if t.state == "failed"), None)
-    return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []))
+    return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []),
+                      [t.state for t in tasks])
 
 
 # ----------------------------------------------------------------------------- helpers
