@@ -383,7 +383,7 @@ def test_after_a_restart_the_saved_notebook_names_the_step_to_execute_first(kern
         assert execution.status == "error"
         message = execution.error_text
         assert "reads 'x'" in message
-        assert "step 'start' (cell 2 of hello_flow.ipynb) writing 'x': execute that cell first" in message
+        assert "step 'start' (cell 3 of hello_flow.ipynb) writing 'x': execute that cell first" in message
         assert "Traceback" not in message
     finally:
         kernel.ok("del __session__")

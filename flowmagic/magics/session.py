@@ -183,7 +183,7 @@ class KernelFlowDefinition:
         """The same error, with the kernel's cell index replaced by the cell's label."""
         cell = self.cell_at(exc.cell)
         message = getattr(exc, "message", str(exc))
-        message = _CELL_REFERENCE.sub(lambda m: self._cell_words(int(m.group(1)), m.group(0)), message)
+        message = _CELL_REFERENCE.sub(lambda m: self._cell_words(int(m.group(1)) - 1, m.group(0)), message)
         if cell is None:
             return exc
         where = [f"step '{exc.step}'"] if exc.step else []
@@ -200,7 +200,7 @@ class KernelFlowDefinition:
         return cell.label() if cell is not None else original
 
 
-# "cell 3" inside a message from build_flow refers to an index of our cell list
+# "cell 3" inside a message from build_flow is the 1-based number (errors.cell_number) of an index of our cell list
 _CELL_REFERENCE = re.compile(r"\b(?:ordinary )?cell (\d+)\b")
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from flowmagic.magics import views
 from flowmagic.magics.output import (Interrupted, LivePrinter, step_failure,
                                      usage_error)
-from flowmagic.errors import FlowDefinitionError, RunError
+from flowmagic.errors import FlowDefinitionError, RunError, cell_number
 from flowmagic.magics.session import SessionRun
 from flowmagic.store.paths import store_root_for
 
@@ -150,7 +150,7 @@ def _with_saved_notebook_hint(magics: FlowMagics, exc: FlowDefinitionError) -> F
     if not writers:
         return exc
     writer = writers[0]
-    hint = (f"\nthe saved notebook has step '{writer.name}' (cell {writer.cell} of {notebook.name}) "
+    hint = (f"\nthe saved notebook has step '{writer.name}' (cell {cell_number(writer.cell)} of {notebook.name}) "
             f"writing '{exc.variable}': execute that cell first")
     exc.args = (str(exc) + hint,)
     return exc
@@ -220,8 +220,8 @@ def _unsaved(ref: Any) -> bool:
     return getattr(ref, "serializer", None) == "unsaved"
 
 
-# The scheduler names a step's code "<cell N: step S>", N indexing the kernel's
-# cell list; a user knows the cell as In [n].
+# The scheduler names a step's code "<cell N: step S>", N numbering (from 1) the
+# kernel's cell list; a user knows the cell as In [n].
 _CELL_FILENAME = re.compile(r"<cell (\d+): step (\w+)>")
 
 

@@ -6,6 +6,7 @@ import shlex
 import time
 from typing import Any
 
+from flowmagic.errors import cell_number
 from flowmagic.states import TASK_FINISHED_OK, TASK_REUSED
 from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
 
@@ -63,7 +64,7 @@ def render_show(graph: FlowGraph) -> str:
 
 
 def _render_step(graph: FlowGraph, spec: StepSpec) -> list[str]:
-    header = f"Step {spec.name}  (cell {spec.cell})"
+    header = f"Step {spec.name}  (cell {cell_number(spec.cell)})"
     options = format_options(spec.options)
     if options:
         header += f"  {options}"

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 
-from flowmagic.errors import RunError
+from flowmagic.errors import RunError, cell_number
 from flowmagic.flow.catch import caught_exception
 from flowmagic.states import TASK_FINISHED_OK
 from flowmagic.runtime.environments import builder as environments
@@ -378,7 +378,7 @@ class _Engine:
             flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,
-            filename=f"<cell {spec.cell}: step {step}>",
+            filename=f"<cell {cell_number(spec.cell)}: step {step}>",
             params=self.params, bindings=inputs.bindings, foreach=inputs.foreach, inputs=inputs.inputs,
             catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
             writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
