@@ -8,6 +8,14 @@ end can point at them.
 from __future__ import annotations
 
 
+def cell_number(index: int) -> int:
+    """The cell number a user sees (JupyterLab's: 1-based, markdown cells counted) of a 0-based cell index.
+
+    Records and JSON keep the 0-based index; only messages say this number.
+    """
+    return index + 1
+
+
 class FlowmagicError(Exception):
     """Base class: the message says what went wrong and what to do."""
 
@@ -36,7 +44,7 @@ class FlowDefinitionError(FlowmagicError):
         if self.step is not None:
             where.append(f"step '{self.step}'")
         if self.cell is not None:
-            where.append(f"cell {self.cell}")
+            where.append(f"cell {cell_number(self.cell)}")
         if self.line is not None:
             where.append(f"line {self.line}")
         return f"{', '.join(where)}: {message}" if where else message

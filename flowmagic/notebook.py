@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowmagic.flow.graph import FlowGraph, build_flow, flow_name_from_cells
-from flowmagic.errors import UsageError
+from flowmagic.errors import UsageError, cell_number
 
 if TYPE_CHECKING:
     from flowmagic.store.metadata import Metadata
@@ -73,7 +73,7 @@ def read_cells(path: str | os.PathLike) -> list[str]:
 
 def _source(cell, index: int, path: Path) -> str:
     if not isinstance(cell, dict):
-        raise UsageError(f"{path}: cell {index} is a {type(cell).__name__}, not a cell (a JSON object)")
+        raise UsageError(f"{path}: cell {cell_number(index)} is a {type(cell).__name__}, not a cell (a JSON object)")
     if cell.get("cell_type") != "code":
         return ""
     source = cell.get("source", "")
@@ -81,7 +81,7 @@ def _source(cell, index: int, path: Path) -> str:
         return source
     if isinstance(source, list) and all(isinstance(line, str) for line in source):
         return "".join(source)
-    raise UsageError(f"{path}: cell {index}'s source is {_json_kind(source)}, not text "
+    raise UsageError(f"{path}: cell {cell_number(index)}'s source is {_json_kind(source)}, not text "
                      "(a string or a list of strings)")
 
 

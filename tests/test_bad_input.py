@@ -196,28 +196,28 @@ def failed_in(step: str) -> Callable[[Path], None]:
 
 CASES = [
     # -- bad usage: exit 2, nothing runs --------------------------------------------------
-    Case("unknown %%step option", ("run", "NB"), 2, ("step 'start'", "cell 2", "--retries", "did you mean --retry"),
+    Case("unknown %%step option", ("run", "NB"), 2, ("step 'start'", "cell 3", "--retries", "did you mean --retry"),
          cells=[HEAD, PARAMS, "%%step start --retries 2\nx = 1", END]),
-    Case("bad %%step option value", ("run", "NB"), 2, ("step 'start'", "cell 2", "--memory", "'lots'"),
+    Case("bad %%step option value", ("run", "NB"), 2, ("step 'start'", "cell 3", "--memory", "'lots'"),
          cells=[HEAD, PARAMS, "%%step start --memory lots\nx = 1", END]),
-    Case("options on %%params", ("run", "NB"), 2, ("cell 1", "%%params takes no options", "'--verbose'"),
+    Case("options on %%params", ("run", "NB"), 2, ("cell 2", "%%params takes no options", "'--verbose'"),
          cells=[HEAD, "%%params --verbose\nalpha = 0.5", START, END]),
-    Case("misspelt %%step magic", ("run", "NB"), 2, ("cell 2", "'%%stpe'", "did you mean %%step"),
+    Case("misspelt %%step magic", ("run", "NB"), 2, ("cell 3", "'%%stpe'", "did you mean %%step"),
          cells=[HEAD, PARAMS, "%%stpe start\nx = 1", END]),
     Case("unknown command-line option", ("run", "NB", "--bogus", "1"), 2, ("--bogus", "--help")),
     Case("unknown option of a reading command", ("status", "NB", "--bogus"), 2, ("--bogus", "flowmagic status")),
     Case("bad parameter value", ("run", "NB", "--alpha", "fast"), 2, ("parameter 'alpha'", "float", "'fast'")),
     Case("unknown parameter", ("run", "NB", "--beta", "1"), 2, ("--beta",)),
-    Case("syntax error in a step", ("run", "NB"), 2, ("step 'start'", "cell 2", "line 3", "syntax error"),
+    Case("syntax error in a step", ("run", "NB"), 2, ("step 'start'", "cell 3", "line 3", "syntax error"),
          cells=[HEAD, PARAMS, "%%step start\nx = 1\ny = (2,\nz = 3", END]),
     # tests/test_cli_run.py::test_a_flow_that_cannot_be_built_exits_2 checks the name only
-    Case("unresolved name", ("run", "NB"), 2, ("step 'end'", "cell 3", "line 2", "'missing_name'"),
+    Case("unresolved name", ("run", "NB"), 2, ("step 'end'", "cell 4", "line 2", "'missing_name'"),
          cells=[HEAD, PARAMS, START, "%%step end\ny = missing_name + x"]),
-    Case("duplicate step", ("run", "NB"), 2, ("two steps are named 'start'", "cells 2 and 3"),
+    Case("duplicate step", ("run", "NB"), 2, ("two steps are named 'start'", "cells 3 and 4"),
          cells=[HEAD, PARAMS, START, "%%step start\ny = x + 1"]),
     # Producers are the nearest step *above*, so a cycle shows as a read of a later step's name.
     Case("cycle (a read of what a later step writes)", ("run", "NB"), 2,
-         ("step 'start'", "cell 2", "'y'", "step 'end' (cell 3)"),
+         ("step 'start'", "cell 3", "'y'", "step 'end' (cell 4)"),
          cells=[HEAD, PARAMS, "%%step start\nx = y - 1", "%%step end\ny = x + 1"]),
     Case("missing run id: dump", ("dump", "NB", "99"), 2, ("Catalogue/99", "runs of Catalogue: 1")),
     Case("missing step: dump", ("dump", "NB", "1/train"), 2, ("'train'", "end, start")),
@@ -231,7 +231,7 @@ CASES = [
          ("Catalogue/12345678901234567890123 does not exist", "runs of Catalogue: 1")),
     Case("23-digit run id: resume", ("resume", "NB", "12345678901234567890123"), 2,
          ("Catalogue/12345678901234567890123 does not exist",)),
-    Case("a 5,000-term expression", ("run", "NB"), 2, ("step 'start'", "cell 2", "nested too deeply", "split it"),
+    Case("a 5,000-term expression", ("run", "NB"), 2, ("step 'start'", "cell 3", "nested too deeply", "split it"),
          cells=[HEAD, PARAMS, "%%step start\nx = " + "+".join(["1"] * 5000), END]),
     Case("--timeout shorter than the step", ("run", "NB"), 1, ("step start failed", "past its timeout of 1e-09 s"),
          cells=[HEAD, PARAMS, "%%step start --timeout 1e-9\nx = 41", END], after=failed_in("start")),
@@ -439,9 +439,9 @@ def _with_source(source) -> str:
 
 
 @pytest.mark.parametrize("text, expected", [
-    (_with_source(5), "cell 0's source is a number, not text"),
-    (_with_source(["x = 1\n", None]), "cell 0's source is a list holding null, not text"),
-    (_with_source({"a": 1}), "cell 0's source is an object, not text"),
+    (_with_source(5), "cell 1's source is a number, not text"),
+    (_with_source(["x = 1\n", None]), "cell 1's source is a list holding null, not text"),
+    (_with_source({"a": 1}), "cell 1's source is an object, not text"),
     ("[" * 100_000 + "]" * 100_000, "its JSON is nested too deeply"),
 ], ids=["number source", "list with null", "object source", "deeply nested JSON"])
 def test_a_notebook_file_with_bad_json_is_a_one_line_error(tmp_path: Path, text: str, expected: str):

@@ -189,7 +189,7 @@ def test_engine_client_widgets_and_report_agree_a_caught_task_is_successful(tmp_
     nb = shutil.copy(EXAMPLES / "catch_flow.ipynb", tmp_path / "catch_flow.ipynb")
     proc = flowmagic("run", nb, store=store)
     assert proc.returncode == 0, proc.stdout + proc.stderr                    # the engine: the run succeeds
-    assert "[compute/0] failed, caught: ZeroDivisionError" in proc.stdout
+    assert "[compute/0] caught ZeroDivisionError" in proc.stdout
     assert "Step compute done" in proc.stdout and "CatchFlow/1 succeeded" in proc.stdout   # the report
 
     from flowmagic.client import Metaflow
@@ -203,6 +203,34 @@ def test_engine_client_widgets_and_report_agree_a_caught_task_is_successful(tmp_
     states = states_from_tasks(open_store(store).meta.tasks("CatchFlow", 1))
     assert states["compute"]["state"] == "caught" and _outcome(states["compute"]["state"]) == "ok"  # widgets
     assert _outcome(caught.state) == "ok"
+
+
+def test_a_caught_task_prints_one_line_and_the_summary_counts_caught_tasks(tmp_path, store):
+    nb = write_notebook(tmp_path / "caught.ipynb", [
+        "%%step start\ndegrees = [1, 2, 3, 4]",
+        "%%step fit --foreach degrees --catch fit_error\n"
+        "print('fitting', input)\n"
+        "if input % 2:\n    raise ValueError(f'bad degree {input}')\nmodel = input",
+        "%%step report\nerrors = [e is not None for e in fit_error]",
+    ])
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "[fit/0] caught ValueError: bad degree 1 -> fit_error" in lines
+    assert "[fit/2] caught ValueError: bad degree 3 -> fit_error" in lines
+    assert not any(line.startswith(("[fit/1] caught", "[fit/3] caught")) for line in lines)
+    # the task's own output comes first, then its caught line
+    assert lines.index("[fit/0] fitting 1") < lines.index("[fit/0] caught ValueError: bad degree 1 -> fit_error")
+    [summary] = [line for line in lines if line.startswith("Run Caught/1 succeeded in")]
+    assert summary.endswith("(6 tasks run, 0 cloned, 2 caught)")
+    assert artifacts(store, "Caught", 1, "report")[0]["errors"] == [True, False, True, False]
+
+
+def test_the_summary_says_nothing_of_caught_tasks_when_none_was(tmp_path, store):
+    nb = write_notebook(tmp_path / "fine.ipynb", ["%%step start --catch oops\nx = 1"])
+    proc = flowmagic("run", nb, store=store)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "caught" not in proc.stdout
 
 
 def test_foreach_nested_and_empty(tmp_path, store):

@@ -54,10 +54,10 @@ def test_show_text_listing(movie_notebook, capsys):
     assert out.startswith("Flow MovieFlow  (4 steps, starts at start)\n")
     assert "--alpha" in out and "default 0.01" in out and "Learning rate" in out
     assert '--genre' in out and '"Sci-Fi"' in out and "Filter genre" in out
-    assert "Step start  (cell 4)" in out and "Load the movies" in out
-    assert "Step split  (cell 5)  --retry 2 --timeout 60" in out
+    assert "Step start  (cell 5)" in out and "Load the movies" in out
+    assert "Step split  (cell 6)  --retry 2 --timeout 60" in out
     assert "=> split  [movies]" in out
-    assert "Step compute  (cell 6)  --foreach params --catch compute_failed" in out
+    assert "Step compute  (cell 7)  --foreach params --catch compute_failed" in out
     assert "=> join  [compute_failed, div]" in out
     assert "joins the foreach of compute" in out
 
@@ -108,6 +108,25 @@ def test_missing_notebook(tmp_path):
     assert_one_line_error(run_cli("show", str(tmp_path / "absent.ipynb"), "--json"), "no such notebook")
 
 
+def test_messages_number_cells_as_jupyterlab_does_and_json_keeps_the_index(tmp_path):
+    """1-based, markdown cells counted: the number JupyterLab shows; `show --json` keeps the 0-based index."""
+    path = write_notebook(tmp_path / "numbered.ipynb", [
+        ("markdown", "# Numbered"), ("code", "%%step start\nx = 1"), ("markdown", "between"),
+        ("code", "%%step end\ny = x + 1")])
+    text = run_cli("show", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "Step start  (cell 2)" in text.stdout and "Step end  (cell 4)" in text.stdout
+    document = json.loads(run_cli("show", str(path), "--json").stdout)
+    assert [(s["name"], s["cell"]) for s in document["steps"]] == [("start", 1), ("end", 3)]
+    bad = write_notebook(tmp_path / "bad_numbered.ipynb", [
+        ("markdown", "# Numbered"), ("code", "%%step start\nx = 1"), ("code", "%%step start\ny = 2")])
+    assert_one_line_error(run_cli("show", str(bad)), "two steps are named 'start' (cells 2 and 3)")
+    late = write_notebook(tmp_path / "late.ipynb", [
+        ("markdown", "# Late"), ("code", "%%step a\ny = z + 1"), ("markdown", "note"), ("code", "%%step b\nz = 1")])
+    assert_one_line_error(run_cli("show", str(late)), "step 'a', cell 2, line 2: reads 'z'")
+    assert_one_line_error(run_cli("show", str(late)), "step 'b' (cell 4) writes it further down")
+
+
 def test_not_a_notebook(tmp_path):
     path = tmp_path / "notes.ipynb"
     path.write_text("these are\nnot JSON\n")
@@ -117,7 +136,7 @@ def test_not_a_notebook(tmp_path):
 def test_flow_with_errors(tmp_path):
     path = write_notebook(tmp_path / "bad.ipynb", [
         ("code", "import pandas as pd\ndf = pd.DataFrame()"), ("code", "%%step a\ny = df.shape")])
-    assert_one_line_error(run_cli("show", str(path), "--json"), "step 'a', cell 1, line 2")
+    assert_one_line_error(run_cli("show", str(path), "--json"), "step 'a', cell 2, line 2")
     assert_one_line_error(run_cli("show", str(path)), "make that cell a step, or a parameter")
 
 
@@ -146,8 +165,8 @@ def test_render_show_nested_foreach_options_and_empty_flows():
         "%%step b --foreach inner --timeout 2.5\ny = input\n",
         "%%step j\nz = y\n",
     ], name="Nest"))
-    assert "Step a  (cell 1)  --foreach outer --pypi 'pandas==2.2.3 pyarrow>=15' --cache" in text
-    assert "Step b  (cell 2)  --timeout 2.5 --foreach inner" in text
+    assert "Step a  (cell 2)  --foreach outer --pypi 'pandas==2.2.3 pyarrow>=15' --cache" in text
+    assert "Step b  (cell 3)  --timeout 2.5 --foreach inner" in text
     assert "nested in the foreach of a" in text
     assert "joins the foreach of b" in text
     assert "=> (end)" in text

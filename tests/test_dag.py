@@ -110,7 +110,7 @@ def test_star_import_in_an_ordinary_cell_may_provide_any_name():
     graph = build_flow(cells("from math import *", "%%step a\ny = floor(pi)"))
     assert graph.step("a").reads == ("floor", "pi")
     assert "from math import *" in graph.prelude
-    with pytest.raises(FlowDefinitionError, match="ordinary cell 1 computes"):
+    with pytest.raises(FlowDefinitionError, match="ordinary cell 2 computes"):
         build_flow(cells("from math import *", "z = floor(2.5)", "%%step a\ny = z"))
 
 
@@ -224,24 +224,24 @@ def test_parameters_across_cells_keep_order():
 ERROR_CASES = [
     ("name only an ordinary cell computes",
      cells("import pandas as pd\ndf = pd.DataFrame()", "%%step a\ny = df"),
-     "a", 1, "df", 2, ["ordinary cell 0", "make that cell a step, or a parameter"]),
+     "a", 1, "df", 2, ["ordinary cell 1", "make that cell a step, or a parameter"]),
     ("name nothing defines", cells("%%step a\nx = 1\ny = nothing"),
      "a", 0, "nothing", 3, ["'nothing'", "no step above"]),
     ("name a later step writes", cells("%%step a\ny = x", "%%step b\nx = 1"),
-     "a", 0, "x", 2, ["step 'b' (cell 1)", "move this step below"]),
+     "a", 0, "x", 2, ["step 'b' (cell 2)", "move this step below"]),
     ("name read through a prelude function",
      cells("def clean():\n    return frame", "%%step a\nz = clean()"),
      "a", 1, "frame", 2, ["through clean()"]),
     ("private name from another step", cells("%%step a\n_x = 1", "%%step b\ny = _x"),
      "b", 1, "_x", 2, ["private"]),
     ("two steps with the same name", cells("%%step a\nx = 1", "", "%%step a\ny = 2"),
-     "a", 2, None, None, ["cells 0 and 2"]),
+     "a", 2, None, None, ["cells 1 and 3"]),
     ("--foreach of a name no step writes", cells("%%step a --foreach items\nx = input"),
      "a", 0, "items", 1, ["--foreach items", "no step above", "items = [...]"]),
     ("--foreach of a parameter", cells("%%params\nitems = [1]", "%%step a --foreach items\nx = input"),
      "a", 1, "items", 1, ["no step above", "a parameter cannot be iterated over directly"]),
     ("--foreach of a name written below", cells("%%step a --foreach items\nx = input", "%%step b\nitems = [1]"),
-     "a", 0, "items", 1, ["no step above", "step 'b' (cell 1) writes it further down"]),
+     "a", 0, "items", 1, ["no step above", "step 'b' (cell 2) writes it further down"]),
     ("syntax error", cells("%%step a\nx = 1\ny = (\n"), "a", 0, None, 3, ["syntax error"]),
     ("syntax error below blank lines", ["\n%%step a\n\nx = = 1\n"], "a", 0, None, 4, ["syntax error"]),
     ("return outside a function", cells("%%step a\nreturn 1"), "a", 0, None, 2, ["syntax error"]),
@@ -255,10 +255,10 @@ ERROR_CASES = [
      None, 1, "alpha", 2, ["declared twice"]),
     ("an ordinary cell rebinds a step's output before the reader",
      cells("%%step a\ndf = [1, None]", "df = [v for v in df if v]", "%%step b\nn = len(df)"),
-     "b", 2, "df", 2, ["step 'a' (cell 0)", "ordinary cell 1 assigns it in between", "make that cell a step"]),
+     "b", 2, "df", 2, ["step 'a' (cell 1)", "ordinary cell 2 assigns it in between", "make that cell a step"]),
     ("an ordinary cell rebinds a parameter",
      cells("%%params\nalpha = 1", "alpha = alpha * 2", "%%step b\nn = alpha"),
-     "b", 2, "alpha", 2, ["ordinary cell 1 assigns it in between"]),
+     "b", 2, "alpha", 2, ["ordinary cell 2 assigns it in between"]),
     ("inputs without a foreach step", cells("%%step a\nx = 1", "%%step j\ny = [i.x for i in inputs]"),
      "j", 1, "inputs", None, ["join"]),
     ("ambiguous inputs", cells("%%step s\na = [1]\nb = [2]", "%%step f --foreach a\nu = input",
@@ -271,18 +271,18 @@ ERROR_CASES = [
            "%%step pick_odd\nresult = [x for x in items if x % 2]\nfirst_odd = result[0]",
            "%%step join\nevens = result"),
      "join", 3, "result", 2,
-     ["'pick_even' (cell 1, line 2)", "'pick_odd' (cell 2, line 2)", "neither depends on the other",
+     ["'pick_even' (cell 2, line 2)", "'pick_odd' (cell 3, line 2)", "neither depends on the other",
       "Rename it", "--after pick_even"]),
     ("two roots write the name",
      cells("%%step a\nx = 1", "%%step b\n\nx = 2", "%%step c\ny = x"),
-     "c", 2, "x", 2, ["'a' (cell 0, line 2)", "'b' (cell 1, line 3)"]),
+     "c", 2, "x", 2, ["'a' (cell 1, line 2)", "'b' (cell 2, line 3)"]),
     ("the sibling writer is further up than the nearest one",
      cells("%%step s\nd = 1", "%%step a\nx = d", "%%step b\nx = d + 1", "%%step c\nx += 1", "%%step e\ny = x"),
-     "c", 3, "x", 2, ["'a' (cell 1", "'b' (cell 2"]),
+     "c", 3, "x", 2, ["'a' (cell 2", "'b' (cell 3"]),
     ("a conditional read of sibling writers",
      cells("%%params\nflag = True", "%%step a\nx = 1", "%%step b\nx = 2",
            "%%step c\nif flag:\n    x = 3\ny = x"),
-     "c", 3, "x", 4, ["'a' (cell 1", "'b' (cell 2"]),
+     "c", 3, "x", 4, ["'a' (cell 2", "'b' (cell 3"]),
 ]
 
 
@@ -302,7 +302,7 @@ WARNING_CASES = [
     ("a sibling shadows an output nobody reads",
      cells("%%step start\nitems = [1, 2]", "%%step pick_even\nresult = [x for x in items if x % 2 == 0]",
            "%%step pick_odd\nresult = [x for x in items if x % 2]"),
-     [["step 'pick_even' (cell 1, line 2) writes 'result'", "no step reads", "step 'pick_odd' (cell 2)"]]),
+     [["step 'pick_even' (cell 2, line 2) writes 'result'", "no step reads", "step 'pick_odd' (cell 3)"]]),
     ("a rewrite that depends on the first writer is no warning",
      cells("%%step a\nx = 1", "%%step b\nx = x + 1"), []),
     ("an output that is read is no warning",
@@ -614,7 +614,7 @@ def test_unknown_name_suggests_a_close_one():
 
 
 def test_a_name_a_later_ordinary_cell_computes_is_not_prelude():
-    with pytest.raises(FlowDefinitionError, match="ordinary cell 1 computes"):
+    with pytest.raises(FlowDefinitionError, match="ordinary cell 2 computes"):
         build_flow(cells("def f():\n    return 1", "f = make_f()", "%%step a\ny = f()"))
     graph = build_flow(cells("f = make_f()", "def f():\n    return 1", "%%step a\ny = f()"))
     assert graph.step("a").reads == ("f",)
@@ -667,7 +667,7 @@ def test_after_shows_in_json_and_orders_steps():
 
 AFTER_ERRORS = [
     ("--after a later step", cells("%%step a --after b\nx = 1", "%%step b\ny = 2"),
-     "a", 0, 1, ["--after b", "step 'b' (cell 1) is further down", "move this step below"]),
+     "a", 0, 1, ["--after b", "step 'b' (cell 2) is further down", "move this step below"]),
     ("--after an unknown step", cells("%%step train\nx = 1", "%%step end --after trian\npass"),
      "end", 1, 1, ["--after trian", "no step is named 'trian'", "did you mean 'train'"]),
     ("--after itself", cells("%%step a --after a\nx = 1"), "a", 0, 1, ["names the step itself"]),
@@ -688,7 +688,7 @@ def test_after_errors(sources, step, cell, line, words):
 def test_steps_that_share_no_data_are_warned_about():
     graph = build_flow(cells("%%step start\nprint(1)", "%%step hello\nprint(2)", "%%step end\npass"))
     (warning,) = graph.warnings
-    assert "'start' (cell 0), 'hello' (cell 1), 'end' (cell 2) share no data" in warning
+    assert "'start' (cell 1), 'hello' (cell 2), 'end' (cell 3) share no data" in warning
     assert "--after" in warning
     linked = build_flow(cells("%%step a\nx = 1", "%%step b\ny = x"))
     assert linked.warnings == ()

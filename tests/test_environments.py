@@ -187,7 +187,7 @@ def test_conda_without_a_conda_tool_is_an_error_before_anything_runs(tmp_path, m
     with pytest.raises(FlowDefinitionError) as info:
         check_environment_tools([step])
     message = str(info.value)
-    assert "step 'end'" in message and "cell 3" in message
+    assert "step 'end'" in message and "cell 4" in message
     assert "micromamba" in message and "--pypi" in message
     with pytest.raises(EnvironmentBuildError, match="micromamba"):
         ensure_environment(EnvSpec("conda", ("pandas=1.5",)), tmp_path / "store")

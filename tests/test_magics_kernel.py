@@ -400,6 +400,24 @@ def test_catch_binds_the_exception_record_and_what_was_bound_before(kernel):
     assert kernel.value("was_caught") is True
 
 
+def test_a_caught_task_says_so_in_the_cell_and_the_run_summary_counts_it(kernel):
+    fresh_flow(kernel, "CaughtCells")
+    lone = kernel.ok("%%step start --catch oops\nprint('trying')\nraise ValueError('on purpose')")
+    assert "[flowmagic] caught ValueError: on purpose -> oops" in lone.stderr.splitlines()
+    kernel.ok("%%step settings\ndegrees = [1, 2, 3]")
+    foreach = kernel.ok("%%step fit --foreach degrees --catch fit_error\n"
+                        "if input == 2:\n    raise ValueError('bad degree')\nmodel = input")
+    assert "[fit/1] caught ValueError: bad degree -> fit_error" in foreach.stderr.splitlines()
+    assert "[fit/0] caught" not in foreach.stderr and "[fit/2] caught" not in foreach.stderr
+    (bundle,) = kernel.ok("%flow show").displays()   # a view made afterwards: caught, with its counts
+    text = bundle["text/plain"]
+    assert "caught · 2/3 (1 failed)" in text and "done · 2/3" not in text, text
+    whole = kernel.ok("%flow run")
+    [summary] = [line for line in whole.stdout.splitlines() if " succeeded in " in line]
+    assert summary.endswith("(5 tasks run, 0 cloned, 2 caught)"), summary
+    assert "[fit/1] caught ValueError: bad degree -> fit_error" in whole.stderr.splitlines()
+
+
 def test_rerunning_a_step_marks_the_steps_below_stale(kernel):
     fresh_flow(kernel, "Stale")
     kernel.ok("%%step a\nx = 1")

@@ -31,7 +31,7 @@ def test_sibling_writers_are_refused_and_nothing_is_recorded(tmp_path, store, co
     assert proc.returncode == 2, proc.stdout + proc.stderr
     message = proc.stderr.strip()
     assert len(message.splitlines()) == 1, message
-    for words in ("step 'join'", "'result'", "'pick_even' (cell 1, line 2)", "'pick_odd' (cell 2, line 2)",
+    for words in ("step 'join'", "'result'", "'pick_even' (cell 2, line 2)", "'pick_odd' (cell 3, line 2)",
                   "Rename it", "--after pick_even"):
         assert words in message
     assert flowmagic_json("status", nb, store=store)["runs"] == []
@@ -41,7 +41,7 @@ def test_show_warns_about_an_output_a_sibling_shadows(tmp_path, store):
     nb = write_notebook(tmp_path / "shadow.ipynb", SIBLINGS[:3] + ["%%step join\nodd = first_odd"])
     proc = flowmagic("show", nb, store=store)
     assert proc.returncode == 0, proc.stderr
-    assert "warning: step 'pick_even' (cell 1, line 2) writes 'result', which no step reads" in proc.stdout
+    assert "warning: step 'pick_even' (cell 2, line 2) writes 'result', which no step reads" in proc.stdout
     assert flowmagic_json("run", nb, store=store)["status"] == "succeeded"
     assert artifacts(store, "Shadow", 1, "join")[0]["odd"] == 1
 

@@ -51,7 +51,7 @@ def test_session_run_step_by_step(store, tmp_path):
              "%%step end\ntotal = sum(y)"]
     graph = build_flow(cells, name="Session")
     run_id = new_session_run(graph, store)
-    with pytest.raises(RunError, match=r"'each'.*cell 2.*execute that cell first"):
+    with pytest.raises(RunError, match=r"'each'.*cell 3.*execute that cell first"):
         run_step(graph, store, run_id, "end", workdir=str(tmp_path))
     first = run_step(graph, store, run_id, "start", workdir=str(tmp_path))
     assert first.status == "succeeded" and values(store, first.artifacts["items"]) == [1, 2, 3]

@@ -526,6 +526,26 @@ def test_nbconvert_execute_to_html_shows_the_static_svg(tmp_path):
     assert '<script type="application/vnd.jupyter.widget-view+json">' not in page  # no dead widget
 
 
+def test_a_step_with_caught_tasks_renders_as_caught_with_its_counts():
+    from flowmagic.widgets.live import record_from_states
+    from flowmagic.widgets.static import graph_svg, graph_text
+
+    graph = {"name": "Fits", "params": [], "edges": [{"from": "start", "to": "fit", "variables": ["degrees"]}],
+             "steps": [{"name": "start", "options": {}},
+                       {"name": "fit", "options": {"foreach": "degrees", "catch": "fit_error"}}]}
+    states = {"start": record_from_states(["done"]), "fit": record_from_states(["done", "caught", "done"])}
+    assert states["fit"] | {"duration": None} == {"state": "caught", "attempt": 0, "done": 2, "total": 3,
+                                                  "failed": 1, "duration": None}
+    assert states["start"]["state"] == "done"
+    text = graph_text(graph, states)
+    assert "caught · 2/3 (1 failed)" in text, text
+    view = DagView(graph, states)
+    assert view.states["fit"]["state"] == "caught" and view.states["fit"]["total"] == 3
+    svg = graph_svg(graph, states)
+    if svg is not None:   # Graphviz present
+        assert "caught · 2/3 (1 failed)" in svg
+
+
 def test_a_wide_fan_out_is_laid_out_left_to_right():
     from flowmagic.widgets.static import rankdir
 

@@ -18,7 +18,7 @@ from typing import Any
 from flowmagic.flow.analysis import CellAnalysis, analyze_cell, prepare_code
 from flowmagic.flow.prelude import PreludePart, split_prelude
 from flowmagic.flow.cells import ParsedCell, classify_cell, flow_name_in, parse_params
-from flowmagic.errors import FlowDefinitionError
+from flowmagic.errors import FlowDefinitionError, cell_number
 
 # Names every cell can use without anyone defining them: Python's builtins
 # and what IPython adds to a kernel's namespace.
@@ -243,7 +243,7 @@ class _Prelude:
             if part is None:
                 continue
             if part.source:
-                chunks.append(f"# cell {cell.index}\n{part.source}")
+                chunks.append(f"# cell {cell_number(cell.index)}\n{part.source}")
             for var in part.defines:
                 defines[var] = cell.index
                 computes.pop(var, None)
@@ -259,7 +259,7 @@ class _Prelude:
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:
     try:
-        code, tree = prepare_code(cell.body, f"<cell {cell.index}>", check=False)
+        code, tree = prepare_code(cell.body, f"<cell {cell_number(cell.index)}>", check=False)
     except SyntaxError:
         # A broken exploratory cell defines nothing, as when the kernel runs it.
         return None
@@ -294,7 +294,8 @@ def _collect_params(cells: Sequence[ParsedCell]) -> list[Parameter]:
         for decl in parse_params(cell):
             if decl.name in params:
                 raise FlowDefinitionError(
-                    f"parameter {decl.name!r} is declared twice (cells {params[decl.name].cell} and {cell.index})",
+                    f"parameter {decl.name!r} is declared twice "
+                    f"(cells {cell_number(params[decl.name].cell)} and {cell_number(cell.index)})",
                     cell=cell.index, line=decl.line, variable=decl.name)
             params[decl.name] = Parameter(decl.name, decl.default, decl.type, decl.help, cell.index)
     return list(params.values())
@@ -338,7 +339,8 @@ def _check_unique_steps(drafts: Sequence[_Draft]) -> None:
     for draft in drafts:
         if draft.name in seen:
             raise FlowDefinitionError(
-                f"two steps are named {draft.name!r} (cells {seen[draft.name]} and {draft.cell.index}); rename one",
+                f"two steps are named {draft.name!r} "
+                f"(cells {cell_number(seen[draft.name])} and {cell_number(draft.cell.index)}); rename one",
                 step=draft.name, cell=draft.cell.index)
         seen[draft.name] = draft.cell.index
 
@@ -430,7 +432,7 @@ class _Resolver:
             return name
         later = next((d for d in self.drafts if d.name == name), None)
         if later is not None:
-            advice = f"step {name!r} (cell {later.cell.index}) is further down: move this step below it"
+            advice = f"step {name!r} (cell {cell_number(later.cell.index)}) is further down: move this step below it"
         else:
             close = difflib.get_close_matches(name, [d.name for d in self.drafts], n=1)
             advice = f"no step is named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -474,7 +476,8 @@ class _Resolver:
     def _where_written(self, step: str, var: str) -> str:
         draft = self.by_name[step]
         line = binding_line(draft.analysis_tree, var)
-        return f"cell {draft.cell.index}, line {draft.cell_line(line)}" if line else f"cell {draft.cell.index}"
+        where = f"cell {cell_number(draft.cell.index)}"
+        return f"{where}, line {draft.cell_line(line)}" if line else where
 
     def warnings(self) -> list[str]:
         """Outputs no step reads that a sibling step writes again further down."""
@@ -491,7 +494,7 @@ class _Resolver:
                 if later:
                     found.append(
                         f"step {writer!r} ({self._where_written(writer, var)}) writes {var!r}, which no "
-                        f"step reads: step {later[0]!r} (cell {self.specs[later[0]].cell}) writes it too "
+                        f"step reads: step {later[0]!r} (cell {cell_number(self.specs[later[0]].cell)}) writes it too "
                         f"and does not depend on {writer!r}, so later steps see that value; rename one "
                         f"if both are meant to be used")
         return found + self._unordered_steps_warning()
@@ -504,7 +507,7 @@ class _Resolver:
         alone = [s for s in self.steps if s.name not in linked and not s.writes]
         if len(self.steps) < 2 or not alone:
             return []
-        names = ", ".join(f"{s.name!r} (cell {s.cell})" for s in alone)
+        names = ", ".join(f"{s.name!r} (cell {cell_number(s.cell)})" for s in alone)
         example = alone[-1].name
         before = next((s.name for s in reversed(self.steps) if s.cell < alone[-1].cell), self.steps[-1].name)
         if before == example:
@@ -523,7 +526,7 @@ class _Resolver:
         for var in sorted(writes):
             if var in self.params:
                 raise FlowDefinitionError(
-                    f"writes {var!r}, which is a parameter (cell {self.params[var].cell}); parameters are "
+                    f"writes {var!r}, which is a parameter (cell {cell_number(self.params[var].cell)}); parameters are "
                     "read-only in steps: assign the value to a new name",
                     step=draft.name, cell=draft.cell.index, variable=var)
         return writes
@@ -536,7 +539,7 @@ class _Resolver:
             advice = ("a parameter cannot be iterated over directly: "
                       f"in an earlier step write `{var}_items = list({var})`")
         elif (later := self._later_writer(draft, var)) is not None:
-            advice = f"step {later[0]!r} (cell {later[1]}) writes it further down: move this step below it"
+            advice = f"step {later[0]!r} (cell {cell_number(later[1])}) writes it further down: move this step below it"
         else:
             advice = f"assign the list of items in an earlier step (for example `{var} = [...]`)"
         raise FlowDefinitionError(
@@ -574,7 +577,8 @@ class _Resolver:
         between = [c for c in self.prelude.computed_in.get(var, ()) if source_cell < c < draft.cell.index]
         if between:
             raise FlowDefinitionError(
-                f"reads {var!r} from {source} (cell {source_cell}), but ordinary cell {between[-1]} "
+                f"reads {var!r} from {source} (cell {cell_number(source_cell)}), "
+                f"but ordinary cell {cell_number(between[-1])} "
                 "assigns it in between, which a flow run would not see: make that cell a step, "
                 "or use another name there", step=draft.name, cell=draft.cell.index, variable=var,
                 line=draft.cell_line(line))
@@ -609,12 +613,12 @@ class _Resolver:
         later = self._later_writer(draft, var)
         if later is not None:
             return FlowDefinitionError(
-                f"{what}, which no step above it writes; step {later[0]!r} (cell {later[1]}) writes it "
+                f"{what}, which no step above it writes; step {later[0]!r} (cell {cell_number(later[1])}) writes it "
                 "further down: move this step below it", **where)
         if var in self.prelude.computes:
             cell, _ = self.prelude.computes[var]
             return FlowDefinitionError(
-                f"{what}, which ordinary cell {cell} computes; steps only see imports, defs, classes "
+                f"{what}, which ordinary cell {cell_number(cell)} computes; steps only see imports, defs, classes "
                 "and constants of ordinary cells: make that cell a step, or a parameter", **where)
         known = set(self.latest_writer) | set(self.params) | set(self.prelude.defines)
         close = difflib.get_close_matches(var, sorted(known), n=1)

@@ -147,6 +147,10 @@ class LivePrinter:
 
             attempt = (event.attempt or 0) + 1
             self._write_line(event, "stderr", f"attempt {attempt} failed: {exception_line(event.data)}; retrying")
+        elif kind == "task" and event.state == "caught":
+            from flowmagic.report.text import caught_line
+
+            self._write_line(event, "stderr", caught_line(event.data))
         elif kind == "warning":
             self._write_line(event, "stderr", f"warning: {event.text}")
         if kind in ("task", "run") and self.on_state is not None:
@@ -191,6 +195,9 @@ class LivePrinter:
     def _write_line(self, event: Any, stream: str, text: str) -> None:
         """A note of flowmagic's own (not the task's output)."""
         prefix = self.label(event) if self.label_tasks else "[flowmagic] "
+        for key in [k for k in self._partial if k[0] == event.task_id]:  # the task's unfinished line first
+            held_prefix, rest = self._partial.pop(key)
+            self._stream(key[1]).write(f"{held_prefix}{rest}\n")
         self._stream(stream).write(f"{prefix}{text}\n")
 
     def _display(self, event: Any) -> None:

@@ -319,7 +319,7 @@ class KernelFlowDefinition:
         """The same error, with the kernel's cell index replaced by the cell's label."""
         cell = self.cell_at(exc.cell)
         message = getattr(exc, "message", str(exc))
-        message = _CELL_REFERENCE.sub(lambda m: self._cell_words(int(m.group(1)), m.group(0)), message)
+        message = _CELL_REFERENCE.sub(lambda m: self._cell_words(int(m.group(1)) - 1, m.group(0)), message)
         if cell is None:
             return exc
         where = [f"step '{exc.step}'"] if exc.step else []
@@ -348,7 +348,7 @@ def _saved_cell(source: str, cell_id: str | None) -> DefinedCell | None:
     return DefinedCell(key, parsed.kind, source, None, parsed.step_name, cell_id=cell_id, executed=False)
 
 
-# "cell 3" inside a message from build_flow refers to an index of our cell list
+# "cell 3" inside a message from build_flow is the 1-based number (errors.cell_number) of an index of our cell list
 _CELL_REFERENCE = re.compile(r"\b(?:ordinary )?cell (\d+)\b")
 
 
@@ -386,6 +386,7 @@ class SessionRun:
     root: Path
     run_id: int | None = None
     states: dict[str, str] = field(default_factory=dict)
+    task_states: dict[str, list[str]] = field(default_factory=dict)   # step -> its last execution's task states
     recorded: str = "running"     # the status last written to the store
 
     def missing_producers(self, graph: FlowGraph, step: str) -> list[str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from flowmagic.magics import views
 from flowmagic.magics.output import (Interrupted, LivePrinter, step_failure,
                                      usage_error)
-from flowmagic.errors import FlowDefinitionError, RunError
+from flowmagic.errors import FlowDefinitionError, RunError, cell_number
 from flowmagic.magics.session import SessionRun
 from flowmagic.store.paths import store_root_for
 
@@ -109,7 +109,8 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
         raise Interrupted(f"step '{step}' was stopped; its tasks are ended and "
                           f"session run {session.run_id} is marked interrupted") from None
     printer.close()
-    state = "done" if result.status == "succeeded" else "failed"   # StepResult: succeeded | failed
+    state = _step_state(result)
+    session.task_states[step] = list(result.task_states)
     stale = _settle(magics, graph, session, step, state)
     value = printer.take_result()
     if state == "failed":
@@ -145,6 +146,13 @@ def _continue_loaded_run(magics: FlowMagics, graph: Any, session: SessionRun, st
     return clones
 
 
+def _step_state(result: Any) -> str:
+    """The session's word for an executed step: a success with a --catch'ed task is ``caught``, as in a run."""
+    if result.status != "succeeded":   # StepResult: succeeded | failed
+        return "failed"
+    return "caught" if "caught" in result.task_states else "done"
+
+
 def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:
     """Record a step's outcome in the session and its run's status in the store."""
     stale = session.record(graph, step, state)
@@ -176,7 +184,7 @@ def _with_saved_notebook_hint(magics: FlowMagics, exc: FlowDefinitionError) -> F
     if not writers:
         return exc
     writer = writers[0]
-    hint = (f"\nthe saved notebook has step '{writer.name}' (cell {writer.cell} of {notebook.name}) "
+    hint = (f"\nthe saved notebook has step '{writer.name}' (cell {cell_number(writer.cell)} of {notebook.name}) "
             f"writing '{exc.variable}': execute that cell first")
     exc.args = (str(exc) + hint,)
     return exc
@@ -246,8 +254,8 @@ def _unsaved(ref: Any) -> bool:
     return getattr(ref, "serializer", None) == "unsaved"
 
 
-# The scheduler names a step's code "<cell N: step S>", N indexing the kernel's
-# cell list; a user knows the cell as In [n].
+# The scheduler names a step's code "<cell N: step S>", N numbering (from 1) the
+# kernel's cell list; a user knows the cell as In [n].
 _CELL_FILENAME = re.compile(r"<cell (\d+): step (\w+)>")
 
 

@@ -28,13 +28,22 @@ def show_output(value: Any) -> None:
     display(value)
 
 
-def session_states(magics: FlowMagics) -> dict[str, dict]:
-    """The session run's step states, as the DAG view draws them."""
+def session_states(magics: FlowMagics, *, counts: bool = False) -> dict[str, dict]:
+    """The session run's step states, as the DAG view draws them; with ``counts``,
+    also each step's task counts (a new view has no events to fold them from)."""
     session = magics.session
     if session is None:
         return {}
     shown = {"interrupted": "failed"}
-    return {step: {"state": shown.get(state, state)} for step, state in session.states.items()}
+    records = {step: {"state": shown.get(state, state)} for step, state in session.states.items()}
+    if counts:
+        from flowmagic.widgets.live import record_from_states
+
+        for step, record in records.items():
+            tasks = session.task_states.get(step)
+            if tasks:
+                record.update({**record_from_states(tasks), "state": record["state"]})
+    return records
 
 
 def show_graph(magics: FlowMagics, graph: Any) -> None:
@@ -43,9 +52,10 @@ def show_graph(magics: FlowMagics, graph: Any) -> None:
 
     session = magics.session
     run_id = session.run_id if session is not None else None
-    magics.view = _quietly(lambda: widgets.show_graph(graph.to_json(), session_states(magics), run_id=run_id))
+    states = session_states(magics, counts=True)
+    magics.view = _quietly(lambda: widgets.show_graph(graph.to_json(), states, run_id=run_id))
     if magics.view is None:
-        print(widgets.graph_text(graph.to_json(), session_states(magics)))
+        print(widgets.graph_text(graph.to_json(), states))
     for warning in graph.warnings:
         print(f"[flowmagic] warning: {warning}", file=sys.stderr)
 

@@ -6,6 +6,7 @@ import shlex
 import time
 from typing import Any
 
+from flowmagic.errors import cell_number
 from flowmagic.states import TASK_FINISHED_OK, TASK_REUSED
 from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
 
@@ -63,7 +64,7 @@ def render_show(graph: FlowGraph) -> str:
 
 
 def _render_step(graph: FlowGraph, spec: StepSpec) -> list[str]:
-    header = f"Step {spec.name}  (cell {spec.cell})"
+    header = f"Step {spec.name}  (cell {cell_number(spec.cell)})"
     options = format_options(spec.options)
     if options:
         header += f"  {options}"
@@ -181,7 +182,7 @@ class RunPrinter:
         elif state == "failed":
             self._line(event, f"failed: {exception_line(event.data)}")
         elif state == "caught":
-            self._line(event, f"failed, caught: {exception_line(event.data)}")
+            self._line(event, caught_line(event.data))
         elif state == "interrupted":
             self._line(event, "interrupted")
         elif state == "cancelled":
@@ -259,11 +260,18 @@ def exception_line(data: dict | None) -> str:
     return f"{exc.get('type', 'error')}: {message[-1] if message else ''}".rstrip(": ")
 
 
+def caught_line(data: dict | None) -> str:
+    """``caught ValueError: bad degree -> fit_error``: a task --catch saved, and where its exception went."""
+    catch = (data or {}).get("catch")
+    return f"caught {exception_line(data)}" + (f" -> {catch}" if catch else "")
+
+
 def render_run_summary(result, notebook: str | None = None) -> str:
     """The lines printed when a run ends: status, id, time, failures, how to resume."""
     lines = [f"Run {result.flow}/{result.run_id} {result.status} in {_seconds(result.duration)} "
              f"({result.tasks} tasks run, {result.cloned} cloned"
              + (f", {result.cached} cached" if getattr(result, "cached", 0) else "")
+             + (f", {result.caught} caught" if getattr(result, "caught", 0) else "")
              + (f", resumed from run {result.origin_run_id}" if result.origin_run_id else "") + ")"]
     for step, line in result.failed:
         lines.append(f"  step {step} failed: {line}")

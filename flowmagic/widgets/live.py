@@ -246,6 +246,12 @@ class Throttle:
         self._push()
 
 
+def record_from_states(states: Iterable[str]) -> dict:
+    """One step's record (state, done, total, failed) from its tasks' states, as a run's events would fold it."""
+    step = _Step({i: _Task(state) for i, state in enumerate(states)})
+    return StepStates()._record(step)
+
+
 def states_from_tasks(tasks: Iterable[Any]) -> dict[str, dict]:
     """Step records of a recorded run, from its task records (store read side).
 

@@ -130,7 +130,8 @@ function fitText(textEl, width) {
 }
 
 function describeStep(step) {
-  const lines = [`${step.name} (cell ${step.cell})`];
+  // the graph keeps the 0-based cell index; people read JupyterLab's 1-based number
+  const lines = [`${step.name} (cell ${step.cell + 1})`];
   if (step.reads && step.reads.length) {
     lines.push(`reads: ${step.reads.join(", ")}`);
   }

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 
-from flowmagic.errors import RunError
+from flowmagic.errors import RunError, cell_number
 from flowmagic.flow.catch import caught_exception
 from flowmagic.states import TASK_FINISHED_OK
 from flowmagic.runtime.environments import builder as environments
@@ -63,6 +63,14 @@ def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:
 
 def _last_line(exception: ExceptionRecord | None) -> str:
     return exception.last_line if exception is not None else "failed"
+
+
+def _state_data(exception: dict | None, state: str, catch: str | None) -> dict | None:
+    """A task event's details: its exception and, when caught, the variable that holds it (printers say so)."""
+    data: dict = {"exception": exception} if exception else {}
+    if state == "caught" and catch:
+        data["catch"] = catch
+    return data or None
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -112,7 +120,8 @@ class _Engine:
         status = self.run_tasks(finish_run=True)
         state = self.state
         return RunResult(self.flow, self.run_id, status, origin_run_id, state.failed,
-                         time.time() - state.started, state.executed, state.cloned, state.cached)
+                         time.time() - state.started, state.executed, state.cloned, state.cached,
+                         state.caught)
 
     def run_tasks(self, *, finish_run: bool) -> str:
         try:
@@ -338,7 +347,8 @@ class _Engine:
         self.state.executed += attempt == 0
         self.state.outputs.setdefault(info.step, []).extend(manifest.outputs)
         info.exception = exception_json(result.exception)
-        self.record.task_state(info, state, attempt, data={"exception": info.exception} if info.exception else None)
+        self.state.caught += state == "caught"
+        self.record.task_state(info, state, attempt, data=_state_data(info.exception, state, spec.options.catch))
         if state == "retrying":
             self.queue.retry_later(info, attempt + 1)
         elif state in TASK_FINISHED_OK:
@@ -379,7 +389,7 @@ class _Engine:
             flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,
-            filename=f"<cell {spec.cell}: step {step}>",
+            filename=f"<cell {cell_number(spec.cell)}: step {step}>",
             params=self.params, bindings=inputs.bindings, foreach=inputs.foreach, inputs=inputs.inputs,
             catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
             writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),

@@ -16,6 +16,7 @@ class RunResult:
     tasks: int = 0                   # tasks executed (not cloned)
     cloned: int = 0
     cached: int = 0                  # tasks reused by the step cache
+    caught: int = 0                  # tasks whose failure --catch saved
 
     def to_json(self) -> dict:
         return {"flow": self.flow, "run_id": self.run_id, "status": self.status,
@@ -30,3 +31,4 @@ class StepResult:
     artifacts: dict[str, Any]        # name -> ArtifactRef, or (nested) lists of them for a foreach step
     exception: dict | None = None
     outputs: list[dict] = field(default_factory=list)
+    task_states: list[str] = field(default_factory=list)   # TaskState of each task, in task order

@@ -34,6 +34,7 @@ class RunState:
     executed: int = 0
     cloned: int = 0
     cached: int = 0
+    caught: int = 0                     # tasks whose failure --catch saved
     started: float = field(default_factory=time.time)
     # step -> how many of its first tasks are known to have finished ok: a task
     # that finished ok stays so, so step_finished_ok resumes from there

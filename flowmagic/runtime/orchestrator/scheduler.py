@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowmagic.errors import RunError, UsageError
+from flowmagic.errors import RunError, UsageError, cell_number
 from flowmagic.states import task_successful
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import inputs as plan
@@ -103,7 +103,8 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
             cell = graph.step(producer).cell
             reads = sorted(v for v, p in graph.producers(step).items() if p == producer)
             what = f"reads {', '.join(repr(r) for r in reads)} from" if reads else "depends on"
-            raise RunError(f"step '{step}' (cell {spec.cell}) {what} step '{producer}' (cell {cell}), "
+            raise RunError(f"step '{step}' (cell {cell_number(spec.cell)}) {what} step '{producer}' "
+                           f"(cell {cell_number(cell)}), "
                            f"which has not {'run' if not tasks else 'succeeded'} in this session yet: "
                            "execute that cell first")
         known[producer] = [_known_task(graph, store, t) for t in tasks]
@@ -115,7 +116,8 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
     exception = next((t.exception for t in tasks if t.state == "failed"), None)
-    return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []))
+    return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []),
+                      [t.state for t in tasks])
 
 
 # ----------------------------------------------------------------------------- helpers
