@@ -35,6 +35,10 @@ class RunState:
     cloned: int = 0
     cached: int = 0
     started: float = field(default_factory=time.time)
+    # step -> how many of its first tasks are known to have finished ok. A
+    # finished task never goes back, so each check resumes where the last one
+    # stopped: O(tasks) over a whole foreach, not O(tasks) per finished task.
+    _ok_prefix: dict[str, int] = field(default_factory=dict)
 
     def fail_step(self, step: str, line: str) -> None:
         self.step_state[step] = "failed"
@@ -42,7 +46,12 @@ class RunState:
         self.stopping = True
 
     def step_finished_ok(self, step: str) -> bool:
-        return all(t.finished_ok for t in self.tasks[step])
+        tasks = self.tasks[step]
+        done = self._ok_prefix.get(step, 0)
+        while done < len(tasks) and tasks[done].finished_ok:
+            done += 1
+        self._ok_prefix[step] = done
+        return done == len(tasks)
 
     def status(self) -> str:
         ok = not self.failed and all(s == "done" for s in self.step_state.values())
