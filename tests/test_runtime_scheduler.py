@@ -85,6 +85,21 @@ def test_in_place_mutation_is_reported(store, tmp_path):
     assert any("'cfg' in place" in w for w in warnings), warnings
 
 
+def test_foreach_task_mutating_its_list_is_reported(store, tmp_path):
+    # the list is loaded once per task and hashed only when the code names it (issue 18)
+    graph = build_flow(["%%step start\nitems = [[1], [2]]",
+                        "%%step each --foreach items\ny = input[0] * 10\nif y == 20:\n    items.append(3)",
+                        "%%step end\ntotal = sum(y)"], name="MutatesList")
+    events, on_event = collect()
+    result = run_flow(graph, store, on_event=on_event, workdir=str(tmp_path))
+    assert result.status == "succeeded"
+    warnings = [(e.index, e.text) for e in events if e.kind == "warning"]
+    assert [index for index, text in warnings if "'items' in place" in text] == [(1,)], warnings
+    end = store.meta.tasks("MutatesList", result.run_id, "end")[0]
+    total = next(r for r in store.meta.artifacts(end.task_id) if r.name == "total")
+    assert load_artifact(store.objects, total) == 30
+
+
 def test_unserialisable_values_warn_when_unused_and_fail_when_read(store, tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("hello")

@@ -14,6 +14,7 @@ messages (JSON lines): ``{"type": "output", "output": {"type", "data",
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import types
@@ -120,8 +121,10 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any
         except ModuleNotFoundError as exc:  # pickled in another --pypi/--conda environment
             raise _missing_module(spec.step, name, binding, exc) from None
     if spec.foreach is not None:
-        items = _as_sequence(resolve_binding(spec.foreach["binding"], objects))
-        ns["input"] = items[spec.foreach["index"]]
+        listed = _foreach_list_name(spec)
+        # the list is usually bound already (the step reads its --foreach variable): load it once
+        value = bound[listed] if listed in bound else resolve_binding(spec.foreach["binding"], objects)
+        ns["input"] = _as_sequence(value)[spec.foreach["index"]]
     if spec.inputs is not None:
         ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
     return bound
@@ -229,11 +232,27 @@ def _foreach_info(value: Any) -> dict:
     return {"length": length, "items": reprs}
 
 
+def _foreach_list_name(spec: TaskSpec) -> str | None:
+    """The input name bound to the list this foreach task takes its item from, if any."""
+    if spec.foreach is None:
+        return None
+    return next((name for name, b in spec.bindings.items() if b == spec.foreach["binding"]), None)
+
+
+def _names(code: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", code) is not None
+
+
 def _hashes(bound: dict[str, Any], spec: TaskSpec) -> dict[str, str]:
     writes = set(spec.writes)
+    # Hashing the whole foreach list twice in each of its N tasks made a foreach
+    # O(N^2); a step whose code never names the list cannot change it in place.
+    listed = _foreach_list_name(spec)
     hashes = {}
     for name, value in bound.items():
         if name in writes or isinstance(value, _IMMUTABLE):
+            continue
+        if name == listed and not _names(spec.code, name):
             continue
         try:
             hashes[name] = content_hash(value)  # by content: a read may re-layout a frame
