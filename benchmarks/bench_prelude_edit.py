@@ -1,0 +1,65 @@
+"""What editing an ordinary (prelude) cell adds to the next ``%%step``, in a real kernel.
+
+Through jupyter_client (request sent -> reply received, as a front end sees
+it), N times each: a step executed after another step (no edit), and the
+same step executed right after the prelude cell (``import math`` plus a
+constant) was edited. Issue 15 target: at most 0.3 s added.
+Usage: ``python benchmarks/bench_prelude_edit.py [N]``.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from jupyter_client import KernelManager
+
+
+def timed(kc, code: str, cell_id: str) -> float:
+    # JupyterLab sends the cell id in the request's metadata: an edited cell replaces itself
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": False}
+    msg = kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
+    started = time.perf_counter()
+    kc.shell_channel.send(msg)
+    reply = kc.get_shell_msg(timeout=120)
+    while reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+        reply = kc.get_shell_msg(timeout=120)
+    took = time.perf_counter() - started
+    if reply["content"]["status"] != "ok":
+        raise SystemExit(f"cell failed: {code!r}: {reply['content'].get('evalue')}")
+    return took
+
+
+def main(n: int = 5) -> None:
+    folder = tempfile.mkdtemp()
+    env = dict(os.environ, FLOWMAGIC_HOME=os.path.join(folder, "store"))
+    env.pop("JPY_SESSION_NAME", None)
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=folder, env=env)
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    try:
+        timed(kc, "%load_ext flowmagic", "load")
+        timed(kc, "import math\nSCALE = 0", "prelude")
+        timed(kc, "%%step start\nx = math.sqrt(4) + SCALE", "start")
+        timed(kc, "%%step after\ny = x + 1", "after")   # warm-up
+        plain = [timed(kc, "%%step after\ny = x + 1", "after") for _ in range(n)]
+        edited = []
+        for i in range(n):
+            timed(kc, f"import math\nSCALE = {i + 1}", "prelude")
+            edited.append(timed(kc, "%%step after\ny = x + 1", "after"))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    p, e = statistics.median(plain), statistics.median(edited)
+    print(f"step, no edit:               median {p * 1000:.0f} ms  ({', '.join(f'{t * 1000:.0f}' for t in plain)})")
+    print(f"step after a prelude edit:   median {e * 1000:.0f} ms  ({', '.join(f'{t * 1000:.0f}' for t in edited)})")
+    print(f"added by the edit:           {(e - p) * 1000:.0f} ms (target <= 300 ms)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
