@@ -144,8 +144,8 @@ def metaflow(tmp: Path, runs: int) -> list[float]:
         subprocess.run([sys.executable, str(script), "--no-pylint", "--quiet", "run"], cwd=tmp, env=env,
                        capture_output=True, text=True, check=True)
     code = ("from metaflow import Flow, namespace; namespace(None)\n"
-            "for r in list(Flow('EnvBench'))[:%d]:\n"
-            "    print(r['plain'].task.data.t_start - r['start'].task.data.t_end)" % runs)
+            f"for r in list(Flow('EnvBench'))[:{runs:d}]:\n"
+            "    print(r['plain'].task.data.t_start - r['start'].task.data.t_end)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True, check=True)
     return [float(line) for line in out.stdout.split()]
 

@@ -143,8 +143,8 @@ def metaflow_cmd(script: Path, *args: str) -> list[str]:
 
 
 def metaflow_run_seconds(workdir: Path, flow: str) -> float:
-    code = ("from metaflow import Flow, namespace; namespace(None); r = Flow(%r).latest_run; "
-            "print((r.finished_at - r.created_at).total_seconds())" % flow)
+    code = (f"from metaflow import Flow, namespace; namespace(None); r = Flow({flow!r}).latest_run; "
+            "print((r.finished_at - r.created_at).total_seconds())")
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=_env(workdir), capture_output=True,
                          text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,7 @@ def bench_against_files(value: Any, root: Path, repeat: int, file_name: str,
         times.setdefault("fm load", []).append(timed(lambda: load_artifact(objects, ref))[0])
         times.setdefault("fm load+read", []).append(timed(lambda: _touch(load_artifact(objects, ref)))[0])
         for label, load in file_loads.items():
-            times.setdefault(label, []).append(timed(lambda: load(path))[0])
+            times.setdefault(label, []).append(timed(lambda load=load: load(path))[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     before = _disk(fm_dirs.current)
     save_artifact(objects, "again", value)  # identical value, second time
