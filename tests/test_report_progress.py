@@ -28,7 +28,7 @@ def test_a_foreach_prints_progress_lines_not_a_line_per_task(tmp_path):
     progress = re.findall(r"^work (\d+)/12$", text, flags=re.M)
     assert progress and [int(n) for n in progress] == sorted(int(n) for n in progress), text
     assert "work 12/12" not in text and "Step work done" in text   # the last count is the done line
-    assert re.findall(r"^\[work/5\] failed, caught: ValueError: five$", text, flags=re.M), text
+    assert re.findall(r"^\[work/5\] caught ValueError: five -> err$", text, flags=re.M), text
     assert not re.search(r"^\[work/\d+\] (done|caught)$", text, flags=re.M), text
 
 
@@ -53,7 +53,7 @@ def test_the_console_shows_no_task_lines_by_default_and_one_per_task_with_verbos
     quiet = flowmagic("run", nb, store=store)
     assert quiet.returncode == 0, quiet.stderr
     assert "Step work started (12 tasks)" in quiet.stdout and "Step work done" in quiet.stdout
-    assert "[work/5] failed, caught: ValueError: five" in quiet.stdout
+    assert "[work/5] caught ValueError: five -> err" in quiet.stdout
     assert not re.search(r"^\[work/\d+\] (done|caught)$", quiet.stdout, flags=re.M), quiet.stdout
     verbose = flowmagic("run", nb, "--verbose", store=store)
     assert verbose.returncode == 0, verbose.stderr
