@@ -229,3 +229,34 @@ def test_killing_the_orchestrator_kills_the_base_its_servers_and_their_tasks(tmp
     orch.kill()
     orch.wait()
     assert wait_gone(pids, 5) == []
+
+
+def wait_idle(base, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with base.lock:
+            if base.idle():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_base_imports_what_a_flow_needed_and_a_fork_never_waits_for_it(tmp_path, monkeypatch):
+    (tmp_path / "slow_for_base.py").write_text("import time\ntime.sleep(2)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    forkpool.start_base()
+    base = forkpool._bases[sys.executable]
+    try:
+        get_server("A = 1\n", preload=("slow_for_base",))   # the base now imports it too (2 s)
+        busy = get_server("A = 2\n")
+        assert psutil.Process(busy.proc.pid).ppid() == os.getpid()   # launched, not queued behind it
+        assert wait_idle(base, 30)
+        server = get_server("A = 3\n")
+        assert psutil.Process(server.proc.pid).ppid() == base.proc.pid
+        proc = run_source(server, "import sys\nprint(A, 'slow_for_base' in sys.modules)\n")
+        assert read_all(proc.stdout) == b"3 True\n"
+        exit_status(proc)
+        proc.close()
+    finally:
+        close_all()
+        forkpool.close_bases()

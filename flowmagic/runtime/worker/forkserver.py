@@ -475,11 +475,13 @@ def main(argv: list[str] | None = None) -> None:
 def serve_as_base(ctrl: socket.socket) -> None:
     """The "base" role: never runs a prelude; on ``{"op": "fork", "env"}`` with one fd
     attached (a new server's control socket) it forks a copy of itself that serves
-    as a fresh server on that socket, and replies ``{"pid": N}``. A copy is in the
+    as a fresh server on that socket, and replies ``{"pid": N}``; on
+    ``{"op": "preload", "modules"}`` it imports them and replies ``{"preloaded": true}``. A copy is in the
     very state of a newly started interpreter waiting for its config, so a kernel
     whose prelude changed gets a server without paying the interpreter and its imports again.
     """
     ctrl.settimeout(1.0)   # wake up now and then to reap the servers that exited
+    _freeze_heap()
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(ctrl, _MAX_MESSAGE, 1)
@@ -491,6 +493,10 @@ def serve_as_base(ctrl: socket.socket) -> None:
         if data is None:
             continue
         msg = json.loads(data) if data else {"op": "exit"}
+        if msg.get("op") == "preload":   # the flow's heavy modules: every later server has them
+            preload(msg.get("modules", ()))
+            _freeze_heap()
+            ctrl.send(json.dumps({"preloaded": True}).encode())
         if msg.get("op") != "fork" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -517,6 +523,13 @@ def _fork_server(base_ctrl: socket.socket, fd: int, env: dict | None) -> int:
         serve_one_prelude(socket.socket(fileno=fd))
     finally:
         os._exit(1)   # serve_one_prelude leaves through os._exit(0): here only if it raised
+
+
+def _freeze_heap() -> None:
+    # What the imports made is never garbage: a server forked later then starts
+    # with it out of the cyclic GC's way (its own gc.collect before serving is cheap).
+    gc.collect()
+    gc.freeze()
 
 
 def _reap_any() -> None:
