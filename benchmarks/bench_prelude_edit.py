@@ -3,8 +3,9 @@
 Through jupyter_client (request sent -> reply received, as a front end sees
 it), N times each: a step executed after another step (no edit), and the
 same step executed right after the prelude cell (``import math`` plus a
-constant) was edited. Issue 15 target: at most 0.3 s added.
-Usage: ``python benchmarks/bench_prelude_edit.py [N]``.
+constant) was edited. Issue 15 target: at most 0.3 s added. ``--pandas``: the
+prelude imports pandas too and the step uses it (the flow's server then loads it).
+Usage: ``python benchmarks/bench_prelude_edit.py [N] [--pandas]``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def timed(kc, code: str, cell_id: str) -> float:
     return took
 
 
-def main(n: int = 5) -> None:
+def main(n: int = 5, pandas: bool = False) -> None:
+    imports = "import math\nimport pandas as pd\n" if pandas else "import math\n"
+    after = "%%step after\ny = pd.Series([x]).sum()" if pandas else "%%step after\ny = x + 1"
     folder = tempfile.mkdtemp()
     env = dict(os.environ, FLOWMAGIC_HOME=os.path.join(folder, "store"))
     env.pop("JPY_SESSION_NAME", None)
@@ -44,14 +47,14 @@ def main(n: int = 5) -> None:
     kc.wait_for_ready(timeout=60)
     try:
         timed(kc, "%load_ext flowmagic", "load")
-        timed(kc, "import math\nSCALE = 0", "prelude")
+        timed(kc, f"{imports}SCALE = 0", "prelude")
         timed(kc, "%%step start\nx = math.sqrt(4) + SCALE", "start")
-        timed(kc, "%%step after\ny = x + 1", "after")   # warm-up
-        plain = [timed(kc, "%%step after\ny = x + 1", "after") for _ in range(n)]
+        timed(kc, after, "after")   # warm-up
+        plain = [timed(kc, after, "after") for _ in range(n)]
         edited = []
         for i in range(n):
-            timed(kc, f"import math\nSCALE = {i + 1}", "prelude")
-            edited.append(timed(kc, "%%step after\ny = x + 1", "after"))
+            timed(kc, f"{imports}SCALE = {i + 1}", "prelude")
+            edited.append(timed(kc, after, "after"))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -62,4 +65,5 @@ def main(n: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    numbers = [a for a in sys.argv[1:] if a.isdigit()]
+    main(int(numbers[0]) if numbers else 5, pandas="--pandas" in sys.argv[1:])

@@ -261,6 +261,17 @@ def test_a_front_end_cell_id_follows_a_renamed_step(kernel):
     assert document["edges"] == [{"from": "first", "to": "b", "variables": ["x"], "maybe": []}]
 
 
+def test_a_step_after_an_edited_prelude_cell_sees_only_the_new_prelude(kernel):
+    fresh_flow(kernel, "EditedPrelude")
+    step = "%%step start\nseen = rate\nhas_old = 'old' in globals()"
+    assert kernel.execute("rate = 1\nold = 5", cell_id="prelude").status == "ok"   # an ordinary cell
+    assert kernel.execute(step, cell_id="start").status == "ok"
+    assert kernel.value("(seen, has_old)") == (1, True)
+    assert kernel.execute("rate = 2", cell_id="prelude").status == "ok"   # edited in place: old removed
+    assert kernel.execute(step, cell_id="start").status == "ok"
+    assert kernel.value("(seen, has_old)") == (2, False)
+
+
 def test_reading_commands_mirror_the_console(kernel, tmp_path):
     fresh_flow(kernel, "Reading")
     kernel.ok("%%step start\nimport numpy as np\nvalues = np.arange(6)\nprint('made', len(values))")

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from flowmagic.runtime.worker import forkpool
 from flowmagic.runtime.worker.forkpool import ForkServer, close_all, get_server
 from flowmagic.runtime.worker.forkserver import PreludeError
 from flowmagic.runtime.worker.processes import describe_wait_status
@@ -159,3 +160,103 @@ def test_spare_child_is_used_then_replaced_and_cleaned_up():
     finally:
         srv.close()
     assert wait_gone([next_spare.pid, srv.proc.pid], 5) == []
+
+
+# -- servers forked from a base server (a kernel's) ------------------------------------
+@pytest.fixture
+def base():
+    forkpool.start_base()
+    base = forkpool._bases[sys.executable]
+    try:
+        yield base
+    finally:
+        close_all()
+        forkpool.close_bases()
+
+
+def test_a_new_prelude_gets_a_server_forked_from_the_base_with_only_its_names(base, monkeypatch):
+    monkeypatch.setenv("FLOWMAGIC_TEST_MARK", "first")
+    a = get_server("RATE = 1\nOLD = 5\n")
+    assert psutil.Process(a.proc.pid).ppid() == base.proc.pid
+    monkeypatch.setenv("FLOWMAGIC_TEST_MARK", "second")   # set after the base started
+    b = get_server("RATE = 2\n")
+    assert psutil.Process(b.proc.pid).ppid() == base.proc.pid
+    assert not a.alive()   # the old prelude's server is closed
+    proc = run_source(b, "import os\nprint(RATE, 'OLD' in globals(), os.environ['FLOWMAGIC_TEST_MARK'])\n")
+    assert read_all(proc.stdout) == b"2 False second\n"
+    assert exit_status(proc) == (0, None)
+    proc.close()
+
+
+def test_a_prelude_error_in_a_forked_server_is_reported_and_the_base_serves_on(base):
+    with pytest.raises(PreludeError, match="ZeroDivisionError"):
+        get_server("x = 1 / 0\n")
+    server = get_server("x = 3\n")
+    assert psutil.Process(server.proc.pid).ppid() == base.proc.pid
+    proc = run_source(server, "print(x)\n")
+    assert read_all(proc.stdout) == b"3\n"
+    exit_status(proc)
+    proc.close()
+
+
+def test_a_dead_base_falls_back_to_launching_a_server(base):
+    base.proc.kill()
+    base.proc.wait()
+    server = get_server("y = 4\n")
+    assert psutil.Process(server.proc.pid).ppid() == os.getpid()
+    assert sys.executable not in forkpool._bases
+
+
+def test_killing_the_orchestrator_kills_the_base_its_servers_and_their_tasks(tmp_path):
+    script = tmp_path / "orchestrator.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import os, sys, time
+        from flowmagic.runtime.worker import forkpool
+        forkpool.start_base()
+        server = forkpool.get_server("")
+        proc = server.spawn({ENTRY!r})
+        proc.channel.sendall(b"import time\\nprint('up', flush=True)\\ntime.sleep(120)")
+        proc.channel.shutdown(1)
+        os.read(proc.stdout, 10)
+        print(forkpool._bases[sys.executable].proc.pid, server.proc.pid, proc.pid, flush=True)
+        time.sleep(120)
+        """
+    ))
+    orch = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = list(map(int, orch.stdout.readline().split()))
+    assert len(pids) == 3 and psutil.Process(pids[1]).ppid() == pids[0]
+    orch.kill()
+    orch.wait()
+    assert wait_gone(pids, 5) == []
+
+
+def wait_idle(base, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with base.lock:
+            if base.idle():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_base_imports_what_a_flow_needed_and_a_fork_never_waits_for_it(tmp_path, monkeypatch):
+    (tmp_path / "slow_for_base.py").write_text("import time\ntime.sleep(2)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    forkpool.start_base()
+    base = forkpool._bases[sys.executable]
+    try:
+        get_server("A = 1\n", preload=("slow_for_base",))   # the base now imports it too (2 s)
+        busy = get_server("A = 2\n")
+        assert psutil.Process(busy.proc.pid).ppid() == os.getpid()   # launched, not queued behind it
+        assert wait_idle(base, 30)
+        server = get_server("A = 3\n")
+        assert psutil.Process(server.proc.pid).ppid() == base.proc.pid
+        proc = run_source(server, "import sys\nprint(A, 'slow_for_base' in sys.modules)\n")
+        assert read_all(proc.stdout) == b"3 True\n"
+        exit_status(proc)
+        proc.close()
+    finally:
+        close_all()
+        forkpool.close_bases()

@@ -240,15 +240,17 @@ def load(shell: Any) -> FlowMagics:
 
 def keep_a_warm_server() -> None:
     """Every fork server of this kernel makes the IPython shell before it forks
-    (steps in a notebook show values more often than not), and one starts now,
-    so the first step need not wait for its imports (~0.25 s; numpy/pandas
-    follow once the flow is known). Only one: an idle spare costs memory."""
+    (steps in a notebook show values more often than not), and a base server
+    that did starts now: each prelude's server (the first, and a new one after
+    every edit of an ordinary cell) is forked from it, so no step waits for an
+    interpreter and its imports (~0.25 s; numpy/pandas follow once the flow is
+    known). Only one: an idle spare costs memory."""
     try:
-        from flowmagic.runtime.worker.forkpool import preload_in_every_server, prestart
+        from flowmagic.runtime.worker.forkpool import preload_in_every_server, start_base
         from flowmagic.runtime.worker.forkserver import KERNEL_PRELOAD
 
         preload_in_every_server(KERNEL_PRELOAD)
-        prestart()
+        start_base()
     except Exception:  # an optimisation only: a step starts its own server anyway
         pass
 

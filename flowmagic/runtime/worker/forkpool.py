@@ -3,7 +3,8 @@
 :class:`ForkServer` is the handle of one ``python -m flowmagic.runtime.worker.forkserver``
 process (see that module for the protocol); :func:`get_server` keeps one warm
 server per interpreter and prelude; :func:`prestart` starts one early so its
-imports overlap with the caller's own work.
+imports overlap with the caller's own work; :func:`start_base` keeps a base
+server (a kernel's) that forks a fresh server for each new prelude.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -58,7 +60,7 @@ class ForkServer:
     flow_modules: tuple[str, ...] = ()  # imported before the prelude (forkserver.flow_preload)
     cwd: str | None = None
     env: dict[str, str] | None = None
-    proc: subprocess.Popen | ForkedProcess | None = None
+    proc: subprocess.Popen | ForkedProcess | ServerProcess | None = None
     ctrl: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
@@ -74,8 +76,9 @@ class ForkServer:
         return self
 
     def _start(self) -> None:
-        self.proc, self.ctrl = _take_prestarted(self.python, self.env) or _launch(
-            self.python, self.preload, self.env)
+        self.proc, self.ctrl = (_take_prestarted(self.python, self.env)
+                                or _fork_from_base(self.python, self.preload, self.env)
+                                or _launch(self.python, self.preload, self.env))
         parent = self.ctrl
         config = {
             "op": "config",
@@ -197,11 +200,11 @@ def _read_line(fd: int) -> str:
     return data.decode().strip()
 
 
-def _launch(python: str, preload_modules, env) -> tuple[subprocess.Popen, socket.socket]:
+def _launch(python: str, preload_modules, env, role: str = "server") -> tuple[subprocess.Popen, socket.socket]:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
         [python, "-m", "flowmagic.runtime.worker.forkserver", str(child.fileno()), str(os.getpid()),
-         ",".join(preload_modules)],
+         ",".join(preload_modules), role],
         pass_fds=[child.fileno()],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -318,6 +321,119 @@ class ForkedProcess:
             pass
 
 
+# -- a base server: forks a fresh server per prelude ------------------------
+
+@dataclass
+class _Base:
+    proc: subprocess.Popen
+    ctrl: socket.socket
+    preload: tuple[str, ...]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    learned: set[str] = field(default_factory=set)   # flow modules it was asked to import
+    importing: int = 0   # preload requests not answered yet
+
+    def learn(self, modules: tuple[str, ...]) -> None:
+        """Import the modules a server of this kernel needed, so the servers forked
+        after the next prelude edit have them already (pandas: ~0.6-2 s each)."""
+        with self.lock:
+            missing = [m for m in modules if m not in self.learned]
+            if not missing:
+                return
+            self.learned.update(missing)
+            try:
+                self.ctrl.send(json.dumps({"op": "preload", "modules": missing}).encode())
+                self.importing += 1
+            except OSError:
+                pass   # gone: the next fork falls back to launching
+
+    def idle(self) -> bool:
+        """Whether it has finished importing (call with the lock held): a fork
+        asked of a base still importing pandas would wait longer than a launch."""
+        while self.importing and select.select([self.ctrl], [], [], 0)[0]:
+            if not self.ctrl.recv(_MAX_MESSAGE):
+                raise ConnectionError("the base server is gone")
+            self.importing -= 1
+        return self.importing == 0
+
+
+_bases: dict[str, _Base] = {}   # interpreter -> its base
+
+
+def start_base(python: str | None = None) -> None:
+    """Start a base server for this interpreter (a kernel: its prelude changes as
+    cells are edited). It imports what every server imports and then only forks
+    copies of itself, so each new prelude costs running the prelude, not an
+    interpreter's start-up and imports (forkserver.serve_as_base)."""
+    python = python or sys.executable
+    preload_modules = _server_preload
+    if python in _bases:
+        return
+
+    def launch() -> None:
+        proc, ctrl = _launch(python, preload_modules, None, role="base")
+        _bases.setdefault(python, _Base(proc, ctrl, preload_modules))
+    _on_spawner_thread(launch)   # the base must outlive the thread that forks it (PDEATHSIG)
+
+
+def _fork_from_base(python: str, preload_modules, env) -> tuple[ServerProcess, socket.socket] | None:
+    """A new server forked by the base, or None (no base, another preload, a custom env)."""
+    base = _bases.get(python) if env is None else None
+    if base is None or base.preload != tuple(preload_modules):
+        return None
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = {"op": "fork", "env": _server_environ(python, os.environ)}
+    try:
+        with base.lock:
+            if not base.idle():
+                parent.close()
+                return None
+            socket.send_fds(base.ctrl, [json.dumps(request).encode()], [child.fileno()])
+            reply = base.ctrl.recv(_MAX_MESSAGE)
+        pid = json.loads(reply)["pid"]
+        proc = ServerProcess(pid)
+    except (OSError, ValueError, KeyError):   # the base is gone: launch as before
+        _bases.pop(python, None)
+        parent.close()
+        return None
+    finally:
+        child.close()
+    return proc, parent
+
+
+class ServerProcess:
+    """The part of Popen's interface the handle uses, for a server the base forked:
+    not our child, so it is watched through a pidfd (no pid reuse) and its exit
+    status is the base's to reap (``returncode`` -1 once it is gone)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:   # already exited and reaped
+            self.fd, self.returncode = None, -1
+
+    def _gone(self, timeout: float) -> bool:
+        if self.returncode is None and select.select([self.fd], [], [], timeout)[0]:
+            self.returncode = -1
+            os.close(self.fd)
+            self.fd = None
+        return self.returncode is not None
+
+    def poll(self) -> int | None:
+        self._gone(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._gone(timeout):
+            raise subprocess.TimeoutExpired(f"fork server {self.pid}", timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.fd is not None:
+            signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+
+
 def _take_prestarted(python: str, env: dict[str, str] | None):
     found = _prestarted.pop(python, None) if env is None else None
     if found is not None and found[0].poll() is None:
@@ -379,14 +495,17 @@ def get_server(prelude: str, *, python: str | None = None, cwd: str | None = Non
         server = _servers.get(key)
         if server is not None and server.alive() and server.cwd == cwd:
             server.ensure_preloaded(preload)
-            return server
-        for other_key, other in list(_servers.items()):
-            if other_key[0] == python and other.active == 0:
-                other.close()
-                del _servers[other_key]
-        server = ForkServer(prelude, python=python, cwd=cwd, env=env, flow_modules=tuple(preload)).start()
-        _servers[key] = server
-        return server
+        else:
+            for other_key, other in list(_servers.items()):
+                if other_key[0] == python and other.active == 0:
+                    other.close()
+                    del _servers[other_key]
+            server = ForkServer(prelude, python=python, cwd=cwd, env=env, flow_modules=tuple(preload)).start()
+            _servers[key] = server
+    base = _bases.get(python) if env is None else None
+    if base is not None:
+        base.learn(tuple(preload))   # after the server is ready: off this step's critical path
+    return server
 
 
 def close_all() -> None:
@@ -396,9 +515,21 @@ def close_all() -> None:
         _servers.clear()
 
 
+def close_bases() -> None:
+    """Stop every base server (the servers it forked die with it)."""
+    while _bases:
+        _python, base = _bases.popitem()
+        try:
+            base.ctrl.send(json.dumps({"op": "exit"}).encode())
+        except OSError:
+            pass
+        base.ctrl.close()
+        base.proc.wait()
+
+
 def has_server(python: str) -> bool:
     """Whether a live (or prestarted) server runs this interpreter: then prestarting one is waste."""
     with _servers_lock:
         if any(key[0] == python and server.alive() for key, server in _servers.items()):
             return True
-    return python in _prestarted
+    return python in _prestarted or python in _bases

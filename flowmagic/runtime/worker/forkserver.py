@@ -23,6 +23,10 @@ Protocol (a ``SOCK_SEQPACKET`` socket pair, messages are JSON):
   while the server has not reaped it (so a recycled pid is never hit).
 * ``{"op": "exit"}`` or EOF (the orchestrator died): kill every task, exit.
 
+Started with the extra argument ``base``, the process never runs a prelude: it
+forks a copy of itself per new server (:func:`serve_as_base`), so a kernel
+whose prelude changed does not start and import an interpreter again.
+
 The child calls ``setsid()`` (its own process group, so a timeout can kill its
 subprocesses too) and ``PR_SET_PDEATHSIG`` (it dies with the server, which
 dies with the orchestrator). When a task's leader exits, the server kills
@@ -462,6 +466,84 @@ def main(argv: list[str] | None = None) -> None:
     # while the orchestrator is still reading the notebook.
     preload(argv[2].split(",") if len(argv) > 2 and argv[2] else ())
     ctrl = socket.socket(fileno=ctrl_fd)
+    if len(argv) > 3 and argv[3] == "base":
+        serve_as_base(ctrl)
+    else:
+        serve_one_prelude(ctrl)
+
+
+def serve_as_base(ctrl: socket.socket) -> None:
+    """The "base" role: never runs a prelude; on ``{"op": "fork", "env"}`` with one fd
+    attached (a new server's control socket) it forks a copy of itself that serves
+    as a fresh server on that socket, and replies ``{"pid": N}``; on
+    ``{"op": "preload", "modules"}`` it imports them and replies ``{"preloaded": true}``. A copy is in the
+    very state of a newly started interpreter waiting for its config, so a kernel
+    whose prelude changed gets a server without paying the interpreter and its imports again.
+    """
+    ctrl.settimeout(1.0)   # wake up now and then to reap the servers that exited
+    _freeze_heap()
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(ctrl, _MAX_MESSAGE, 1)
+        except TimeoutError:
+            data, fds = None, []
+        except OSError:
+            data, fds = b"", []
+        _reap_any()
+        if data is None:
+            continue
+        msg = json.loads(data) if data else {"op": "exit"}
+        if msg.get("op") == "preload":   # the flow's heavy modules: every later server has them
+            preload(msg.get("modules", ()))
+            _freeze_heap()
+            ctrl.send(json.dumps({"preloaded": True}).encode())
+        if msg.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if msg.get("op") == "exit":
+                os._exit(0)   # the servers it forked die with it (their PDEATHSIG)
+            continue
+        ctrl.send(json.dumps({"pid": _fork_server(ctrl, fds[0], msg.get("env"))}).encode())
+
+
+def _fork_server(base_ctrl: socket.socket, fd: int, env: dict | None) -> int:
+    base_pid = os.getpid()
+    pid = os.fork()
+    if pid:
+        os.close(fd)
+        return pid
+    try:
+        base_ctrl.close()
+        os.setsid()   # as start_new_session for a launched server
+        die_with_parent(base_pid, signal.SIGTERM)   # the base dies with the orchestrator
+        become_subreaper()   # not inherited through fork
+        if env is not None:   # the orchestrator's variables now, not when the base started
+            os.environ.clear()
+            os.environ.update(env)
+        serve_one_prelude(socket.socket(fileno=fd))
+    finally:
+        os._exit(1)   # serve_one_prelude leaves through os._exit(0): here only if it raised
+
+
+def _freeze_heap() -> None:
+    # What the imports made is never garbage: a server forked later then starts
+    # with it out of the cyclic GC's way (its own gc.collect before serving is cheap).
+    gc.collect()
+    gc.freeze()
+
+
+def _reap_any() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve_one_prelude(ctrl: socket.socket) -> None:
+    """Wait for the config, run the prelude, fork tasks until told to exit."""
     data = ctrl.recv(_MAX_MESSAGE)
     if not data:
         return
