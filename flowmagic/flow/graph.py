@@ -324,7 +324,12 @@ def _analyse_step(cell: ParsedCell, prelude: _Prelude) -> _Draft:
     except SyntaxError as exc:
         line = cell.body_line + (exc.lineno or 1) - 1
         raise FlowDefinitionError(f"syntax error: {exc.msg}", step=step, cell=cell.index, line=line) from None
-    analysis = analyze_cell(tree, prelude.global_reads)
+    try:
+        analysis = analyze_cell(tree, prelude.global_reads)
+    except RecursionError:  # Python 3.13 compiles a 5,000-term chain that an AST walk cannot follow
+        raise FlowDefinitionError("syntax error: this code is nested too deeply to analyse (a very long "
+                                  "expression, or deeply nested brackets): split it into several statements",
+                                  step=step, cell=cell.index, line=cell.body_line) from None
     draft = _Draft(cell, code, analysis, ast.get_docstring(tree), tree)
     if analysis.star_import_line is not None:
         raise FlowDefinitionError(
