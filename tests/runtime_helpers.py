@@ -2,9 +2,11 @@
 ``flowmagic`` console command in a subprocess, and what is left running."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +52,24 @@ def flowmagic_json(*args: str, store: Path, expect: int = 0, **kw) -> dict:
 def start_flowmagic(*args: str, store: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([*command(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**env_for(store), **(extra_env or {})})
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """The block may kill ``proc`` (see :func:`sigkill`); whatever happens, it is gone and its stdout closed after."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` as a crash would (no cleanup of its own) and reap it."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def artifacts(store: Path, flow: str, run_id: int, step: str) -> list[dict]:

@@ -3,13 +3,12 @@ finished, and a plain resume picks it up with its parameters."""
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import time
 from pathlib import Path
 
 
-from runtime_helpers import artifacts, flowmagic_json, start_flowmagic, write_notebook
+from runtime_helpers import artifacts, flowmagic_json, reaped, sigkill, start_flowmagic, write_notebook
 from flowmagic.store import open_store
 from flowmagic.store.metadata import Metadata
 from flowmagic.store.schema import SCHEMA
@@ -46,14 +45,9 @@ def test_a_sigkilled_run_is_crashed_gc_frees_it_and_plain_resume_picks_it(tmp_pa
 
     hold = tmp_path / "go"
     proc = start_flowmagic("run", nb, "--n", "7", "--hold", str(hold), store=store)
-    try:
+    with reaped(proc):
         wait_for_running_task(store, "Crash", "slow")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+        sigkill(proc)
 
     status = flowmagic_json("status", nb, store=store)
     assert [(r["run_id"], r["status"]) for r in status["runs"]] == [(2, "crashed"), (1, "succeeded")]

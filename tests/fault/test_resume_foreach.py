@@ -4,12 +4,11 @@ orchestrator was SIGKILLed mid-foreach. The join sees all 20 in order, and
 the artifacts equal a clean run's."""
 from __future__ import annotations
 
-import os
 import re
-import signal
 import time
 
-from runtime_helpers import artifacts, flowmagic, flowmagic_json, start_flowmagic, tasks, write_notebook
+from runtime_helpers import (artifacts, flowmagic, flowmagic_json, reaped, sigkill, start_flowmagic, tasks,
+                             write_notebook)
 
 N = 20
 
@@ -68,7 +67,7 @@ def test_resume_after_the_orchestrator_died_mid_foreach_clones_the_finished_ones
     store, flag = tmp_path / "store", tmp_path / "fixed"
     nb = _notebook(tmp_path, flag)
     proc = start_flowmagic("run", nb, "--wait", "1", "--max-workers", "2", store=store)
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             work = tasks(store, "Partial", 1, "work") if (store / "metadata.sqlite").exists() else []
@@ -77,12 +76,7 @@ def test_resume_after_the_orchestrator_died_mid_foreach_clones_the_finished_ones
             time.sleep(0.05)
         else:
             raise AssertionError("the first 10 tasks never finished")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+        sigkill(proc)
     states = [t.state for t in tasks(store, "Partial", 1, "work")]
     assert states.count("done") == 10 and "crashed" in states
 
