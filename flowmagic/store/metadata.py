@@ -275,13 +275,8 @@ class Metadata:
     def new_task(self, flow: str, run_id: int, step: str, *, index: tuple[int, ...] | None = None,
                  item: str | None = None) -> int:
         """Create a pending task; task ids are unique in the whole store."""
-        now = time.time()
-        with self._write() as conn:
-            cur = conn.execute(
-                "INSERT INTO tasks (flow, run_id, step, foreach_index, item, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (flow, run_id, step, _json(list(index)) if index is not None else None, item, now, now))
-        return int(cur.lastrowid)
+        (task_id,) = self.new_tasks(flow, run_id, step, [(index, item)])
+        return task_id
 
     def new_tasks(self, flow: str, run_id: int, step: str,
                   items: Sequence[tuple[tuple[int, ...] | None, str | None]]) -> list[int]:
