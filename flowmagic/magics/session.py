@@ -139,8 +139,7 @@ class KernelFlowDefinition:
                 continue
             if cell.kind == "step" and other.kind == "step" and other.step == cell.step:
                 return other
-            if cell.cell_id is None and not other.executed and other.kind == cell.kind and (
-                    cell.kind == "params" or other.source == cell.source):
+            if cell.cell_id is None and not other.executed and _twins(cell, other):
                 return other
         return None
 
@@ -218,11 +217,7 @@ class KernelFlowDefinition:
     def _executed_twin(self, cell: DefinedCell) -> DefinedCell | None:
         """The executed cell that stands for a saved one (same step, or the same text)."""
         for other in self._cells.values():
-            if not other.executed or other.cell_id:
-                continue
-            if (cell.kind == "step" and other.kind == "step" and other.step == cell.step) or \
-                    (cell.kind == other.kind and other.source == cell.source) or \
-                    (cell.kind == "params" and other.kind == "params"):
+            if other.executed and not other.cell_id and _twins(cell, other):
                 return other
         return None
 
@@ -334,6 +329,12 @@ class KernelFlowDefinition:
     def _cell_words(self, index: int, original: str) -> str:
         cell = self.cell_at(index)
         return cell.label() if cell is not None else original
+
+
+def _twins(a: DefinedCell, b: DefinedCell) -> bool:
+    """One cell seen twice, once without an id: the same step, the same text, or the (one) params cell."""
+    return a.kind == b.kind and (a.kind == "params" or a.source == b.source
+                                 or (a.kind == "step" and a.step == b.step))
 
 
 def _saved_cell(source: str, cell_id: str | None) -> DefinedCell | None:
