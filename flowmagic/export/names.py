@@ -13,6 +13,7 @@ import ast
 from collections.abc import Mapping
 
 from flowmagic.flow.graph import JOIN_INPUTS, FlowGraph, StepSpec, binding_line
+from flowmagic.flow.scopes import nested_scope
 from flowmagic.errors import FlowDefinitionError
 
 # Attributes of Metaflow's FlowSpec that a notebook variable cannot shadow.
@@ -104,10 +105,8 @@ class _KindCollector(ast.NodeVisitor):
         if not isinstance(node, ast.Lambda):
             self._add(node.name, "def")
         # A nested `global x` that assigns x binds the cell's x.
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Global):
-                for name in sub.names:
-                    self._add(name, "assign")
+        for name in nested_scope(node).global_binds:
+            self._add(name, "assign")
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _definition
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from flowmagic.flow.analysis import free_names
+from flowmagic.flow.scopes import free_names, top_level_bindings
 from flowmagic.flow.graph import FlowGraph
 from flowmagic.errors import FlowDefinitionError
 
@@ -79,22 +79,8 @@ def _statements(prelude: str) -> list[_Statement]:
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         text = "\n".join(lines[first - 1:node.end_lineno])
-        result.append(_Statement(node, text, frozenset(_bound_names(node))))
+        result.append(_Statement(node, text, frozenset(top_level_bindings([node], through_globals=False))))
     return result
-
-
-def _bound_names(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {a.asname or a.name.split(".")[0] for a in node.names if a.name != "*"}
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {node.name}
-    names = set()
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
-            names.add(sub.id)
-        elif isinstance(sub, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
-            names |= _bound_names(sub)
-    return names
 
 
 def _is_future(node: ast.stmt) -> bool:

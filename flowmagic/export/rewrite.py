@@ -18,11 +18,9 @@ import ast
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flowmagic.flow.scopes import header_expressions
+from flowmagic.flow.scopes import Scope, nested_scope
 from flowmagic.errors import FlowDefinitionError
 
-_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 FLOW = "self"   # the step method's first argument
 
 
@@ -61,101 +59,6 @@ def rewrite_step_code(code: str, names: StepNames, where: Where) -> str:
     return text if same else ast.unparse(new_tree) + "\n"
 
 
-# --- scopes --------------------------------------------------------------------
-
-@dataclass
-class _Scope:
-    kind: str                   # "cell" | "function" | "class" | "comprehension"
-    local: set[str]
-    declared_global: set[str] = field(default_factory=set)
-    declared_nonlocal: set[str] = field(default_factory=set)
-
-
-def _scope_of(node: ast.AST) -> _Scope:
-    """The names one nested scope binds (not descending into scopes inside it)."""
-    if isinstance(node, _COMPREHENSIONS):
-        local = {n.id for gen in node.generators for n in ast.walk(gen.target) if isinstance(n, ast.Name)}
-        return _Scope("comprehension", local)
-    collector = _Bindings()
-    if isinstance(node, _FUNCTIONS):
-        args = node.args
-        for arg in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-            if arg is not None:
-                collector.local.add(arg.arg)
-        body = node.body if isinstance(node.body, list) else [node.body]
-    else:
-        body = node.body
-    for stmt in body:
-        collector.visit(stmt)
-    kind = "class" if isinstance(node, ast.ClassDef) else "function"
-    local = collector.local - collector.declared_global - collector.declared_nonlocal
-    return _Scope(kind, local, collector.declared_global, collector.declared_nonlocal)
-
-
-class _Bindings(ast.NodeVisitor):
-    """Names bound in one function or class body."""
-
-    def __init__(self) -> None:
-        self.local: set[str] = set()
-        self.declared_global: set[str] = set()
-        self.declared_nonlocal: set[str] = set()
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if not isinstance(node.ctx, ast.Load):
-            self.local.add(node.id)
-
-    def visit_Global(self, node: ast.Global) -> None:
-        self.declared_global.update(node.names)
-
-    def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
-        self.declared_nonlocal.update(node.names)
-
-    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
-        for alias in node.names:
-            self.local.add(alias.asname or alias.name.split(".")[0])
-
-    visit_ImportFrom = visit_Import
-
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
-        if node.name:
-            self.local.add(node.name)
-        self.generic_visit(node)
-
-    def visit_MatchAs(self, node: ast.MatchAs | ast.MatchStar) -> None:
-        if node.name:
-            self.local.add(node.name)
-        self.generic_visit(node)
-
-    visit_MatchStar = visit_MatchAs
-
-    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
-        if node.rest:
-            self.local.add(node.rest)
-        self.generic_visit(node)
-
-    def _definition(self, node: ast.AST) -> None:
-        if not isinstance(node, ast.Lambda):
-            self.local.add(node.name)
-        # Header expressions are evaluated here; the body is another scope.
-        for expr in header_expressions(node):
-            self.visit(expr)
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _definition
-
-    def _comprehension(self, node: ast.AST) -> None:
-        self.visit(node.generators[0].iter)
-        # A walrus inside a comprehension binds in the enclosing scope.
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.NamedExpr):
-                self.local.add(sub.target.id)
-
-    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
-
-    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
-        self.local.add(node.target.id)
-        self.visit(node.value)
-
-
 # --- the rewriting -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -170,7 +73,7 @@ class _Rewriter(ast.NodeTransformer):
     def __init__(self, names: StepNames, where: Where) -> None:
         self.names = names
         self.where = where
-        self.scopes = [_Scope("cell", set())]
+        self.scopes = [Scope("cell", set())]
         self.edits: list[_Edit] = []
 
     # name resolution ------------------------------------------------------------
@@ -316,7 +219,7 @@ class _Rewriter(ast.NodeTransformer):
         if not isinstance(node, ast.Lambda):
             self._check_binding(node.name, node, "a def or class")
         self._visit_header(node)
-        self.scopes.append(_scope_of(node))
+        self.scopes.append(nested_scope(node))
         try:
             if isinstance(node, ast.Lambda):
                 node.body = self.visit(node.body)
@@ -331,7 +234,7 @@ class _Rewriter(ast.NodeTransformer):
     def _visit_comprehension(self, node: ast.AST) -> ast.AST:
         first = node.generators[0]
         first.iter = self.visit(first.iter)   # evaluated in the enclosing scope
-        self.scopes.append(_scope_of(node))
+        self.scopes.append(nested_scope(node))
         try:
             for number, gen in enumerate(node.generators):
                 gen.target = self.visit(gen.target)

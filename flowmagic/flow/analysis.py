@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flowmagic.flow.scopes import COMPREHENSIONS, free_names, header_expressions, scope_free, top_level_bindings
+from flowmagic.flow.scopes import COMPREHENSIONS, free_names, header_expressions, nested_scope, top_level_bindings
 from flowmagic.flow.prelude import PreludePart, split_prelude  # re-exported
 
 
@@ -437,7 +437,7 @@ class _CellVisitor:
         else:
             for header in header_expressions(node):
                 self.expr(header)
-        scope = scope_free(node)
+        scope = nested_scope(node)
         for name in scope.walrus_binds:
             self.bind(name, node.lineno)
         for name, info in sorted(scope.free.items(), key=lambda item: item[1].line):

@@ -49,7 +49,7 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
                 computes[name] = stmt.lineno
                 defines.pop(name, None)
             continue
-        for name in _prelude_bindings(stmt):
+        for name in top_level_bindings([stmt], through_globals=False):
             defines[name] = stmt.lineno
             computes.pop(name, None)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -74,23 +74,6 @@ def _is_prelude_statement(stmt: ast.stmt) -> bool:
         types_ok = all(h.type is None or _is_dotted_names(h.type) for h in stmt.handlers)
         return types_ok and all(_is_prelude_statement(s) for s in bodies)
     return False
-
-
-def _prelude_bindings(stmt: ast.stmt) -> list[str]:
-    """Names a prelude statement binds (cheaper than a full scope walk)."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [stmt.name]
-    if isinstance(stmt, ast.Import):
-        return [a.asname or a.name.split(".")[0] for a in stmt.names]
-    if isinstance(stmt, ast.ImportFrom):
-        return [a.asname or a.name for a in stmt.names if a.name != "*"]
-    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-    if isinstance(stmt, ast.Try):
-        bodies = stmt.body + stmt.orelse + stmt.finalbody + [s for h in stmt.handlers for s in h.body]
-        return [name for s in bodies for name in _prelude_bindings(s)]
-    return []
 
 
 def _is_name_target(node: ast.AST) -> bool:

@@ -1,22 +1,32 @@
-"""Free names of nested scopes: functions, lambdas, classes, comprehensions (pure).
+"""Python's scoping rules, in the one place flowmagic keeps them (pure).
 
-Python's scoping rules in a small form, for :mod:`flowmagic.flow.analysis`: which
-names a nested scope reads from its enclosing scopes (and when: now, or when
-a function is called), and which names it binds there (comprehension walrus
-targets, ``global`` statements).
+For every nested scope (function, lambda, class, comprehension): which names
+it binds in its own namespace, which it declares ``global``/``nonlocal``,
+which it reads from the enclosing scopes (and when: now, or when a function
+is called), and which it binds there (comprehension walrus targets, names a
+``global`` statement assigns). Inference (:mod:`flowmagic.flow.analysis`),
+the prelude and the export all ask this module; ``tests/test_scopes.py``
+checks it against the compiler's own ``symtable``.
+
+``symtable`` itself is not the analyser: it works on source text, not the
+tree being rewritten, has no line numbers per read and no "read before
+bound" order in class bodies, and Python 3.12 inlines comprehensions into
+their enclosing table (PEP 709), so its answers differ between the versions
+flowmagic supports.
 """
 from __future__ import annotations
 
 import ast
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 
 
 def free_names(node: ast.AST) -> frozenset[str]:
     """Global names a def, class or lambda reads when it runs (its body's free names)."""
-    return frozenset(scope_free(node).free)
+    return frozenset(nested_scope(node).free)
 
 
 @dataclass
@@ -27,21 +37,25 @@ class Free:
 
 @dataclass
 class Scope:
-    free: dict[str, Free]
-    global_binds: set[str]   # names a `global` statement lets the scope assign
-    walrus_binds: set[str]   # comprehension walrus targets: bound in the enclosing scope
+    kind: str                # "cell" | "function" | "class" | "comprehension"
+    local: set[str]          # bound in this scope's own namespace (not global/nonlocal)
+    free: dict[str, Free] = field(default_factory=dict)  # read from outside, through nested scopes too
+    global_binds: set[str] = field(default_factory=set)  # names a `global` statement lets it assign
+    walrus_binds: set[str] = field(default_factory=set)  # comprehension walrus targets: bound outside
+    declared_global: set[str] = field(default_factory=set)
+    declared_nonlocal: set[str] = field(default_factory=set)
 
 
-def scope_free(node: ast.AST) -> Scope:
-    """Free names of one nested scope (function, lambda, class, comprehension)."""
+def nested_scope(node: ast.AST) -> Scope:
+    """One nested scope (function, lambda, class, comprehension) and what is free in it."""
     scope = _ScopeCollector(node)
     scope.collect()
-    is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+    is_function = isinstance(node, FUNCTIONS)
     is_comprehension = isinstance(node, COMPREHENSIONS)
     global_binds = {name for name in scope.globals if name in scope.stores}
     walrus_binds = set(scope.walrus) if is_comprehension else set()
     local = set(scope.local)
-    children = [scope_free(child) for child in scope.children]
+    children = [nested_scope(child) for child in scope.children]
     for child in children:
         global_binds |= child.global_binds
         if is_comprehension:
@@ -54,7 +68,8 @@ def scope_free(node: ast.AST) -> Scope:
         if name not in walrus_binds:
             free.setdefault(name, Free(line, False))
     for name, line in scope.loads.items():
-        if (name not in local or name in scope.globals) and name not in walrus_binds:
+        outside = name not in local or name in scope.globals or name in scope.nonlocals
+        if outside and name not in walrus_binds:
             free.setdefault(name, Free(line, is_function))
     for child in children:
         for name, info in child.free.items():
@@ -62,7 +77,9 @@ def scope_free(node: ast.AST) -> Scope:
             visible = name in local and name not in scope.globals and not isinstance(node, ast.ClassDef)
             if not visible and name not in walrus_binds:
                 free.setdefault(name, Free(info.line, info.deferred or is_function))
-    return Scope(free, global_binds, walrus_binds)
+    kind = "comprehension" if is_comprehension else "function" if is_function else "class"
+    own = local - scope.globals - scope.nonlocals
+    return Scope(kind, own, free, global_binds, walrus_binds, set(scope.globals), set(scope.nonlocals))
 
 
 def _class_body_early_loads(node: ast.ClassDef) -> dict[str, int]:
@@ -93,13 +110,15 @@ class _ScopeCollector(ast.NodeVisitor):
         self.local: set[str] = set()
         self.stores: set[str] = set()
         self.globals: set[str] = set()
+        self.nonlocals: set[str] = set()
+        self.lasting: set[str] = set()   # bound by more than an `except ... as` (which unbinds)
         self.walrus: set[str] = set()
         self.loads: dict[str, int] = {}
         self.children: list[ast.AST] = []
 
     def collect(self) -> None:
         node = self.node
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        if isinstance(node, FUNCTIONS):
             self._arguments(node.args)
             body = node.body if isinstance(node.body, list) else [node.body]
             for stmt in body:
@@ -128,9 +147,11 @@ class _ScopeCollector(ast.NodeVisitor):
             if arg is not None:
                 self.local.add(arg.arg)
 
-    def _bind(self, name: str) -> None:
+    def _bind(self, name: str, lasting: bool = True) -> None:
         self.local.add(name)
         self.stores.add(name)
+        if lasting:
+            self.lasting.add(name)
 
     def _bind_target(self, target: ast.AST) -> None:
         for sub in ast.walk(target):
@@ -166,7 +187,7 @@ class _ScopeCollector(ast.NodeVisitor):
         self.globals.update(node.names)
 
     def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
-        pass  # resolved by the enclosing function scope, which is also nested
+        self.nonlocals.update(node.names)  # resolved by the enclosing function scope, also nested
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -179,7 +200,7 @@ class _ScopeCollector(ast.NodeVisitor):
 
     def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
         if node.name:
-            self._bind(node.name)
+            self._bind(node.name, lasting=False)  # Python deletes it when the handler ends
         self.generic_visit(node)
 
     def visit_MatchAs(self, node: ast.MatchAs) -> None:
@@ -238,13 +259,21 @@ def header_expressions(node: ast.AST) -> list[ast.AST]:
     return exprs
 
 
-def top_level_bindings(body: Iterable[ast.stmt]) -> set[str]:
-    """Every name the cell's top level binds anywhere (for the deferred-read rule)."""
+def top_level_bindings(body: Iterable[ast.stmt], *, through_globals: bool = True) -> set[str]:
+    """Every name the cell's top level binds anywhere (for the deferred-read rule).
+
+    ``through_globals=False`` leaves out names that only a nested ``global``
+    statement assigns (bound when that function is called, not by the cell),
+    and the names of ``except ... as`` handlers (unbound when the handler
+    ends): what the statements leave bound once they ran.
+    """
     collector = _ScopeCollector(ast.Module(body=list(body), type_ignores=[]))
     for stmt in collector.node.body:
         collector.visit(stmt)
-    names = set(collector.local)
+    names = set(collector.local) if through_globals else set(collector.lasting)
     for child in collector.children:
-        scope = scope_free(child)
-        names |= scope.global_binds | scope.walrus_binds
+        scope = nested_scope(child)
+        names |= scope.walrus_binds
+        if through_globals:
+            names |= scope.global_binds
     return names
