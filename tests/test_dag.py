@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from flowmagic.flow.graph import Edge, FlowGraph, StepOptions, build_flow, flow_name_from_cells
+from flowmagic.flow.cells import StepOptions
+from flowmagic.flow.graph import Edge, FlowGraph, build_flow, flow_name_from_cells
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.report.text import render_show
 

@@ -8,7 +8,8 @@ import math
 import tokenize
 from dataclasses import dataclass
 
-from flowmagic.flow.graph import FlowGraph, Parameter, StepSpec
+from flowmagic.flow.cells import Parameter
+from flowmagic.flow.graph import FlowGraph, StepSpec
 from flowmagic.errors import FlowDefinitionError
 from flowmagic.export.carry import JoinPlan, plan_joins, topological
 from flowmagic.export.names import RESERVED_ATTRIBUTES, read_downstream, step_attributes

@@ -9,8 +9,8 @@ A cell is one of:
 - *empty*: nothing but whitespace (markdown and raw cells arrive as "").
 
 Step options are parsed once, strictly (an unknown option or a bad value is a
-:class:`FlowDefinitionError`), into :class:`ParsedOptions`; the frozen
-``StepOptions`` record in :mod:`flowmagic.flow.graph` is built from it.
+:class:`FlowDefinitionError`), into the frozen :class:`StepOptions` record the
+flow graph keeps; a ``%%params`` cell's lines become :class:`Parameter` records.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import math
 import re
 import shlex
 import tokenize
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowmagic.errors import FlowDefinitionError
@@ -48,16 +48,31 @@ DEFAULT_RETRIES = 3  # `--retry` without a number, as Metaflow's @retry
 
 
 @dataclass(frozen=True)
-class ParsedOptions:
-    retry: int = 0
+class StepOptions:
+    retry: int = 0              # extra attempts after the first; `--retry` alone = 3
     timeout: float | None = None
     foreach: str | None = None
     catch: str | None = None
-    pypi: str | None = None
+    pypi: str | None = None     # "pandas==2.2.3 pyarrow>=15"
     conda: str | None = None
     cache: bool = False
-    memory: int | None = None   # MB a task may use (its process group's memory)
-    after: tuple[str, ...] = ()  # steps that must finish first, though no data passes
+    memory: int | None = None   # MB (Metaflow's @resources(memory=...)); None: runtime/memory.py default
+    after: tuple[str, ...] = ()  # `--after STEP`: ordering without data (edges with no variables)
+
+    def as_dict(self) -> dict:
+        """Only the options that are set (the JSON ``options`` object)."""
+        result: dict[str, Any] = {}
+        if self.retry:
+            result["retry"] = self.retry
+        for key in ("timeout", "foreach", "catch", "pypi", "conda", "memory"):
+            value = getattr(self, key)
+            if value is not None:
+                result[key] = value
+        if self.cache:
+            result["cache"] = True
+        if self.after:
+            result["after"] = list(self.after)
+        return result
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ class ParsedCell:
     body: str            # the code without the %%step / %%params line ("" if empty)
     body_line: int       # 1-based line of the body's first line within the cell
     step_name: str | None = None
-    options: ParsedOptions = ParsedOptions()
+    options: StepOptions = StepOptions()
 
 
 class _StrictParser(argparse.ArgumentParser):
@@ -156,7 +171,7 @@ def _check_magic_typo(magic: str, cell: int, line: int) -> None:
                                   cell=cell, line=line)
 
 
-def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, ParsedOptions]:
+def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, StepOptions]:
     """Parse what follows ``%%step``: ``NAME [--retry [N]] [--timeout S] ...``."""
     try:
         words = shlex.split(arguments, comments=True)  # `%%step a  # a comment` is fine
@@ -167,13 +182,13 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
     step = words[0]
     if len(words) == 1:  # the common case needs no option parser
         _check_step_name(step, cell)
-        return step, ParsedOptions()
+        return step, StepOptions()
     try:
         ns = _STEP_PARSER.parse_args(words)
     except _OptionError as exc:
         raise FlowDefinitionError(f"bad %%step options: {exc}{_option_hint(words)}", step=step, cell=cell) from None
     _check_step_name(ns.name, cell)
-    return ns.name, ParsedOptions(
+    return ns.name, StepOptions(
         retry=_parse_retry(ns.retry, step, cell),
         timeout=_parse_timeout(ns.timeout, step, cell),
         foreach=_check_variable("--foreach", ns.foreach, step, cell),
@@ -306,15 +321,15 @@ def flow_name_in(source: str, *, cell: int | None = None) -> str | None:
 # --- %%params ------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ParamDecl:
-    """One parameter declared in a ``%%params`` cell (``line`` is 1-based in the cell)."""
+class Parameter:
+    """One parameter declared in a ``%%params`` cell."""
 
     name: str
     default: Any
     type: str      # "int" | "float" | "str" | "bool" | "json"
     help: str
     cell: int
-    line: int
+    line: int = field(default=0, compare=False)   # 1-based in the cell; moving a line changes nothing
 
 
 _PARAM_KEYWORDS = frozenset({"default", "help", "type", "required", "show_default", "separator"})
@@ -324,7 +339,7 @@ _PARAMS_HINT = ("a %%params cell holds only lines like `alpha = 0.01  # help tex
                 "`genre = Parameter(\"genre\", default=\"Sci-Fi\", help=\"...\")`")
 
 
-def parse_params(cell: ParsedCell) -> list[ParamDecl]:
+def parse_params(cell: ParsedCell) -> list[Parameter]:
     """The parameters a ``%%params`` cell declares. Raises FlowDefinitionError."""
     offset = cell.body_line - 1
     try:
@@ -346,7 +361,7 @@ def parse_params(cell: ParsedCell) -> list[ParamDecl]:
             decls.append(_parameter_call(name, stmt.value, comment, cell.index, line))
         else:
             default = _literal(stmt.value, name, cell.index, line)
-            decls.append(ParamDecl(name, default, _infer_type(default), comment, cell.index, line))
+            decls.append(Parameter(name, default, _infer_type(default), comment, cell.index, line))
     return decls
 
 
@@ -376,7 +391,7 @@ def _is_parameter_call(node: ast.AST) -> bool:
         isinstance(func, ast.Attribute) and func.attr == "Parameter")
 
 
-def _parameter_call(name: str, call: ast.Call, comment: str, cell: int, line: int) -> ParamDecl:
+def _parameter_call(name: str, call: ast.Call, comment: str, cell: int, line: int) -> Parameter:
     if len(call.args) > 1 or any(kw.arg is None for kw in call.keywords):
         raise FlowDefinitionError(f"Parameter(...) for {name!r}: pass the name, then keywords "
                                   "(default=, help=, type=)", cell=cell, line=line, variable=name)
@@ -401,7 +416,7 @@ def _parameter_call(name: str, call: ast.Call, comment: str, cell: int, line: in
         default = _coerce(default, type_name, name, cell, line)
     else:
         type_name = _infer_type(default)
-    return ParamDecl(name, default, type_name, help_text, cell, line)
+    return Parameter(name, default, type_name, help_text, cell, line)
 
 
 def _declared_type(node: ast.AST, name: str, cell: int, line: int) -> str:

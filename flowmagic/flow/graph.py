@@ -13,11 +13,10 @@ import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from flowmagic.flow.analysis import CellAnalysis, analyze_cell, prepare_code
 from flowmagic.flow.prelude import PreludePart, split_prelude
-from flowmagic.flow.cells import ParsedCell, classify_cell, flow_name_in, parse_params
+from flowmagic.flow.cells import Parameter, ParsedCell, StepOptions, classify_cell, flow_name_in, parse_params
 from flowmagic.errors import FlowDefinitionError, cell_number
 
 # Names every cell can use without anyone defining them: Python's builtins
@@ -28,43 +27,6 @@ JOIN_INPUTS = "inputs"     # bound in a join: one namespace per foreach task
 
 
 # --- records -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StepOptions:
-    retry: int = 0              # extra attempts after the first; `--retry` alone = 3
-    timeout: float | None = None
-    foreach: str | None = None
-    catch: str | None = None
-    pypi: str | None = None     # "pandas==2.2.3 pyarrow>=15"
-    conda: str | None = None
-    cache: bool = False
-    memory: int | None = None   # MB (Metaflow's @resources(memory=...)); None: runtime/memory.py default
-    after: tuple[str, ...] = ()  # `--after STEP`: ordering without data (edges with no variables)
-
-    def as_dict(self) -> dict:
-        """Only the options that are set (the JSON ``options`` object)."""
-        result: dict[str, Any] = {}
-        if self.retry:
-            result["retry"] = self.retry
-        for key in ("timeout", "foreach", "catch", "pypi", "conda", "memory"):
-            value = getattr(self, key)
-            if value is not None:
-                result[key] = value
-        if self.cache:
-            result["cache"] = True
-        if self.after:
-            result["after"] = list(self.after)
-        return result
-
-
-@dataclass(frozen=True)
-class Parameter:
-    name: str
-    default: Any
-    type: str       # "int" | "float" | "str" | "bool" | "json"
-    help: str
-    cell: int
-
 
 @dataclass(frozen=True)
 class StepSpec:
@@ -297,7 +259,7 @@ def _collect_params(cells: Sequence[ParsedCell]) -> list[Parameter]:
                     f"parameter {decl.name!r} is declared twice "
                     f"(cells {cell_number(params[decl.name].cell)} and {cell_number(cell.index)})",
                     cell=cell.index, line=decl.line, variable=decl.name)
-            params[decl.name] = Parameter(decl.name, decl.default, decl.type, decl.help, cell.index)
+            params[decl.name] = decl
     return list(params.values())
 
 
@@ -369,7 +331,7 @@ class _Resolver:
         self.edges: list[Edge] = []
 
     def add(self, draft: _Draft) -> None:
-        options = StepOptions(**vars(draft.cell.options))
+        options = draft.cell.options
         writes = self._writes(draft, options)
         producers: dict[str, str] = {}   # variable -> producing step
         reads: set[str] = set()

@@ -8,7 +8,8 @@ from typing import Any
 
 from flowmagic.errors import cell_number
 from flowmagic.states import TASK_FINISHED_OK, TASK_REUSED
-from flowmagic.flow.graph import FlowGraph, StepOptions, StepSpec
+from flowmagic.flow.cells import StepOptions
+from flowmagic.flow.graph import FlowGraph, StepSpec
 
 _INDENT = "    "
 
