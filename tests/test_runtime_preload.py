@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from flowmagic.runtime.worker import forkpool
 from flowmagic.runtime.worker.forkpool import ForkServer
 from flowmagic.runtime.worker.forkserver import ARROW_CODECS, IPYTHON, flow_preload
 
@@ -17,6 +18,16 @@ pytestmark = pytest.mark.slow   # runs whole flows in subprocesses: not in the q
 HEAVY = ("numpy", "pyarrow", "pandas")
 ENTRY = "flowmagic.runtime.worker.forkserver:run_source"
 REPORT = "import sys, json\nprint(json.dumps({m: m in sys.modules for m in %r}))\n" % ((HEAVY + (ARROW_CODECS,)),)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_servers(monkeypatch):
+    """Start every server here from a fresh interpreter. An in-process kernel test
+    that ran earlier in this pytest worker may have left a prestarted server or a
+    base that learned pandas: a server taken from those has pandas whatever the flow."""
+    monkeypatch.setattr(forkpool, "_prestarted", {})
+    monkeypatch.setattr(forkpool, "_bases", {})
+    monkeypatch.setattr(forkpool, "_server_preload", forkpool.DEFAULT_PRELOAD)
 
 
 def _python(code: str) -> str:
