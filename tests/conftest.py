@@ -196,3 +196,11 @@ def _reset_client_namespace_root():
     from flowmagic.client import namespace_root
 
     namespace_root(None)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that runs the real metaflow package takes seconds (its start-up alone):
+    it is slow too, so the quick loop (-m "not slow and not browser") leaves it out."""
+    for item in items:
+        if item.get_closest_marker("metaflow") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -11,6 +11,8 @@ import pytest
 from runtime_helpers import artifacts, flowmagic, flowmagic_json, write_notebook
 from flowmagic.store import open_store
 
+pytestmark = pytest.mark.slow   # real console runs, resumes and fsck over damaged stores: not in the quick loop
+
 NB = [
     "import numpy as np\nimport pandas as pd",
     "%%step start\narr = np.arange(1_000_000, dtype=np.int64)\n"

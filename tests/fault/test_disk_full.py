@@ -52,6 +52,7 @@ def test_an_artifact_that_does_not_fit_fails_the_run_with_the_os_error(tmp_path,
     assert flowmagic_json("fsck", store, store=store)["ok"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_database_says_so_and_the_store_stays_usable(tmp_path, small_disk):
     store = small_disk / "store"
     nb = write_notebook(tmp_path / "full.ipynb", NB)

@@ -10,10 +10,14 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import pytest
+
 from runtime_helpers import command, env_for, flowmagic_json, write_notebook
 from flowmagic.errors import NotFoundError
 from flowmagic.store import open_store
 from flowmagic.store.gc import gc
+
+pytestmark = pytest.mark.slow   # hundreds of real resume/gc interleavings: not in the quick loop
 
 FLOW = "Race"
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from runtime_helpers import (artifacts, flowmagic, flowmagic_json, reaped, sigkill, start_flowmagic, tasks,
                              write_notebook)
+
+pytestmark = pytest.mark.slow   # real foreach runs that fail or are killed, then resumed: not in the quick loop
 
 N = 20
 
