@@ -42,10 +42,11 @@ ENDINGS = {
 }
 
 
-def _notebook(tmp_path: Path, ending: str) -> tuple[Path, Path]:
+def _notebook(tmp_path: Path, ending: str, timeout: int = 10) -> tuple[Path, Path]:
+    """``timeout``: long enough for 200 spawns on busy cores (a quiet machine needs ~0.3 s)."""
     pidfile = tmp_path / "pids.txt"
     code = SPAWN.format(n=CHILDREN, pidfile=str(pidfile), ending=ENDINGS[ending])
-    header = "%%step start --timeout 5" if ending == "timeout" else "%%step start"
+    header = f"%%step start --timeout {timeout}" if ending == "timeout" else "%%step start"
     nb = write_notebook(tmp_path / "trees.ipynb", [f"{header}\n{code}", "%%step end\ny = 2"])
     return nb, pidfile
 
@@ -65,7 +66,7 @@ def test_own_session_children_and_a_daemon_end_with_the_task(tmp_path, ending):
 def test_own_session_children_end_when_the_run_is_interrupted(tmp_path):
     import signal
 
-    nb, pidfile = _notebook(tmp_path, "timeout")   # it would sleep; Ctrl-C comes first
+    nb, pidfile = _notebook(tmp_path, "timeout", timeout=300)   # it would sleep; Ctrl-C comes first
     proc = start_flowmagic("run", nb, store=tmp_path / "store")
     for line in proc.stdout:
         if "spawned" in line:
