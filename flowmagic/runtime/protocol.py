@@ -146,3 +146,31 @@ class Manifest:
                    ExceptionRecord.from_json(data.get("exception")), list(data.get("outputs") or []),
                    dict(data.get("foreach") or {}), list(data.get("warnings") or []),
                    list(data.get("not_persisted") or []), data.get("caught"))
+
+
+# -- a --foreach list, as a manifest summarises it ----------------------------------
+
+ITEM_REPR_MAX = 60         # characters kept of one item's repr
+ITEM_REPRS_MAX = 10_000    # items whose repr is kept (the DAG and dump show them)
+
+
+def as_sequence(value: Any) -> Any:
+    """The list a foreach iterates: sequences as they are, other iterables listed."""
+    if isinstance(value, (list, tuple, range, str)):
+        return value
+    return list(value)
+
+
+def foreach_info(value: Any) -> dict:
+    """A manifest's summary of a ``--foreach`` list: its length and its first
+    items' reprs, or (length None) why it cannot be iterated."""
+    try:
+        items = as_sequence(value)
+        length = len(items)
+    except TypeError:
+        return {"length": None, "items": [], "error": f"a {type(value).__name__} cannot be iterated"}
+    reprs = []
+    for item in items[:ITEM_REPRS_MAX]:
+        text = repr(item)
+        reprs.append(text if len(text) <= ITEM_REPR_MAX else text[: ITEM_REPR_MAX - 3] + "...")
+    return {"length": length, "items": reprs}

@@ -42,7 +42,7 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
             continue
         if any(run.params.get(name) != engine.params.get(name) for name in param_names):
             continue
-        from flowmagic.runtime.orchestrator.engine import _known_task
+        from flowmagic.runtime.orchestrator.engine import known_task
         from flowmagic.store.metadata import latest_generation
 
         candidates = [t for t in latest_generation(meta.tasks(graph.name, run.run_id, step))
@@ -52,7 +52,7 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
         then_tasks: dict[str, list[TaskInfo]] = {}
         for producer in _sources(graph, step):
             records = latest_generation(meta.tasks(graph.name, run.run_id, producer))
-            then_tasks[producer] = [_known_task(graph, engine.store, r) for r in records]
+            then_tasks[producer] = [known_task(graph, engine.store, r) for r in records]
         if fingerprint(engine, then_tasks, step, index) == now:
             return candidates[0].task_id
     return None

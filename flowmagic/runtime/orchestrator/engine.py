@@ -33,7 +33,7 @@ from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
 from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
                                                      TaskOutput)
-from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json, foreach_info
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
@@ -47,17 +47,17 @@ RETRY_DELAY = 1.0
 
 
 
-def _known_task(graph, store, record, state: str | None = None) -> TaskInfo:
+def known_task(graph, store, record, state: str | None = None) -> TaskInfo:
+    """A task recorded earlier (a clone's origin, a cached or resumed one), as the engine tracks it."""
     refs = store.meta.artifacts(record.task_id)
     info = TaskInfo(record.task_id, record.step, tuple(record.index or ()), state or record.state,
                     {r.name: r.to_dict() for r in refs})
     for var in plan.foreach_vars(graph, record.step):
         ref = next((r for r in refs if r.name == var), None)
         if ref is not None:
-            from flowmagic.runtime.worker.task import _foreach_info
             from flowmagic.store.serializers import load_artifact
 
-            info.foreach[var] = _foreach_info(load_artifact(store.objects, ref))
+            info.foreach[var] = foreach_info(load_artifact(store.objects, ref))
     return info
 
 
@@ -238,7 +238,7 @@ class _Engine:
             self.state.cached += 1
         else:
             self.state.cloned += 1
-        return _known_task(self.graph, self.store, self.meta.get_task(new_id))
+        return known_task(self.graph, self.store, self.meta.get_task(new_id))
 
     def _launch(self) -> None:
         while self.queue.has_ready() and len(self.running) < self.max_workers and not self.state.stopping:

@@ -12,7 +12,7 @@ from flowmagic.errors import RunError, UsageError, cell_number
 from flowmagic.states import task_successful
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.engine import _Engine, _known_task
+from flowmagic.runtime.orchestrator.engine import _Engine, known_task
 from flowmagic.store.metadata import latest_generation
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
@@ -107,7 +107,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
                            f"(cell {cell_number(cell)}), "
                            f"which has not {'run' if not tasks else 'succeeded'} in this session yet: "
                            "execute that cell first")
-        known[producer] = [_known_task(graph, store, t) for t in tasks]
+        known[producer] = [known_task(graph, store, t) for t in tasks]
     meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
     engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
@@ -179,7 +179,7 @@ def _upstream_sources(graph, step: str) -> list[str]:
 
 def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
     new_id = store.meta.clone_task(record.task_id, run_id)
-    info = _known_task(graph, store, record, state="cloned")
+    info = known_task(graph, store, record, state="cloned")
     info.task_id = new_id
     emit(Event("task", run_id, step=record.step, task_id=new_id, index=info.index, state="cloned"))
     return info

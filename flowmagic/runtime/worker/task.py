@@ -23,15 +23,13 @@ from collections.abc import Callable
 
 from flowmagic.errors import SerializationError, StoreError
 from flowmagic.flow.catch import caught_exception
-from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec
+from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, as_sequence, foreach_info
 from flowmagic.store.content_hash import content_hash
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
 from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
                                          unsaved_message, unsaved_ref)
 
-ITEM_REPR_MAX = 60
-ITEM_REPRS_MAX = 10_000
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
 
 
@@ -86,7 +84,7 @@ def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest
         return failed(save_error, not_persisted)
     if ok and before:
         warnings.extend(_mutation_warnings(step, bound, before, spec))
-    foreach = {name: _foreach_info(ns[name]) for name in spec.foreach_vars if name in ns}
+    foreach = {name: foreach_info(ns[name]) for name in spec.foreach_vars if name in ns}
     return Manifest("ok" if ok else "failed", refs, ExceptionRecord.from_json(error), outputs, foreach,
                     warnings, not_persisted, caught=not ok)
 
@@ -124,7 +122,7 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any
         listed = _foreach_list_name(spec)
         # the list is usually bound already (the step reads its --foreach variable): load it once
         value = bound[listed] if listed in bound else resolve_binding(spec.foreach["binding"], objects)
-        ns["input"] = _as_sequence(value)[spec.foreach["index"]]
+        ns["input"] = as_sequence(value)[spec.foreach["index"]]
     if spec.inputs is not None:
         ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
     return bound
@@ -161,12 +159,6 @@ def _missing_module(step: str, name: str, binding: dict, exc: ModuleNotFoundErro
         f"step '{step}' cannot load its input '{name}'{writer}: the value is an object of module "
         f"'{exc.name}', which is not installed where this step runs. Add that package to this step's "
         "--pypi list, or hand on plain data (numbers, lists, dicts, a data frame) instead.", name=exc.name)
-
-
-def _as_sequence(value: Any) -> Any:
-    if isinstance(value, (list, tuple, range, str)):
-        return value
-    return list(value)
 
 
 # -- execution --------------------------------------------------------------------
@@ -217,19 +209,6 @@ def _closed_handle(value: Any) -> bool:
         return getattr(value, "closed", False) is True
     except Exception:  # noqa: BLE001 - a property that raises is not a closed file
         return False
-
-
-def _foreach_info(value: Any) -> dict:
-    try:
-        items = _as_sequence(value)
-        length = len(items)
-    except TypeError:
-        return {"length": None, "items": [], "error": f"a {type(value).__name__} cannot be iterated"}
-    reprs = []
-    for item in items[:ITEM_REPRS_MAX] if not isinstance(items, str) else items[:ITEM_REPRS_MAX]:
-        text = repr(item)
-        reprs.append(text if len(text) <= ITEM_REPR_MAX else text[: ITEM_REPR_MAX - 3] + "...")
-    return {"length": length, "items": reprs}
 
 
 def _foreach_list_name(spec: TaskSpec) -> str | None:
