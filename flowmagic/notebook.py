@@ -48,8 +48,11 @@ def _cells_of(notebook_path: Path) -> list[dict]:
         document = json.loads(notebook_path.read_text(encoding="utf-8"))
         if isinstance(document, dict) and document.get("nbformat") == 4 and isinstance(document.get("cells"), list):
             return list(document["cells"])
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         pass  # let nbformat say what is wrong
+    except ValueError as exc:   # not JSON at all: say so without importing nbformat
+        where = f"line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise UsageError(f"{notebook_path} is not a Jupyter notebook (not valid JSON at {where})") from None
     except RecursionError:  # json and nbformat both recurse per level of nesting
         raise UsageError(f"{notebook_path} is not a Jupyter notebook (its JSON is nested too deeply)") from None
     except OSError as exc:   # deleted or unreadable between the check and the read

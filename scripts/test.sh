@@ -43,6 +43,10 @@ VENVS=$REPO/.venvs
 LOGS=$VENVS/logs
 # uv must use this machine's interpreters, never download one.
 export UV_PYTHON_DOWNLOADS=never
+# The tests start hundreds of processes (console commands, kernels, task servers) that
+# import the same modules: with PYTHONDONTWRITEBYTECODE set in the caller's environment
+# every one of them compiles them again (~1-2 s of CPU each). Let the first write the cache.
+unset PYTHONDONTWRITEBYTECODE
 
 ALL_LEGS=(310 313 readme 311)
 legs=${FLOWMAGIC_TEST_LEGS:-}
