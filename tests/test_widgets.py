@@ -247,7 +247,7 @@ def test_check_graph_keeps_the_show_keys():
 
 
 # -- the fallback without a widget front end -------------------------------------------
-def test_mimebundle_has_widget_text_and_svg(monkeypatch):
+def test_mimebundle_has_widget_and_text_and_the_twin_has_the_svg(monkeypatch):
     monkeypatch.setenv("FLOWMAGIC_WIDGETS", "on")
     view = DagView(movie_graph(), {"start": {"state": "done", "duration": 0.4},
                                    "compute": {"state": "running", "done": 3, "total": 10, "failed": 1}})
@@ -260,11 +260,54 @@ def test_mimebundle_has_widget_text_and_svg(monkeypatch):
     assert re.search(r"start\s+done · 0.4 s\s+-> split \[movies\]", text)
     assert "running · 3/10 (1 failed)" in text
     assert "alpha = 0.01" in text
+    assert "image/svg+xml" not in data  # left to the static twin, so it never shows twice
+    twin = view.twin_bundle()["text/html"]
+    assert twin.startswith('<div class="fm-twin" data-fm-twin="dag"><style>')
     if shutil.which("dot"):
-        svg = data["image/svg+xml"]
-        assert svg.startswith("<svg")
+        svg = twin[twin.index("<svg"):twin.index("</svg>")]
         for name in ("start", "split", "compute", "join", "movies", "params"):
             assert f">{name}<" in svg or f">{name} <" in svg or name in svg
+        assert "done · 0.4 s" in svg
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"FLOWMAGIC_WIDGETS": "on"}, True),
+    ({"JPY_SESSION_NAME": "nb.ipynb"}, True),   # JupyterLab, Notebook 7
+    ({"FLOWMAGIC_WIDGETS": "off", "JPY_SESSION_NAME": "nb.ipynb"}, False),
+    ({}, False),                                 # nbconvert: the SVG is in the bundle itself
+])
+def test_a_static_twin_follows_the_widget_only_under_a_jupyter_server(monkeypatch, env, expected):
+    from flowmagic.widgets._base import static_twin_expected
+
+    for name in ("FLOWMAGIC_WIDGETS", "JPY_SESSION_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert static_twin_expected() is expected
+    data, _ = DagView(movie_graph())._repr_mimebundle_()
+    assert ("image/svg+xml" in data) is (not expected and bool(shutil.which("dot")))
+
+
+def test_the_twin_rules_ship_in_the_widget_css_too():
+    """An untrusted notebook loses the twin's <style>; the widget's own CSS keeps the rules."""
+    from flowmagic.widgets._base import CSS, TWIN_RULES, TWIN_STYLE
+
+    css = CSS.read_text()
+    for rule in TWIN_RULES.strip().splitlines():
+        assert rule in css and rule in TWIN_STYLE
+
+
+def test_the_inspector_twin_has_the_artifact_table_and_the_exception(recorded_run):
+    from flowmagic.widgets import Inspector
+
+    inspector = Inspector(recorded_run["root"], "MovieFlow")
+    html = inspector.twin_bundle()["text/html"]  # opens on compute's caught task
+    assert html.startswith('<div class="fm-twin" data-fm-twin="inspector">')
+    assert "step compute" in html and "ZeroDivisionError: division by zero" in html
+    inspector.select(step="start")
+    html = inspector.twin_bundle()["text/html"]
+    assert "<code>movies</code>" in html and "500 rows × 2 columns" in html
+    assert "<th>title</th>" in html and "<td>film 0</td>" in html and "film 5" not in html
 
 
 @pytest.mark.parametrize("env,expected", [

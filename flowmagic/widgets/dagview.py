@@ -17,7 +17,7 @@ from ipywidgets import widget_serialization
 
 from ._base import FlowmagicWidget, VizAsset, viz_asset
 from .live import StepStates, Throttle, normalise_states
-from .static import graph_svg, graph_text
+from .static import graph_svg, graph_text, picture_html
 
 PUSH_INTERVAL = 0.1  # seconds between two pushes of live states: 10 per second
 
@@ -63,7 +63,6 @@ class DagMixin(traitlets.HasTraits):
         for name, record in normalise_states(states or {}).items():
             self._live.set(name, record)
         self._throttle = Throttle(self._push, interval=interval)
-        self._handles: list[Any] = []
         if run_id is not None:
             self._live.run = {"run_id": run_id, "status": ""}
         self._push()
@@ -139,26 +138,19 @@ class DagMixin(traitlets.HasTraits):
         if self._viz is None or self._viz.comm is None:
             self._viz = viz_asset()
 
-    def display(self) -> Any:
-        """Display the view (a display id is kept, so :meth:`finish` can refresh the fallback)."""
-        from IPython.display import display
-
-        handle = display(self, display_id=True)
-        if handle is not None:
-            self._handles.append(handle)
-        return handle
-
     def finish(self) -> None:
-        """The run is over: push the last states and refresh what nbconvert/GitHub will show."""
+        """The run is over: push the last states and rewrite the static forms the notebook keeps."""
         self.flush()
-        for handle in self._handles:
-            handle.update(self)
+        self.refresh_static()
 
     def dag_text(self) -> str:
         return graph_text(self.graph, self.states, self.run)
 
     def dag_svg(self) -> str | None:
         return graph_svg(self.graph, self.states)
+
+    def dag_html(self) -> str:
+        return picture_html(self.graph, self.states, self.run)
 
 
 class DagView(DagMixin, FlowmagicWidget):
@@ -181,3 +173,6 @@ class DagView(DagMixin, FlowmagicWidget):
 
     def fallback_svg(self) -> str | None:
         return self.dag_svg()
+
+    def fallback_html(self) -> str:
+        return self.dag_html()

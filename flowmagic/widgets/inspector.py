@@ -19,7 +19,7 @@ from flowmagic.store.metadata import current_executions
 from ._base import FlowmagicWidget
 from .live import Throttle, states_from_tasks
 from .preview import format_size, preview_artifact
-from .static import format_duration
+from .static import format_duration, text_html
 
 LOG_CHARS = 20_000  # the end of a task's stdout/stderr shown per attempt
 
@@ -183,6 +183,13 @@ class InspectorMixin(traitlets.HasTraits):
             "environment": environments_of_run(meta, self.flow, self.run_id, [self.step]).get(self.step),
         }
 
+    @traitlets.observe("detail")
+    def _detail_shown(self, _change: dict) -> None:
+        # what the user picked is what the saved notebook's static twin shows
+        refresh = getattr(self, "refresh_static", None)
+        if refresh is not None:
+            refresh(twin_only=True)
+
     # -- the pickers ----------------------------------------------------------------------------
     @traitlets.observe("run_id")
     def _run_picked(self, change: dict) -> None:
@@ -237,6 +244,51 @@ class InspectorMixin(traitlets.HasTraits):
         return "\n".join(lines)
 
 
+    def inspector_html(self) -> str:
+        """The inspector as static HTML (the twin): the selection, the artifacts
+        table with a frame's first rows, the attempts and their exceptions."""
+        run = next((r for r in self.runs if r["value"] == self.run_id), None)
+        task = next((t for t in self.tasks if t["value"] == self.task_id), None)
+        head = [self.flow, run["label"] if run else "no runs"]
+        if self.step:
+            head.append(f"step {self.step}" + (f" · {task['label']}" if task else ""))
+        parts = [f'<div class="fm-twin-caption" style="font-weight:600">{_esc(" · ".join(head))}</div>']
+        if self.message:
+            parts.append(f"<div>{_esc(self.message)}</div>")
+        artifacts = self.detail.get("artifacts") or []
+        if artifacts:
+            rows = "".join(f"<tr><td><code>{_esc(a['name'])}</code></td><td>{_esc(a['type'])}</td>"
+                           f"<td style=\"text-align:right\">{_esc(a['size_text'])}</td>"
+                           f"<td>{_esc(_preview_line(a['preview']))}{_frame_html(a['preview'])}</td></tr>"
+                           for a in artifacts)
+            parts.append('<table class="fm-twin-artifacts"><thead><tr><th>artifact</th><th>type</th>'
+                         f"<th>size</th><th>preview</th></tr></thead><tbody>{rows}</tbody></table>")
+        elif self.detail.get("note"):
+            parts.append(f"<div>{_esc(self.detail['note'])}</div>")
+        for attempt in self.detail.get("attempts") or []:
+            parts.append(f"<div>{_esc(attempt['label'])}</div>")
+            if attempt["exception"]:
+                exc = attempt["exception"]
+                parts.append(text_html(f"{exc['type']}: {exc['message']}"))
+        return "".join(parts)
+
+
+def _esc(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=True)
+
+
+def _frame_html(preview: dict, rows: int = 5) -> str:
+    """A data frame's first rows as a small table (the live inspector shows more)."""
+    if preview.get("kind") != "frame" or not preview.get("columns"):
+        return ""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in preview["columns"])
+    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>"
+                   for row in preview["rows"][:rows])
+    return f'<table class="fm-twin-frame"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def _preview_line(preview: dict) -> str:
     kind = preview.get("kind")
     if kind == "frame":
@@ -269,3 +321,6 @@ class Inspector(InspectorMixin, FlowmagicWidget):
 
     def fallback_text(self) -> str:
         return self.inspector_text()
+
+    def fallback_html(self) -> str:
+        return self.inspector_html()

@@ -97,3 +97,6 @@ class RunView(DagMixin, InspectorMixin, FlowmagicWidget):
 
     def fallback_svg(self) -> str | None:
         return graph_svg(self.graph, self.states)
+
+    def fallback_html(self) -> str:
+        return self.dag_html() + self.inspector_html()

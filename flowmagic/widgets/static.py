@@ -190,3 +190,24 @@ def graph_text(graph: Mapping[str, Any], states: Mapping[str, Mapping] | None = 
     if params:
         lines.append("parameters: " + ", ".join(_param_label(p) for p in params))
     return "\n".join(lines)
+
+
+def text_html(text: str) -> str:
+    """Text as an HTML block (the twin's body where there is no picture)."""
+    return f'<pre class="fm-twin-text" style="margin:0">{_html(text)}</pre>'
+
+
+def picture_html(graph: Mapping[str, Any], states: Mapping[str, Mapping] | None = None,
+                 run: Mapping[str, Any] | None = None) -> str:
+    """The DAG as HTML for the static twin: a one-line caption and the SVG
+    inline (its ids are unique per rendering), or the text table without `dot`."""
+    head = [graph.get("flow") or "flow"]
+    if run and run.get("run_id") is not None:
+        head.append(f"run {run['run_id']}")
+    if run and run.get("status"):
+        head.append(str(run["status"]))
+    svg = graph_svg(graph, states)
+    if svg is None:
+        return text_html(graph_text(graph, states, run))
+    caption = f'<div class="fm-twin-caption" style="font-weight:600">{_html(" · ".join(head))}</div>'
+    return f'{caption}<div class="fm-twin-picture">{svg}</div>'
