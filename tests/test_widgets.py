@@ -264,10 +264,19 @@ def test_mimebundle_has_widget_and_text_and_the_twin_has_the_svg(monkeypatch):
     twin = view.twin_bundle()["text/html"]
     assert twin.startswith('<div class="fm-twin" data-fm-twin="dag"><style>')
     if shutil.which("dot"):
-        svg = twin[twin.index("<svg"):twin.index("</svg>")]
+        svg = twin_svg(twin)
         for name in ("start", "split", "compute", "join", "movies", "params"):
             assert f">{name}<" in svg or f">{name} <" in svg or name in svg
         assert "done · 0.4 s" in svg
+
+
+def twin_svg(html: str) -> str:
+    """The SVG a static twin carries (an <img> with a data URI)."""
+    import base64
+
+    found = re.search(r'<img src="data:image/svg\+xml;base64,([^"]+)"', html)
+    assert found, html[:300]
+    return base64.b64decode(found.group(1)).decode()
 
 
 @pytest.mark.parametrize("env,expected", [

@@ -257,9 +257,9 @@ class InspectorMixin(traitlets.HasTraits):
             parts.append(f"<div>{_esc(self.message)}</div>")
         artifacts = self.detail.get("artifacts") or []
         if artifacts:
-            rows = "".join(f"<tr><td><code>{_esc(a['name'])}</code></td><td>{_esc(a['type'])}</td>"
-                           f"<td style=\"text-align:right\">{_esc(a['size_text'])}</td>"
-                           f"<td>{_esc(_preview_line(a['preview']))}{_frame_html(a['preview'])}</td></tr>"
+            rows = "".join(f"<tr><td{_TOP}><code>{_esc(a['name'])}</code></td><td{_TOP}>{_esc(a['type'])}</td>"
+                           f"<td{_TOP}>{_esc(a['size_text'])}</td>"
+                           f"<td{_TOP}>{_esc(_preview_line(a['preview']))}{_frame_html(a['preview'])}</td></tr>"
                            for a in artifacts)
             parts.append('<table class="fm-twin-artifacts"><thead><tr><th>artifact</th><th>type</th>'
                          f"<th>size</th><th>preview</th></tr></thead><tbody>{rows}</tbody></table>")
@@ -271,6 +271,9 @@ class InspectorMixin(traitlets.HasTraits):
                 exc = attempt["exception"]
                 parts.append(text_html(f"{exc['type']}: {exc['message']}"))
         return "".join(parts)
+
+
+_TOP = ' style="text-align:left;vertical-align:top"'  # JupyterLab centres table cells
 
 
 def _esc(text: str) -> str:

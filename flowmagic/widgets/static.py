@@ -8,6 +8,7 @@ progress and duration, edges labelled with their variables, parameters.
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import shutil
 import subprocess
@@ -199,15 +200,22 @@ def text_html(text: str) -> str:
 
 def picture_html(graph: Mapping[str, Any], states: Mapping[str, Mapping] | None = None,
                  run: Mapping[str, Any] | None = None) -> str:
-    """The DAG as HTML for the static twin: a one-line caption and the SVG
-    inline (its ids are unique per rendering), or the text table without `dot`."""
+    """The DAG as HTML for the static twin: a one-line caption and the SVG as
+    an <img> (a data URI: an untrusted notebook's sanitiser keeps it, where it
+    would strip an inline <svg> to its bare text), or the text table without `dot`."""
     head = [graph.get("flow") or "flow"]
     if run and run.get("run_id") is not None:
         head.append(f"run {run['run_id']}")
     if run and run.get("status"):
         head.append(str(run["status"]))
+    steps = [s["name"] for s in graph.get("steps", [])]
+    done = sum(1 for name in steps if ((states or {}).get(name) or {}).get("state") in ("done", "cloned", "cached"))
+    head.append(f"{done}/{len(steps)} steps done")
     svg = graph_svg(graph, states)
     if svg is None:
         return text_html(graph_text(graph, states, run))
     caption = f'<div class="fm-twin-caption" style="font-weight:600">{_html(" · ".join(head))}</div>'
-    return f'{caption}<div class="fm-twin-picture">{svg}</div>'
+    data = base64.b64encode(svg.encode()).decode()
+    alt = _html(graph_text(graph, states, run)).replace('"', "&quot;")
+    return (f'{caption}<div class="fm-twin-picture">'
+            f'<img src="data:image/svg+xml;base64,{data}" alt="{alt}"></div>')
