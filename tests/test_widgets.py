@@ -619,3 +619,39 @@ def test_the_built_front_end_ships_with_the_package_and_answers_need_viz(monkeyp
     assert view._viz is None
     view._on_front_end_message(view, {"type": "need-viz"}, [])  # a view shown inside a container
     assert view._viz is not None
+
+
+@pytest.mark.slow
+def test_a_notebook_executed_under_a_jupyter_server_saves_each_widget_with_its_final_twin(tmp_path):
+    """nbconvert --execute with JPY_SESSION_NAME set as JupyterLab sets it: every
+    widget output is followed by its static twin, rewritten with the final states."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+
+    cells = ["%load_ext flowmagic", "%flow show", "%%step start\nitems = [1, 2, 3]",
+             "%%step total\nsquares = [i * i for i in items]", "%flow run"]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    notebook = tmp_path / "twin_flow.ipynb"
+    nbformat.write(nb, notebook)
+    env = {k: v for k, v in os.environ.items() if k != "FLOWMAGIC_WIDGETS"}
+    env.update(JPY_SESSION_NAME=notebook.name, FLOWMAGIC_HOME=str(tmp_path / "store"))
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--execute", "--to", "notebook", "--inplace",
+                    "--ExecutePreprocessor.timeout=240", str(notebook)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    saved = nbformat.read(notebook, as_version=4)
+    for index, kind, caption in ((1, "dag", "run 1 · 2/2 steps done"), (4, "run", "run 2 · succeeded")):
+        outputs = [o for o in saved.cells[index].outputs if o.output_type == "display_data"]
+        widget = next(i for i, o in enumerate(outputs) if "application/vnd.jupyter.widget-view+json" in o.data)
+        assert "image/svg+xml" not in outputs[widget].data  # the picture is the twin's only
+        twin = outputs[widget + 1].data["text/html"]       # right after the widget
+        assert twin.startswith(f'<div class="fm-twin" data-fm-twin="{kind}"><style>') and caption in twin
+        svg = twin_svg(twin)
+        assert svg.count("done · ") == 2 and "pending" not in svg  # the final states, not the first
+        assert len([o for o in outputs if "fm-twin" in o.data.get("text/html", "")]) == 1
+    run_twin = next(o.data["text/html"] for o in saved.cells[4].outputs if "fm-twin" in o.get("data", {}).get(
+        "text/html", ""))
+    assert 'class="fm-twin-artifacts"' in run_twin and "<code>" in run_twin  # the inspector's table
