@@ -291,8 +291,9 @@ def test_reading_commands_mirror_the_console(kernel, tmp_path):
     kernel.ok(f"%flow export -o {script}")
     assert "class Reading(FlowSpec)" in script.read_text()
     shown = kernel.ok("%flow show")
-    (bundle,) = shown.displays()
+    bundle, twin = shown.displays()  # the widget, then its static twin (for a reopened notebook)
     assert "application/vnd.jupyter.widget-view+json" in bundle and "start" in bundle["text/plain"]
+    assert twin["text/html"].startswith('<div class="fm-twin" data-fm-twin="dag">')
     assert kernel.value("%flow show --json")["edges"] == [{"from": "start", "to": "end", "variables": ["values"], "maybe": []}]
     failing = kernel.execute("%flow dump 999")
     assert failing.status == "error" and "999" in failing.error_text and "Traceback" not in failing.error_text
@@ -420,8 +421,9 @@ def test_a_caught_task_says_so_in_the_cell_and_the_run_summary_counts_it(kernel)
                         "if input == 2:\n    raise ValueError('bad degree')\nmodel = input")
     assert "[fit/1] caught ValueError: bad degree -> fit_error" in foreach.stderr.splitlines()
     assert "[fit/0] caught" not in foreach.stderr and "[fit/2] caught" not in foreach.stderr
-    (bundle,) = kernel.ok("%flow show").displays()   # a view made afterwards: caught, with its counts
+    bundle, twin = kernel.ok("%flow show").displays()   # a view made afterwards: caught, with its counts
     text = bundle["text/plain"]
+    assert "fm-twin" in twin["text/html"]
     assert "caught · 2/3 (1 failed)" in text and "done · 2/3" not in text, text
     whole = kernel.ok("%flow run")
     [summary] = [line for line in whole.stdout.splitlines() if " succeeded in " in line]

@@ -14,11 +14,13 @@ from .dagview import DagView
 from .inspector import Inspector
 from .live import STATES, StepStates, Throttle, states_from_tasks
 from .runview import RunView, graph_of_run, states_from_store
+from ._base import static_twin_expected
 from .static import graph_svg, graph_text
 
 __all__ = [
     "DagView", "Inspector", "RunView", "STATES", "StepStates", "Throttle", "graph_of_run", "graph_svg",
     "graph_text", "live_run", "show_graph", "show_run", "states_from_store", "states_from_tasks",
+    "static_twin_expected",
 ]
 
 

@@ -73,7 +73,7 @@ def test_a_reopened_notebook_shows_the_static_views_and_a_live_one_shows_each_vi
     write_notebook(lab.root / name, CELLS)
     open_notebook(page, lab, name)
     run_all(page)
-    page.wait_for_selector(f'.fm-run-dag .fm-dag[data-run-status="succeeded"]', state="attached",
+    page.wait_for_selector('.fm-run-dag .fm-dag[data-run-status="succeeded"]', state="attached",
                            timeout=120_000)
     wait_idle(page, timeout=120_000)
     session = page.locator(".fm-dag").first
@@ -87,11 +87,18 @@ def test_a_reopened_notebook_shows_the_static_views_and_a_live_one_shows_each_vi
     assert dead_boxes(page) == 0
     screenshot(page, "fallback-live")
 
+    # a click in the idle kernel's run view: the inspector's new selection reaches the twin
+    run_view = page.locator(".fm-run-dag .fm-dag").first
+    run_view.locator(NODE.format("count")).click()
+    page.locator('.fm-inspector[data-step="count"]').wait_for(timeout=30_000)
+    wait_idle(page)
+    time.sleep(1)
     save(page)
     saved = nbformat.read(lab.root / name, as_version=4)
     twins = [o for c in saved.cells for o in c.get("outputs", []) if "fm-twin" in o.get("data", {}).get("text/html", "")]
     assert len(twins) == 2
     assert all("done" in o["data"]["text/html"] for o in twins)  # the final states, not the first ones
+    assert "step count" in twins[1]["data"]["text/html"]
 
     # a new kernel: the models are gone, the twins show instead of the error
     new_kernel(lab, name)
