@@ -6,6 +6,7 @@ end (js/src/inspector.js) draws them and sends the pickers' choices back.
 """
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 from typing import Any
@@ -277,8 +278,6 @@ _TOP = ' style="text-align:left;vertical-align:top"'  # JupyterLab centres table
 
 
 def _esc(text: str) -> str:
-    import html
-
     return html.escape(str(text), quote=True)
 
 

@@ -5,6 +5,8 @@ widgets' JavaScript, so every widget's mimebundle also carries a static SVG
 (Graphviz's `dot`, through the `graphviz` package) and a text rendering.
 Both show the same facts as the live view: steps with their state, foreach
 progress and duration, edges labelled with their variables, parameters.
+`picture_html` is the same picture for the static twin that follows a widget
+in JupyterLab (see `_base.FlowmagicWidget`).
 """
 from __future__ import annotations
 
