@@ -215,3 +215,45 @@ def test_a_step_printing_1_gb_keeps_the_orchestrator_small_while_logs_are_writte
     print(f"1 GB printed: orchestrator peak RSS {live / 2**20:.0f} MB flushing every 1 s ({live_s:.1f} s), "
           f"{end / 2**20:.0f} MB writing at the end ({end_s:.1f} s)")
     assert live - end < 100 << 20
+
+
+def test_a_step_in_a_kernel_has_its_output_so_far_in_the_store(live_kernel, tmp_path):
+    """The kernel is the orchestrator of %%step: a step that hangs shows its output to the Client."""
+    from flowmagic.client import Flow
+
+    go = tmp_path / "go"
+    assert _drain(live_kernel, "%load_ext flowmagic\n%flow name Held")[1] == []
+    msg_id = live_kernel.kc.execute(f"%%step start\nimport os, time\nprint('so far, so good')\n"
+                                    f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\nx = 1")
+
+    def output_so_far() -> str:
+        try:
+            return Flow("Held", root=tmp_path / "store").latest_run["start"].task.stdout
+        except Exception:   # noqa: BLE001 - not created yet
+            return ""
+
+    assert _until(output_so_far, "the step's output in the store") == "so far, so good\n"
+    go.touch()
+    assert _wait_idle(live_kernel, msg_id)[1] == []
+    task = Flow("Held", root=tmp_path / "store").latest_run["start"].task
+    assert task.successful and task.stdout == "so far, so good\n" and len(task.attempts) == 1
+
+
+def _drain(kernel, code: str) -> tuple[int, list[str]]:
+    """Execute a cell and wait for it: (stream characters, error names)."""
+    return _wait_idle(kernel, kernel.kc.execute(code))
+
+
+def _wait_idle(kernel, msg_id: str) -> tuple[int, list[str]]:
+    count, errors = 0, []
+    while True:
+        io = kernel.kc.get_iopub_msg(timeout=WAIT)
+        if io["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind = io["header"]["msg_type"]
+        if kind == "stream":
+            count += len(io["content"]["text"])
+        elif kind == "error":
+            errors.append(io["content"]["ename"])
+        elif kind == "status" and io["content"]["execution_state"] == "idle":
+            return count, errors
