@@ -148,8 +148,8 @@ def bench_visible(metaflow: bool) -> list[tuple[str, float | None]]:
             env = _env(work)
             proc = subprocess.Popen([sys.executable, str(flow), "--no-pylint", "run"], cwd=work, env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            reader = ("import sys\nfrom metaflow import Flow, namespace\nnamespace(None)\n"
-                      "try:\n    print(Flow('HoldFlow').latest_run['start'].task.stdout)\nexcept Exception:\n    pass\n")
+            reader = ("import sys\nfrom metaflow import Flow, namespace\nnamespace(None)\ntry:\n"
+                      "    print(Flow('HoldFlow').latest_run['start'].task.stdout)\nexcept Exception:\n    pass\n")
             try:
                 def read() -> str:
                     return subprocess.run([sys.executable, "-c", reader], cwd=work, env=env,
