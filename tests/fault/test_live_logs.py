@@ -217,6 +217,7 @@ def test_a_step_printing_1_gb_keeps_the_orchestrator_small_while_logs_are_writte
     assert live - end < 100 << 20
 
 
+@pytest.mark.slow
 def test_a_step_in_a_kernel_has_its_output_so_far_in_the_store(live_kernel, tmp_path):
     """The kernel is the orchestrator of %%step: a step that hangs shows its output to the Client."""
     from flowmagic.client import Flow
