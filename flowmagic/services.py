@@ -18,7 +18,7 @@ from flowmagic.errors import NotFoundError, UsageError
 if TYPE_CHECKING:
     from flowmagic.flow.graph import FlowGraph
     from flowmagic.store import Store
-    from flowmagic.store.metadata import RunRecord, TaskRecord
+    from flowmagic.store.metadata import AttemptRecord, RunRecord, TaskRecord
 
 
 # --- status ---------------------------------------------------------------------
@@ -159,11 +159,17 @@ def logs_document(store: Store, flow: str, pathspec: str) -> dict:
     """``{"flow", "run_id", "tasks"}``: every attempt of the selected tasks, with its output and exception."""
     run_id, tasks = select_tasks(store, flow, pathspec)
     rows = [{"step": t.step, "task": t.task_id, "index": list(t.index) if t.index else None, "state": t.state,
-             "attempts": [{"attempt": a.attempt, "outcome": a.outcome, "stdout": a.stdout, "stderr": a.stderr,
-                           "exception": a.exception, "exit_code": a.exit_code, "signal": a.signal}
-                          for a in store.meta.attempts(t.task_id)]}
+             "attempts": [_attempt_logs(t, a) for a in store.meta.attempts(t.task_id, unfinished=True)]}
             for t in tasks]
     return {"flow": flow, "run_id": run_id, "tasks": rows}
+
+
+def _attempt_logs(task: TaskRecord, a: AttemptRecord) -> dict:
+    """One attempt of the logs document. ``complete`` is False for an attempt with no end record:
+    its output so far, and outcome ``running`` (``crashed`` when its run's orchestrator died)."""
+    outcome = a.outcome if a.complete or task.state != "crashed" else "crashed"
+    return {"attempt": a.attempt, "outcome": outcome, "complete": a.complete, "stdout": a.stdout,
+            "stderr": a.stderr, "exception": a.exception, "exit_code": a.exit_code, "signal": a.signal}
 
 
 # --- tag ----------------------------------------------------------------------------

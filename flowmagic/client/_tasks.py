@@ -137,16 +137,23 @@ class Task(_ClientObject):
         last = self._last_attempt()
         return last.attempt if last is not None else None
 
+    def _latest_logs(self) -> AttemptRecord | None:
+        """The last attempt, an unfinished one included (running, or cut short by a crash)."""
+        attempts = self._store.meta.attempts(self.task_id, unfinished=True)
+        return attempts[-1] if attempts else None
+
     @property
     def stdout(self) -> str:
-        """What the last attempt printed to stdout (``""`` when it has not run)."""
-        last = self._last_attempt()
+        """What the last attempt printed to stdout (``""`` when it has not run); while it
+        runs, or when a crash cut it short, its output so far."""
+        last = self._latest_logs()
         return last.stdout if last is not None else ""
 
     @property
     def stderr(self) -> str:
-        """What the last attempt printed to stderr (``""`` when it has not run)."""
-        last = self._last_attempt()
+        """What the last attempt printed to stderr (``""`` when it has not run); while it
+        runs, or when a crash cut it short, its output so far."""
+        last = self._latest_logs()
         return last.stderr if last is not None else ""
 
     @property

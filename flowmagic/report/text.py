@@ -361,8 +361,9 @@ def _render_attempts(flow: str, run_id: int, tasks: list[dict]) -> str:
     out = []
     for task in tasks:
         for a in task["attempts"]:
+            so_far = "" if a.get("complete", True) else "; its output so far"
             out.append(f"== {flow}/{run_id}/{task['step']}/{task['task']} attempt {a['attempt']} "
-                       f"({a['outcome']})")
+                       f"({a['outcome']}{so_far})")
             if a["stdout"]:
                 out.append(a["stdout"].rstrip("\n"))
             if a["stderr"]:

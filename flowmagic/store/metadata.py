@@ -27,7 +27,7 @@ from flowmagic.states import TASK_TERMINAL
 from .schema import (  # noqa: F401  (the states and records are re-exported: part of this API)
     ADDED_TABLES, OUTCOMES, RUN_ADDED_COLUMNS, RUN_COLUMNS, RUN_STATUSES, SCHEMA, SCHEMA_VERSION, TASK_COLUMNS,
     TASK_STATES,
-    AttemptRecord,
+    AttemptRecord, LiveLogWrite,
     Outcome, RunRecord, RunStatus, TaskRecord, TaskState, current_executions, latest_generation, run_record,
     task_record)
 from .liveness import orchestrator_gone, this_process
@@ -146,10 +146,12 @@ class Metadata:
                 conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_ADDED_COLUMNS[name]}")
 
     def _add_missing_tables(self, conn: sqlite3.Connection, tables: list[str]) -> None:
-        if "notebook_runs" in tables:
+        missing = [ddl for name, ddl in ADDED_TABLES.items() if name not in tables]
+        if not missing:
             return
         with self._write(conn):
-            conn.execute(ADDED_TABLES.strip().rstrip(";"))
+            for ddl in missing:   # IF NOT EXISTS: another opener may have won
+                conn.execute(ddl)
 
     @staticmethod
     def _missing_columns(conn: sqlite3.Connection) -> list[str]:
@@ -298,6 +300,35 @@ class Metadata:
         if n == 0:
             raise NotFoundError(f"task {task_id} does not exist")
 
+    def start_attempt(self, task_id: int, attempt: int, started_at: float | None = None) -> None:
+        """The task is running ``attempt``: its state and the attempt's start, in one transaction,
+        so its output so far (:meth:`write_live_logs`) has an attempt to belong to."""
+        now = time.time()
+        with self._write() as conn:
+            n = conn.execute("UPDATE tasks SET state = 'running', updated_at = ? WHERE task_id = ?",
+                             (now, task_id)).rowcount
+            if n == 0:
+                raise NotFoundError(f"task {task_id} does not exist")
+            conn.execute("INSERT OR REPLACE INTO running_attempts VALUES (?, ?, ?)",
+                         (task_id, attempt, started_at if started_at is not None else now))
+
+    def write_live_logs(self, writes: Sequence[LiveLogWrite]) -> None:
+        """Running attempts' output so far, every task's in one transaction (one flush):
+        each write puts ``(seq, text)`` chunks of one stream and deletes chunks by seq."""
+        if not writes:
+            return
+        with self._write() as conn:
+            for w in writes:
+                conn.executemany("INSERT OR REPLACE INTO live_log_chunks VALUES (?, ?, ?, ?, ?)",
+                                 [(w.task_id, w.attempt, w.stream, seq, text) for seq, text in w.chunks])
+                conn.executemany("DELETE FROM live_log_chunks WHERE task_id = ? AND attempt = ? AND stream = ?"
+                                 " AND seq = ?", [(w.task_id, w.attempt, w.stream, seq) for seq in w.deleted])
+
+    def _live_log(self, task_id: int, attempt: int, stream: str) -> str:
+        rows = self._read("SELECT text FROM live_log_chunks WHERE task_id = ? AND attempt = ? AND stream = ?"
+                          " ORDER BY seq", (task_id, attempt, stream))
+        return "".join(r[0] for r in rows)
+
     def record_attempt(self, task_id: int, attempt: int, *, outcome: Outcome, started_at: float | None,
                        finished_at: float | None, exit_code: int | None = None, signal: int | None = None,
                        exception: dict | None = None, stdout: str = "", stderr: str = "",
@@ -309,6 +340,9 @@ class Metadata:
             if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is None:
                 raise NotFoundError(f"task {task_id} does not exist")
             conn.execute("DELETE FROM artifacts WHERE task_id = ? AND attempt = ?", (task_id, attempt))
+            # the final (capped) logs replace the output written while it ran
+            for table in ("live_log_chunks", "running_attempts"):
+                conn.execute(f"DELETE FROM {table} WHERE task_id = ? AND attempt = ?", (task_id, attempt))
             conn.execute(
                 "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (task_id, attempt, outcome, started_at, finished_at, exit_code, signal,
@@ -361,7 +395,8 @@ class Metadata:
                 removed.append(int(run_id))
                 tasks = "SELECT task_id FROM tasks WHERE flow = ? AND run_id = ?"
                 conn.execute(f"DELETE FROM artifacts WHERE task_id IN ({tasks})", (flow, run_id))
-                conn.execute(f"DELETE FROM attempts WHERE task_id IN ({tasks})", (flow, run_id))
+                for table in ("attempts", "running_attempts", "live_log_chunks"):
+                    conn.execute(f"DELETE FROM {table} WHERE task_id IN ({tasks})", (flow, run_id))
                 conn.execute("DELETE FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM notebook_runs WHERE flow = ? AND run_id = ?", (flow, run_id))
@@ -474,11 +509,24 @@ class Metadata:
                           " WHERE flow = ? AND run_id = ?", (flow, run_id))
         return bool(rows) and rows[0][0] == "running" and orchestrator_gone(*rows[0][1:])
 
-    def attempts(self, task_id: int) -> list[AttemptRecord]:
+    def attempts(self, task_id: int, unfinished: bool = False) -> list[AttemptRecord]:
+        """The task's recorded (finished) attempts, first to last; with ``unfinished``, also
+        an attempt that started and has no end record (running, or its orchestrator died):
+        ``outcome="running"``, ``complete=False``, its output so far."""
         rows = self._read("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))
-        return [AttemptRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+        done = [AttemptRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
                               json.loads(r[7]) if r[7] else None, r[8], r[9], json.loads(r[10]))
                 for r in rows]
+        if not unfinished:
+            return done
+        finished = {a.attempt for a in done}
+        started = self._read("SELECT attempt, started_at FROM running_attempts WHERE task_id = ? ORDER BY attempt",
+                             (task_id,))
+        live = [AttemptRecord(task_id, n, "running", at, None, None, None, None,
+                              self._live_log(task_id, n, "stdout"), self._live_log(task_id, n, "stderr"), [],
+                              complete=False)
+                for n, at in started if n not in finished]
+        return sorted(done + live, key=lambda a: a.attempt)
 
     def artifacts(self, task_id: int) -> list[ArtifactRef]:
         """Artifacts of the task's visible (last recorded) attempt, by name."""

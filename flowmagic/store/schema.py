@@ -21,17 +21,34 @@ SCHEMA_VERSION = 1  # additive changes (new nullable columns) keep the version: 
 RUN_ADDED_COLUMNS = {"orchestrator_pid": "INTEGER", "orchestrator_started": "REAL", "orchestrator_host": "TEXT"}
 
 # Tables added after version 1 shipped: created in an older store when it is opened
-# (older releases ignore them). notebook_runs is how a notebook finds its flow
+# (older releases ignore them), by name. notebook_runs is how a notebook finds its flow
 # again after a rename or in a new kernel: the file it was at, and its cells' ids.
-ADDED_TABLES = """
+# running_attempts and live_log_chunks are a running attempt and its output so far,
+# written while it runs (so a crash keeps them); its end record replaces both.
+ADDED_TABLES = {
+    "notebook_runs": """
 CREATE TABLE IF NOT EXISTS notebook_runs (
     flow TEXT NOT NULL,
     run_id INTEGER NOT NULL,
     notebook TEXT,                  -- the notebook's absolute path at that run, or NULL when unknown
     cell_ids TEXT NOT NULL,         -- JSON list of the nbformat ids of its cells
     recorded_at REAL NOT NULL,
-    PRIMARY KEY (flow, run_id));
-"""
+    PRIMARY KEY (flow, run_id))""",
+    "running_attempts": """
+CREATE TABLE IF NOT EXISTS running_attempts (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (task_id, attempt))""",
+    "live_log_chunks": """
+CREATE TABLE IF NOT EXISTS live_log_chunks (
+    task_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream TEXT NOT NULL,           -- stdout | stderr
+    seq INTEGER NOT NULL,           -- the log is its chunks in seq order: head, marker, tail
+    text TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt, stream, seq))""",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,7 +111,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     inline TEXT,
     PRIMARY KEY (task_id, attempt, name));
 CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (hash);
-""" + ADDED_TABLES
+""" + "".join(ddl + ";\n" for ddl in ADDED_TABLES.values())
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,18 @@ class AttemptRecord:
     stdout: str
     stderr: str
     outputs: list
+    complete: bool = True   # False: an attempt still running, or cut short by a crash (its output so far)
+
+
+@dataclass(frozen=True)
+class LiveLogWrite:
+    """One flush of one stream of a running attempt: chunks to put (seq, text), seqs to delete."""
+
+    task_id: int
+    attempt: int
+    stream: str
+    chunks: tuple[tuple[int, str], ...] = ()
+    deleted: tuple[int, ...] = ()
 
 
 # column lists of the SELECTs that run_record / task_record read

@@ -28,7 +28,7 @@ from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
 from flowmagic.runtime.orchestrator.builds import StepServers
 from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
 from flowmagic.runtime.orchestrator.events import EventHandler
-from flowmagic.runtime.orchestrator.logs import LogLimits, OutputBudget
+from flowmagic.runtime.orchestrator.logs import LiveLogs, LogLimits, OutputBudget, flush_interval
 from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
 from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
@@ -97,6 +97,7 @@ class _Engine:
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
         self.live = OutputBudget(cancel=self.cancel)   # output queued for this thread to show: bounded (logs.py)
         self.log_limits = LogLimits.from_env()         # here: a bad FLOWMAGIC_LOG_HEAD stops the run before it starts
+        self.live_logs = LiveLogs(self.log_limits, flush_interval())   # output so far, written while tasks run
 
     def input_plan(self, step: str, index: tuple[int, ...],
                    tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
@@ -133,6 +134,7 @@ class _Engine:
                     self._report_builds()
                 if not self._waiting_for_something():
                     break
+                self._flush_logs()
                 try:
                     message = self.events.get(timeout=0.25)
                 except queue.Empty:
@@ -145,6 +147,10 @@ class _Engine:
         if finish_run:
             self.record.run_finished(status, self.state.failed)
         return status
+
+    def _flush_logs(self) -> None:
+        if self.live_logs.due():
+            self.record.live_logs(self.live_logs.take())
 
     def _waiting_for_something(self) -> bool:
         return bool(self.running) or self.queue.has_delayed() or bool(self.servers.building)
@@ -255,7 +261,7 @@ class _Engine:
                 self.record.task_state(info, "running", attempt)
                 self._finish_attempt(info, attempt, _not_started(exc))
                 continue
-            self.record.task_state(info, "running", attempt)
+            self.record.attempt_started(info, attempt, live_logs=self.live_logs.enabled)
             timeout = self.graph.step(info.step).options.timeout
             thread = threading.Thread(target=self._attempt_thread, args=(info, attempt, server, spec, timeout),
                                       name=f"flowmagic-task-{info.task_id}", daemon=True)
@@ -324,6 +330,7 @@ class _Engine:
             self._environment_ready(message.step, message.result)
         elif isinstance(message, TaskOutput):
             self.live.give_back(len(message.text))
+            self.live_logs.add(message.info.task_id, message.attempt, message.stream, message.text)
             self.record.output(message.info, message.attempt, message.stream, message.text)
         elif isinstance(message, TaskMessage):
             data = message.message
@@ -331,6 +338,7 @@ class _Engine:
                 self.record.display(message.info, message.attempt, data.get("output"))
         elif isinstance(message, AttemptFinished):
             self.running.pop(message.info.task_id, None)
+            self.live_logs.forget(message.info.task_id, message.attempt)
             self._finish_attempt(message.info, message.attempt, message.result)
 
     # -- one attempt finished ---------------------------------------------------------

@@ -6,21 +6,31 @@ first ``FLOWMAGIC_LOG_HEAD`` bytes and its last ``FLOWMAGIC_LOG_TAIL`` bytes
 (1 MiB each by default) and counts the rest, which the stored log replaces by
 one marker line: ``... 873,213,344 bytes omitted ...``. The live stream to
 the console or the cell is not cut; it is passed on chunk by chunk.
+
+While a task runs, its output so far is written to the store every
+``FLOWMAGIC_LOG_FLUSH`` seconds (:class:`LiveLogs`), bounded by the same rule,
+so a crashed, killed or hung task's output is there to read; the end record
+replaces it.
 """
 from __future__ import annotations
 
 import codecs
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from flowmagic.errors import UsageError
+from flowmagic.store.logtext import capped_text, separator
+from flowmagic.store.schema import LiveLogWrite
 
 DEFAULT_HEAD = 1 << 20
 DEFAULT_TAIL = 1 << 20
 HEAD_VAR = "FLOWMAGIC_LOG_HEAD"
 TAIL_VAR = "FLOWMAGIC_LOG_TAIL"
+FLUSH_VAR = "FLOWMAGIC_LOG_FLUSH"
+DEFAULT_FLUSH = 1.0   # seconds between writes of running tasks' output; 0: only when the attempt ends
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,20 @@ class LogLimits:
         return cls(_size(HEAD_VAR, DEFAULT_HEAD), _size(TAIL_VAR, DEFAULT_TAIL))
 
 
+def flush_interval() -> float:
+    """``FLOWMAGIC_LOG_FLUSH``: seconds between writes of the output so far (0 turns them off)."""
+    text = os.environ.get(FLUSH_VAR, "").strip()
+    if not text:
+        return DEFAULT_FLUSH
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):   # also refuses nan
+        raise UsageError(f"{FLUSH_VAR}={text!r}: expected a number of seconds (0 writes logs only at the end)")
+    return value
+
+
 def _size(var: str, default: int) -> int:
     text = os.environ.get(var, "").strip()
     if not text:
@@ -46,10 +70,6 @@ def _size(var: str, default: int) -> int:
     if value < 0:
         raise UsageError(f"{var}={text!r}: expected a number of bytes (0 or more)")
     return value
-
-
-def omitted_marker(count: int) -> str:
-    return f"... {count:,} bytes omitted ...\n"
 
 
 class CappedLog:
@@ -87,8 +107,7 @@ class CappedLog:
         omitted += len(decoder.getstate()[0])
         while tail and 0x80 <= tail[0] < 0xC0:
             tail, omitted = tail[1:], omitted + 1
-        gap = "" if not head or head.endswith("\n") else "\n"
-        return head + gap + omitted_marker(omitted) + tail.decode("utf-8", "replace")
+        return capped_text(head, omitted, tail.decode("utf-8", "replace"))
 
 LIVE_BUDGET = 8 << 20   # bytes of live output posted to the engine's thread and not yet shown
 
@@ -125,3 +144,122 @@ class OutputBudget:
         with self._cond:
             self.queued -= size
             self._cond.notify_all()
+
+
+class LiveLog:
+    """One stream of a running attempt, as chunks for the ``live_log_chunks`` table.
+
+    The same cap as :class:`CappedLog`, kept incrementally so a flush writes only
+    what is new: the head's chunks (first seqs), then one marker chunk (rewritten
+    as its count grows), then tail chunks, the oldest deleted once the newer ones
+    hold ``tail`` bytes. Stored: at most head + 2 x tail (+ one read); held here
+    between flushes: what is new, bounded the same way."""
+
+    def __init__(self, limits: LogLimits) -> None:
+        self.limits = limits
+        self.head_room = limits.head
+        self.head_end = ""                     # the head's last text: is the marker on a line of its own?
+        self.pending_head: list[str] = []
+        self.pending_tail: deque[tuple[str, int]] = deque()   # (text, bytes)
+        self.pending_tail_size = 0
+        self.stored_tail: deque[tuple[int, int]] = deque()    # (seq, bytes) in the table
+        self.stored_tail_size = 0
+        self.head_size = 0
+        self.total = 0
+        self.next_seq = 0
+        self.marker_seq: int | None = None
+        self.marker_written = 0
+
+    def append(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        self.total += len(data)
+        if self.head_room > 0:
+            part = data[:self.head_room].decode("utf-8", "ignore")   # never half a character
+            if part:
+                self.pending_head.append(part)
+                self.head_end = part
+            used = len(part.encode("utf-8", "surrogatepass"))
+            self.head_size += used
+            # head closed once anything goes past it (a character that did not fit included)
+            self.head_room = 0 if used < len(data) else self.head_room - used
+            text, data = text[len(part):], data[used:]
+        if not text or self.limits.tail == 0:
+            return
+        self.pending_tail.append((text, len(data)))
+        self.pending_tail_size += len(data)
+        while self.pending_tail_size - self.pending_tail[0][1] >= self.limits.tail:
+            self.pending_tail_size -= self.pending_tail.popleft()[1]   # counted as omitted
+
+    def flush(self) -> tuple[tuple[tuple[int, str], ...], tuple[int, ...]]:
+        """(chunks to put, seqs to delete) since the last flush; both empty when nothing changed."""
+        chunks: list[tuple[int, str]] = []
+        deleted: list[int] = []
+        if self.pending_head:
+            chunks.append((self._seq(), "".join(self.pending_head)))
+            self.pending_head.clear()
+        if self.pending_tail:
+            if self.marker_seq is None:
+                self.marker_seq = self._seq()   # between the head and the tail, for good
+            seq = self._seq()
+            chunks.append((seq, "".join(text for text, _ in self.pending_tail)))
+            self.stored_tail.append((seq, self.pending_tail_size))
+            self.stored_tail_size += self.pending_tail_size
+            self.pending_tail.clear()
+            self.pending_tail_size = 0
+            while self.stored_tail_size - self.stored_tail[0][1] >= self.limits.tail:
+                old, size = self.stored_tail.popleft()
+                self.stored_tail_size -= size
+                deleted.append(old)
+        omitted = self.total - self.head_size - self.stored_tail_size
+        if omitted != self.marker_written and omitted > 0:
+            if self.marker_seq is None:       # no tail kept: the marker follows the head
+                self.marker_seq = self._seq()
+            chunks.append((self.marker_seq, separator(self.head_end, omitted)))
+            self.marker_written = omitted
+        return tuple(chunks), tuple(deleted)
+
+    def _seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq - 1
+
+
+class LiveLogs:
+    """The output so far of every running attempt, and when to write it: the engine's
+    thread (which sees every chunk of output anyway) adds to it, and every
+    ``interval`` seconds hands :meth:`take` to the Recorder, one transaction."""
+
+    def __init__(self, limits: LogLimits, interval: float) -> None:
+        self.limits, self.interval = limits, interval
+        self.logs: dict[tuple[int, int, str], LiveLog] = {}
+        self.last_flush = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def add(self, task_id: int, attempt: int, stream: str, text: str) -> None:
+        if not self.enabled:
+            return
+        key = (task_id, attempt, stream)
+        log = self.logs.get(key)
+        if log is None:
+            log = self.logs[key] = LiveLog(self.limits)
+        log.append(text)
+
+    def forget(self, task_id: int, attempt: int) -> None:
+        """The attempt ended: its end record replaces what was written of it."""
+        for stream in ("stdout", "stderr"):
+            self.logs.pop((task_id, attempt, stream), None)
+
+    def due(self) -> bool:
+        return self.enabled and time.monotonic() - self.last_flush >= self.interval
+
+    def take(self) -> list[LiveLogWrite]:
+        """What changed since the last take, for :meth:`Metadata.write_live_logs`."""
+        self.last_flush = time.monotonic()
+        writes = []
+        for (task_id, attempt, stream), log in self.logs.items():
+            chunks, deleted = log.flush()
+            if chunks or deleted:
+                writes.append(LiveLogWrite(task_id, attempt, stream, chunks, deleted))
+        return writes

@@ -9,6 +9,7 @@ from flowmagic.runtime.orchestrator.attempt import AttemptExit
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.protocol import Manifest, exception_json
+from flowmagic.store.schema import LiveLogWrite
 from flowmagic.store.serializers import ArtifactRef
 
 
@@ -46,6 +47,21 @@ class Recorder:
         self.meta.set_task_state(info.task_id, state)
         self.emit(Event("task", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
                         state=state, attempt=attempt, data=data))
+
+    def attempt_started(self, info: TaskInfo, attempt: int, live_logs: bool) -> None:
+        """The task is running ``attempt``; with ``live_logs`` the store records the attempt's start
+        too (one transaction), so the output written while it runs belongs to it."""
+        if not live_logs:
+            self.task_state(info, "running", attempt)
+            return
+        info.state = "running"
+        self.meta.start_attempt(info.task_id, attempt)
+        self.emit(Event("task", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
+                        state="running", attempt=attempt))
+
+    def live_logs(self, writes: list[LiveLogWrite]) -> None:
+        """Running attempts' output so far (LiveLogs.take), one transaction."""
+        self.meta.write_live_logs(writes)
 
     def attempt(self, info: TaskInfo, attempt: int, result: AttemptExit, manifest: Manifest,
                 artifacts: list[ArtifactRef]) -> None:
