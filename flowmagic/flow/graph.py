@@ -52,6 +52,15 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class PreludeDef:
+    """One name an ordinary cell gives the prelude: where, as what text, reading what."""
+
+    cell: int                   # 0-based index of the ordinary cell that defines it (the last one)
+    text: str                   # `ast.unparse` of the defining statement: an edit changes it
+    reads: frozenset[str] = frozenset()   # for a def/class: the globals its body reads
+
+
+@dataclass(frozen=True)
 class FlowGraph:
     name: str
     prelude: str                # Python source executed once per fork server
@@ -59,6 +68,7 @@ class FlowGraph:
     steps: tuple[StepSpec, ...]  # notebook order
     edges: tuple[Edge, ...]
     warnings: tuple[str, ...] = ()  # what `show` points out: the flow runs, but may not mean what it says
+    prelude_defs: Mapping[str, PreludeDef] = field(default_factory=dict, compare=False)
     _index: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +147,21 @@ class FlowGraph:
         }
 
 
+def prelude_definitions(graph: FlowGraph, step: str) -> dict[str, PreludeDef]:
+    """The prelude names ``step`` uses: those it reads, and those the defs it
+    uses read, transitively (a def's edit reaches the steps calling it)."""
+    defs = graph.prelude_defs
+    used: dict[str, PreludeDef] = {}
+    frontier = [n for n in graph.step(step).reads if n in defs]
+    while frontier:
+        name = frontier.pop()
+        if name in used:
+            continue
+        used[name] = defs[name]
+        frontier += [n for n in defs[name].reads if n in defs and n not in used]
+    return used
+
+
 def _in_step_order(graph: FlowGraph, names: set[str]) -> list[str]:
     return sorted(names, key=graph._index.__getitem__)
 
@@ -178,6 +203,7 @@ def build_flow(cells: Sequence[str], name: str | None = None) -> FlowGraph:
         edges=tuple(sorted(resolver.edges, key=lambda e: (resolver.specs[e.target].cell,
                                                           resolver.specs[e.source].cell))),
         warnings=tuple(resolver.warnings()),
+        prelude_defs=prelude.definitions(),
     )
 
 
@@ -189,6 +215,12 @@ class _Prelude:
     computed_in: dict[str, list[int]]       # name -> every ordinary cell that computes it
     global_reads: dict[str, frozenset[str]]  # def/class -> non-prelude globals it reads, transitively
     star_imports: tuple[str, ...] = ()      # `from M import *` modules: any other name may come from them
+    texts: dict[str, str] = field(default_factory=dict)          # prelude name -> its statement's text
+    direct: dict[str, frozenset[str]] = field(default_factory=dict)  # def/class -> every global it reads
+
+    def definitions(self) -> dict[str, PreludeDef]:
+        return {name: PreludeDef(cell, self.texts.get(name, ""), self.direct.get(name, frozenset()))
+                for name, cell in self.defines.items()}
 
     @classmethod
     def collect(cls, cells: Sequence[ParsedCell]) -> _Prelude:
@@ -197,6 +229,7 @@ class _Prelude:
         computes: dict[str, tuple[int, int]] = {}
         computed_in: dict[str, list[int]] = {}
         direct: dict[str, frozenset[str]] = {}
+        texts: dict[str, str] = {}
         stars: list[str] = []
         for cell in cells:
             if cell.kind != "ordinary":
@@ -214,9 +247,10 @@ class _Prelude:
                 computed_in.setdefault(var, []).append(cell.index)
                 defines.pop(var, None)  # computed by a later cell: no longer a prelude name
             direct.update(part.global_reads)
+            texts.update(part.texts)
             stars += part.star_imports
         closure = _transitive_reads(direct, set(defines))
-        return cls("".join(chunks), defines, computes, computed_in, closure, tuple(stars))
+        return cls("".join(chunks), defines, computes, computed_in, closure, tuple(stars), texts, direct)
 
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:

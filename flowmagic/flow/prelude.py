@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flowmagic.flow.scopes import free_names, top_level_bindings
 
@@ -23,6 +23,9 @@ class PreludePart:
     computes: Mapping[str, int]            # name -> line: bound by anything else (not prelude)
     global_reads: Mapping[str, frozenset[str]]  # def/class name -> globals its body reads
     star_imports: tuple[str, ...] = ()     # modules of `from M import *`: names unknown until run
+    # name -> `ast.unparse` of the statement defining it: what counts as an
+    # edit of that name (whitespace and comments do not)
+    texts: Mapping[str, str] = field(default_factory=dict)
 
 
 _LITERAL_NODES = (ast.Constant, ast.UnaryOp, ast.BinOp, ast.BoolOp, ast.Compare, ast.Tuple,
@@ -42,15 +45,19 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
     defines: dict[str, int] = {}
     computes: dict[str, int] = {}
     global_reads: dict[str, frozenset[str]] = {}
+    texts: dict[str, str] = {}
     for number, stmt in enumerate(tree.body):
         # The later binding of a name wins, as when the cell runs.
         if not _is_prelude_statement(stmt):
             for name in top_level_bindings([stmt]):
                 computes[name] = stmt.lineno
                 defines.pop(name, None)
+                texts.pop(name, None)
             continue
+        text = ast.unparse(stmt)
         for name in top_level_bindings([stmt], through_globals=False):
             defines[name] = stmt.lineno
+            texts[name] = text
             computes.pop(name, None)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             global_reads[stmt.name] = free_names(stmt)
@@ -58,7 +65,7 @@ def split_prelude(tree: ast.Module, code: str) -> PreludePart:
     source = "\n".join(kept) + "\n" if kept else ""
     stars = tuple("." * (stmt.level or 0) + (stmt.module or "") for stmt in tree.body
                   if isinstance(stmt, ast.ImportFrom) and any(a.name == "*" for a in stmt.names))
-    return PreludePart(source, defines, computes, global_reads, stars)
+    return PreludePart(source, defines, computes, global_reads, stars, texts)
 
 
 def _is_prelude_statement(stmt: ast.stmt) -> bool:

@@ -20,6 +20,7 @@ from flowmagic.errors import FlowDefinitionError
 from flowmagic.magics.session import DEFAULT_FLOW_NAME, KernelFlowDefinition, SessionRun, notebook_path
 from flowmagic.magics import identity, output
 from flowmagic.magics.identity import SavedNotebookWatch
+from flowmagic.magics.markers import StaleMarkers
 
 
 @magics_class
@@ -39,16 +40,21 @@ class FlowMagics(Magics):
         self._recorded: dict[tuple[str, int], tuple] = {}   # what record_notebook last wrote per run
         self._warned_unnamed = False
         self.loaded_run: tuple[str, int] | None = None   # `%flow load`: the next session run starts from it
+        self.markers = StaleMarkers()   # the stale marker atop each step cell's output
 
     # -- shell events: which cells the kernel executed --------------------
     def pre_run_cell(self, info: Any) -> None:
-        self._current = (info.raw_cell, getattr(info, "cell_id", None), self.shell.execution_count)
+        self._current = (info.raw_cell, getattr(info, "cell_id", None), running_count(self.shell))
 
     def post_run_cell(self, result: Any) -> None:
         info = result.info
         if info is None or result.error_before_exec is not None or result.error_in_exec is not None:
             return
         self.record_ordinary(info.raw_cell, getattr(info, "cell_id", None), result.execution_count)
+        if self.session is not None and self.session.inputs:
+            from flowmagic.magics import staleness
+
+            staleness.after_ordinary_cell(self)   # an edited def/import/constant: the steps using it are stale
 
     def record_ordinary(self, raw: str, cell_id: str | None, count: int | None) -> None:
         """Keep an ordinary cell that ran (its imports/defs feed the prelude)."""
@@ -129,6 +135,7 @@ class FlowMagics(Magics):
         for step in left:
             if self.session is not None:
                 self.session.forget([step])
+            self.markers.forget(step)
             print(f"[flowmagic] step '{step}' left the flow: its cell is no longer in the saved notebook")
 
     def store(self) -> Any:
@@ -217,6 +224,17 @@ class FlowMagics(Magics):
         from flowmagic.magics import dispatch as _magic_flow
 
         return output.guarded(lambda: _magic_flow.flow_command(self, line))
+
+
+def running_count(shell: Any) -> int | None:
+    """The ``In [n]`` of the cell now executing, seen from ``pre_run_cell``.
+
+    IPython 9 adds one to ``execution_count`` before ``pre_run_cell``, IPython
+    8 after the cell ran; both store the cell's input after ``pre_run_cell``,
+    so the input history (``''`` first) then holds exactly n entries.
+    """
+    history = getattr(shell.history_manager, "input_hist_raw", None) if shell.history_manager else None
+    return len(history) if history else shell.execution_count
 
 
 def load(shell: Any) -> FlowMagics:

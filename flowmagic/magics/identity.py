@@ -49,8 +49,9 @@ class SavedNotebookWatch:
                             "executed it")
             return []
         self._seen = seen
-        saved = [(c.cell_id, c.source) for c in cells if c.kind == "code"]
-        return definition.sync_saved(saved, stat.st_mtime)
+        code = [(number, c) for number, c in enumerate(cells, start=1) if c.kind == "code"]
+        saved = [(c.cell_id, c.source) for _, c in code]
+        return definition.sync_saved(saved, stat.st_mtime, [number for number, _ in code])
 
     def _warn_once(self, state: object, message: str) -> None:
         if self._warned != state:

@@ -59,8 +59,10 @@ class DefinedCell:
     recorded_at: float = field(default_factory=time.time)
     renamed_from: str | None = None   # the step's previous name in this same cell
 
+    number: int | None = None          # its cell number in the saved notebook (1-based, as JupyterLab shows)
+
     def label(self) -> str:
-        """How an error names this cell: ``%%step start`` (In [3])."""
+        """How a message names this cell: ``the cell '%%step start' (cell 4, In [3])``."""
         if self.kind == "step":
             what = f"the cell '%%step {self.step}'"
         elif self.kind == "params":
@@ -68,9 +70,20 @@ class DefinedCell:
         else:
             first = next((ln.strip() for ln in self.source.splitlines() if ln.strip()), "")
             what = f"the cell '{first[:40]}'"
+        where = [f"cell {self.number}"] if self.number else []
         if not self.executed:
-            return f"{what} (saved, not executed in this kernel yet)"
-        return f"{what} (In [{self.execution_count}])" if self.execution_count else what
+            where.append("saved, not executed in this kernel yet")
+        elif self.execution_count:
+            where.append(f"In [{self.execution_count}]")
+        return f"{what} ({', '.join(where)})" if where else what
+
+    def place(self) -> str:
+        """The short form, for a reason inside a sentence: ``cell 4``, else ``In [3]``."""
+        if self.number:
+            return f"cell {self.number}"
+        if self.executed and self.execution_count:
+            return f"In [{self.execution_count}]"
+        return self.label()
 
 
 class KernelFlowDefinition:
@@ -82,6 +95,7 @@ class KernelFlowDefinition:
         self._saved_ids: set[str] = set()        # the cell ids of the saved notebook, as last read
         self._saved_order: list[str] = []         # the keys of the saved notebook's cells, in its order
         self._aside: dict[str, str] = {}          # saved cells that did not build: key -> their source
+        self._numbers: dict[str, int] = {}        # key -> the cell's number in the saved notebook (1-based)
         self.notes: list[str] = []                # what the magics should say once (cells set aside)
 
     def record(self, source: str, *, cell_id: str | None = None,
@@ -108,6 +122,8 @@ class KernelFlowDefinition:
         previous = self._same_step_elsewhere(cell)
         if previous is not None and not previous.executed:
             del self._cells[previous.key]   # its saved twin: executed now, in first-executed order
+            if previous.key in self._numbers:
+                self._numbers.setdefault(key, self._numbers[previous.key])
             self._cells.pop(key, None)
             self._cells[key] = cell
             self._saved_order = [key if k == previous.key else k for k in self._saved_order]
@@ -153,8 +169,10 @@ class KernelFlowDefinition:
         self._cells = rebuilt
 
     # -- the saved notebook ---------------------------------------------------
-    def sync_saved(self, saved: list[tuple[str | None, str]], saved_at: float) -> list[str]:
-        """Follow the saved notebook (``(cell id, source)`` per code cell, in order).
+    def sync_saved(self, saved: list[tuple[str | None, str]], saved_at: float,
+                   numbers: list[int] | None = None) -> list[str]:
+        """Follow the saved notebook (``(cell id, source)`` per code cell, in order;
+        ``numbers``: each one's 1-based cell number there, markdown counted).
 
         Cells it has that this kernel does not know join the flow, not
         executed; saved sources replace those of cells not executed here; a
@@ -167,26 +185,26 @@ class KernelFlowDefinition:
                 and (not c.executed or c.cell_id in self._saved_ids or c.recorded_at < saved_at)]
         for cell in gone:
             del self._cells[cell.key]
-        self._merge_saved(saved)
+        self._merge_saved(saved, numbers or list(range(1, len(saved) + 1)))
         self._saved_ids = ids
         return sorted({c.step for c in gone if c.kind == "step" and c.step and self.step_cell(c.step) is None})
 
-    def _merge_saved(self, saved: list[tuple[str | None, str]]) -> None:
-        """The saved cells this kernel has not executed, and the saved order."""
+    def _merge_saved(self, saved: list[tuple[str | None, str]], numbers: list[int]) -> None:
+        """The saved cells this kernel has not executed, the saved order and cell numbers."""
         kept = {k: c for k, c in self._cells.items() if c.executed}
         order: list[str] = []
-        for cell_id, source in saved:
+        self._numbers = {}
+        for (cell_id, source), number in zip(saved, numbers):
             known = kept.get(cell_id) if cell_id else None
-            if known is not None:
-                order.append(known.key)
-                continue
-            cell = _saved_cell(source, cell_id)
-            if cell is None or self._aside.get(cell.key) == source:
-                continue
-            twin = self._executed_twin(cell)   # executed without an id (nbclient, a terminal)
-            if twin is None:
-                kept.setdefault(cell.key, cell)
-            order.append(twin.key if twin else cell.key)
+            if known is None:
+                cell = _saved_cell(source, cell_id)
+                if cell is None or self._aside.get(cell.key) == source:
+                    continue
+                known = self._executed_twin(cell)   # executed without an id (nbclient, a terminal)
+                if known is None:
+                    known = kept.setdefault(cell.key, cell)
+            order.append(known.key)
+            self._numbers.setdefault(known.key, number)
         self._cells, self._saved_order = kept, order
 
     def _ordered(self) -> list[DefinedCell]:
@@ -264,7 +282,11 @@ class KernelFlowDefinition:
     # -- reading ------------------------------------------------------------
     @property
     def cells(self) -> list[DefinedCell]:
-        return self._ordered()
+        return [self._numbered(c) for c in self._ordered()]
+
+    def _numbered(self, cell: DefinedCell) -> DefinedCell:
+        cell.number = self._numbers.get(cell.key)
+        return cell
 
     def sources(self) -> list[str]:
         """The cell list build_flow reads; indices match :meth:`cell_at`."""
@@ -275,7 +297,12 @@ class KernelFlowDefinition:
         return cells[index] if index is not None and 0 <= index < len(cells) else None
 
     def step_cell(self, step: str) -> DefinedCell | None:
-        return next((c for c in self._cells.values() if c.kind == "step" and c.step == step), None)
+        cell = next((c for c in self._cells.values() if c.kind == "step" and c.step == step), None)
+        return self._numbered(cell) if cell is not None else None
+
+    def keyed(self, key: str) -> DefinedCell | None:
+        cell = self._cells.get(key)
+        return self._numbered(cell) if cell is not None else None
 
     def flow_name(self, notebook: Path | None) -> str:
         """`%flow name X`, else the notebook's stem in CamelCase, else NotebookFlow."""
@@ -389,6 +416,24 @@ class SessionRun:
     states: dict[str, str] = field(default_factory=dict)
     task_states: dict[str, list[str]] = field(default_factory=dict)   # step -> its last execution's task states
     recorded: str = "running"     # the status last written to the store
+    reasons: dict[str, str] = field(default_factory=dict)   # stale step -> why, for its cell's marker
+    # step -> what it last ran with besides step outputs: the text of each
+    # prelude name it uses and each parameter's value (magics/staleness.py)
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def stale_because(self, step: str) -> str | None:
+        """Why ``step`` is stale (``it used the previous 'x' from cell 3``), None when it is not."""
+        if self.states.get(step) != "stale":
+            return None
+        return self.reasons.get(step, "a step it depends on ran again")
+
+    def mark_stale(self, step: str, reason: str) -> bool:
+        """Mark a step that ran stale; False when it was not run (or is stale already)."""
+        if self.states.get(step) not in STEP_FINISHED_OK | {"failed"}:
+            return False
+        self.states[step] = "stale"
+        self.reasons[step] = reason
+        return True
 
     def missing_producers(self, graph: FlowGraph, step: str) -> list[str]:
         """Parent steps of ``step`` whose outputs this run does not have."""
@@ -401,6 +446,7 @@ class SessionRun:
         """Record a step's outcome; returns the steps that became stale."""
         had_run = step in self.states
         self.states[step] = state
+        self.reasons.pop(step, None)
         if state not in STEP_FINISHED_OK or not had_run:
             return []
         stale = []
@@ -424,9 +470,11 @@ class SessionRun:
 
     def rename(self, old: str, new: str) -> None:
         """A step cell's header changed name: its state follows the cell."""
-        if old in self.states:
-            self.states[new] = self.states.pop(old)
+        for table in (self.states, self.reasons, self.inputs):
+            if old in table:
+                table[new] = table.pop(old)
 
     def forget(self, steps: list[str]) -> None:
         for step in steps:
-            self.states.pop(step, None)
+            for table in (self.states, self.reasons, self.inputs):
+                table.pop(step, None)

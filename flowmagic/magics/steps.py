@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowmagic.magics import views
+from flowmagic.magics import order, staleness, views
 from flowmagic.magics.output import (Interrupted, LivePrinter, step_failure,
                                      usage_error)
 from flowmagic.errors import FlowDefinitionError, RunError, cell_number
@@ -69,6 +69,7 @@ def parameter_values(graph: Any) -> dict[str, Any]:
 def define_params(magics: FlowMagics, line: str, cell: str) -> None:
     _defined, graph = record_cell(magics, "%%params", line, cell)
     magics.shell.user_ns.update(parameter_values(graph))
+    staleness.mark_changed(magics, graph)   # a changed value: the steps reading it are stale
     if magics.view is not None:
         views.refresh_view(magics, graph)
 
@@ -79,13 +80,17 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
     from flowmagic.runtime.orchestrator import scheduler
 
     step = defined.step
-    session = session_for(magics)
     renamed = defined.renamed_from
+    if renamed:
+        magics.markers.rename(renamed, step)
+    magics.markers.open(step)   # first in the cell's output: updated in place when the step goes stale
+    session = session_for(magics)
     if renamed:
         session.rename(renamed, step)
         print(f"[flowmagic] step '{renamed}' renamed to '{step}'")
     store = magics.store()
     clones = _continue_loaded_run(magics, graph, session, store, step)
+    order.warn_below(magics, graph, step)
     _check_producers(magics, graph, session, step)
     params = parameter_values(graph)
     if session.run_id is None:
@@ -111,6 +116,8 @@ def run_step_cell(magics: FlowMagics, line: str, cell: str) -> Any:
     printer.close()
     state = _step_state(result)
     session.task_states[step] = list(result.task_states)
+    if state != "failed":
+        staleness.remember(magics, graph, step)
     stale = _settle(magics, graph, session, step, state)
     value = printer.take_result()
     if state == "failed":
@@ -156,6 +163,8 @@ def _step_state(result: Any) -> str:
 def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, state: str) -> list[str]:
     """Record a step's outcome in the session and its run's status in the store."""
     stale = session.record(graph, step, state)
+    for below in stale:
+        session.reasons[below] = _stale_reason(magics, graph, step, below)
     status = session.status(graph)
     # The session run's status follows the steps executed so far: failed or
     # interrupted at once; succeeded when every step of the flow has run;
@@ -165,7 +174,18 @@ def _settle(magics: FlowMagics, graph: Any, session: SessionRun, step: str, stat
         session.recorded = status
     magics.record_notebook(graph.name, session.run_id)   # cells executed since may have new ids
     views.refresh_view(magics, graph)
+    magics.markers.refresh(session)
     return stale
+
+
+def _stale_reason(magics: FlowMagics, graph: Any, step: str, below: str) -> str:
+    """What a stale step's marker says: ``it used the previous 'rows' from cell 2``."""
+    cell = magics.definition.step_cell(step)
+    where = cell.place() if cell is not None else f"step '{step}'"
+    variables = [v for v, producer in sorted(graph.producers(below).items()) if producer == step]
+    if variables:
+        return f"it used the previous {', '.join(repr(v) for v in variables)} from {where}"
+    return f"it depends on step '{step}' ({where}), which ran again"
 
 
 def _with_saved_notebook_hint(magics: FlowMagics, exc: FlowDefinitionError) -> FlowDefinitionError:
@@ -255,7 +275,7 @@ def _unsaved(ref: Any) -> bool:
 
 
 # The scheduler names a step's code "<cell N: step S>", N numbering (from 1) the
-# kernel's cell list; a user knows the cell as In [n].
+# kernel's cell list; a user knows the cell by its place in the notebook and In [n].
 _CELL_FILENAME = re.compile(r"<cell (\d+): step (\w+)>")
 
 
@@ -265,8 +285,12 @@ def _relabel_traceback(magics: FlowMagics, record: dict | None) -> dict | None:
 
     def label(match: re.Match) -> str:
         cell = magics.definition.step_cell(match.group(2))
-        count = cell.execution_count if cell is not None else None
-        return f"Cell In[{count}], step {match.group(2)}" if count else f"step {match.group(2)}"
+        where = []
+        if cell is not None and cell.number:
+            where.append(f"cell {cell.number}")
+        if cell is not None and cell.executed and cell.execution_count:
+            where.append(f"In [{cell.execution_count}]")
+        return f"step {match.group(2)} ({', '.join(where)})" if where else f"step {match.group(2)}"
 
     relabelled = dict(record)
     if isinstance(relabelled.get("traceback"), str):
