@@ -163,7 +163,7 @@ def test_a_saved_cell_that_does_not_build_is_left_out_not_the_whole_flow():
     d = KernelFlowDefinition()
     d.sync_saved(saved(cells), saved_at=0)
     assert [s.name for s in d.build("F").steps] == ["start", "end"]
-    assert d.notes == ["the cell '%%step wip' (saved, not executed in this kernel yet) is left out of the flow "
+    assert d.notes == ["the cell '%%step wip' (cell 4, saved, not executed in this kernel yet) is left out of the flow "
                        "until it is executed: reads 'not_defined_anywhere', which no step above it writes and "
                        "no parameter, import, def, class or constant defines"]
     d.sync_saved(saved(cells), saved_at=1)               # saved again unchanged: still out

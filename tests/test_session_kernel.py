@@ -138,7 +138,7 @@ def test_after_a_restart_the_saved_steps_are_there_and_load_binds_the_last_run(r
     kernel.cell(CELLS, "load")
     early = kernel.execute(CELLS["total"], cell_id="total")
     assert early.status == "error"
-    assert "step 'start' (the cell '%%step start' (saved, not executed in this kernel yet))" in early.error_text
+    assert "step 'start' (the cell '%%step start' (cell 2, saved, not executed in this kernel yet))" in early.error_text
 
 
 def test_a_session_run_of_some_steps_is_partial_and_not_the_latest_success(request, folder):

@@ -261,6 +261,14 @@ class KernelFlowDefinition:
                     return name
         return None
 
+    def refused(self, key: str) -> None:
+        """A step cell refused before it ran (a producer has not run) does not
+        take a first-executed place: a saved cell goes back to its saved place,
+        so executing the producer above it next still builds."""
+        cell = self._cells.get(key)
+        if cell is not None and key in self._numbers:
+            cell.executed = False
+
     def snapshot(self) -> dict[str, DefinedCell]:
         return dict(self._cells)
 

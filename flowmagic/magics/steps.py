@@ -213,7 +213,9 @@ def _with_saved_notebook_hint(magics: FlowMagics, exc: FlowDefinitionError) -> F
 def _check_producers(magics: FlowMagics, graph: Any, session: SessionRun, step: str) -> None:
     missing = session.missing_producers(graph, step)
     if missing:
-        raise RunError(_missing_message(magics, graph, step, missing, session))
+        message = _missing_message(magics, graph, step, missing, session)
+        magics.definition.refused(magics.definition.step_cell(step).key)
+        raise RunError(message)
     stale = session.stale_producers(graph, step)
     if stale:
         print(f"[flowmagic] note: {', '.join(repr(s) for s in stale)} ran before a step upstream "
