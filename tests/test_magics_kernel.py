@@ -395,7 +395,7 @@ def test_the_saved_notebook_names_the_step_to_execute_first(kernel, tmp_path):
         assert execution.status == "error"
         message = execution.error_text
         # the saved notebook's steps are part of the flow, not executed yet
-        assert ("step 'start' (the cell '%%step start' (saved, not executed in this kernel yet)) "
+        assert ("step 'start' (the cell '%%step start' (cell 3, saved, not executed in this kernel yet)) "
                 "produces x but has not run in this session run") in message
         assert "Traceback" not in message
     finally:

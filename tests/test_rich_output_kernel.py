@@ -15,6 +15,7 @@ from nbclient import NotebookClient
 
 import flowmagic
 from conftest import kernel_env
+from flowmagic.magics.markers import MIME
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,9 @@ def executed(tmp_path_factory) -> tuple[dict, Path]:
 
 
 def rich(outputs: list) -> list[dict]:
-    return [o["data"] for o in outputs if o["output_type"] in ("display_data", "execute_result")]
+    """A step's rich outputs, without the stale marker that opens each step cell's output."""
+    return [o["data"] for o in outputs if o["output_type"] in ("display_data", "execute_result")
+            and MIME not in o["data"]]
 
 
 def stdout(outputs: list) -> str:
@@ -64,6 +67,7 @@ def stdout(outputs: list) -> str:
 
 def test_a_steps_display_value_and_figure_reach_its_cell(executed):
     cells, _ = executed
+    assert cells["start"][0]["data"] == {MIME: {}}   # the marker comes first, empty: the step is fresh
     outputs = rich(cells["start"])
     assert len(outputs) == 3
     (table,) = [o for o in outputs if "text/html" in o]
@@ -88,7 +92,7 @@ def test_foreach_outputs_are_labelled_with_their_task(executed):
     for output in cells["each"]:
         if output["output_type"] == "stream":
             label = output["text"].strip().splitlines()[-1]
-        elif output["output_type"] == "display_data":
+        elif output["output_type"] == "display_data" and MIME not in output["data"]:
             seen[label] = output["data"]["text/plain"]
     assert seen == {"[each/0]": "'square 1'", "[each/1]": "'square 4'", "[each/2]": "'square 9'"}
 

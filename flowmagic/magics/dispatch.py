@@ -189,6 +189,7 @@ def _load(magics: FlowMagics, words: list[str]) -> Any:
     magics.shell.user_ns.update(values)
     # the next step cell starts a session run in which this run's finished steps count as run
     magics.session, magics.loaded_run = None, (flow, record.run_id)
+    magics.markers.refresh(None)   # stale meant: in the session run now left
     names = ", ".join(sorted(values)) or "nothing"
     print(f"[flowmagic] bound {len(values)} names from run {flow}/{record.run_id} ({record.status}): {names}; "
           "the next step cell continues from its steps")
@@ -212,6 +213,7 @@ def _run_to_load(magics: FlowMagics, store: Any, flow: str, run_id: int | None) 
 def _new(magics: FlowMagics, words: list[str]) -> Any:
     _parser("new", "Start a new session run: the next %%step cell executed creates it.").parse_args(words)
     magics.session = None
+    magics.markers.refresh(None)
     print("[flowmagic] the next step cell you execute starts a new session run")
     return None
 
@@ -237,6 +239,7 @@ def _reset(magics: FlowMagics, words: list[str]) -> Any:
                      "(as after a kernel restart; imports and defs stay).").parse_args(words)
     magics.definition.forget_flow_cells()
     magics.session = None
+    magics.markers.refresh(None)
     print("[flowmagic] the kernel's flow has no steps now; execute step cells to define it again")
     return None
 
@@ -249,6 +252,8 @@ def _forget(magics: FlowMagics, words: list[str]) -> Any:
         raise usage_error(f"%flow forget: the kernel has no step {args.step!r}")
     if magics.session is not None:
         magics.session.forget([args.step])
+    magics.markers.refresh(magics.session)   # a forgotten step's marker goes blank
+    magics.markers.forget(args.step)
     print(f"[flowmagic] step '{args.step}' is no longer part of the flow")
     return None
 

@@ -63,5 +63,3 @@ class StaleMarkers:
         self._ids.pop(step, None)
         self._shown.pop(step, None)
 
-    def is_stale(self, step: str) -> bool:
-        return self._shown.get(step) is not None
