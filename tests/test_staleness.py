@@ -55,3 +55,24 @@ def test_stale_because_follows_the_steps_state():
     session.record(g, "total", "done")
     assert session.stale_because("total") is None
     assert not session.mark_stale("missing", "never ran")
+
+
+def test_messages_name_cells_by_their_saved_number_and_in_n():
+    import pytest
+
+    from flowmagic.errors import FlowDefinitionError
+    from flowmagic.magics.session import KernelFlowDefinition
+
+    d = KernelFlowDefinition()
+    # cell ids and their numbers in the saved notebook (a markdown cell at 2, another at 5)
+    d.sync_saved([("a", "%load_ext flowmagic"), ("p1", "%%params\nx = 1"), ("s", "%%step start\ny = x"),
+                  ("p2", "%%params\nx = 2")], 0, [1, 3, 4, 6])
+    d.record("%%params\nx = 1", cell_id="p1", execution_count=2)
+    assert d.step_cell("start").label() == "the cell '%%step start' (cell 4, saved, not executed in this kernel yet)"
+    d.record("%%params\nx = 2", cell_id="p2", execution_count=3)
+    with pytest.raises(FlowDefinitionError) as raised:
+        d.build("F")
+    assert str(raised.value) == ("the '%%params' cell (cell 6, In [3]), line 2: parameter 'x' is declared twice "
+                                 "(the '%%params' cell (cell 3, In [2]) and the '%%params' cell (cell 6, In [3]))")
+    d.record("q = 1", cell_id="new", execution_count=4)    # not saved yet: In [n] only
+    assert d.cells[-1].label() == "the cell 'q = 1' (In [4])"

@@ -349,7 +349,7 @@ class KernelFlowDefinition:
         """The same error, with the kernel's cell index replaced by the cell's label."""
         cell = self.cell_at(exc.cell)
         message = getattr(exc, "message", str(exc))
-        message = _CELL_REFERENCE.sub(lambda m: self._cell_words(int(m.group(1)) - 1, m.group(0)), message)
+        message = _CELL_REFERENCE.sub(self._cell_words, message)   # one pass: labels hold "cell N" too
         if cell is None:
             return exc
         where = [f"step '{exc.step}'"] if exc.step else []
@@ -361,9 +361,13 @@ class KernelFlowDefinition:
         relabelled.message = message
         return relabelled
 
-    def _cell_words(self, index: int, original: str) -> str:
-        cell = self.cell_at(index)
-        return cell.label() if cell is not None else original
+    def _cell_words(self, match: re.Match) -> str:
+        """A "cell N" (or "cells N and M") of a build_flow message, as labels."""
+        numbers = [n for n in match.groups() if n is not None]
+        cells = [self.cell_at(int(n) - 1) for n in numbers]
+        if any(cell is None for cell in cells):
+            return match.group(0)
+        return " and ".join(cell.label() for cell in cells if cell is not None)
 
 
 def _twins(a: DefinedCell, b: DefinedCell) -> bool:
@@ -385,7 +389,8 @@ def _saved_cell(source: str, cell_id: str | None) -> DefinedCell | None:
 
 
 # "cell 3" inside a message from build_flow is the 1-based number (errors.cell_number) of an index of our cell list
-_CELL_REFERENCE = re.compile(r"\b(?:ordinary )?cell (\d+)\b")
+# (and "cells N and M", as in "declared twice (cells 2 and 5)")
+_CELL_REFERENCE = re.compile(r"\bcells (\d+) and (\d+)\b|\b(?:ordinary )?cell (\d+)\b")
 
 
 # -- where the notebook is ---------------------------------------------------
