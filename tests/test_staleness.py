@@ -21,6 +21,8 @@ def test_a_step_uses_the_prelude_names_it_reads_and_what_its_defs_read():
     assert sorted(prelude_definitions(g, "start")) == ["K", "scale"]
     assert sorted(prelude_definitions(g, "total")) == ["math"]
     assert prelude_definitions(g, "start")["K"].cell == 0
+    again = build_flow([PRELUDE, *STEPS, "K = 3"], name="F")   # defined above and again below
+    assert again.prelude_defs["K"].cells == (0, 4) and again.prelude_defs["K"].cell == 4
 
 
 def test_whitespace_and_comments_are_not_edits_a_changed_value_is():

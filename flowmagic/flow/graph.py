@@ -58,6 +58,7 @@ class PreludeDef:
     cell: int                   # 0-based index of the ordinary cell that defines it (the last one)
     text: str                   # `ast.unparse` of the defining statement: an edit changes it
     reads: frozenset[str] = frozenset()   # for a def/class: the globals its body reads
+    cells: tuple[int, ...] = ()           # every ordinary cell that defines it, in order
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,11 @@ class _Prelude:
     texts: dict[str, str] = field(default_factory=dict)          # prelude name -> its statement's text
     direct: dict[str, frozenset[str]] = field(default_factory=dict)  # def/class -> every global it reads
 
+    defined_in: dict[str, list[int]] = field(default_factory=dict)  # name -> every cell defining it
+
     def definitions(self) -> dict[str, PreludeDef]:
-        return {name: PreludeDef(cell, self.texts.get(name, ""), self.direct.get(name, frozenset()))
+        return {name: PreludeDef(cell, self.texts.get(name, ""), self.direct.get(name, frozenset()),
+                                 tuple(self.defined_in.get(name, [cell])))
                 for name, cell in self.defines.items()}
 
     @classmethod
@@ -230,6 +234,7 @@ class _Prelude:
         computed_in: dict[str, list[int]] = {}
         direct: dict[str, frozenset[str]] = {}
         texts: dict[str, str] = {}
+        defined_in: dict[str, list[int]] = {}
         stars: list[str] = []
         for cell in cells:
             if cell.kind != "ordinary":
@@ -241,6 +246,7 @@ class _Prelude:
                 chunks.append(f"# cell {cell_number(cell.index)}\n{part.source}")
             for var in part.defines:
                 defines[var] = cell.index
+                defined_in.setdefault(var, []).append(cell.index)
                 computes.pop(var, None)
             for var, line in part.computes.items():
                 computes[var] = (cell.index, line)
@@ -250,7 +256,8 @@ class _Prelude:
             texts.update(part.texts)
             stars += part.star_imports
         closure = _transitive_reads(direct, set(defines))
-        return cls("".join(chunks), defines, computes, computed_in, closure, tuple(stars), texts, direct)
+        return cls("".join(chunks), defines, computes, computed_in, closure, tuple(stars), texts, direct,
+                   defined_in)
 
 
 def _prelude_part(cell: ParsedCell) -> PreludePart | None:

@@ -56,7 +56,10 @@ def _sources_below(magics: FlowMagics, graph: Any, step: str, number: int) -> li
         if param.name in reads:
             note(definition.cell_at(param.cell), param.name, "name")
     for name, defined in sorted(prelude_definitions(graph, step).items()):
-        note(definition.cell_at(defined.cell), name, "name")
+        # defined above too (and again below): a top-to-bottom run has the name
+        cells = [definition.cell_at(index) for index in defined.cells]
+        if not any(c is not None and c.number is not None and c.number < number for c in cells):
+            note(definition.cell_at(defined.cell), name, "name")
     return sorted(found.values(), key=lambda item: item[0].number or 0)
 
 
