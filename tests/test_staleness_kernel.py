@@ -148,6 +148,9 @@ def test_a_step_reading_a_step_output_below_warns_that_run_all_fails(request, tm
     assert ("step 'use' (cell 2) reads 'x' from the cell '%%step make' (cell 3, In [2]), below it: "
             "Run All") in use.stderr
     assert "move this cell below cell 3" in use.stderr
+    # the DAG's cells are the notebook's, not the kernel's first-executed order
+    shown = {s["name"]: s["cell"] for s in kernel.value("%flow show --json")["steps"]}
+    assert shown == {"make": 2, "use": 1}
     kernel.restart()       # Restart and Run All fails there, as warned
     kernel.cell(cells, "load")
     failed = kernel.execute(cells["use"], cell_id="use")

@@ -91,7 +91,7 @@ def _show(magics: FlowMagics, words: list[str]) -> Any:
     args = _magic_runs.command_parser("show", _parser).parse_args(words)
     graph = magics.graph()
     if args.json:
-        return graph.to_json()
+        return views.graph_json(magics, graph)
     views.show_graph(magics, graph)
     return None
 

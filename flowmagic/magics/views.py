@@ -22,6 +22,18 @@ def _quietly(action: Callable[[], Any], default: Any = None) -> Any:
         return default
 
 
+def graph_json(magics: FlowMagics, graph: Any) -> dict:
+    """The ``show`` document, each step's ``cell`` its 0-based index in the saved
+    notebook (the DAG's tooltip says "cell N" from it); the kernel's own cell
+    list is in first-executed order, so its index is used only for a cell not saved yet."""
+    document = graph.to_json()
+    for step in document["steps"]:
+        cell = magics.definition.step_cell(step["name"])
+        if cell is not None and cell.number:
+            step["cell"] = cell.number - 1
+    return document
+
+
 def show_output(value: Any) -> None:
     from IPython.display import display
 
@@ -53,9 +65,9 @@ def show_graph(magics: FlowMagics, graph: Any) -> None:
     session = magics.session
     run_id = session.run_id if session is not None else None
     states = session_states(magics, counts=True)
-    magics.view = _quietly(lambda: widgets.show_graph(graph.to_json(), states, run_id=run_id))
+    magics.view = _quietly(lambda: widgets.show_graph(graph_json(magics, graph), states, run_id=run_id))
     if magics.view is None:
-        print(widgets.graph_text(graph.to_json(), states))
+        print(widgets.graph_text(graph_json(magics, graph), states))
     for warning in graph.warnings:
         print(f"[flowmagic] warning: {warning}", file=sys.stderr)
 
@@ -65,7 +77,7 @@ def run_view(magics: FlowMagics, graph: Any) -> Callable[[Any], None] | None:
     returns its event callback, None when widgets cannot be shown."""
     from flowmagic import widgets
 
-    view = _quietly(lambda: widgets.live_run(graph.to_json(), store=magics.store(), flow=graph.name))
+    view = _quietly(lambda: widgets.live_run(graph_json(magics, graph), store=magics.store(), flow=graph.name))
     return None if view is None else view.on_event
 
 
@@ -82,7 +94,7 @@ def refresh_view(magics: FlowMagics, graph: Any) -> None:
         return
 
     def push() -> None:
-        view.set_graph(graph.to_json())
+        view.set_graph(graph_json(magics, graph))
         view.set_states(session_states(magics), replace=True)
         view.finish()
     _quietly(push)
