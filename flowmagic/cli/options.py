@@ -41,7 +41,7 @@ class Command:
 
 JSON = option("--json", action="store_true", help="print one JSON document")
 
-_RUN_HELP = ("--PARAM VALUE for each parameter, --max-workers N, --tag T, --json "
+_RUN_HELP = ("--PARAM VALUE for each parameter, --max-workers N, --executor dask://HOST:PORT, --tag T, --json "
              "(`flowmagic run NB.ipynb --help` lists the parameters)")
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
@@ -70,7 +70,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     )),
     Command("resume", "re-run the failed steps of a run (and what follows), cloning the rest", (
         notebook(),
-        option("options", nargs=argparse.REMAINDER, help="[RUN] [--from STEP] [--max-workers N] [--tag T] [--json]"),
+        option("options", nargs=argparse.REMAINDER,
+               help="[RUN] [--from STEP] [--max-workers N] [--executor WHERE] [--tag T] [--json]"),
     )),
     Command("status", "list the flow's runs, newest first", (
         notebook(),
@@ -138,6 +139,9 @@ def add_run_options(parser: argparse.ArgumentParser, graph: Any, command: str) -
     parser.add_argument("--max-workers", type=int, default=None, metavar="N",
                         help="tasks run at the same time (default: number of cores)")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="tag the run (repeatable)")
+    parser.add_argument("--executor", default=None, metavar="WHERE",
+                        help="where tasks run: local (default) or dask://HOST:PORT, a Dask scheduler "
+                             "(default: $FLOWMAGIC_EXECUTOR); a step's own --executor wins")
     parser.add_argument("--json", action="store_true", help="print one JSON document; logs go to stderr")
     parser.add_argument("--verbose", action="store_true",
                         help="a line for every finished task (by default a foreach shows its progress)")

@@ -58,13 +58,14 @@ class StepOptions:
     cache: bool = False
     memory: int | None = None   # MB (Metaflow's @resources(memory=...)); None: runtime/memory.py default
     after: tuple[str, ...] = ()  # `--after STEP`: ordering without data (edges with no variables)
+    executor: str | None = None  # `--executor dask` (or dask://HOST:PORT, local): where its tasks run
 
     def as_dict(self) -> dict:
         """Only the options that are set (the JSON ``options`` object)."""
         result: dict[str, Any] = {}
         if self.retry:
             result["retry"] = self.retry
-        for key in ("timeout", "foreach", "catch", "pypi", "conda", "memory"):
+        for key in ("timeout", "foreach", "catch", "pypi", "conda", "memory", "executor"):
             value = getattr(self, key)
             if value is not None:
                 result[key] = value
@@ -111,6 +112,7 @@ def _make_step_parser() -> _StrictParser:
     parser.add_argument("--cache", action="store_true")
     parser.add_argument("--memory", default=None)
     parser.add_argument("--after", action="append", default=[])
+    parser.add_argument("--executor", default=None)
     return parser
 
 
@@ -198,7 +200,19 @@ def parse_step_header(arguments: str, *, cell: int | None = None) -> tuple[str, 
         cache=bool(ns.cache),
         memory=_parse_memory(ns.memory, step, cell),
         after=_parse_after(ns.after, step, cell),
+        executor=_parse_executor(ns.executor, step, cell),
     )
+
+
+def _parse_executor(text: str | None, step: str, cell: int | None) -> str | None:
+    """``local``, ``dask`` (the address from the run's --executor or $FLOWMAGIC_DASK_SCHEDULER)
+    or ``dask://HOST:PORT``; checked here so a typo is a definition error naming the cell."""
+    if text is None:
+        return None
+    if text in ("local", "dask") or (text.startswith("dask://") and len(text) > len("dask://")):
+        return text
+    raise FlowDefinitionError(f"bad value for --executor: {text!r} (expected local, dask or dask://HOST:PORT)",
+                              step=step, cell=cell)
 
 
 def _parse_after(names: list[str], step: str, cell: int | None) -> tuple[str, ...]:

@@ -116,7 +116,7 @@ def _run(magics: FlowMagics, words: list[str]) -> Any:
     params = resolve_params(graph, given_params(args))
     result = _drive(magics, graph, "run", lambda on_event: scheduler.run_flow(
         graph, magics.store(), params=params, tags=tuple(args.tag), max_workers=args.max_workers,
-        on_event=on_event, cache=args.cache, workdir=str(Path.cwd())))
+        on_event=on_event, cache=args.cache, workdir=str(Path.cwd()), executor=args.executor))
     magics.record_notebook(result.flow, result.run_id)
     magics.shell.user_ns.update(params)
     return _finish(magics, result, args.json)
@@ -129,7 +129,8 @@ def _resume(magics: FlowMagics, words: list[str]) -> Any:
     args = _console_run_parser(graph, "resume").parse_args(words)
     result = _drive(magics, graph, "resume", lambda on_event: scheduler.resume_flow(
         graph, magics.store(), origin_run_id=args.run_id, from_step=args.from_step, tags=tuple(args.tag),
-        max_workers=args.max_workers, on_event=on_event, workdir=str(Path.cwd())))
+        max_workers=args.max_workers, on_event=on_event, workdir=str(Path.cwd()),
+        executor=args.executor))
     magics.record_notebook(result.flow, result.run_id)
     return _finish(magics, result, args.json)
 

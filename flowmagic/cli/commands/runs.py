@@ -95,7 +95,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     return _drive(args, opts, graph, lambda on_event: _recorded(store, args.notebook, run_flow(
         graph, store, params=params, tags=opts.tag, max_workers=opts.max_workers, on_event=on_event,
-        cache=opts.cache, workdir=_workdir(args.notebook))))
+        cache=opts.cache, workdir=_workdir(args.notebook), executor=opts.executor)))
 
 
 def run_resume(args: argparse.Namespace) -> int:
@@ -106,7 +106,8 @@ def run_resume(args: argparse.Namespace) -> int:
 
     return _drive(args, opts, graph, lambda on_event: _recorded(store, args.notebook, resume_flow(
         graph, store, origin_run_id=opts.run_id, from_step=opts.from_step, tags=opts.tag,
-        max_workers=opts.max_workers, on_event=on_event, workdir=_workdir(args.notebook))))
+        max_workers=opts.max_workers, on_event=on_event, workdir=_workdir(args.notebook),
+        executor=opts.executor)))
 
 
 def _recorded(store: Any, notebook: str, result: Any) -> Any:

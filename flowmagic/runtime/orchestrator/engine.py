@@ -22,20 +22,20 @@ from flowmagic.errors import RunError, cell_number
 from flowmagic.flow.catch import caught_exception
 from flowmagic.states import TASK_FINISHED_OK
 from flowmagic.runtime.environments import builder as environments
-from flowmagic.runtime.orchestrator import memory
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
+from flowmagic.runtime.orchestrator.attempt import AttemptExit
 from flowmagic.runtime.orchestrator.builds import StepServers
 from flowmagic.runtime.orchestrator.cache import cache_enabled, find_cached
 from flowmagic.runtime.orchestrator.events import EventHandler
+from flowmagic.runtime.orchestrator.executors.base import AttemptRequest, Executors
+from flowmagic.runtime.orchestrator.executors.local import LocalExecutor, crashed, not_started
 from flowmagic.runtime.orchestrator.logs import LiveLogs, LogLimits, OutputBudget, flush_interval
 from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
 from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
                                                      TaskOutput)
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json, foreach_info
-from flowmagic.runtime.worker.forkpool import ForkServer, get_server
-from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
+from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.results import RunResult
 from flowmagic.store.serializers import ArtifactRef, save_artifact
@@ -78,7 +78,8 @@ def _state_data(exception: dict | None, state: str, catch: str | None) -> dict |
 
 class _Engine:
     def __init__(self, graph, store, run_id: int, params: dict, options: RunOptions, *,
-                 known: dict[str, list[TaskInfo]] | None = None, on_event: EventHandler | None = None) -> None:
+                 known: dict[str, list[TaskInfo]] | None = None, on_event: EventHandler | None = None,
+                 executors: Executors | None = None) -> None:
         self.graph, self.store, self.run_id, self.params = graph, store, run_id, params
         self.options = options
         self.flow = graph.name
@@ -92,12 +93,17 @@ class _Engine:
         self.record = Recorder(self.meta, self.flow, run_id, on_event)
         self.queue = RetryQueue(RETRY_DELAY)
         self.running: dict[int, tuple[TaskInfo, int, threading.Thread]] = {}
+        self.running_on: dict[int, object] = {}   # task id -> the executor its attempt runs on
         self.events: queue.Queue[EngineMessage] = queue.Queue()
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
         self.live = OutputBudget(cancel=self.cancel)   # output queued for this thread to show: bounded (logs.py)
         self.log_limits = LogLimits.from_env()         # here: a bad FLOWMAGIC_LOG_HEAD stops the run before it starts
         self.live_logs = LiveLogs(self.log_limits, flush_interval())   # output so far, written while tasks run
+        # where each step's attempts run (executors/): the run's Dask clients, connected by the caller
+        self.executors = executors or Executors()
+        self.executors.attach_local(LocalExecutor(self.servers, self.max_workers))
+        self.flow_modules = flow_preload([graph.prelude, *(s.code for s in graph.steps)])
 
     def input_plan(self, step: str, index: tuple[int, ...],
                    tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
@@ -247,25 +253,26 @@ class _Engine:
         return known_task(self.graph, self.store, self.meta.get_task(new_id))
 
     def _launch(self) -> None:
-        while self.queue.has_ready() and len(self.running) < self.max_workers and not self.state.stopping:
+        while self.queue.has_ready() and not self.state.stopping:
             info, attempt = self.queue.pop()
+            executor = self.executors.for_step(info.step)
+            if self._busy(executor):   # each executor has its own slots (cores here, threads of a cluster)
+                self.queue.add_first([(info, attempt)])
+                break
             if self.servers.waits(info, attempt):
                 continue
-            spec = self._task_spec(info, attempt)
+            request = self._request(info, attempt)
             try:
-                server = self.servers.server_for(info.step)
-                # what the server did not preload for the flow: an environment's server knows only its
-                # prelude, and a resumed step may read a frame though its code never names pandas
-                server.ensure_preloaded(flow_preload([spec.code], _input_serializers(spec)))
+                executor.prepare(request)
             except RunError as exc:  # its environment cannot be built, or the prelude fails in it
                 self.record.task_state(info, "running", attempt)
-                self._finish_attempt(info, attempt, _not_started(exc))
+                self._finish_attempt(info, attempt, not_started(exc))
                 continue
             self.record.attempt_started(info, attempt, live_logs=self.live_logs.enabled)
-            timeout = self.graph.step(info.step).options.timeout
-            thread = threading.Thread(target=self._attempt_thread, args=(info, attempt, server, spec, timeout),
+            thread = threading.Thread(target=self._attempt_thread, args=(executor, request),
                                       name=f"flowmagic-task-{info.task_id}", daemon=True)
             self.running[info.task_id] = (info, attempt, thread)
+            self.running_on[info.task_id] = executor
             thread.start()
         if self.state.stopping:
             self._cancel_waiting()
@@ -293,10 +300,12 @@ class _Engine:
             return
         for info, attempt in waiting:   # cannot be built, or the prelude fails in it
             self.record.task_state(info, "running", attempt)
-            self._finish_attempt(info, attempt, _not_started(result))
+            self._finish_attempt(info, attempt, not_started(result))
 
-    def _attempt_thread(self, info: TaskInfo, attempt: int, server: ForkServer, spec: TaskSpec,
-                        timeout: float | None) -> None:
+    def _busy(self, executor) -> bool:
+        return sum(1 for e in self.running_on.values() if e is executor) >= executor.slots()
+
+    def _request(self, info: TaskInfo, attempt: int) -> AttemptRequest:
         post = self.events.put
 
         def on_output(stream: str, text: str) -> None:
@@ -307,23 +316,16 @@ class _Engine:
             post(TaskMessage(info, attempt, message))
 
         options = self.graph.step(info.step).options
-        watch = memory.MemoryWatch(info.step, options.memory)   # kills the group over its memory limit
-        for tries in range(2):
-            try:
-                result = run_attempt(server, spec, timeout=timeout, on_output=on_output,
-                                     on_message=on_message, cancel=self.cancel, on_start=watch.start,
-                                     log_limits=self.log_limits)
-                break
-            except ForkServerDied:
-                if tries:
-                    result = _crashed("the fork server died and could not be restarted")
-                    break
-                server = get_server(server.prelude, python=server.python, cwd=self.options.workdir,
-                                    preload=server.flow_modules)
-            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
-                result = _crashed(f"{type(exc).__name__}: {exc}")
-                break
-        post(AttemptFinished(info, attempt, watch.verdict(result)))
+        return AttemptRequest(info, attempt, self._task_spec(info, attempt), self.graph.prelude, self.flow_modules,
+                              options.timeout, options.memory, self.options.workdir, self.cancel, self.log_limits,
+                              on_output, on_message)
+
+    def _attempt_thread(self, executor, request: AttemptRequest) -> None:
+        try:
+            result = executor.run_attempt(request)
+        except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
+            result = crashed(f"{type(exc).__name__}: {exc}")
+        self.events.put(AttemptFinished(request.info, request.attempt, result))
 
     def _handle(self, message: EngineMessage) -> None:
         if isinstance(message, EnvironmentBuilt):
@@ -339,6 +341,7 @@ class _Engine:
         elif isinstance(message, AttemptFinished):
             self.running.pop(message.info.task_id, None)
             self.live_logs.forget(message.info.task_id, message.attempt)
+            self.running_on.pop(message.info.task_id, None)
             self._finish_attempt(message.info, message.attempt, message.result)
 
     # -- one attempt finished ---------------------------------------------------------
@@ -405,36 +408,3 @@ class _Engine:
             foreach_vars=tuple(plan.foreach_vars(graph, step)),
             mutation_check=True,
         )
-
-
-def _input_serializers(spec: TaskSpec) -> set[str]:
-    """The serializers of every artifact a task loads (an Arrow one needs pyarrow, maybe pandas)."""
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            ref = node.get("ref")
-            if isinstance(ref, dict) and isinstance(ref.get("serializer"), str):
-                found.add(ref["serializer"])
-            for value in node.values():
-                if isinstance(value, (dict, list)):
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(spec.input_bindings())
-    return found
-
-
-def _not_started(exc: Exception) -> AttemptExit:
-    now = time.time()
-    return AttemptExit("failed", None, None, None, "", "", now, now,
-                       exception=ExceptionRecord.plain(type(exc).__name__, str(exc)))
-
-
-def _crashed(message: str) -> AttemptExit:
-    now = time.time()
-    # the traceback is the message alone, as earlier releases stored it
-    return AttemptExit("killed", None, None, None, "", "", now, now,
-                       exception=ExceptionRecord("RunError", message, message + "\n"))

@@ -6,6 +6,7 @@ succeeded, one step of a session run).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from flowmagic.errors import RunError, UsageError, cell_number
@@ -15,6 +16,7 @@ from flowmagic.runtime.orchestrator import inputs as plan
 from flowmagic.runtime.orchestrator.engine import _Engine, known_task
 from flowmagic.store.metadata import latest_generation
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
+from flowmagic.runtime.orchestrator.executors.base import Executors
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
@@ -33,20 +35,26 @@ PRELUDE_KEY = "_prelude"
 
 
 def run_flow(graph, store, *, params: dict | None = None, tags=(), max_workers: int | None = None,
-             on_event: EventHandler | None = None, cache: bool = False, workdir: str | None = None) -> RunResult:
-    """Run the whole flow as a new run; returns when it has finished."""
+             on_event: EventHandler | None = None, cache: bool = False, workdir: str | None = None,
+             executor: str | None = None) -> RunResult:
+    """Run the whole flow as a new run; returns when it has finished.
+
+    ``executor``: ``local`` or ``dask://HOST:PORT`` (default $FLOWMAGIC_EXECUTOR, else local); a
+    scheduler that cannot be reached is a UsageError before the run is recorded."""
     values = resolve_params(graph, params)
     _warm_up(graph, store, workdir)
-    run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
-                                graph=graph.to_json())
-    options = RunOptions(frozenset(graph.topological_order()), max_workers=max_workers, workdir=workdir, cache=cache)
-    engine = _Engine(graph, store, run_id, values, options, on_event=on_event)
-    return engine.run_to_end(origin_run_id=None)
+    targets = frozenset(graph.topological_order())
+    with _connected(graph, executor, targets, max_workers) as executors:
+        run_id = store.meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
+                                    graph=graph.to_json())
+        options = RunOptions(targets, max_workers=max_workers, workdir=workdir, cache=cache)
+        engine = _Engine(graph, store, run_id, values, options, on_event=on_event, executors=executors)
+        return engine.run_to_end(origin_run_id=None)
 
 
 def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: str | None = None, tags=(),
                 max_workers: int | None = None, on_event: EventHandler | None = None,
-                workdir: str | None = None) -> RunResult:
+                workdir: str | None = None, executor: str | None = None) -> RunResult:
     """A new run that clones what succeeded in the origin run (the latest by
     default) and re-runs the failed steps, ``from_step``, and everything
     downstream of them, with the current code and the origin's parameters."""
@@ -64,8 +72,15 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         raise RunError(f"nothing to resume: every step of run {graph.name}/{origin.run_id} finished OK; "
                        "use --from STEP to run a step again; no run was recorded")
     _warm_up(graph, store, workdir)
-    run_id = meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
-                          origin_run_id=origin.run_id, graph=graph.to_json())
+    with _connected(graph, executor, frozenset(rerun), max_workers) as executors:
+        run_id = meta.new_run(graph.name, params=values, code=code_of(graph), tags=list(tags),
+                              origin_run_id=origin.run_id, graph=graph.to_json())
+        return _resume_run(graph, store, run_id, values, origin, origin_tasks, rerun, from_step,
+                           max_workers, workdir, on_event, executors)
+
+
+def _resume_run(graph, store, run_id, values, origin, origin_tasks, rerun, from_step, max_workers, workdir,
+                on_event, executors) -> RunResult:
     emit = emit_to(on_event)
     emit(Event("run", run_id, state="running", data={"flow": graph.name}))
     known: dict[str, list[TaskInfo]] = {}
@@ -75,7 +90,7 @@ def resume_flow(graph, store, *, origin_run_id: int | None = None, from_step: st
         known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
     options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir,
                          clones=partial_foreach_clones(graph, origin_tasks, rerun, from_step))
-    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event)
+    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event, executors=executors)
     engine.state.cloned += sum(len(v) for v in known.values())
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
@@ -88,7 +103,8 @@ def new_session_run(graph, store, *, params: dict | None = None) -> int:
 
 
 def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None,
-             on_event: EventHandler | None = None, workdir: str | None = None) -> StepResult:
+             on_event: EventHandler | None = None, workdir: str | None = None,
+             executor: str | None = None) -> StepResult:
     """Run one step (all its foreach tasks) inside an existing run, reading the
     latest task of each producer step in that run."""
     meta = store.meta
@@ -110,9 +126,10 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
         known[producer] = [known_task(graph, store, t) for t in tasks]
     meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
-    engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
-                     on_event=on_event)
-    status = engine.run_tasks(finish_run=False)
+    with _connected(graph, executor, frozenset({step}), None) as executors:
+        engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
+                         on_event=on_event, executors=executors)
+        status = engine.run_tasks(finish_run=False)
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
     exception = next((t.exception for t in tasks if t.state == "failed"), None)
@@ -199,6 +216,16 @@ def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
 
     return {name: convert(plan._nest(name, step, sorted(tasks, key=lambda t: t.index), 0, depth))
             for name in names}
+
+
+@contextlib.contextmanager
+def _connected(graph, executor: str | None, targets: frozenset[str], max_workers: int | None):
+    """The run's executors, connected before it is recorded and closed when it ends."""
+    executors = Executors.for_run(graph, executor, targets, max_workers=max_workers)
+    try:
+        yield executors
+    finally:
+        executors.close()
 
 
 def _warm_up(graph, store, workdir) -> ForkServer:

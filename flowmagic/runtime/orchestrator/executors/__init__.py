@@ -1,0 +1,1 @@
+"""Where a task's attempts run: the local fork server (local.py) or a Dask cluster (dask.py, remote.py)."""

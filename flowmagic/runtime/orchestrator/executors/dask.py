@@ -1,0 +1,158 @@
+"""The Dask executor: each attempt is one task on a Dask distributed cluster.
+
+The orchestrator stays here (it alone writes metadata); a worker runs the
+attempt in a forked process of its own fork server (remote.py) and writes
+the task's objects straight into the store, which must therefore be a path
+every worker sees (a shared filesystem; localhost in the tests). Dask itself
+re-runs a task whose worker died (``distributed.scheduler.allowed-failures``);
+flowmagic's ``--retry``/``--catch`` count attempts as they do locally.
+Output comes back as it is written through the run's event topic
+(``Worker.log_event`` -> ``Client.subscribe_topic``); Ctrl-C kills the
+running attempts on the workers (``Client.run``) and cancels their futures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import uuid
+
+from flowmagic.errors import UsageError
+from flowmagic.runtime.orchestrator.attempt import AttemptExit
+from flowmagic.runtime.orchestrator.executors import remote
+from flowmagic.runtime.orchestrator.executors.base import AttemptRequest
+from flowmagic.runtime.orchestrator.executors.local import crashed
+from flowmagic.runtime.protocol import ExceptionRecord
+
+CONNECT_TIMEOUT_VAR = "FLOWMAGIC_DASK_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 10.0   # seconds
+OUTPUT_GRACE = 2.0               # how long to wait for output events still in flight after the result
+CANCEL_GRACE = 5.0               # how long a killed attempt gets to report before its future is dropped
+
+
+def connect_timeout() -> float:
+    text = os.environ.get(CONNECT_TIMEOUT_VAR, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UsageError(f"{CONNECT_TIMEOUT_VAR}={text!r}: expected a positive number of seconds")
+    return value
+
+
+class DaskExecutor:
+    """A connected ``distributed.Client`` and the output listeners of the attempts it runs."""
+
+    def __init__(self, client, address: str, max_workers: int | None) -> None:
+        self.client, self.address = client, address
+        self.name = f"dask://{address}"
+        self.topic = f"flowmagic-{uuid.uuid4().hex}"
+        self._listeners: dict[str, tuple[AttemptRequest, list[int]]] = {}   # key -> (request, [events seen])
+        self._lock = threading.Lock()
+        self._slots = max_workers or max(1, sum(client.nthreads().values()))
+        client.subscribe_topic(self.topic, self._on_event)
+
+    @classmethod
+    def connect(cls, address: str, *, max_workers: int | None = None) -> DaskExecutor:
+        """Connect to the scheduler at HOST:PORT; a one-line UsageError (exit 2) if it cannot be reached."""
+        timeout = connect_timeout()
+        from distributed import Client
+
+        url = address if "://" in address else f"tcp://{address}"
+        try:
+            client = Client(url, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {url} within {timeout:g} s "
+                             f"({type(exc).__name__}; {CONNECT_TIMEOUT_VAR} sets the wait): "
+                             "is `dask scheduler` running there? No run was recorded") from None
+        return cls(client, url, max_workers)
+
+    def slots(self) -> int:
+        return self._slots
+
+    def prepare(self, request: AttemptRequest) -> None:
+        pass   # the worker starts its fork server itself
+
+    def run_attempt(self, request: AttemptRequest) -> AttemptExit:
+        spec = request.spec
+        key = f"flowmagic-{spec.flow}-{spec.run_id}-{spec.task_id}-{spec.attempt}-{uuid.uuid4().hex[:8]}"
+        seen = [0]
+        with self._lock:
+            self._listeners[key] = (request, seen)
+        started = time.time()
+        try:
+            return self._run(request, key, seen, started)
+        except Exception as exc:  # noqa: BLE001 - the client is closed, the scheduler gone: the attempt failed
+            return self._failed(f"{type(exc).__name__}: {exc}", started)
+        finally:
+            with self._lock:
+                self._listeners.pop(key, None)
+
+    def _run(self, request: AttemptRequest, key: str, seen: list[int], started: float) -> AttemptExit:
+        future = self.client.submit(remote.run_remote_attempt, self._payload(request, key), key=key, pure=False)
+        done = threading.Event()
+        future.add_done_callback(lambda _f: done.set())
+        while not done.wait(0.25):
+            if request.cancel.is_set():
+                return self._cancel(future, key, done, started)
+        if future.status == "cancelled":
+            return self._failed(f"lost the Dask scheduler at {self.address} while the task ran", started)
+        if future.status == "error":
+            exc = future.exception()
+            if type(exc).__name__ == "KilledWorker":
+                return self._failed(f"Dask gave the task up: its worker died on every try ({exc})", started)
+            return self._failed(f"{type(exc).__name__}: {exc}", started)
+        result, sent = future.result()
+        deadline = time.monotonic() + OUTPUT_GRACE
+        while seen[0] < sent and time.monotonic() < deadline:   # output events travel apart from the result
+            time.sleep(0.01)
+        return result
+
+    def _cancel(self, future, key: str, done: threading.Event, started: float) -> AttemptExit:
+        try:
+            self.client.run(remote.cancel_attempts, [key])   # every worker: kills the task's group where it runs
+        except Exception:  # noqa: BLE001 - the cluster is going away anyway
+            pass
+        if done.wait(CANCEL_GRACE) and future.status == "finished":
+            return future.result()[0]
+        future.cancel()
+        now = time.time()
+        return AttemptExit("interrupted", None, None, None, "", "", started, now,
+                           exception=ExceptionRecord.plain("KeyboardInterrupt", "the run was interrupted"))
+
+    def _failed(self, message: str, started: float) -> AttemptExit:
+        return dataclasses.replace(crashed(message), started_at=started)
+
+    def _payload(self, request: AttemptRequest, key: str) -> dict:
+        return {"key": key, "topic": self.topic, "spec": request.spec.to_json(), "prelude": request.prelude,
+                "flow_modules": list(request.flow_modules), "timeout": request.timeout,
+                "memory_mb": request.memory_mb, "workdir": request.workdir,
+                "log_limits": dataclasses.asdict(request.log_limits)}
+
+    def _on_event(self, event) -> None:
+        """On the client's event loop: one output chunk or display message of a running attempt."""
+        _when, message = event
+        with self._lock:
+            found = self._listeners.get(message.get("key"))
+        if found is None:
+            return   # an attempt given up (or a worker's output after a cancel)
+        request, seen = found
+        if "text" in message:
+            request.on_output(message["stream"], message["text"])
+        elif "message" in message:
+            request.on_message(message["message"])
+        seen[0] += 1
+
+    def close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(self.topic)
+        except Exception:  # noqa: BLE001 - a closed client
+            pass
+        try:
+            self.client.close(timeout=5)
+        except Exception:  # noqa: BLE001 - the scheduler is gone: nothing to close
+            pass
