@@ -38,9 +38,10 @@ def env_for(store: Path) -> dict[str, str]:
     return env
 
 
-def flowmagic(*args: str, store: Path, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*command(), *map(str, args)], capture_output=True, text=True, env=env_for(store),
-                          cwd=cwd, timeout=timeout)
+def flowmagic(*args: str, store: Path, cwd: Path | None = None, timeout: float = 180,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*command(), *map(str, args)], capture_output=True, text=True,
+                          env={**env_for(store), **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def flowmagic_json(*args: str, store: Path, expect: int = 0, **kw) -> dict:
