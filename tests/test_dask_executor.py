@@ -45,15 +45,16 @@ SEMANTICS = [
     "open(marker + '.flaky', 'a').close()\nif first:\n    raise RuntimeError('first attempt fails')\nok = 'second'",
     "%%step risky --catch err\nbad = 1 / 0",
     "%%step slow --timeout 2 --catch terr\nimport time\ntime.sleep(60)\nlate = 1",
-    "%%step end\nsummary = (sum(y), ok, bad, late)",
+    "%%step hungry --memory 150 --catch merr\nblob = b'x' * (600 << 20)",
+    "%%step end\nsummary = (sum(y), ok, bad, late, blob)",
 ]
-STEPS = ["start", "fit", "flaky", "risky", "slow", "end"]
+STEPS = ["start", "fit", "flaky", "risky", "slow", "hungry", "end"]
 
 
 def comparable(rows: list[dict]) -> list[dict]:
     # a caught exception is a fresh object each load: compare what it says
     return [{k: (v if isinstance(v, (int, str, tuple, list, type(None))) else repr(v)) for k, v in row.items()
-             if k != "marker"} for row in rows]
+             if k not in ("marker", "merr")} for row in rows]   # merr says how much memory it used
 
 
 def test_foreach_retry_catch_timeout_give_the_artifacts_of_a_local_run(tmp_path, cluster):
@@ -66,7 +67,7 @@ def test_foreach_retry_catch_timeout_give_the_artifacts_of_a_local_run(tmp_path,
     for step in STEPS:
         assert comparable(artifacts(tmp_path / "dask-store", "Semantics", 1, step)) == \
             comparable(artifacts(tmp_path / "local-store", "Semantics", 1, step)), step
-    assert artifacts(tmp_path / "dask-store", "Semantics", 1, "end")[0]["summary"] == (14, "second", None, None)
+    assert artifacts(tmp_path / "dask-store", "Semantics", 1, "end")[0]["summary"] == (14, "second", None, None, None)
     # the output streamed back to the console, from tasks that ran under the Dask workers
     for i in range(4):
         assert f"fit {i} on-worker True" in remote.stdout
@@ -76,6 +77,8 @@ def test_foreach_retry_catch_timeout_give_the_artifacts_of_a_local_run(tmp_path,
     (slow,) = tasks(tmp_path / "dask-store", "Semantics", 1, "slow")
     assert slow.state == "caught"
     assert "timeout of 2 s" in repr(artifacts(tmp_path / "dask-store", "Semantics", 1, "slow")[0]["terr"])
+    for store in ("dask-store", "local-store"):   # --memory: the watchdog killed it on the worker too
+        assert "out of memory: step 'hungry'" in repr(artifacts(tmp_path / store, "Semantics", 1, "hungry")[0]["merr"])
 
 
 def test_a_step_sends_only_itself_to_the_cluster(tmp_path, cluster):
@@ -108,6 +111,31 @@ def test_an_unreachable_scheduler_is_one_line_exit_2_and_nothing_recorded(tmp_pa
         s.close()
     bad = flowmagic("run", nb, "--executor", "yarn://x", store=store)
     assert bad.returncode == 2 and "expected local or dask://HOST:PORT" in bad.stderr
+
+
+def test_ctrl_c_kills_the_tasks_running_on_the_workers(tmp_path, cluster):
+    from runtime_helpers import wait_gone
+
+    marker = tmp_path / "int"
+    nb = write_notebook(tmp_path / "interrupted.ipynb", [
+        "%%params\nmarker = ''",
+        "%%step start\nitems = [0, 1]",
+        "%%step work --foreach items\nimport os, time\nprint('working', input, flush=True)\n"
+        "open(f'{marker}.{input}', 'w').write(str(os.getpid()))\ntime.sleep(120)\nr = input",
+    ])
+    with reaped(start_flowmagic("run", nb, "--marker", marker, "--executor", executor(cluster),
+                                store=tmp_path / "store")) as proc:
+        for i in (0, 1):
+            wait_for(Path(f"{marker}.{i}"))
+        time.sleep(0.3)
+        pids = [int(Path(f"{marker}.{i}").read_text()) for i in (0, 1)]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "working 0" in out and "working 1" in out   # streamed while they ran
+    assert wait_gone(pids, 15) == []
+    assert run_record(tmp_path / "store", "Interrupted", 1).status == "interrupted"
+    assert {t.state for t in tasks(tmp_path / "store", "Interrupted", 1, "work")} == {"interrupted"}
 
 
 def test_a_worker_killed_mid_task_the_task_runs_elsewhere_and_the_run_succeeds(tmp_path, cluster):
