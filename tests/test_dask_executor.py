@@ -191,3 +191,24 @@ def test_the_scheduler_lost_mid_run_fails_it_and_resume_completes_it_on_a_new_on
     assert done.returncode == 0, done.stdout + done.stderr
     assert run_record(store, "Lost", 2).status == "succeeded"
     assert artifacts(store, "Lost", 2, "end") == [{"z": 4}]
+
+
+def test_flow_run_in_a_kernel_sends_the_run_to_the_cluster(tmp_path, cluster):
+    from conftest import LiveKernel, kernel_env
+
+    where = "import psutil\non = any('dask worker' in ' '.join(p.cmdline()) for p in psutil.Process().parents())"
+    kernel = LiveKernel(tmp_path, kernel_env(tmp_path / "store", FLOWMAGIC_DASK_CONNECT_TIMEOUT="3"))
+    try:
+        kernel.ok("%load_ext flowmagic\n%flow name KernelDask")
+        kernel.ok("%%step start\nitems = [1, 2, 3]")
+        kernel.ok(f"%%step fit --foreach items\n{where}\nprint('fitting', input, 'on-worker', on)\nsq = input ** 2")
+        execution = kernel.ok(f"r = %flow run --executor dask://{cluster.address}")
+        for i in (1, 2, 3):
+            assert f"fitting {i} on-worker True" in execution.stdout   # streamed into the cell
+        assert kernel.value("[t.data.sq for t in r['fit']]") == [1, 4, 9]
+        bad = kernel.execute(f"%flow run --executor dask://127.0.0.1:{free_port()}")
+        said = bad.stderr + bad.error_text + bad.stdout
+        assert "cannot reach the Dask scheduler" in said and "Traceback" not in said, said
+        assert kernel.value("1 + 1") == 2   # the kernel lives on
+    finally:
+        kernel.shutdown()
