@@ -28,6 +28,7 @@ from flowmagic.runtime.protocol import ExceptionRecord
 CONNECT_TIMEOUT_VAR = "FLOWMAGIC_DASK_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 10.0   # seconds
 OUTPUT_GRACE = 2.0               # how long to wait for output events still in flight after the result
+IN_FLIGHT_PER_THREAD = 4         # attempts submitted per worker thread (--max-workers overrides)
 CANCEL_GRACE = 5.0               # how long a killed attempt gets to report before its future is dropped
 
 
@@ -53,7 +54,8 @@ class DaskExecutor:
         self.topic = f"flowmagic-{uuid.uuid4().hex}"
         self._listeners: dict[str, tuple[AttemptRequest, list[int]]] = {}   # key -> (request, [events seen])
         self._lock = threading.Lock()
-        self._slots = max_workers or max(1, sum(client.nthreads().values()))
+        # attempts in flight: a few per worker thread, so the next task waits on the worker, not a round trip
+        self._slots = max_workers or IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
         client.subscribe_topic(self.topic, self._on_event)
 
     @classmethod
