@@ -13,6 +13,7 @@ running attempts on the workers (``Client.run``) and cancels their futures.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,17 @@ DEFAULT_CONNECT_TIMEOUT = 10.0   # seconds
 OUTPUT_GRACE = 2.0               # how long to wait for output events still in flight after the result
 IN_FLIGHT_PER_THREAD = 4         # attempts submitted per worker thread (--max-workers overrides)
 CANCEL_GRACE = 5.0               # how long a killed attempt gets to report before its future is dropped
+
+
+# Dask logs a lost or closed connection as tracebacks on stderr; flowmagic says it in one line
+# (the attempt fails with "lost the Dask scheduler at ..."), so those loggers only speak when critical.
+_QUIET = ("distributed.client", "distributed.comm", "distributed.batched", "distributed.utils",
+          "distributed.core")
+
+
+def _quiet_dask_logs() -> None:
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def connect_timeout() -> float:
@@ -65,6 +77,7 @@ class DaskExecutor:
         from distributed import Client
 
         url = address if "://" in address else f"tcp://{address}"
+        _quiet_dask_logs()
         try:
             client = Client(url, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError) as exc:
