@@ -13,6 +13,7 @@ records the run as interrupted and is re-raised.
 """
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -94,6 +95,7 @@ class _Engine:
         self.queue = RetryQueue(RETRY_DELAY)
         self.running: dict[int, tuple[TaskInfo, int, threading.Thread]] = {}
         self.running_on: dict[int, object] = {}   # task id -> the executor its attempt runs on
+        self.in_flight: collections.Counter[int] = collections.Counter()   # id(executor) -> its running attempts
         self.events: queue.Queue[EngineMessage] = queue.Queue()
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
@@ -273,6 +275,7 @@ class _Engine:
                                       name=f"flowmagic-task-{info.task_id}", daemon=True)
             self.running[info.task_id] = (info, attempt, thread)
             self.running_on[info.task_id] = executor
+            self.in_flight[id(executor)] += 1
             thread.start()
         if self.state.stopping:
             self._cancel_waiting()
@@ -303,7 +306,7 @@ class _Engine:
             self._finish_attempt(info, attempt, not_started(result))
 
     def _busy(self, executor) -> bool:
-        return sum(1 for e in self.running_on.values() if e is executor) >= executor.slots()
+        return self.in_flight[id(executor)] >= executor.slots()
 
     def _request(self, info: TaskInfo, attempt: int) -> AttemptRequest:
         post = self.events.put
@@ -341,7 +344,9 @@ class _Engine:
         elif isinstance(message, AttemptFinished):
             self.running.pop(message.info.task_id, None)
             self.live_logs.forget(message.info.task_id, message.attempt)
-            self.running_on.pop(message.info.task_id, None)
+            executor = self.running_on.pop(message.info.task_id, None)
+            if executor is not None:
+                self.in_flight[id(executor)] -= 1
             self._finish_attempt(message.info, message.attempt, message.result)
 
     # -- one attempt finished ---------------------------------------------------------
