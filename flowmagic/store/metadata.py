@@ -210,7 +210,7 @@ class Metadata:
         """Create a running run; return its id (increasing per flow)."""
         now = time.time()
         user = user if user is not None else _current_user()
-        pid, pid_started, host = this_process()
+        owner = this_process()
         with self._write() as conn:
             if origin_run_id is not None and conn.execute(
                     "SELECT 1 FROM runs WHERE flow = ? AND run_id = ?", (flow, origin_run_id)).fetchone() is None:
@@ -223,10 +223,10 @@ class Metadata:
             conn.execute("UPDATE flows SET next_run_id = ? WHERE name = ?", (run_id + 1, flow))
             conn.execute(
                 "INSERT INTO runs (flow, run_id, status, params, code, graph, user, interactive,"
-                " origin_run_id, started_at, orchestrator_pid, orchestrator_started, orchestrator_host)"
-                " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " origin_run_id, started_at, orchestrator_pid, orchestrator_started, orchestrator_host,"
+                " orchestrator_ticks) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (flow, run_id, _json(params), _json(code), _json(graph) if graph is not None else None,
-                 user, int(interactive), origin_run_id, now, pid, pid_started, host))
+                 user, int(interactive), origin_run_id, now, owner.pid, owner.started, owner.host, owner.ticks))
             conn.executemany("INSERT OR IGNORE INTO run_tags VALUES (?, ?, ?)",
                              [(flow, run_id, str(t)) for t in tags])
         return int(run_id)
@@ -407,10 +407,10 @@ class Metadata:
     def _live_runs_and_origins(conn: sqlite3.Connection, flow: str) -> set[int]:
         # a partial session run of a kernel that still lives gets more steps: spare it too
         pinned = set()
-        for run_id, origin, pid, started, host in conn.execute(
-                "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host"
-                " FROM runs WHERE flow = ? AND status IN ('running', 'partial')", (flow,)):
-            if not orchestrator_gone(pid, started, host):
+        for run_id, origin, *owner in conn.execute(
+                "SELECT run_id, origin_run_id, orchestrator_pid, orchestrator_started, orchestrator_host,"
+                " orchestrator_ticks FROM runs WHERE flow = ? AND status IN ('running', 'partial')", (flow,)):
+            if not orchestrator_gone(*owner):
                 pinned.add(int(run_id))
                 if origin is not None:
                     pinned.add(int(origin))
@@ -505,8 +505,8 @@ class Metadata:
         return out
 
     def _run_crashed(self, flow: str, run_id: int) -> bool:
-        rows = self._read("SELECT status, orchestrator_pid, orchestrator_started, orchestrator_host FROM runs"
-                          " WHERE flow = ? AND run_id = ?", (flow, run_id))
+        rows = self._read("SELECT status, orchestrator_pid, orchestrator_started, orchestrator_host,"
+                          " orchestrator_ticks FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
         return bool(rows) and rows[0][0] == "running" and orchestrator_gone(*rows[0][1:])
 
     def attempts(self, task_id: int, unfinished: bool = False) -> list[AttemptRecord]:
@@ -579,7 +579,7 @@ _SQLITE_INT = (-(1 << 63), (1 << 63) - 1)
 def _honest(run: RunRecord) -> RunRecord:
     """A run still marked running whose orchestrator is gone is shown as crashed."""
     if run.status == "running" and orchestrator_gone(run.orchestrator_pid, run.orchestrator_started,
-                                                     run.orchestrator_host):
+                                                     run.orchestrator_host, run.orchestrator_ticks):
         return replace(run, status="crashed")
     return run
 

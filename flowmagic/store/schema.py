@@ -18,7 +18,8 @@ OUTCOMES = ("ok", "failed", "timeout", "killed", "interrupted")
 
 SCHEMA_VERSION = 1  # additive changes (new nullable columns) keep the version: older code still opens the store
 # Columns added after version 1 shipped: a store that lacks them gets them when opened.
-RUN_ADDED_COLUMNS = {"orchestrator_pid": "INTEGER", "orchestrator_started": "REAL", "orchestrator_host": "TEXT"}
+RUN_ADDED_COLUMNS = {"orchestrator_pid": "INTEGER", "orchestrator_started": "REAL", "orchestrator_host": "TEXT",
+                     "orchestrator_ticks": "INTEGER"}
 
 # Tables added after version 1 shipped: created in an older store when it is opened
 # (older releases ignore them), by name. notebook_runs is how a notebook finds its flow
@@ -71,6 +72,7 @@ CREATE TABLE IF NOT EXISTS runs (
     orchestrator_pid INTEGER,       -- the process running it (RUN_ADDED_COLUMNS: added to older stores)
     orchestrator_started REAL,      -- that process's start time (a reused pid is another process)
     orchestrator_host TEXT,         -- where it runs: a pid means nothing on another machine
+    orchestrator_ticks INTEGER,     -- its start in clock ticks since boot (store/liveness.py: why)
     PRIMARY KEY (flow, run_id));
 CREATE TABLE IF NOT EXISTS run_tags (
     flow TEXT NOT NULL, run_id INTEGER NOT NULL, tag TEXT NOT NULL,
@@ -131,6 +133,7 @@ class RunRecord:
     orchestrator_pid: int | None = field(default=None, repr=False)
     orchestrator_started: float | None = field(default=None, repr=False)
     orchestrator_host: str | None = field(default=None, repr=False)
+    orchestrator_ticks: int | None = field(default=None, repr=False)
 
     @property
     def pathspec(self) -> str:
@@ -211,7 +214,7 @@ class LiveLogWrite:
 
 # column lists of the SELECTs that run_record / task_record read
 RUN_COLUMNS = ("flow, run_id, status, params, code, user, interactive, origin_run_id, started_at,"
-               " finished_at, graph, orchestrator_pid, orchestrator_started, orchestrator_host")
+               " finished_at, graph, orchestrator_pid, orchestrator_started, orchestrator_host, orchestrator_ticks")
 TASK_COLUMNS = ("task_id, flow, run_id, step, foreach_index, item, state, origin_task_id, created_at,"
                 " updated_at")
 
@@ -220,7 +223,8 @@ def run_record(r: tuple, tags: tuple[str, ...]) -> RunRecord:
     return RunRecord(flow=r[0], run_id=r[1], status=r[2], params=json.loads(r[3]), code=json.loads(r[4]),
                      tags=tags, user=r[5], interactive=bool(r[6]), origin_run_id=r[7], started_at=r[8],
                      finished_at=r[9], graph=json.loads(r[10]) if r[10] else None,
-                     orchestrator_pid=r[11], orchestrator_started=r[12], orchestrator_host=r[13])
+                     orchestrator_pid=r[11], orchestrator_started=r[12], orchestrator_host=r[13],
+                     orchestrator_ticks=r[14])
 
 
 def task_record(r: tuple) -> TaskRecord:
