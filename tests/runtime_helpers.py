@@ -146,3 +146,37 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def peak_rss_until_exit(proc: subprocess.Popen, interval: float = 0.01) -> int:
+    """Sample the process's RSS until it exits; the peak, in bytes."""
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(interval)
+    return peak
+
+
+def drain_cell(kernel, code: str, timeout: float = 300) -> tuple[int, list[str]]:
+    """Execute a cell in a kernel fixture (``kernel.kc``: a jupyter_client) and wait for it,
+    counting its stream characters without keeping them: (count, error names)."""
+    return wait_idle_counting(kernel, kernel.kc.execute(code), timeout)
+
+
+def wait_idle_counting(kernel, msg_id: str, timeout: float = 300) -> tuple[int, list[str]]:
+    """Wait until the request ``msg_id`` is done: (its stream characters, its error names)."""
+    count, errors = 0, []
+    while True:
+        io = kernel.kc.get_iopub_msg(timeout=timeout)
+        if io["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind = io["header"]["msg_type"]
+        if kind == "stream":
+            count += len(io["content"]["text"])
+        elif kind == "error":
+            errors.append(io["content"]["ename"])
+        elif kind == "status" and io["content"]["execution_state"] == "idle":
+            return count, errors

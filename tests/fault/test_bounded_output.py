@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtime_helpers import command, env_for, flowmagic, write_notebook
+from runtime_helpers import command, drain_cell, env_for, flowmagic, peak_rss_until_exit, write_notebook
 from flowmagic.runtime.orchestrator.logs import CappedLog, LogLimits, OutputBudget
 
 MB = 1 << 20
@@ -28,13 +28,7 @@ def _peak_rss_of_run(nb: Path, store: Path, **env: str) -> int:
     """Run the console command (its output to /dev/null) and sample its RSS until it exits."""
     proc = subprocess.Popen([*command(), "run", str(nb)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**env_for(store), **env})
-    watched, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.01)
+    peak = peak_rss_until_exit(proc)
     assert proc.wait() == 0, proc.stderr.read()
     proc.stderr.close()
     return peak
@@ -109,31 +103,14 @@ def test_output_budget_waits_for_room_and_gives_up_after_its_patience():
     assert time.monotonic() - started < 0.1
 
 
-def _drain(kernel, code: str, timeout: float = 300) -> tuple[int, list[str]]:
-    """Execute a cell, counting its stream characters without keeping them; (count, error names)."""
-    msg_id = kernel.kc.execute(code)
-    count, errors = 0, []
-    while True:
-        io = kernel.kc.get_iopub_msg(timeout=timeout)
-        if io["parent_header"].get("msg_id") != msg_id:
-            continue
-        kind = io["header"]["msg_type"]
-        if kind == "stream":
-            count += len(io["content"]["text"])
-        elif kind == "error":
-            errors.append(io["content"]["ename"])
-        elif kind == "status" and io["content"]["execution_state"] == "idle":
-            return count, errors
-
-
 @pytest.mark.slow
 def test_a_step_printing_1_gb_in_a_kernel_keeps_the_kernel_small(live_kernel):
     """The kernel is the orchestrator: IPython 9 keeps every write of a cell
     (history outputs), so task output goes to the cell past that tee."""
     import threading
 
-    assert _drain(live_kernel, "%load_ext flowmagic\n%flow name Printer") == (0, [])
-    assert _drain(live_kernel, "%%step warm\nx = 1")[1] == []
+    assert drain_cell(live_kernel, "%load_ext flowmagic\n%flow name Printer") == (0, [])
+    assert drain_cell(live_kernel, "%%step warm\nx = 1")[1] == []
     kernel = psutil.Process(live_kernel.pid)
     base = peak = kernel.memory_info().rss
     done = threading.Event()
@@ -147,7 +124,7 @@ def test_a_step_printing_1_gb_in_a_kernel_keeps_the_kernel_small(live_kernel):
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        count, errors = _drain(live_kernel, "%%step big\nimport sys\nchunk = ('x' * 1023 + '\\n') * 1024\n"
+        count, errors = drain_cell(live_kernel, "%%step big\nimport sys\nchunk = ('x' * 1023 + '\\n') * 1024\n"
                                             "for i in range(1024):\n    sys.stdout.write(chunk)\ny = 1")
     finally:
         done.set()

@@ -9,11 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from runtime_helpers import command, env_for, flowmagic, flowmagic_json, reaped, sigkill, start_flowmagic, \
-    write_notebook
+from runtime_helpers import (command, drain_cell, env_for, flowmagic, flowmagic_json, peak_rss_until_exit, reaped,
+                             sigkill, start_flowmagic, wait_idle_counting, write_notebook)
 from flowmagic.runtime.orchestrator.logs import CappedLog, LiveLog, LogLimits
 from flowmagic.store.logtext import capped_text, omitted_marker
 from flowmagic.store.metadata import Metadata
@@ -200,13 +199,8 @@ def test_a_step_printing_1_gb_keeps_the_orchestrator_small_while_logs_are_writte
         store = tmp_path / f"store{flush}"
         proc = subprocess.Popen([*command(), "run", str(nb)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**env_for(store), "FLOWMAGIC_LOG_FLUSH": flush})
-        watched, peak, started = psutil.Process(proc.pid), 0, time.monotonic()
-        while proc.poll() is None:
-            try:
-                peak = max(peak, watched.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.01)
+        started = time.monotonic()
+        peak = peak_rss_until_exit(proc)
         assert proc.wait() == 0, proc.stderr.read()
         proc.stderr.close()
         peaks[flush] = (peak, time.monotonic() - started)
@@ -223,7 +217,7 @@ def test_a_step_in_a_kernel_has_its_output_so_far_in_the_store(live_kernel, tmp_
     from flowmagic.client import Flow
 
     go = tmp_path / "go"
-    assert _drain(live_kernel, "%load_ext flowmagic\n%flow name Held")[1] == []
+    assert drain_cell(live_kernel, "%load_ext flowmagic\n%flow name Held")[1] == []
     msg_id = live_kernel.kc.execute(f"%%step start\nimport os, time\nprint('so far, so good')\n"
                                     f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\nx = 1")
 
@@ -235,26 +229,8 @@ def test_a_step_in_a_kernel_has_its_output_so_far_in_the_store(live_kernel, tmp_
 
     assert _until(output_so_far, "the step's output in the store") == "so far, so good\n"
     go.touch()
-    assert _wait_idle(live_kernel, msg_id)[1] == []
+    assert wait_idle_counting(live_kernel, msg_id, WAIT)[1] == []
     task = Flow("Held", root=tmp_path / "store").latest_run["start"].task
     assert task.successful and task.stdout == "so far, so good\n" and len(task.attempts) == 1
 
 
-def _drain(kernel, code: str) -> tuple[int, list[str]]:
-    """Execute a cell and wait for it: (stream characters, error names)."""
-    return _wait_idle(kernel, kernel.kc.execute(code))
-
-
-def _wait_idle(kernel, msg_id: str) -> tuple[int, list[str]]:
-    count, errors = 0, []
-    while True:
-        io = kernel.kc.get_iopub_msg(timeout=WAIT)
-        if io["parent_header"].get("msg_id") != msg_id:
-            continue
-        kind = io["header"]["msg_type"]
-        if kind == "stream":
-            count += len(io["content"]["text"])
-        elif kind == "error":
-            errors.append(io["content"]["ename"])
-        elif kind == "status" and io["content"]["execution_state"] == "idle":
-            return count, errors
