@@ -8,6 +8,7 @@ from typing import Any
 
 from flowmagic.errors import NotFoundError, UsageError
 from flowmagic.store import Store, open_store
+from flowmagic.store.backends import store_url
 from flowmagic.store.paths import store_root
 from flowmagic.report.text import format_size as _fmt_size  # noqa: F401  (re-exported to the client modules)
 from flowmagic.store.metadata import RunRecord
@@ -34,6 +35,9 @@ def _open_store(root: str | Path | None = None) -> Store:
     try:
         inode = (path / "metadata.sqlite").stat().st_ino
     except FileNotFoundError:
+        if store_url() is not None:   # a shared store: a new home reads the runs published there
+            cached = _stores[path] = (-1, open_store(path))
+            return cached[1]
         raise NotFoundError(f"no flowmagic store at {path}: run a flow first, set FLOWMAGIC_HOME, "
                             "or call namespace_root(path) to read another store") from None
     cached = _stores.get(path)

@@ -100,6 +100,7 @@ class TaskSpec:
     required: tuple[str, ...]         # names a later step reads (they must be saved)
     foreach_vars: tuple[str, ...]     # names a later foreach step iterates over
     mutation_check: bool = True
+    store_url: str | None = None      # FLOWMAGIC_STORE: objects_root is then its local cache
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -535,6 +535,79 @@ class Metadata:
             " (SELECT MAX(attempt) FROM attempts WHERE task_id = ?) ORDER BY name", (task_id, task_id))
         return [ArtifactRef(*r) for r in rows]
 
+    # -- replicas (store/replica.py): a run as JSON documents, and back ------------------
+    def export_run(self, flow: str, run_id: int, task_ids: Sequence[int] | None = None) -> tuple[dict, list[dict]]:
+        """The run's row, tags and task list, and the documents of its tasks
+        (``task_ids``: only those), as plain JSON-able dicts of table rows."""
+        with self._lock:
+            conn = self._connect()
+            run = _rows(conn, "SELECT * FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+            if not run:
+                raise self._missing_run(flow, run_id)
+            tasks = _rows(conn, "SELECT * FROM tasks WHERE flow = ? AND run_id = ? ORDER BY task_id", (flow, run_id))
+            tags = [r[0] for r in conn.execute("SELECT tag FROM run_tags WHERE flow = ? AND run_id = ? ORDER BY tag",
+                                               (flow, run_id))]
+            wanted = {t["task_id"] for t in tasks} if task_ids is None else set(task_ids)
+            docs = [{"task": t,
+                     "attempts": _rows(conn, "SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt",
+                                       (t["task_id"],)),
+                     "artifacts": _rows(conn, "SELECT * FROM artifacts WHERE task_id = ?", (t["task_id"],))}
+                    for t in tasks if t["task_id"] in wanted]
+        run_doc = {"format": 1, "run": run[0], "tags": tags,
+                   "tasks": {str(t["task_id"]): t["updated_at"] for t in tasks}}
+        return run_doc, docs
+
+    def replica_version(self, flow: str, run_id: int) -> str | None:
+        """The version a replicated run was imported at; "" for a run recorded here; None if unknown here."""
+        rows = self._read("SELECT version FROM replica_runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+        if rows:
+            return rows[0][0]
+        return "" if self._read("SELECT 1 FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id)) else None
+
+    def replica_task_versions(self, flow: str, run_id: int) -> dict[str, float]:
+        rows = self._read("SELECT task_id, updated_at FROM tasks WHERE flow = ? AND run_id = ?", (flow, run_id))
+        return {str(r[0]): r[1] for r in rows}
+
+    def import_run(self, run_doc: dict, task_docs: Sequence[dict], version: str) -> None:
+        """Import a run published by another store's orchestrator (one transaction).
+        A run recorded here, or a task id used here by another run, is refused."""
+        run = run_doc["run"]
+        flow, run_id = run["flow"], run["run_id"]
+        with self._write() as conn:
+            here = conn.execute("SELECT 1 FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id)).fetchone()
+            replica = conn.execute("SELECT 1 FROM replica_runs WHERE flow = ? AND run_id = ?",
+                                   (flow, run_id)).fetchone()
+            if here and not replica:
+                raise StoreError(f"run {flow}/{run_id} in the shared store clashes with a run recorded in "
+                                 f"{self.path.parent}: one FLOWMAGIC_HOME writes to a shared store, others read")
+            for doc in task_docs:
+                task = doc["task"]
+                owner = conn.execute("SELECT flow, run_id FROM tasks WHERE task_id = ?", (task["task_id"],)).fetchone()
+                if owner is not None and tuple(owner) != (flow, run_id):
+                    raise StoreError(f"task {task['task_id']} of {flow}/{run_id} in the shared store clashes "
+                                     f"with a task of {owner[0]}/{owner[1]} in {self.path.parent}; read a shared "
+                                     "store from a FLOWMAGIC_HOME that runs nothing itself")
+            conn.execute("INSERT OR IGNORE INTO flows (name, next_run_id, created_at) VALUES (?, 1, ?)",
+                         (flow, run["started_at"]))
+            conn.execute("UPDATE flows SET next_run_id = MAX(next_run_id, ?) WHERE name = ?", (run_id + 1, flow))
+            _upsert(conn, "runs", run)
+            conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
+            conn.executemany("INSERT INTO run_tags VALUES (?, ?, ?)", [(flow, run_id, t) for t in run_doc["tags"]])
+            keep = {int(i) for i in run_doc["tasks"]}
+            for (old,) in conn.execute("SELECT task_id FROM tasks WHERE flow = ? AND run_id = ?",
+                                       (flow, run_id)).fetchall():
+                if old not in keep:
+                    _delete_task(conn, old)
+            for doc in task_docs:
+                task_id = doc["task"]["task_id"]
+                _delete_task(conn, task_id)
+                _upsert(conn, "tasks", doc["task"])
+                for row in doc["attempts"]:
+                    _upsert(conn, "attempts", row)
+                for row in doc["artifacts"]:
+                    _upsert(conn, "artifacts", row)
+            conn.execute("INSERT OR REPLACE INTO replica_runs VALUES (?, ?, ?)", (flow, run_id, version))
+
     def _tags_by_run(self, flow: str) -> dict[int, tuple[str, ...]]:
         out: dict[int, list[str]] = {}
         for run_id, tag in self._read("SELECT run_id, tag FROM run_tags WHERE flow = ? ORDER BY tag", (flow,)):
@@ -582,6 +655,28 @@ def _honest(run: RunRecord) -> RunRecord:
                                                      run.orchestrator_host, run.orchestrator_ticks):
         return replace(run, status="crashed")
     return run
+
+
+def _rows(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[dict]:
+    cur = conn.execute(sql, args)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+_COLUMN_RE = re.compile(r"^[a-z_]+$")
+
+
+def _upsert(conn: sqlite3.Connection, table: str, row: dict) -> None:
+    """INSERT OR REPLACE a row given as a dict (a published document's columns, checked to be names)."""
+    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    cols = [c for c in row if c in have and _COLUMN_RE.match(c)]   # a newer writer's extra columns are dropped
+    conn.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                 [row[c] for c in cols])
+
+
+def _delete_task(conn: sqlite3.Connection, task_id: int) -> None:
+    for table in ("artifacts", "attempts", "tasks"):
+        conn.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
 
 
 def _as_ref(a: ArtifactRef | dict) -> ArtifactRef:

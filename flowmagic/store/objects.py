@@ -110,6 +110,8 @@ class _HashingWriter(io.RawIOBase):
 class ObjectStore:
     """Immutable objects keyed by their content hash, under ``root``."""
 
+    url: str | None = None   # the remote store these are cached from (remote.CachedObjectStore)
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"

@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS live_log_chunks (
     seq INTEGER NOT NULL,           -- the log is its chunks in seq order: head, marker, tail
     text TEXT NOT NULL,
     PRIMARY KEY (task_id, attempt, stream, seq))""",
+    # runs imported from a shared store (FLOWMAGIC_STORE, store/replica.py), not run here
+    "replica_runs": """
+CREATE TABLE IF NOT EXISTS replica_runs (
+    flow TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    version TEXT NOT NULL,          -- the version tag of the published run document it was imported from
+    PRIMARY KEY (flow, run_id))""",
 }
 
 SCHEMA = """

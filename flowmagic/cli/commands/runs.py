@@ -59,8 +59,10 @@ def _open(notebook: str):
     from flowmagic.store import open_store
     from flowmagic.store.paths import store_root_for
 
+    from flowmagic.store.backends import store_url
+
     root = store_root_for(notebook)
-    if not root.exists():
+    if not root.exists() and store_url() is None:   # a shared store (FLOWMAGIC_STORE) fills a new home
         _flow_name(notebook)   # a notebook that is not one says so first
         raise UsageError(f"no runs yet: the store {root} does not exist (run the notebook first)")
     store = open_store(root)

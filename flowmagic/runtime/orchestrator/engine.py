@@ -402,6 +402,7 @@ class _Engine:
         inputs = self.input_plan(step, info.index)
         return TaskSpec(
             objects_root=str(self.store.objects.root),
+            store_url=self.store.objects.url,
             flow=self.flow, run_id=self.run_id, task_id=info.task_id, attempt=attempt,
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,

@@ -137,6 +137,9 @@ class _Server:
             os.chdir(config["cwd"])
         preload(config.get("preload", ()))
         from flowmagic.runtime.worker.execute import prepare_process
+        from flowmagic.store.backends import warm_up
+
+        warm_up()  # FLOWMAGIC_STORE: s3fs/botocore imported once here, not in every task
 
         prepare_process()  # before the prelude: it may import matplotlib
         # The prelude runs in a fresh ``__main__`` module, as notebook cells do in

@@ -27,6 +27,7 @@ from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, as_s
 from flowmagic.store.content_hash import content_hash
 from flowmagic.store.outputs import save_outputs
 from flowmagic.store.objects import ObjectStore
+from flowmagic.store.remote import open_objects
 from flowmagic.store.serializers import (UNSAVED, ArtifactRef, load_artifact, save_artifact, type_name_of,
                                          unsaved_message, unsaved_ref)
 
@@ -51,7 +52,7 @@ def main(channel: socket.socket, namespace: dict) -> int:
 
 
 def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest:
-    objects = ObjectStore(spec.objects_root)
+    objects = open_objects(spec.objects_root, spec.store_url)  # a remote store: read and written directly
     step = spec.step
     outputs: list[dict] = []
     warnings: list[str] = []

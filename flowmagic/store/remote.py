@@ -1,0 +1,113 @@
+"""Objects in a remote store (``FLOWMAGIC_STORE``), read through a local cache.
+
+:class:`CachedObjectStore` is an :class:`~flowmagic.store.objects.ObjectStore`
+whose local directory is a read cache: a write stores the object locally
+(hashed as it passes, as always) and uploads it once to the remote store; a
+read of an object the cache lacks downloads it, verifies its hash and
+publishes it into the cache, so memory-mapped reads work unchanged. Tasks
+(worker/task.py) read their inputs and write their outputs straight through
+it; they never touch metadata.
+
+The cache is the store root's ``objects/`` unless ``FLOWMAGIC_STORE_CACHE``
+names another directory (a worker on another machine).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from flowmagic.errors import NotFoundError, StoreError
+from .backends import ObjectBackend, backend_for, store_url
+from .objects import KEY_RE, ObjectStore, _SHARD, _TempFile, hash_bytes
+
+CACHE_ENV = "FLOWMAGIC_STORE_CACHE"
+OBJECTS_PREFIX = "objects"
+
+
+def object_name(key: str) -> str:
+    """The remote name of object ``key`` (the same sharding as on disk)."""
+    return f"{OBJECTS_PREFIX}/{key[:_SHARD]}/{key[_SHARD:]}"
+
+
+class CachedObjectStore(ObjectStore):
+    """Content-addressed objects in ``backend``, cached under ``cache_root``."""
+
+    def __init__(self, cache_root: Path | str, backend: ObjectBackend) -> None:
+        super().__init__(cache_root)
+        self.backend = backend
+        self.url = backend.url
+        self._uploaded: set[str] = set()   # keys this process knows are stored remotely
+
+    # -- writing: locally first (the hash, the cache), then once remotely
+    def put_bytes(self, data: bytes | memoryview) -> str:
+        key = super().put_bytes(data)
+        self._upload(key)
+        return key
+
+    def put_stream(self, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+        key, size = super().put_stream(write)
+        self._upload(key)
+        return key, size
+
+    def _upload(self, key: str) -> None:
+        if key in self._uploaded:
+            return
+        name = object_name(key)
+        if not self.backend.exists(name):   # written once: an object already there is not sent again
+            self.backend.put_file(name, str(super().path(key)))
+        self._uploaded.add(key)
+
+    # -- reading: from the cache, fetched on a miss
+    def exists(self, key: str) -> bool:
+        return super().exists(key) or (KEY_RE.match(key) is not None and self.backend.exists(object_name(key)))
+
+    def open_path(self, key: str) -> Path:
+        if KEY_RE.match(key) and not super().path(key).is_file():
+            self._fetch(key)
+        return super().open_path(key)
+
+    def _fetch(self, key: str) -> None:
+        """Download ``key`` into the cache: verified, then renamed into place (never half visible)."""
+        tmp = _TempFile(self.tmp_dir)
+        with tmp:
+            tmp.fh.close()
+            try:
+                self.backend.get_file(object_name(key), str(tmp.path))
+            except FileNotFoundError:
+                raise NotFoundError(f"object {key} is missing from the store {self.url} (and from the local "
+                                    f"cache {self.root}): it was deleted there, or the run that wrote it did "
+                                    "not finish uploading") from None
+            got = _hash_path(tmp.path)
+            if got != key:
+                raise StoreError(f"object {key} downloaded from {self.url} does not match its hash "
+                                 f"(got {got}); the remote copy is damaged")
+            final = super().path(key)
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(tmp.path, 0o444)
+            os.replace(tmp.path, final)
+        self._uploaded.add(key)
+
+    def __repr__(self) -> str:
+        return f"CachedObjectStore({self.url!r}, cache={str(self.root)!r})"
+
+
+def _hash_path(path: Path) -> str:
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return hash_bytes(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return hash_bytes(mm)
+
+
+def open_objects(root: Path | str, url: str | None = None) -> ObjectStore:
+    """The objects of a store: local at ``root``, or the remote ``url`` (default
+    ``$FLOWMAGIC_STORE``) cached at ``$FLOWMAGIC_STORE_CACHE`` or ``root``."""
+    url = url or store_url()
+    if url is None:
+        return ObjectStore(root)
+    cache = os.environ.get(CACHE_ENV, "").strip()
+    return CachedObjectStore(Path(cache).expanduser() if cache else root, backend_for(url))
