@@ -158,10 +158,12 @@ def _print(args: argparse.Namespace, document: dict, render: Callable[[dict], st
 def run_status(args: argparse.Namespace) -> int:
     from flowmagic.report.text import render_status
     from flowmagic.store import open_store
+    from flowmagic.store.backends import store_url
     from flowmagic.store.paths import store_root_for
 
     root = store_root_for(args.notebook)
-    store = open_store(root) if root.exists() else None
+    # a shared store (FLOWMAGIC_STORE) fills a new home with the runs published there
+    store = open_store(root) if root.exists() or store_url() is not None else None
     return _print(args, services.status_document(store, _flow_name(args.notebook, store), args.tag), render_status)
 
 
