@@ -106,6 +106,8 @@ class TaskSpec:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("index", "writes", "required", "foreach_vars"):
             data[key] = list(data[key])
+        if data["store_url"] is None:   # a local store: the wire of earlier releases, unchanged
+            del data["store_url"]
         return data
 
     @classmethod
