@@ -111,6 +111,7 @@ class ObjectStore:
     """Immutable objects keyed by their content hash, under ``root``."""
 
     url: str | None = None   # the remote store these are cached from (remote.CachedObjectStore)
+    durable = True           # fsync before publishing (a cache of a remote store need not)
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -281,7 +282,8 @@ class ObjectStore:
         # on disk before it is visible: a task is recorded as done only after
         # its objects are published, so a power cut cannot leave a recorded,
         # empty object; write errors (ENOSPC at writeback) surface here too
-        os.fsync(fh.fileno())
+        if self.durable:
+            os.fsync(fh.fileno())
         final = self.path(key)
         final.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o444)  # immutable by convention: read-only once published
