@@ -198,3 +198,21 @@ def test_open_store_reports_a_bucket_that_vanished_as_a_store_error(tmp_path, mo
         monkeypatch.setenv(k, v)
     with pytest.raises(StoreError, match="bucket does not exist"):
         open_store(tmp_path / "h")
+
+
+def test_a_notebook_run_all_in_a_kernel_stores_in_s3_and_another_home_reads_it(tmp_path, moto, bucket):
+    from conftest import execute_notebook
+
+    nb = write_notebook(tmp_path / "s3_flow.ipynb", ["%load_ext flowmagic", *FOREACH_NB])
+    url = f"s3://{bucket}/store"
+    env = s3_env(tmp_path / "kernel_home", url, moto.url)
+    execute_notebook(nb, tmp_path, env, timeout=240)
+    assert moto.objects(bucket, "store/objects/"), "the kernel's tasks stored nothing in the bucket"
+    reader = s3_env(tmp_path / "reader", url, moto.url)
+    code = ("from flowmagic import Flow; r = Flow('S3Flow').latest_run; "
+            "print(r.id, r.status, r['join'].task.data.total)")
+    proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=reader,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    run_id, _, total = proc.stdout.split()
+    assert (run_id, total) == ("1", "60")

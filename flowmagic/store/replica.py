@@ -16,7 +16,9 @@ One home writes to a shared store; the others read it.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ class PublishingMetadata(Metadata):
     def __init__(self, path: Path | str, backend: ObjectBackend) -> None:
         super().__init__(path)
         self.backend = backend
+        self._owner_pid = os.getpid()
         self._dirty_runs: set[tuple[str, int]] = set()
         self._dirty_tasks: dict[tuple[str, int], set[int]] = {}
         self._task_runs: dict[int, tuple[str, int]] = {}
@@ -129,6 +132,8 @@ class PublishingMetadata(Metadata):
                           f"{self.backend.url}: {exc}", file=sys.stderr)
 
     def _publish_run(self, flow: str, run_id: int, task_ids: list[int]) -> None:
+        if self.replica_version(flow, run_id):   # imported from the shared store: its writer publishes it
+            return
         run_doc, task_docs = self.export_run(flow, run_id, task_ids)
         for doc in task_docs:
             self.backend.put_bytes(task_doc_name(flow, run_id, doc["task"]["task_id"]), _dumps(doc))
@@ -138,8 +143,14 @@ class PublishingMetadata(Metadata):
         if self._thread is None or not self._thread.is_alive():
             if self._stopped:
                 return
+            if self._thread is None:   # a kernel that exits publishes what changed last
+                atexit.register(self._publish_at_exit)
             self._thread = threading.Thread(target=self._loop, name="flowmagic-publish", daemon=True)
             self._thread.start()
+
+    def _publish_at_exit(self) -> None:
+        if self._owner_pid == os.getpid():   # never from a forked child (it writes no metadata)
+            self.publish()
 
     def _loop(self) -> None:
         while not self._stopped:
