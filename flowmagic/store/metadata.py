@@ -535,6 +535,9 @@ class Metadata:
             " (SELECT MAX(attempt) FROM attempts WHERE task_id = ?) ORDER BY name", (task_id, task_id))
         return [ArtifactRef(*r) for r in rows]
 
+    def publish(self) -> None:
+        """Publish what changed to a shared store (replica.PublishingMetadata); nothing here."""
+
     # -- replicas (store/replica.py): a run as JSON documents, and back ------------------
     def export_run(self, flow: str, run_id: int, task_ids: Sequence[int] | None = None) -> tuple[dict, list[dict]]:
         """The run's row, tags and task list, and the documents of its tasks

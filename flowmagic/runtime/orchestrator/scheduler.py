@@ -130,6 +130,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
         engine = _Engine(graph, store, run_id, values, RunOptions(frozenset({step}), workdir=workdir), known=known,
                          on_event=on_event, executors=executors)
         status = engine.run_tasks(finish_run=False)
+    meta.publish()   # a shared store (FLOWMAGIC_STORE) shows the executed cell at once; a no-op otherwise
     tasks = engine.tasks[step]
     artifacts = _gathered_refs(engine, step)
     exception = next((t.exception for t in tasks if t.state == "failed"), None)
