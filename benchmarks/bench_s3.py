@@ -88,7 +88,6 @@ def main() -> None:
             rows.append((plain_put, fm_put, plain_get, fm_get))
             print(f"round {i + 1}: put s3fs {plain_put:.2f} s, flowmagic {fm_put:.2f} s ({fm_put / plain_put:.2f}x); "
                   f"get s3fs {plain_get:.2f} s, flowmagic {fm_get:.2f} s ({fm_get / plain_get:.2f}x)", flush=True)
-            del value, raw
         put = statistics.median(r[1] / r[0] for r in rows)
         get = statistics.median(r[3] / r[2] for r in rows)
         print(f"{args.mb} MB, median of {len(rows)}: save {put:.2f}x s3fs put, load {get:.2f}x s3fs get "

@@ -13,6 +13,7 @@ names another directory (a worker on another machine).
 """
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ class CachedObjectStore(ObjectStore):
         self.backend = backend
         self.url = backend.url
         self._uploaded: set[str] = set()   # keys this process knows are stored remotely
+        self._fetched: set[str] = set()    # keys this process downloaded and verified just now
 
     # -- writing: locally first (the hash, the cache), then once remotely
     def put_bytes(self, data: bytes | memoryview) -> str:
@@ -72,6 +74,13 @@ class CachedObjectStore(ObjectStore):
             self._fetch(key)
         return super().open_path(key)
 
+    def map(self, key: str) -> mmap.mmap:
+        path = self.open_path(key)
+        if key not in self._fetched:
+            return super().map(key)
+        with open(path, "rb") as f:   # verified as it arrived: not hashed a second time
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
     def _fetch(self, key: str) -> None:
         """Download ``key`` into the cache: verified, then renamed into place (never half visible)."""
         tmp = _TempFile(self.tmp_dir)
@@ -92,14 +101,13 @@ class CachedObjectStore(ObjectStore):
             os.chmod(tmp.path, 0o444)
             os.replace(tmp.path, final)
         self._uploaded.add(key)
+        self._fetched.add(key)
 
     def __repr__(self) -> str:
         return f"CachedObjectStore({self.url!r}, cache={str(self.root)!r})"
 
 
 def _hash_path(path: Path) -> str:
-    import mmap
-
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return hash_bytes(b"")
