@@ -7,6 +7,7 @@ from a home whose cache is empty, downloads into the cache, verifies the hash
 and maps the file. s3fs's put/get move the same bytes from and to memory.
 
     python benchmarks/bench_s3.py [--mb 1024] [--repeat 3]
+    python benchmarks/bench_s3.py --foreach 100     # per-task overhead: local store vs S3 store
 
 Needs the test extra (s3fs, moto[server]). Target (issue 18): within 1.3x.
 """
@@ -56,11 +57,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=1024, help="artifact size in MB (default 1024)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--foreach", type=int, default=0, metavar="N",
+                    help="instead: a foreach of N trivial tasks, whole command, local store vs S3 store")
     args = ap.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     proc, endpoint = start_moto()
     os.environ["FLOWMAGIC_S3_ENDPOINT_URL"] = endpoint
     try:
+        if args.foreach:
+            return bench_foreach(args.foreach, args.repeat, endpoint)
         import s3fs
 
         from flowmagic.store import load_artifact, save_artifact
@@ -95,6 +100,35 @@ def main() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def bench_foreach(n: int, repeat: int, endpoint: str) -> None:
+    import nbformat
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("bench-foreach")
+    with tempfile.TemporaryDirectory() as tmp:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in (
+            f"%%step start\nitems = list(range({n}))",
+            "%%step work --foreach items\ny = input * 2",
+            "%%step join\ntotal = sum(y)")]
+        path = Path(tmp) / "bench_foreach.ipynb"
+        nbformat.write(nb, path)
+        exe = shutil.which("flowmagic", path=str(Path(sys.executable).parent)) or "flowmagic"
+        times: dict[str, list[float]] = {"local": [], "s3": []}
+        for i in range(repeat):
+            for kind in times:
+                env = {**os.environ, "FLOWMAGIC_HOME": f"{tmp}/{kind}-{i}"}
+                env.pop("FLOWMAGIC_STORE", None)
+                if kind == "s3":
+                    env["FLOWMAGIC_STORE"] = f"s3://bench-foreach/r{i}"
+                t0 = time.perf_counter()
+                subprocess.run([exe, "run", str(path)], env=env, check=True, capture_output=True)
+                times[kind].append(time.perf_counter() - t0)
+        local, s3 = statistics.median(times["local"]), statistics.median(times["s3"])
+        print(f"foreach of {n}, whole command, median of {repeat}: local {local:.2f} s, S3 {s3:.2f} s "
+              f"({s3 / local:.2f}x; {(s3 - local) / n * 1000:.0f} ms more per task)")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class ObjectBackend(Protocol):
     def put_bytes(self, name: str, data: bytes) -> None: ...
     def get_bytes(self, name: str) -> bytes: ...
     def get_many(self, names: list[str]) -> dict[str, bytes]: ...
+    def put_many(self, docs: dict[str, bytes]) -> None: ...
     def listing(self, prefix: str) -> dict[str, str]: ...
 
 
@@ -175,6 +176,16 @@ class FsspecBackend:
             self._retry(lambda: self.fs.pipe_file(self._path(name), data), f"write {name}")
         else:
             self._retry(lambda: self._put_renamed(name, lambda tmp: self.fs.pipe_file(tmp, data)), f"write {name}")
+
+    def put_many(self, docs: dict[str, bytes]) -> None:
+        """Write (or replace) several small documents (concurrent requests on S3)."""
+        if not docs:
+            return
+        if not self._is_s3():
+            for name, data in docs.items():
+                self.put_bytes(name, data)
+            return
+        self._retry(lambda: self.fs.pipe({self._path(n): d for n, d in docs.items()}), f"write {len(docs)} documents")
 
     def get_bytes(self, name: str) -> bytes:
         return self._retry(lambda: self.fs.cat_file(self._path(name)), f"read {name}")

@@ -135,8 +135,7 @@ class PublishingMetadata(Metadata):
         if self.replica_version(flow, run_id):   # imported from the shared store: its writer publishes it
             return
         run_doc, task_docs = self.export_run(flow, run_id, task_ids)
-        for doc in task_docs:
-            self.backend.put_bytes(task_doc_name(flow, run_id, doc["task"]["task_id"]), _dumps(doc))
+        self.backend.put_many({task_doc_name(flow, run_id, doc["task"]["task_id"]): _dumps(doc) for doc in task_docs})
         self.backend.put_bytes(run_doc_name(flow, run_id), _dumps(run_doc))
 
     def _start_thread(self) -> None:
