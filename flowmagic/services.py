@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 def status_document(store: Store | None, flow: str, tag: str | None = None) -> dict:
     """``{"flow", "runs": [...]}``, newest run first; ``store`` None: a store not made yet (no runs)."""
+    if store is not None:
+        store.refresh()   # a shared store (FLOWMAGIC_STORE): runs other homes published since it was opened
     runs = store.meta.list_runs(flow, tag=tag) if store is not None else []
     return {"flow": flow, "runs": [_run_row(r) for r in runs]}
 

@@ -216,3 +216,22 @@ def test_a_notebook_run_all_in_a_kernel_stores_in_s3_and_another_home_reads_it(t
     assert proc.returncode == 0, proc.stderr
     run_id, _, total = proc.stdout.split()
     assert (run_id, total) == ("1", "60")
+
+
+def test_an_open_reader_store_sees_a_later_run_in_its_next_status(tmp_path, moto, bucket, monkeypatch):
+    from flowmagic import services
+
+    nb = write_notebook(tmp_path / "s3_flow.ipynb", ["%%step start\nx = 1", "%%step end\ny = x + 1"])
+    url = f"s3://{bucket}/store"
+    writer = s3_env(tmp_path / "writer", url, moto.url)
+    run_json("run", nb, env=writer)
+    for k, v in s3_env(tmp_path / "reader", url, moto.url).items():
+        monkeypatch.setenv(k, v)
+    store = open_store(tmp_path / "reader")   # as a reading kernel keeps it open
+    try:
+        assert [r["run_id"] for r in services.status_document(store, "S3Flow")["runs"]] == [1]
+        run_json("run", nb, env=writer)
+        store._refreshed = 0.0   # (the reader looked more than a second ago)
+        assert [r["run_id"] for r in services.status_document(store, "S3Flow")["runs"]] == [2, 1]
+    finally:
+        store.close()

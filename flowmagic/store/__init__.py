@@ -14,6 +14,7 @@ the runs another home published.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flowmagic.errors import StoreError
@@ -36,6 +37,8 @@ OBJECTS_DIR = "objects"
 class Store:
     """One store root: ``objects`` (any process) and ``meta`` (orchestrator)."""
 
+    _refreshed = 0.0   # when the runs of a shared store were last imported (time.monotonic)
+
     def __init__(self, root: Path | str, url: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.url = url or store_url()
@@ -55,13 +58,17 @@ class Store:
 
         self.meta = PublishingMetadata(self.root / METADATA_FILE, backend)
         safe_refresh(self.meta, backend)
+        self._refreshed = time.monotonic()
 
-    def refresh(self) -> None:
-        """Import the runs other homes published to the shared store since the last look."""
-        if isinstance(self.meta, _publishing()):
-            from .replica import safe_refresh
+    def refresh(self, max_age: float = 1.0) -> None:
+        """Import the runs other homes published to the shared store since the last look
+        (not again within ``max_age`` seconds: opening the store just did). Local store: nothing."""
+        if not isinstance(self.meta, _publishing()) or time.monotonic() - self._refreshed < max_age:
+            return
+        from .replica import safe_refresh
 
-            safe_refresh(self.meta, self.meta.backend)
+        safe_refresh(self.meta, self.meta.backend)
+        self._refreshed = time.monotonic()
 
     def close(self) -> None:
         self.meta.close()

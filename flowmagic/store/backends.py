@@ -102,6 +102,7 @@ class FsspecBackend:
             # botocore retries 5xx, throttling and dropped connections with backoff
             options["config_kwargs"] = {"retries": {"max_attempts": self.retries + 1, "mode": "standard"}}
             options["skip_instance_cache"] = True
+            options["use_listings_cache"] = False   # other homes write to the bucket: never trust a stale listing
         try:
             return fsspec.filesystem(self.protocol, **options)
         except ImportError as exc:
@@ -208,7 +209,7 @@ class FsspecBackend:
             except FileNotFoundError:
                 return {}
             return {_relative(_strip(p, self.protocol), self.root): _version(info) for p, info in found.items()}
-        self.fs.invalidate_cache(base)
+        self.fs.invalidate_cache()   # (fsspec's other file systems keep listings too)
         return self._retry(find, f"list {prefix}")
 
     def _retry(self, op: Callable[[], T], what: str) -> T:
