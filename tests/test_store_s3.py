@@ -235,3 +235,16 @@ def test_an_open_reader_store_sees_a_later_run_in_its_next_status(tmp_path, moto
         assert [r["run_id"] for r in services.status_document(store, "S3Flow")["runs"]] == [2, 1]
     finally:
         store.close()
+
+
+def test_gc_in_the_writing_home_is_not_undone_by_the_published_documents(tmp_path, moto, bucket):
+    nb = write_notebook(tmp_path / "s3_flow.ipynb", ["%%step start\nx = 1", "%%step end\ny = x + 1"])
+    writer = s3_env(tmp_path / "writer", f"s3://{bucket}/store", moto.url)
+    run_json("run", nb, env=writer)
+    run_json("run", nb, env=writer)
+    proc = run("gc", nb, "--keep", "1", env=writer)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["run_id"] for r in run_json("status", nb, env=writer)["runs"]] == [2]
+    # a reader still sees both: nothing is deleted from the bucket
+    reader = s3_env(tmp_path / "reader", f"s3://{bucket}/store", moto.url)
+    assert [r["run_id"] for r in run_json("status", nb, env=reader)["runs"]] == [2, 1]

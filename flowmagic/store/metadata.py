@@ -401,6 +401,8 @@ class Metadata:
                 conn.execute("DELETE FROM run_tags WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM notebook_runs WHERE flow = ? AND run_id = ?", (flow, run_id))
                 conn.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+                # a shared store still holds the run's documents: refresh must not bring it back
+                conn.execute("INSERT OR REPLACE INTO replica_runs VALUES (?, ?, ?)", (flow, run_id, DELETED_REPLICA))
         return removed
 
     @staticmethod
@@ -665,6 +667,8 @@ def _rows(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[dict]
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
 
+
+DELETED_REPLICA = "deleted"   # replica_runs.version of a run gc removed here
 
 _COLUMN_RE = re.compile(r"^[a-z_]+$")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from flowmagic.errors import StoreError
 from .backends import ObjectBackend
-from .metadata import Metadata
+from .metadata import DELETED_REPLICA, Metadata
 
 PUBLISH_INTERVAL_S = 2.0
 META_PREFIX = "meta"
@@ -179,7 +179,7 @@ def refresh(meta: Metadata, backend: ObjectBackend) -> list[tuple[str, int]]:
         if run is None:
             continue
         known = meta.replica_version(*run)
-        if known == "" or known == version:   # our own run, or unchanged since we imported it
+        if known in ("", version, DELETED_REPLICA):   # our own run, unchanged since imported, or gc'd here
             continue
         run_doc = json.loads(backend.get_bytes(name))
         have = meta.replica_task_versions(*run) if known is not None else {}

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS live_log_chunks (
 CREATE TABLE IF NOT EXISTS replica_runs (
     flow TEXT NOT NULL,
     run_id INTEGER NOT NULL,
-    version TEXT NOT NULL,          -- the version tag of the published run document it was imported from
+    version TEXT NOT NULL,          -- the published run document's version it was imported at ('deleted': by gc)
     PRIMARY KEY (flow, run_id))""",
 }
 
