@@ -115,13 +115,15 @@ def _stop(lab: Lab) -> None:
             pass
 
 
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory) -> Lab:
-    """One JupyterLab server for the browser tests (each test uses its own notebook)."""
-    base = tmp_path_factory.mktemp("lab")
+def start_lab(base: Path) -> Lab:
+    """Start a JupyterLab server in ``base`` (root/, settings/, home/ made there) and wait for it.
+
+    Used by the ``lab`` fixture and by benchmarks/bench_prelude_edit_lab.py;
+    stop it with ``stop_lab``. Its log is ``base/server.log``.
+    """
     root, settings, home = base / "root", base / "settings", base / "home"
     for folder in (root, settings, home):
-        folder.mkdir()
+        folder.mkdir(parents=True, exist_ok=True)
     write_setting(settings, "@jupyterlab/apputils-extension", "notification", {"fetchNews": "false"})
     write_setting(settings, "@jupyterlab/apputils-extension", "themes", {"theme": "JupyterLab Light"})
     # start the notebook's kernel without asking; keep every cell in the DOM
@@ -140,13 +142,38 @@ def lab(tmp_path_factory) -> Lab:
          "--ServerApp.port_retries=0", "--allow-root", "--LabApp.extension_manager=readonly",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()   # the child holds its own copy of the descriptor
     instance = Lab(f"http://127.0.0.1:{port}", token, root, settings, process)
     try:
         _wait_ready(instance, time.monotonic() + 60, base / "server.log")
+    except BaseException:
+        _stop(instance)
+        raise
+    return instance
+
+
+def stop_lab(lab: Lab) -> None:
+    """Shut the server and every kernel it started down."""
+    _stop(lab)
+
+
+def launch_chromium(playwright):
+    """Debian's Chromium, headless, through a started sync Playwright."""
+    path = chromium_path()
+    if path is None:
+        raise RuntimeError("Debian's chromium is missing: run scripts/install-browser-deps.sh")
+    return playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS, headless=True)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory) -> Lab:
+    """One JupyterLab server for the browser tests (each test uses its own notebook)."""
+    base = tmp_path_factory.mktemp("lab")
+    instance = start_lab(base)
+    try:
         yield instance
     finally:
-        _stop(instance)
-        log.close()
+        stop_lab(instance)
         if os.environ.get("FLOWMAGIC_SHOW_LAB_LOG"):
             print((base / "server.log").read_text())
 
@@ -162,13 +189,12 @@ def chromium():
     if "chromium" in _SHARED:
         yield _SHARED["chromium"]
         return
-    path = chromium_path()
-    if path is None:
+    if chromium_path() is None:
         pytest.fail("Debian's chromium is missing: run scripts/install-browser-deps.sh")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS, headless=True)
+        browser = launch_chromium(playwright)
         _SHARED["chromium"] = browser
         try:
             yield browser
