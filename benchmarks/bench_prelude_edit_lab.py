@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jupyter_client import BlockingKernelClient
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "browser"))
@@ -77,10 +81,57 @@ ARM = """([index, marker]) => {
 class Timing:
     shown: list[float] = field(default_factory=list)   # Shift+Enter -> count and output in the cell
     idle: list[float] = field(default_factory=list)    # Shift+Enter -> kernel idle again
+    kernel: list[float] = field(default_factory=list)  # the kernel's own busy -> idle
 
-    def add(self, shown: float, idle: float) -> None:
+    def add(self, shown: float, idle: float, kernel: float) -> None:
         self.shown.append(shown)
         self.idle.append(idle)
+        self.kernel.append(kernel)
+
+
+class KernelClock:
+    """Listens to the notebook kernel's iopub beside JupyterLab: each execute request's
+    busy -> idle by the kernel's own clock, so the page's share can be told apart."""
+
+    def __init__(self, connection_file: Path) -> None:
+        self.client = BlockingKernelClient(connection_file=str(connection_file))
+        self.client.load_connection_file()
+        self.client.start_channels(shell=False, iopub=True, stdin=False, hb=False, control=False)
+        self.done: queue.Queue[float] = queue.Queue()
+        self._busy: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.client.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                continue
+            parent = msg["parent_header"]
+            if msg["msg_type"] != "status" or parent.get("msg_type") != "execute_request":
+                continue   # comm messages and kernel_info requests go busy/idle too
+            if msg["content"]["execution_state"] == "busy":
+                self._busy[parent["msg_id"]] = msg["header"]["date"]
+            elif msg["content"]["execution_state"] == "idle" and parent["msg_id"] in self._busy:
+                self.done.put((msg["header"]["date"] - self._busy.pop(parent["msg_id"])).total_seconds())
+
+    def next(self) -> float:
+        """The kernel time of the next execution to finish (one per Shift+Enter)."""
+        return self.done.get(timeout=60)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)   # its socket must not close under its poll
+        self.client.stop_channels()
+
+
+def kernel_clock(lab, base: Path, name: str) -> KernelClock:
+    for session in lab.api("/api/sessions"):
+        if session.get("path") == name:
+            return KernelClock(base / "runtime" / f"kernel-{session['kernel']['id']}.json")
+    raise SystemExit(f"no kernel for {name}")
 
 
 def cells(pandas: bool) -> list[str | tuple[str, str]]:
@@ -96,15 +147,9 @@ def cells(pandas: bool) -> list[str | tuple[str, str]]:
     ]
 
 
-def editor(page, index: int):
-    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputArea-editor")
-
-
-def timed_run(page, index: int, marker: str) -> tuple[float, float]:
-    """Click into cell ``index``, press Shift+Enter; seconds until shown and until idle."""
-    target = editor(page, index)
-    target.scroll_into_view_if_needed()
-    target.click()
+def press(page, clock: KernelClock, index: int, marker: str) -> tuple[float, float, float]:
+    """Shift+Enter in cell ``index`` (its editor already focused): seconds until the cell
+    shows its result, until the page's kernel indicator is idle, and the kernel's own time."""
     page.evaluate(ARM, [index, marker])
     page.keyboard.press("Shift+Enter")
     page.wait_for_function("() => window.__bench.idle !== null", timeout=180_000, polling=50)
@@ -112,23 +157,29 @@ def timed_run(page, index: int, marker: str) -> tuple[float, float]:
     wait_idle(page)
     if state["wrong"] is not None:
         raise SystemExit(f"cell {index + 1}: expected {marker!r} in its output, got {state['wrong']!r}")
-    return (state["shown"] - state["start"]) / 1000, (state["idle"] - state["start"]) / 1000
+    kernel = clock.next()
+    return (state["shown"] - state["start"]) / 1000, (state["idle"] - state["start"]) / 1000, kernel
 
 
-def edit_prelude(page, rate: int) -> tuple[float, float]:
-    """Retype the ordinary cell's first line as a user would, execute it; its own times."""
-    target = editor(page, PRELUDE)
+def focus(page, index: int) -> None:
+    target = page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputArea-editor")
     target.scroll_into_view_if_needed()
     target.click()
+
+
+def timed_run(page, clock: KernelClock, index: int, marker: str) -> tuple[float, float, float]:
+    """Click into cell ``index`` and execute it as it is."""
+    focus(page, index)
+    return press(page, clock, index, marker)
+
+
+def edit_prelude(page, clock: KernelClock, rate: int) -> tuple[float, float, float]:
+    """Retype the ordinary cell's first line as a user would, execute it; its own times."""
+    focus(page, PRELUDE)
     page.keyboard.press("Control+Home")
     page.keyboard.press("Shift+End")
     page.keyboard.type(f"RATE = {rate}")
-    page.evaluate(ARM, [PRELUDE, ""])
-    page.keyboard.press("Shift+Enter")
-    page.wait_for_function("() => window.__bench.idle !== null", timeout=180_000, polling=50)
-    state = page.evaluate("() => window.__bench")
-    wait_idle(page)
-    return (state["shown"] - state["start"]) / 1000, (state["idle"] - state["start"]) / 1000
+    return press(page, clock, PRELUDE, "")
 
 
 def ms(values: list[float]) -> str:
@@ -140,7 +191,7 @@ def expected(kind: str, rate: int) -> str:
     return f"{kind} result {float(10 * rate + 10)}"
 
 
-def measure(page, n: int) -> dict[str, object]:
+def measure(page, clock: KernelClock, n: int) -> dict[str, object]:
     """Warm-up, then n rounds alternating edited / not edited, step then plain cell.
 
     Every output is checked against the RATE the page last typed, so a step
@@ -150,19 +201,19 @@ def measure(page, n: int) -> dict[str, object]:
     first = {}
     for index, marker in ((LOAD, ""), (PRELUDE, ""), (STEP, expected("step", rate)),
                           (PLAIN, expected("plain", rate))):
-        first[index] = timed_run(page, index, marker)
+        first[index] = timed_run(page, clock, index, marker)
     rate += 1
-    first["edit"] = edit_prelude(page, rate)          # the first edit: a new prelude's server
-    first["step after edit"] = timed_run(page, STEP, expected("step", rate))
+    first["edit"] = edit_prelude(page, clock, rate)          # the first edit: a new prelude's server
+    first["step after edit"] = timed_run(page, clock, STEP, expected("step", rate))
     results = {name: Timing() for name in ("step edited", "step", "plain edited", "plain")}
     edits = Timing()
     for _ in range(n):
         for index, kind in ((STEP, "step"), (PLAIN, "plain")):
             rate += 1
-            edits.add(*edit_prelude(page, rate))
-            results[f"{kind} edited"].add(*timed_run(page, index, expected(kind, rate)))
-            results[kind].add(*timed_run(page, index, expected(kind, rate)))
-    timed_run(page, STEP, expected("step", rate))     # so the screenshot shows a fresh step
+            edits.add(*edit_prelude(page, clock, rate))
+            results[f"{kind} edited"].add(*timed_run(page, clock, index, expected(kind, rate)))
+            results[kind].add(*timed_run(page, clock, index, expected(kind, rate)))
+    timed_run(page, clock, STEP, expected("step", rate))     # so the screenshot shows a fresh step
     return {"first": first, "results": results, "edits": edits}
 
 
@@ -171,19 +222,25 @@ def report(measured: dict[str, object], pandas: bool, n: int) -> None:
     print(f"JupyterLab + headless Chromium, {'--pandas, ' if pandas else ''}medians of {n}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"warm-up: first step {first[STEP][0] * 1000:.0f} ms, first plain cell {first[PLAIN][0] * 1000:.0f} ms, "
-          f"first edit {first['edit'][0] * 1000:.0f} ms, the step after it {first['step after edit'][0] * 1000:.0f} ms")
+          f"first edit {first['edit'][0] * 1000:.0f} ms, the step after it {first['step after edit'][0] * 1000:.0f} ms "
+          f"(kernel {first['step after edit'][2] * 1000:.0f} ms)")
     for kind in ("step", "plain"):
         label = "%%step cell" if kind == "step" else "plain cell"
         plain, edited = results[kind], results[f"{kind} edited"]
-        print(f"{label}, no edit:            shown {ms(plain.shown)}; idle {ms(plain.idle)}")
-        print(f"{label}, after an edit:      shown {ms(edited.shown)}; idle {ms(edited.idle)}")
+        print(f"{label}, no edit:            shown {ms(plain.shown)}; idle {ms(plain.idle)}; "
+              f"kernel {ms(plain.kernel)}")
+        print(f"{label}, after an edit:      shown {ms(edited.shown)}; idle {ms(edited.idle)}; "
+              f"kernel {ms(edited.kernel)}")
         added = statistics.median(edited.shown) - statistics.median(plain.shown)
         added_idle = statistics.median(edited.idle) - statistics.median(plain.idle)
-        print(f"{label}, added by the edit:  {added * 1000:+.0f} ms shown, {added_idle * 1000:+.0f} ms idle "
+        added_kernel = statistics.median(edited.kernel) - statistics.median(plain.kernel)
+        print(f"{label}, added by the edit:  {added * 1000:+.0f} ms shown, {added_idle * 1000:+.0f} ms idle, "
+              f"{added_kernel * 1000:+.0f} ms in the kernel "
               f"({added / TARGET:.2f} of the {TARGET * 1000:.0f} ms target)")
     step_vs_plain = statistics.median(results["step"].shown) - statistics.median(results["plain"].shown)
     print(f"a %%step cell over a plain cell, no edit: {step_vs_plain * 1000:+.0f} ms")
-    print(f"the edited ordinary cell itself:     shown {ms(edits.shown)}; idle {ms(edits.idle)}")
+    print(f"the edited ordinary cell itself:     shown {ms(edits.shown)}; idle {ms(edits.idle)}; "
+          f"kernel {ms(edits.kernel)}")
 
 
 def main() -> None:
@@ -204,7 +261,11 @@ def main() -> None:
             started = time.monotonic()
             open_notebook(page, lab, "prelude_edit.ipynb")
             print(f"JupyterLab page and kernel ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-            measured = measure(page, args.n)
+            clock = kernel_clock(lab, base, "prelude_edit.ipynb")
+            try:
+                measured = measure(page, clock, args.n)
+            finally:
+                clock.close()
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.screenshot))
             browser.close()
