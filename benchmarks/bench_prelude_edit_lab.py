@@ -12,7 +12,12 @@ first line was retyped and re-executed in the page, then the same cell again
 with no edit; for the step, then for the plain cell. Prints medians, the
 added time and its ratio to the 0.3 s target, and takes a screenshot.
 ``--pandas``: the prelude imports pandas and both cells use it.
-Usage: ``python benchmarks/bench_prelude_edit_lab.py [N] [--pandas] [--screenshot FILE]``.
+``--profile FILE``: cProfile in the notebook's kernel during the measured rounds
+(switched on and off through a second client, not through the page).
+``--think S``: wait S seconds before the first edit, as a user typing would
+(with ``--pandas``, an edit while the kernel's base server still imports
+pandas pays for a new server's imports).
+Usage: ``python benchmarks/bench_prelude_edit_lab.py [N] [--pandas] [--think S] [--screenshot FILE] [--profile FILE]``.
 """
 from __future__ import annotations
 
@@ -96,7 +101,7 @@ class KernelClock:
     def __init__(self, connection_file: Path) -> None:
         self.client = BlockingKernelClient(connection_file=str(connection_file))
         self.client.load_connection_file()
-        self.client.start_channels(shell=False, iopub=True, stdin=False, hb=False, control=False)
+        self.client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         self.done: queue.Queue[float] = queue.Queue()
         self._busy: dict[str, object] = {}
         self._stop = threading.Event()
@@ -110,8 +115,9 @@ class KernelClock:
             except queue.Empty:
                 continue
             parent = msg["parent_header"]
-            if msg["msg_type"] != "status" or parent.get("msg_type") != "execute_request":
-                continue   # comm messages and kernel_info requests go busy/idle too
+            if msg["msg_type"] != "status" or parent.get("msg_type") != "execute_request" \
+                    or parent.get("session") == self.client.session.session:
+                continue   # comm messages and kernel_info requests go busy/idle too; and ours
             if msg["content"]["execution_state"] == "busy":
                 self._busy[parent["msg_id"]] = msg["header"]["date"]
             elif msg["content"]["execution_state"] == "idle" and parent["msg_id"] in self._busy:
@@ -120,6 +126,15 @@ class KernelClock:
     def next(self) -> float:
         """The kernel time of the next execution to finish (one per Shift+Enter)."""
         return self.done.get(timeout=60)
+
+    def execute(self, code: str) -> None:
+        """Run code in the kernel from this client (silent: no history, no count)."""
+        msg_id = self.client.execute(code, silent=True, store_history=False)
+        reply = self.client.get_shell_msg(timeout=60)   # iopub is the listener's
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.client.get_shell_msg(timeout=60)
+        if reply["content"]["status"] != "ok":
+            raise SystemExit(f"kernel: {code!r}: {reply['content'].get('evalue')}")
 
     def close(self) -> None:
         self._stop.set()
@@ -191,7 +206,7 @@ def expected(kind: str, rate: int) -> str:
     return f"{kind} result {float(10 * rate + 10)}"
 
 
-def measure(page, clock: KernelClock, n: int) -> dict[str, object]:
+def measure(page, clock: KernelClock, n: int, profile: Path | None = None, think: float = 0) -> dict[str, object]:
     """Warm-up, then n rounds alternating edited / not edited, step then plain cell.
 
     Every output is checked against the RATE the page last typed, so a step
@@ -203,9 +218,12 @@ def measure(page, clock: KernelClock, n: int) -> dict[str, object]:
                           (PLAIN, expected("plain", rate))):
         first[index] = timed_run(page, clock, index, marker)
     rate += 1
+    time.sleep(think)
     first["edit"] = edit_prelude(page, clock, rate)          # the first edit: a new prelude's server
     first["step after edit"] = timed_run(page, clock, STEP, expected("step", rate))
     results = {name: Timing() for name in ("step edited", "step", "plain edited", "plain")}
+    if profile:
+        clock.execute("import cProfile as _bench_cp; _bench_prof = _bench_cp.Profile(); _bench_prof.enable()")
     edits = Timing()
     for _ in range(n):
         for index, kind in ((STEP, "step"), (PLAIN, "plain")):
@@ -213,16 +231,19 @@ def measure(page, clock: KernelClock, n: int) -> dict[str, object]:
             edits.add(*edit_prelude(page, clock, rate))
             results[f"{kind} edited"].add(*timed_run(page, clock, index, expected(kind, rate)))
             results[kind].add(*timed_run(page, clock, index, expected(kind, rate)))
+    if profile:
+        clock.execute(f"_bench_prof.disable(); _bench_prof.dump_stats({str(profile)!r})")
     timed_run(page, clock, STEP, expected("step", rate))     # so the screenshot shows a fresh step
     return {"first": first, "results": results, "edits": edits}
 
 
-def report(measured: dict[str, object], pandas: bool, n: int) -> None:
+def report(measured: dict[str, object], pandas: bool, n: int, think: float) -> None:
     first, results, edits = measured["first"], measured["results"], measured["edits"]
     print(f"JupyterLab + headless Chromium, {'--pandas, ' if pandas else ''}medians of {n}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"warm-up: first step {first[STEP][0] * 1000:.0f} ms, first plain cell {first[PLAIN][0] * 1000:.0f} ms, "
-          f"first edit {first['edit'][0] * 1000:.0f} ms, the step after it {first['step after edit'][0] * 1000:.0f} ms "
+    print(f"warm-up ({think:g} s before the first edit): first step {first[STEP][0] * 1000:.0f} ms, "
+          f"first plain cell {first[PLAIN][0] * 1000:.0f} ms, first edit {first['edit'][0] * 1000:.0f} ms, "
+          f"the step after it {first['step after edit'][0] * 1000:.0f} ms "
           f"(kernel {first['step after edit'][2] * 1000:.0f} ms)")
     for kind in ("step", "plain"):
         label = "%%step cell" if kind == "step" else "plain cell"
@@ -248,6 +269,8 @@ def main() -> None:
     parser.add_argument("n", nargs="?", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--pandas", action="store_true", help="the prelude imports pandas, the cells use it")
     parser.add_argument("--screenshot", type=Path, default=REPO / "test-artifacts" / "bench_prelude_edit_lab.png")
+    parser.add_argument("--think", type=float, default=0, help="seconds before the first edit (default 0)")
+    parser.add_argument("--profile", type=Path, help="cProfile the kernel during the rounds, stats to FILE")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -263,7 +286,7 @@ def main() -> None:
             print(f"JupyterLab page and kernel ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
             clock = kernel_clock(lab, base, "prelude_edit.ipynb")
             try:
-                measured = measure(page, clock, args.n)
+                measured = measure(page, clock, args.n, args.profile and args.profile.resolve(), args.think)
             finally:
                 clock.close()
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +294,7 @@ def main() -> None:
             browser.close()
     finally:
         stop_lab(lab)
-    report(measured, args.pandas, args.n)
+    report(measured, args.pandas, args.n, args.think)
     print(f"screenshot: {args.screenshot}")
 
 
