@@ -65,6 +65,23 @@ def _int_env(name: str, default: int) -> int:
         raise StoreError(f"{name}={raw!r} is not a whole number") from None
 
 
+_fork_hook_registered = False
+
+
+def _forget_fsspec_loop_after_fork() -> None:
+    """fsspec runs its I/O on an event loop in a thread of the process that started it: a
+    forked child (a task from the fork server) has the loop object but not the thread, and
+    every call would wait for it forever. fsspec 2025 and later reset it at fork themselves;
+    the older versions our floor allows do not."""
+    global _fork_hook_registered
+    if _fork_hook_registered or not hasattr(os, "register_at_fork"):
+        return
+    import fsspec.asyn
+
+    os.register_at_fork(after_in_child=fsspec.asyn.reset_lock)
+    _fork_hook_registered = True
+
+
 class FsspecBackend:
     """An :class:`ObjectBackend` over an fsspec file system (s3fs for ``s3://``)."""
 
@@ -73,6 +90,7 @@ class FsspecBackend:
             import fsspec
         except ImportError:  # pragma: no cover - fsspec comes with the s3 extra
             raise StoreError(f"{STORE_ENV}={url}: install flowmagic[s3] (fsspec and s3fs)") from None
+        _forget_fsspec_loop_after_fork()
         self.url = url.rstrip("/")
         self.protocol, self.root = fsspec.core.split_protocol(self.url)
         self.protocol = self.protocol or "file"
