@@ -11,6 +11,8 @@ import time
 import psutil
 import pytest
 
+from runtime_helpers import wait_gone   # a pid that exits between two psutil calls is gone, not an error
+
 from flowmagic.runtime.worker import forkpool
 from flowmagic.runtime.worker.forkpool import ForkServer, close_all, get_server
 from flowmagic.runtime.worker.forkserver import PreludeError
@@ -37,15 +39,6 @@ def exit_status(proc) -> tuple[int | None, int | None]:
     line = read_all(proc.status).decode().strip()
     assert line.startswith("exit "), line
     return describe_wait_status(int(line.split()[1]))
-
-
-def wait_gone(pids, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.05)
-    return alive
 
 
 @pytest.fixture

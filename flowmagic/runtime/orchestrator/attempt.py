@@ -95,6 +95,7 @@ class _Pump:
         self.channel_buf = b""
         self.messages: list[dict] = []
         self.manifest: Manifest | None = None
+        self.manifest_at: float | None = None   # when the task reported its result
         self.status_buf = b""
         self.wait_status: int | None = None
         self.killed_for: str | None = None   # "timeout" | "interrupted"
@@ -121,15 +122,22 @@ class _Pump:
                 # the fork server reaps it (and kills its group) without us.
                 self._drain_available(sel)
                 self.wait_status = 0
-                if self.deadline is not None and time.time() >= self.deadline:
-                    self.killed_for = "timeout"  # done, but too late: a limit shorter than a poll still holds
-                    self.late = time.time() - self.started
                 break
             if self.wait_status is not None and exited_at is None:
                 exited_at = time.monotonic()
             self._enforce_limits()
         sel.close()
+        self._note_if_late()
         return self._result()
+
+    def _note_if_late(self) -> None:
+        """A task that reported its result after its deadline timed out all the same: a limit
+        shorter than one poll, or a result read in the same round as the task's exit, is no
+        deadline met."""
+        if self.killed_for is None and self.manifest_at is not None and self.deadline is not None \
+                and self.manifest_at >= self.deadline:
+            self.killed_for = "timeout"
+            self.late = self.manifest_at - self.started
 
     def _drain_available(self, sel) -> None:
         for key in list(sel.get_map().values()):
@@ -175,6 +183,7 @@ class _Pump:
             msg = json.loads(line)
             if msg.get("type") == "manifest":
                 self.manifest = Manifest.from_json(msg)
+                self.manifest_at = time.time()
             else:
                 self.messages.append(msg)
                 self.on_message(msg)
