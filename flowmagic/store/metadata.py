@@ -89,6 +89,7 @@ class Metadata:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             _use_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA cell_size_check = ON")   # damaged pages fail reads instead of reading as empty
             self._conn, self._pid = conn, os.getpid()
             self._migrate(conn)
         except sqlite3.DatabaseError as exc:

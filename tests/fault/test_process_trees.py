@@ -51,7 +51,9 @@ def _notebook(tmp_path: Path, ending: str, timeout: int = 10) -> tuple[Path, Pat
     return nb, pidfile
 
 
-@pytest.mark.parametrize("ending", sorted(ENDINGS))
+# the timeout case waits out its 10 s timeout: slow, not in the quick loop
+@pytest.mark.parametrize("ending", [pytest.param(e, marks=pytest.mark.slow) if e == "timeout" else e
+                                    for e in sorted(ENDINGS)])
 def test_own_session_children_and_a_daemon_end_with_the_task(tmp_path, ending):
     nb, pidfile = _notebook(tmp_path, ending)
     proc = flowmagic("run", nb, store=tmp_path / "store")
