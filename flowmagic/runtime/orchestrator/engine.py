@@ -93,8 +93,7 @@ class _Engine:
                                       for s in graph.steps})
         self.record = Recorder(self.meta, self.flow, run_id, on_event)
         self.queue = RetryQueue(RETRY_DELAY)
-        self.running: dict[int, tuple[TaskInfo, int, threading.Thread]] = {}
-        self.running_on: dict[int, object] = {}   # task id -> the executor its attempt runs on
+        self.running: dict[int, tuple[TaskInfo, int, threading.Thread, object]] = {}   # ..., its executor
         self.in_flight: collections.Counter[int] = collections.Counter()   # id(executor) -> its running attempts
         self.events: queue.Queue[EngineMessage] = queue.Queue()
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
@@ -176,7 +175,7 @@ class _Engine:
                 continue
             except KeyboardInterrupt:
                 continue  # a second Ctrl-C: keep cleaning up
-        for info, _attempt, _thread in list(self.running.values()):
+        for info, _attempt, _thread, _executor in list(self.running.values()):
             self.record.task_state(info, "interrupted")
         for info, _attempt in self.queue.drain():
             self.record.task_state(info, "interrupted")
@@ -273,8 +272,7 @@ class _Engine:
             self.record.attempt_started(info, attempt, live_logs=self.live_logs.enabled)
             thread = threading.Thread(target=self._attempt_thread, args=(executor, request),
                                       name=f"flowmagic-task-{info.task_id}", daemon=True)
-            self.running[info.task_id] = (info, attempt, thread)
-            self.running_on[info.task_id] = executor
+            self.running[info.task_id] = (info, attempt, thread, executor)
             self.in_flight[id(executor)] += 1
             thread.start()
         if self.state.stopping:
@@ -342,11 +340,10 @@ class _Engine:
             if data.get("type") == "output":  # data: {"type", "data": mimebundle, "metadata"}
                 self.record.display(message.info, message.attempt, data.get("output"))
         elif isinstance(message, AttemptFinished):
-            self.running.pop(message.info.task_id, None)
+            running = self.running.pop(message.info.task_id, None)
             self.live_logs.forget(message.info.task_id, message.attempt)
-            executor = self.running_on.pop(message.info.task_id, None)
-            if executor is not None:
-                self.in_flight[id(executor)] -= 1
+            if running is not None:
+                self.in_flight[id(running[3])] -= 1
             self._finish_attempt(message.info, message.attempt, message.result)
 
     # -- one attempt finished ---------------------------------------------------------

@@ -47,28 +47,28 @@ class LogLimits:
 
 def flush_interval() -> float:
     """``FLOWMAGIC_LOG_FLUSH``: seconds between writes of the output so far (0 turns them off)."""
-    text = os.environ.get(FLUSH_VAR, "").strip()
-    if not text:
-        return DEFAULT_FLUSH
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):   # also refuses nan
-        raise UsageError(f"{FLUSH_VAR}={text!r}: expected a number of seconds (0 writes logs only at the end)")
-    return value
+    return number_from_env(FLUSH_VAR, DEFAULT_FLUSH, convert=float,
+                           accept=lambda v: 0 <= v < float("inf"),   # also refuses nan
+                           expected="a number of seconds (0 writes logs only at the end)")
 
 
 def _size(var: str, default: int) -> int:
+    return number_from_env(var, default, convert=int, accept=lambda v: v >= 0,
+                           expected="a number of bytes (0 or more)")
+
+
+def number_from_env(var: str, default, *, convert, accept, expected: str):
+    """``$var`` read with ``convert`` (``default`` when unset or blank); a one-line
+    UsageError naming ``expected`` when it does not convert or ``accept`` refuses it."""
     text = os.environ.get(var, "").strip()
     if not text:
         return default
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise UsageError(f"{var}={text!r}: expected a number of bytes (0 or more)")
+        raise UsageError(f"{var}={text!r}: expected {expected}") from None
+    if not accept(value):
+        raise UsageError(f"{var}={text!r}: expected {expected}")
     return value
 
 

@@ -43,10 +43,8 @@ class Recorder:
                         state=info.state))
 
     def task_state(self, info: TaskInfo, state: str, attempt: int | None = None, data: dict | None = None) -> None:
-        info.state = state
         self.meta.set_task_state(info.task_id, state)
-        self.emit(Event("task", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
-                        state=state, attempt=attempt, data=data))
+        self._state_event(info, state, attempt, data)
 
     def attempt_started(self, info: TaskInfo, attempt: int, live_logs: bool) -> None:
         """The task is running ``attempt``; with ``live_logs`` the store records the attempt's start
@@ -54,10 +52,13 @@ class Recorder:
         if not live_logs:
             self.task_state(info, "running", attempt)
             return
-        info.state = "running"
         self.meta.start_attempt(info.task_id, attempt)
+        self._state_event(info, "running", attempt)
+
+    def _state_event(self, info: TaskInfo, state: str, attempt: int | None, data: dict | None = None) -> None:
+        info.state = state
         self.emit(Event("task", self.run_id, step=info.step, task_id=info.task_id, index=info.index,
-                        state="running", attempt=attempt))
+                        state=state, attempt=attempt, data=data))
 
     def live_logs(self, writes: list[LiveLogWrite]) -> None:
         """Running attempts' output so far (LiveLogs.take), one transaction."""

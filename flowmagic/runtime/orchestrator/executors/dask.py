@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ from flowmagic.runtime.orchestrator.attempt import AttemptExit
 from flowmagic.runtime.orchestrator.executors import remote
 from flowmagic.runtime.orchestrator.executors.base import AttemptRequest
 from flowmagic.runtime.orchestrator.executors.local import crashed
+from flowmagic.runtime.orchestrator.logs import number_from_env
 from flowmagic.runtime.protocol import ExceptionRecord
 
 CONNECT_TIMEOUT_VAR = "FLOWMAGIC_DASK_CONNECT_TIMEOUT"
@@ -45,16 +45,8 @@ def _quiet_dask_logs() -> None:
 
 
 def connect_timeout() -> float:
-    text = os.environ.get(CONNECT_TIMEOUT_VAR, "").strip()
-    if not text:
-        return DEFAULT_CONNECT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise UsageError(f"{CONNECT_TIMEOUT_VAR}={text!r}: expected a positive number of seconds")
-    return value
+    return number_from_env(CONNECT_TIMEOUT_VAR, DEFAULT_CONNECT_TIMEOUT, convert=float,
+                           accept=lambda v: not v <= 0, expected="a positive number of seconds")
 
 
 class DaskExecutor:
