@@ -296,20 +296,14 @@ class Metadata:
     def set_task_state(self, task_id: int, state: TaskState) -> None:
         _check(state, TASK_STATES, "task state")
         with self._write() as conn:
-            n = conn.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE task_id = ?",
-                             (state, time.time(), task_id)).rowcount
-        if n == 0:
-            raise NotFoundError(f"task {task_id} does not exist")
+            _update_task_state(conn, task_id, state, time.time())
 
     def start_attempt(self, task_id: int, attempt: int, started_at: float | None = None) -> None:
         """The task is running ``attempt``: its state and the attempt's start, in one transaction,
         so its output so far (:meth:`write_live_logs`) has an attempt to belong to."""
         now = time.time()
         with self._write() as conn:
-            n = conn.execute("UPDATE tasks SET state = 'running', updated_at = ? WHERE task_id = ?",
-                             (now, task_id)).rowcount
-            if n == 0:
-                raise NotFoundError(f"task {task_id} does not exist")
+            _update_task_state(conn, task_id, "running", now)
             conn.execute("INSERT OR REPLACE INTO running_attempts VALUES (?, ?, ?)",
                          (task_id, attempt, started_at if started_at is not None else now))
 
@@ -680,6 +674,12 @@ def _upsert(conn: sqlite3.Connection, table: str, row: dict) -> None:
     cols = [c for c in row if c in have and _COLUMN_RE.match(c)]   # a newer writer's extra columns are dropped
     conn.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                  [row[c] for c in cols])
+
+
+def _update_task_state(conn: sqlite3.Connection, task_id: int, state: str, now: float) -> None:
+    if conn.execute("UPDATE tasks SET state = ?, updated_at = ? WHERE task_id = ?",
+                    (state, now, task_id)).rowcount == 0:
+        raise NotFoundError(f"task {task_id} does not exist")
 
 
 def _delete_task(conn: sqlite3.Connection, task_id: int) -> None:

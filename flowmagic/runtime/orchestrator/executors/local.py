@@ -64,9 +64,7 @@ class LocalExecutor:
     def run_attempt(self, request: AttemptRequest) -> AttemptExit:
         server = request.server
         assert isinstance(server, ForkServer)
-        workdir = request.workdir
-        return run_local_attempt(server, request, lambda old: get_server(
-            old.prelude, python=old.python, cwd=workdir, preload=old.flow_modules))
+        return run_local_attempt(server, request)   # its server's cwd is the run's workdir (StepServers)
 
     def close(self) -> None:
         pass   # the fork servers are shared and outlive the run (forkpool keeps them warm)
