@@ -51,6 +51,7 @@ class Store:
         except OSError as exc:  # a file in the way, no permission, read-only disk
             raise StoreError(f"cannot use {self.root} as a flowmagic store ({exc}); "
                              "set FLOWMAGIC_HOME to a writable directory") from exc
+        self._backend = backend
         if backend is None:
             self.meta = Metadata(self.root / METADATA_FILE)
             return
@@ -63,11 +64,11 @@ class Store:
     def refresh(self, max_age: float = 1.0) -> None:
         """Import the runs other homes published to the shared store since the last look
         (not again within ``max_age`` seconds: opening the store just did). Local store: nothing."""
-        if not isinstance(self.meta, _publishing()) or time.monotonic() - self._refreshed < max_age:
+        if self._backend is None or time.monotonic() - self._refreshed < max_age:
             return
         from .replica import safe_refresh
 
-        safe_refresh(self.meta, self.meta.backend)
+        safe_refresh(self.meta, self._backend)
         self._refreshed = time.monotonic()
 
     def close(self) -> None:
@@ -75,12 +76,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
-
-
-def _publishing() -> type:
-    from .replica import PublishingMetadata
-
-    return PublishingMetadata
 
 
 def open_store(root: Path | str | None = None) -> Store:

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from flowmagic.errors import NotFoundError, StoreError
 from .backends import ObjectBackend, backend_for, store_url
-from .objects import KEY_RE, ObjectStore, _SHARD, _TempFile, hash_bytes
+from .objects import KEY_RE, ObjectStore, _SHARD, _TempFile, _hash_file
 
 CACHE_ENV = "FLOWMAGIC_STORE_CACHE"
 OBJECTS_PREFIX = "objects"
@@ -92,27 +92,17 @@ class CachedObjectStore(ObjectStore):
                 raise NotFoundError(f"object {key} is missing from the store {self.url} (and from the local "
                                     f"cache {self.root}): it was deleted there, or the run that wrote it did "
                                     "not finish uploading") from None
-            got = _hash_path(tmp.path)
-            if got != key:
-                raise StoreError(f"object {key} downloaded from {self.url} does not match its hash "
-                                 f"(got {got}); the remote copy is damaged")
-            final = super().path(key)
-            final.parent.mkdir(exist_ok=True)
-            os.chmod(tmp.path, 0o444)
-            os.replace(tmp.path, final)
+            with open(tmp.path, "rb") as downloaded:
+                got = _hash_file(downloaded)
+                if got != key:
+                    raise StoreError(f"object {key} downloaded from {self.url} does not match its hash "
+                                     f"(got {got}); the remote copy is damaged")
+                self._publish(downloaded, tmp.path, key)   # read-only, renamed into place (no fsync: a cache)
         self._uploaded.add(key)
         self._fetched.add(key)
 
     def __repr__(self) -> str:
         return f"CachedObjectStore({self.url!r}, cache={str(self.root)!r})"
-
-
-def _hash_path(path: Path) -> str:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return hash_bytes(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return hash_bytes(mm)
 
 
 def open_objects(root: Path | str, url: str | None = None) -> ObjectStore:
