@@ -113,7 +113,7 @@ class FsspecBackend:
         import fsspec
 
         options: dict[str, Any] = {}
-        if self.protocol in ("s3", "s3a"):
+        if self._is_s3():
             endpoint = next((os.environ[e] for e in ENDPOINT_ENVS if os.environ.get(e)), None)
             if endpoint:
                 options["endpoint_url"] = endpoint
