@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -248,3 +249,40 @@ def test_gc_in_the_writing_home_is_not_undone_by_the_published_documents(tmp_pat
     # a reader still sees both: nothing is deleted from the bucket
     reader = s3_env(tmp_path / "reader", f"s3://{bucket}/store", moto.url)
     assert [r["run_id"] for r in run_json("status", nb, env=reader)["runs"]] == [2, 1]
+
+
+def test_a_reader_sees_a_task_start_running_after_it_was_published_pending(tmp_path, moto, bucket):
+    """A task's start (start_attempt, which also opens its live log) is published like any state
+    change: with one worker the second foreach task is published pending, then starts."""
+    gate = tmp_path / "gate"
+    nb = write_notebook(tmp_path / "s3_wait.ipynb", [
+        "%%step start\nitems = [0, 1]",
+        f"%%step work --foreach items\nimport os, time\nwhile not os.path.exists({str(gate)!r} + str(input)):\n"
+        "    time.sleep(0.1)\nx = input",
+        "%%step end\ny = x"])
+    url = f"s3://{bucket}/store"
+    writer = subprocess.Popen([*command(), "run", str(nb), "--max-workers", "1"],
+                              env=s3_env(tmp_path / "writer", url, moto.url),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reader = s3_env(tmp_path / "reader", url, moto.url)
+    code = ("from flowmagic import Flow\nr = Flow('S3Wait').latest_run\n"
+            "print(' '.join(t.state for t in r['work'].tasks()) if 'work' in r else '')")
+
+    def wait_for(states: str) -> None:
+        deadline, seen, proc = time.monotonic() + 120, "", None
+        while time.monotonic() < deadline and seen != states:
+            proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=reader,
+                                  cwd=tmp_path, timeout=120)
+            seen = proc.stdout.strip()
+            time.sleep(0.3)
+        assert seen == states, (seen, proc.stderr if proc else "")
+
+    try:
+        wait_for("running pending")
+        (tmp_path / "gate0").touch()
+        wait_for("done running")
+    finally:
+        for n in (0, 1):
+            (tmp_path / f"gate{n}").touch()
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+        writer.stderr.close()

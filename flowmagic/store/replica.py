@@ -105,6 +105,10 @@ class PublishingMetadata(Metadata):
         super().set_task_state(task_id, state)
         self._touch_task(task_id)
 
+    def start_attempt(self, task_id: int, attempt: int, started_at: float | None = None) -> None:
+        super().start_attempt(task_id, attempt, started_at)   # sets the task running, as set_task_state does
+        self._touch_task(task_id)
+
     def record_attempt(self, task_id: int, attempt: int, **kwargs) -> None:  # type: ignore[override]
         super().record_attempt(task_id, attempt, **kwargs)
         self._touch_task(task_id)
