@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -25,17 +26,25 @@ def _dask() -> str:
 
 
 class DaskCluster:
-    def __init__(self, workers: int = 2, log_dir: Path | None = None) -> None:
+    def __init__(self, workers: int = 2, log_dir: Path | None = None,
+                 worker_env: Callable[[int], dict[str, str]] | None = None,
+                 worker_cwd: Callable[[int], Path] | None = None) -> None:
+        """``worker_env(n)``/``worker_cwd(n)``: worker n's whole environment and working directory
+        (as on another machine); by default the test's own."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.workers = workers
         self.log_dir = log_dir
+        self.worker_env, self.worker_cwd = worker_env, worker_cwd
         self.procs: list[subprocess.Popen] = []
 
-    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+    def _start(self, args: list[str], name: str, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else subprocess.DEVNULL
         proc = subprocess.Popen([_dask(), *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "DASK_DISTRIBUTED__ADMIN__TICK__LIMIT": "30s"})
+                                start_new_session=True, cwd=cwd,
+                                env={**(os.environ if env is None else env),
+                                     "DASK_DISTRIBUTED__ADMIN__TICK__LIMIT": "30s"})
         self.procs.append(proc)
         return proc
 
@@ -45,7 +54,9 @@ class DaskCluster:
         for n in range(self.workers):
             self._start(["worker", f"tcp://{self.address}", "--host", "127.0.0.1", "--nthreads", "1",
                          "--nworkers", "1", "--no-dashboard", "--death-timeout", "15",
-                         "--memory-limit", "0"], f"worker{n}")
+                         "--memory-limit", "0"], f"worker{n}",
+                        self.worker_env(n) if self.worker_env else None,
+                        self.worker_cwd(n) if self.worker_cwd else None)
         self.wait_for_workers(self.workers, timeout)
         return self
 
@@ -79,8 +90,8 @@ def _killpg(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def dask_cluster(workers: int = 2, log_dir: Path | None = None):
-    cluster = DaskCluster(workers, log_dir)
+def dask_cluster(workers: int = 2, log_dir: Path | None = None, **worker_setup):
+    cluster = DaskCluster(workers, log_dir, **worker_setup)
     try:
         yield cluster.start()
     finally:

@@ -19,6 +19,19 @@ from pathlib import Path
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def s3_env(home: Path | None, url: str | None, endpoint: str, **extra: str) -> dict[str, str]:
+    """This process's environment without its AWS_/FLOWMAGIC_ settings, plus the test credentials,
+    ``home`` as FLOWMAGIC_HOME (None: none) and ``url`` as FLOWMAGIC_STORE (None: a local store)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLOWMAGIC_"))}
+    env.update(CREDENTIALS, FLOWMAGIC_S3_ENDPOINT_URL=endpoint, PYTHONUNBUFFERED="1")
+    if home is not None:
+        env["FLOWMAGIC_HOME"] = str(home)
+    if url:
+        env["FLOWMAGIC_STORE"] = url
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from runtime_helpers import command, write_notebook  # noqa: E402
-from s3_helpers import CREDENTIALS, FaultProxy, MotoServer  # noqa: E402
+from s3_helpers import CREDENTIALS, FaultProxy, MotoServer, s3_env  # noqa: E402
 
 from flowmagic.store import open_store  # noqa: E402
 from flowmagic.store.objects import hash_bytes  # noqa: E402
@@ -42,15 +42,6 @@ def bucket(moto) -> str:
     name = f"b-{uuid.uuid4().hex[:12]}"
     moto.make_bucket(name)
     return name
-
-
-def s3_env(home: Path, url: str | None, endpoint: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLOWMAGIC_"))}
-    env.update(CREDENTIALS, FLOWMAGIC_HOME=str(home), FLOWMAGIC_S3_ENDPOINT_URL=endpoint, PYTHONUNBUFFERED="1")
-    if url:
-        env["FLOWMAGIC_STORE"] = url
-    env.update(extra)
-    return env
 
 
 def run(*args, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:

@@ -9,13 +9,14 @@ publishes it into the cache, so memory-mapped reads work unchanged. Tasks
 it; they never touch metadata.
 
 The cache is the store root's ``objects/`` unless ``FLOWMAGIC_STORE_CACHE``
-names another directory (a worker on another machine).
+names another directory. A Dask worker has no store root of its own: its
+tasks use :func:`worker_cache_root`.
 """
 from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +25,7 @@ from .backends import ObjectBackend, backend_for, store_url
 from .objects import KEY_RE, ObjectStore, _SHARD, _TempFile, _hash_file
 
 CACHE_ENV = "FLOWMAGIC_STORE_CACHE"
+HOME_ENV = "FLOWMAGIC_HOME"
 OBJECTS_PREFIX = "objects"
 
 
@@ -103,6 +105,19 @@ class CachedObjectStore(ObjectStore):
 
     def __repr__(self) -> str:
         return f"CachedObjectStore({self.url!r}, cache={str(self.root)!r})"
+
+
+def worker_cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """Where a process with no store of its own (a Dask worker's task) caches a remote store's objects:
+    ``$FLOWMAGIC_STORE_CACHE``, else ``$FLOWMAGIC_HOME/objects``, else ``$XDG_CACHE_HOME/flowmagic/objects``
+    (``~/.cache/flowmagic/objects``). Objects are content-addressed, so one cache serves every store."""
+    env = os.environ if env is None else env
+    if env.get(CACHE_ENV, "").strip():
+        return Path(env[CACHE_ENV].strip()).expanduser().absolute()
+    if env.get(HOME_ENV, "").strip():
+        return Path(env[HOME_ENV].strip()).expanduser().absolute() / OBJECTS_PREFIX
+    base = env.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).absolute() / "flowmagic" / OBJECTS_PREFIX
 
 
 def open_objects(root: Path | str, url: str | None = None) -> ObjectStore:

@@ -1,9 +1,10 @@
 """The Dask executor: each attempt is one task on a Dask distributed cluster.
 
 The orchestrator stays here (it alone writes metadata); a worker runs the
-attempt in a forked process of its own fork server (remote.py) and writes
-the task's objects straight into the store, which must therefore be a path
-every worker sees (a shared filesystem; localhost in the tests). Dask itself
+attempt in a forked process of its own fork server (remote.py) and the task
+reads and writes its objects itself: in a remote store (``FLOWMAGIC_STORE``,
+through the worker's own read cache), or in a local store, which must then
+be a path every worker sees (a shared filesystem). Dask itself
 re-runs a task whose worker died (``distributed.scheduler.allowed-failures``);
 flowmagic's ``--retry``/``--catch`` count attempts as they do locally.
 Output comes back as it is written through the run's event topic

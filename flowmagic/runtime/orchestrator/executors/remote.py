@@ -6,9 +6,18 @@ local.run_local_attempt: retry and catch stay the orchestrator's, the
 timeout kills the task's process group, ``--memory`` is watched here. Output
 goes back as it is written through ``Worker.log_event`` on the run's topic;
 an interrupt arrives as :func:`cancel_attempts` (``Client.run``).
+
+The store is the worker's business too. With a remote store (the spec's
+``store_url``) the task reads its inputs from and writes its outputs to
+the bucket through *this worker's* read cache, never the orchestrator's
+directory (which another machine does not have); with a local store the
+spec's ``objects_root`` must be a directory this worker sees (a shared
+filesystem). Either is checked once per worker process, so a worker that
+cannot use the store fails its attempts with one line that says why.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -18,9 +27,12 @@ from flowmagic.runtime.orchestrator.executors.local import not_started, run_loca
 from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.protocol import TaskSpec
 from flowmagic.runtime.worker.forkpool import get_server
+from flowmagic.store.backends import STORE_ENV, backend_for
+from flowmagic.store.remote import worker_cache_root
 
 _cancels: dict[str, threading.Event] = {}   # attempt key -> its cancel flag, in this worker process
 _lock = threading.Lock()
+_usable: set[tuple[str, str | None]] = set()   # (objects_root, store_url) this worker process can use
 
 
 def _cancel_flag(key: str) -> threading.Event:
@@ -49,6 +61,10 @@ def run_remote_attempt(payload: dict) -> tuple[AttemptExit, int]:
 
     cancel = _cancel_flag(key)
     spec = TaskSpec.from_json(payload["spec"])
+    problem = store_problem(spec)
+    if problem is not None:
+        return not_started(StoreUnusable(f"Dask worker {worker.address}: {problem}")), sent[0]
+    spec = worker_spec(spec)
     workdir = payload["workdir"] if payload["workdir"] and os.path.isdir(payload["workdir"]) else None
     request = AttemptRequest(
         info=None, attempt=spec.attempt, spec=spec, prelude=payload["prelude"],  # type: ignore[arg-type]
@@ -58,10 +74,59 @@ def run_remote_attempt(payload: dict) -> tuple[AttemptExit, int]:
         on_message=lambda message: send({"message": message}))
     try:
         try:
-            server = get_server(request.prelude, cwd=workdir, preload=request.flow_modules)
+            server = get_server(request.prelude, cwd=workdir, preload=request.flow_modules,
+                                env=_server_env(spec))
         except Exception as exc:  # noqa: BLE001 - the prelude fails here: the attempt never started
             return not_started(exc), sent[0]
         return run_local_attempt(server, request), sent[0]
     finally:
         with _lock:
             _cancels.pop(key, None)
+
+
+class StoreUnusable(Exception):
+    """This worker cannot reach the run's store (the attempt did not start)."""
+
+
+def worker_spec(spec: TaskSpec) -> TaskSpec:
+    """The spec as this worker runs it: a remote store's objects go through this worker's own cache."""
+    if spec.store_url is None:
+        return spec
+    return dataclasses.replace(spec, objects_root=str(worker_cache_root()))
+
+
+def store_problem(spec: TaskSpec) -> str | None:
+    """Why this worker cannot use the run's store, or None (a usable store is checked once per process)."""
+    where = (spec.objects_root, spec.store_url)
+    with _lock:
+        if where in _usable:
+            return None
+    problem = _check_store(*where)
+    if problem is None:   # only success is remembered: a failure may pass (a network blip), so ask again
+        with _lock:
+            _usable.add(where)
+    return problem
+
+
+def _check_store(objects_root: str, url: str | None) -> str | None:
+    if url is not None:
+        try:
+            backend_for(url).check()   # this worker's credentials and endpoint, not the orchestrator's
+        except Exception as exc:  # noqa: BLE001 - StoreError says it in one line; anything else too
+            said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return (f"{said}; a worker needs the store's credentials (and FLOWMAGIC_S3_ENDPOINT_URL, if any) "
+                    "in its own environment")
+        return None
+    if not os.path.isdir(objects_root):
+        return (f"the run's store {os.path.dirname(objects_root)} is not visible here: with a local store every "
+                f"Dask worker needs it at the same path (a shared filesystem), or set {STORE_ENV}=s3://... "
+                "on the orchestrator")
+    return None
+
+
+def _server_env(spec: TaskSpec) -> dict[str, str] | None:
+    """The fork server's environment: with a remote store, the store's URL, so the server imports its
+    file system once (backends.warm_up) instead of every task doing it."""
+    if spec.store_url is None or os.environ.get(STORE_ENV) == spec.store_url:
+        return None
+    return {**os.environ, STORE_ENV: spec.store_url}
