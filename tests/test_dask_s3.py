@@ -191,6 +191,7 @@ def test_every_object_the_run_references_is_in_the_bucket_written_by_the_workers
     # only the orchestrator wrote metadata: no worker has a store of its own
     assert not list(machines.root.rglob("metadata.sqlite")), list(machines.root.rglob("metadata.sqlite"))
     assert not list(machines.root.rglob(".flowmagic"))
+    assert not (tmp / ".flowmagic").exists()   # (the tasks ran in the notebook's folder: it exists here)
 
 
 def test_a_second_home_reads_the_dask_run_through_dump_and_the_client_api(semantics_run, moto):
