@@ -298,3 +298,17 @@ def test_a_local_store_a_worker_does_not_see_is_named(tmp_path):
     (tmp_path / "elsewhere" / "objects").mkdir(parents=True)
     assert store_problem(spec) is None
 
+
+
+def test_a_worker_fork_server_warm_from_a_local_store_run_imports_s3fs_for_an_s3_run(tmp_path, moto, cluster):
+    """The workers have no FLOWMAGIC_STORE, so their fork servers learn the store from the task: one that
+    served a local-store run first still imports s3fs once for the S3 run, not in every task (~0.3 s each)."""
+    nb = write_notebook(tmp_path / "warm_s3.ipynb", [
+        f"marker = {uuid.uuid4().hex!r}   # a prelude of its own: fresh fork servers on the workers",
+        "%%step start\nimport sys\nprint('s3fs before the step:', 's3fs' in sys.modules, flush=True)\nx = 1",
+    ])
+    executor = ["--executor", f"dask://{cluster.address}"]
+    first = run("run", nb, *executor, env=s3_env(tmp_path / "local-home", None, moto.url))
+    assert first.returncode == 0 and "s3fs before the step: False" in first.stdout, first.stdout + first.stderr
+    second = run("run", nb, *executor, env=s3_env(tmp_path / "home", f"s3://{new_bucket(moto)}/store", moto.url))
+    assert second.returncode == 0 and "s3fs before the step: True" in second.stdout, second.stdout + second.stderr

@@ -278,6 +278,19 @@ def backend_for(url: str) -> FsspecBackend:
     return _backends[key]
 
 
+def store_modules(url: str) -> tuple[str, ...]:
+    """The modules that implement ``url``'s file system (``("s3fs",)`` for s3://), for a fork server
+    to import before it forks tasks; empty when fsspec does not know the protocol."""
+    try:
+        import fsspec.core
+        from fsspec.registry import known_implementations
+    except ImportError:
+        return ()
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    found = known_implementations.get(protocol, {}).get("class", "")
+    return (found.rsplit(".", 1)[0],) if "." in found else ()
+
+
 def warm_up(url: str | None = None) -> None:
     """Import the file system's modules now (a fork server calls this, so tasks do not pay for it)."""
     url = url or store_url()

@@ -27,7 +27,7 @@ from flowmagic.runtime.orchestrator.executors.local import not_started, run_loca
 from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.protocol import TaskSpec
 from flowmagic.runtime.worker.forkpool import get_server
-from flowmagic.store.backends import STORE_ENV, backend_for
+from flowmagic.store.backends import STORE_ENV, backend_for, store_modules
 from flowmagic.store.remote import worker_cache_root
 
 _cancels: dict[str, threading.Event] = {}   # attempt key -> its cancel flag, in this worker process
@@ -74,8 +74,7 @@ def run_remote_attempt(payload: dict) -> tuple[AttemptExit, int]:
         on_message=lambda message: send({"message": message}))
     try:
         try:
-            server = get_server(request.prelude, cwd=workdir, preload=request.flow_modules,
-                                env=_server_env(spec))
+            server = get_server(request.prelude, cwd=workdir, preload=request.flow_modules + _store_modules(spec))
         except Exception as exc:  # noqa: BLE001 - the prelude fails here: the attempt never started
             return not_started(exc), sent[0]
         return run_local_attempt(server, request), sent[0]
@@ -124,9 +123,7 @@ def _check_store(objects_root: str, url: str | None) -> str | None:
     return None
 
 
-def _server_env(spec: TaskSpec) -> dict[str, str] | None:
-    """The fork server's environment: with a remote store, the store's URL, so the server imports its
-    file system once (backends.warm_up) instead of every task doing it."""
-    if spec.store_url is None or os.environ.get(STORE_ENV) == spec.store_url:
-        return None
-    return {**os.environ, STORE_ENV: spec.store_url}
+def _store_modules(spec: TaskSpec) -> tuple[str, ...]:
+    """A remote store's file system (s3fs, botocore), imported once by the worker's fork server instead
+    of by every task (the worker has no FLOWMAGIC_STORE of its own for backends.warm_up to see)."""
+    return store_modules(spec.store_url) if spec.store_url is not None else ()
