@@ -312,3 +312,44 @@ def test_a_worker_fork_server_warm_from_a_local_store_run_imports_s3fs_for_an_s3
     assert first.returncode == 0 and "s3fs before the step: False" in first.stdout, first.stdout + first.stderr
     second = run("run", nb, *executor, env=s3_env(tmp_path / "home", f"s3://{new_bucket(moto)}/store", moto.url))
     assert second.returncode == 0 and "s3fs before the step: True" in second.stdout, second.stdout + second.stderr
+
+
+def test_the_scheduler_lost_mid_run_with_s3_and_resume_on_a_new_one_reads_the_cloned_inputs_from_s3(
+        tmp_path, moto, machines, cluster):
+    marker = tmp_path / "lost"
+    block = marker.with_suffix(".block")
+    block.touch()
+    nb = write_notebook(tmp_path / "lost_s3.ipynb", [
+        "import numpy as np",
+        "%%params\nmarker = ''",
+        "%%step start\nbase = np.arange(30_000)",
+        "%%step slow\nimport os, time\nopen(marker + '.started', 'w').close()\n"
+        "while os.path.exists(marker + '.block'):\n    time.sleep(0.2)\ndoubled = base * 2",
+        "%%step end\ntotal = int(doubled.sum())",
+    ])
+    url = f"s3://{new_bucket(moto)}/store"
+    env = s3_env(tmp_path / "orchestrator", url, moto.url)
+    with dask_cluster(1, worker_env=lambda n: machines.env(n + 4), worker_cwd=lambda n: machines.dir(n + 4, "cwd")) \
+            as doomed:
+        proc = subprocess.Popen([*command(), "run", str(nb), "--marker", str(marker), "--executor",
+                                 f"dask://{doomed.address}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        with reaped(proc):
+            deadline = time.monotonic() + 120
+            while not marker.with_suffix(".started").exists():
+                assert time.monotonic() < deadline and proc.poll() is None, "the slow step never started"
+                time.sleep(0.1)
+            doomed.stop()
+            out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "lost the Dask scheduler" in out, out
+    block.unlink()
+    done = run("resume", nb, "--executor", f"dask://{cluster.address}", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = 2 * sum(range(30_000))
+    reader = s3_env(tmp_path / "reader", url, moto.url)   # a fresh home: everything comes from the bucket
+    code = "from flowmagic import Flow; r = Flow('LostS3').latest_run; print(r.id, r.successful, r['end'].task.data.total)"
+    got = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=reader, cwd=tmp_path,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["2", "True", str(expected)]
+    assert referenced(tmp_path / "orchestrator") <= set(bucket_objects(moto, url.split("/")[2]))
