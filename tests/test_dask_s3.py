@@ -287,16 +287,28 @@ def test_a_worker_that_cannot_reach_the_bucket_fails_the_task_with_one_line(tmp_
         store.close()
 
 
-def test_a_local_store_a_worker_does_not_see_is_named(tmp_path):
-    spec = TaskSpec.from_json({"objects_root": str(tmp_path / "elsewhere" / "objects"), "flow": "F", "run_id": 1,
+def bare_spec(objects_root: Path, store_url: str | None = None) -> TaskSpec:
+    return TaskSpec.from_json({"objects_root": str(objects_root), "store_url": store_url, "flow": "F", "run_id": 1,
                                "task_id": 1, "attempt": 0, "step": "start", "cell": 0, "index": [], "source": "",
                                "code": "", "first_line": 1, "filename": "", "params": {}, "bindings": {},
                                "foreach": None, "inputs": None, "catch": None, "catch_now": False, "writes": [],
                                "required": [], "foreach_vars": []})
+
+
+def test_a_local_store_a_worker_does_not_see_is_named(tmp_path):
+    spec = bare_spec(tmp_path / "elsewhere" / "objects")
     problem = store_problem(spec)
     assert problem is not None and str(tmp_path / "elsewhere") in problem and "shared filesystem" in problem
     (tmp_path / "elsewhere" / "objects").mkdir(parents=True)
     assert store_problem(spec) is None
+
+
+def test_a_worker_cache_that_cannot_be_made_is_named_before_the_bucket_is_asked(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("in the way")
+    monkeypatch.setenv("FLOWMAGIC_STORE_CACHE", str(tmp_path / "a-file" / "cache"))
+    problem = store_problem(bare_spec(tmp_path / "orchestrator" / "objects", "s3://never-asked/x"))
+    assert problem is not None and f"cannot make its read cache {tmp_path / 'a-file' / 'cache'}" in problem
+    assert "FLOWMAGIC_STORE_CACHE" in problem
 
 
 

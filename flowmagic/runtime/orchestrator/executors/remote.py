@@ -28,7 +28,7 @@ from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.protocol import TaskSpec
 from flowmagic.runtime.worker.forkpool import get_server
 from flowmagic.store.backends import STORE_ENV, backend_for, store_modules
-from flowmagic.store.remote import worker_cache_root
+from flowmagic.store.remote import CACHE_ENV, worker_cache_root
 
 _cancels: dict[str, threading.Event] = {}   # attempt key -> its cancel flag, in this worker process
 _lock = threading.Lock()
@@ -109,6 +109,12 @@ def store_problem(spec: TaskSpec) -> str | None:
 
 def _check_store(objects_root: str, url: str | None) -> str | None:
     if url is not None:
+        cache = worker_cache_root()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return (f"cannot make its read cache {cache} ({exc.strerror or exc}); set {CACHE_ENV} on the worker "
+                    "to a writable directory")
         try:
             backend_for(url).check()   # this worker's credentials and endpoint, not the orchestrator's
         except Exception as exc:  # noqa: BLE001 - StoreError says it in one line; anything else too
