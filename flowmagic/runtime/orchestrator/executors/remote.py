@@ -12,8 +12,9 @@ The store is the worker's business too. With a remote store (the spec's
 the bucket through *this worker's* read cache, never the orchestrator's
 directory (which another machine does not have); with a local store the
 spec's ``objects_root`` must be a directory this worker sees (a shared
-filesystem). Either is checked once per worker process, so a worker that
-cannot use the store fails its attempts with one line that says why.
+filesystem). A worker process checks the store before its first attempt
+(and again after a failed check), so a worker that cannot use it fails its
+attempts with one line that says why.
 """
 from __future__ import annotations
 
