@@ -182,11 +182,17 @@ class _Pump:
                 continue
             msg = json.loads(line)
             if msg.get("type") == "manifest":
-                self.manifest = Manifest.from_json(msg)
-                self.manifest_at = time.time()
+                self._manifest(Manifest.from_json(msg))
             else:
-                self.messages.append(msg)
-                self.on_message(msg)
+                self._message(msg)
+
+    def _message(self, msg: dict) -> None:
+        self.messages.append(msg)
+        self.on_message(msg)
+
+    def _manifest(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.manifest_at = time.time()
 
     def _enforce_limits(self) -> None:
         if self.wait_status is not None:
@@ -208,6 +214,9 @@ class _Pump:
         exit_code, sig = (None, None)
         if self.wait_status is not None and self.wait_status >= 0:
             exit_code, sig = describe_wait_status(self.wait_status)
+        return self._exit(exit_code, sig)
+
+    def _exit(self, exit_code: int | None, sig: int | None) -> AttemptExit:
         outcome, exception = self._judge(exit_code, sig)
         return AttemptExit(
             outcome=outcome,
@@ -246,3 +255,121 @@ class _Pump:
 
 _record = ExceptionRecord.plain
 _FROM_OUTSIDE = " from outside flowmagic (another process, or the system's out-of-memory killer)"
+
+
+# -- a batch of tasks in one process (worker/batch.py) --------------------------------------
+
+
+@dataclass
+class BatchTask:
+    """One task of a batch: its spec and where its output goes."""
+
+    spec: TaskSpec
+    on_output: OutputCallback
+    on_message: MessageCallback
+
+
+@dataclass
+class BatchEnd:
+    """How a batch ended: ``done`` tasks have a result (passed to ``on_finished``); the rest never
+    started, because the batch process stopped (``reason``) or the task before them failed."""
+
+    done: int
+    reason: str | None = None
+
+
+BATCH_ENTRY = "flowmagic.runtime.worker.batch:main"
+
+
+def run_batch(
+    server: ForkServer,
+    tasks: list[BatchTask],
+    *,
+    timeout: float | None,
+    on_started: Callable[[int], None],
+    on_finished: Callable[[int, AttemptExit], None],
+    on_start: Callable[[TaskProcess], None] | None = None,
+    judge_last: Callable[[AttemptExit], AttemptExit] = lambda result: result,
+    cancel: threading.Event | None = None,
+    log_limits: LogLimits | None = None,
+) -> BatchEnd:
+    """Run ``tasks`` (of one step, first attempts) one after another in one forked process.
+
+    Each task is timed, logged and judged as if it had a process of its own:
+    ``on_started(k)`` when task k begins (task 0: now), ``on_finished(k, exit)``
+    when it ends. A process that dies (a crash, a timeout, an interrupt) ends
+    the task it was running (``judge_last`` sees that result first: the
+    memory watchdog's verdict) and the tasks after it never start.
+    """
+    limits = log_limits or LogLimits.from_env()
+    server.hold(+1)
+    try:
+        proc = server.spawn(entry=BATCH_ENTRY)
+        if on_start is not None:
+            on_start(proc)
+        try:
+            _send_batch(proc, [task.spec for task in tasks])
+            pump = _BatchPump(proc, tasks, timeout, on_started, on_finished, cancel, limits)
+            last = pump.run()
+            if pump.manifest is None:   # the process ended before the task it ran reported: judge it
+                on_finished(pump.current, judge_last(last))
+                return BatchEnd(pump.current + 1, pump.stop_reason)
+            return BatchEnd(pump.done, pump.stop_reason)
+        finally:
+            proc.close()
+    finally:
+        server.hold(-1)
+
+
+def _send_batch(proc: TaskProcess, specs: list[TaskSpec]) -> None:
+    try:
+        proc.channel.sendall(json.dumps({"batch": [spec.to_json() for spec in specs]}).encode())
+        proc.channel.shutdown(1)
+    except OSError:
+        pass
+
+
+class _BatchPump(_Pump):
+    """A _Pump whose task changes at each manifest: output, messages and the deadline are per task."""
+
+    def __init__(self, proc, tasks: list[BatchTask], timeout, on_started, on_finished, cancel,
+                 limits: LogLimits) -> None:
+        super().__init__(proc, timeout, None, None, cancel, time.time(), limits)
+        self.tasks, self.limits = tasks, limits
+        self.on_started, self.on_finished = on_started, on_finished
+        self.current = 0      # the task running now
+        self.done = 0         # how many tasks reported their result
+        self.stop_reason: str | None = None
+        self._begin(0)
+
+    def _begin(self, k: int) -> None:
+        self.current = k
+        task = self.tasks[k]
+        self.on_output, self.on_message = task.on_output, task.on_message
+        self.started = time.time()
+        self.deadline = self.started + self.timeout if self.timeout else None
+        self.logs = {"stdout": CappedLog(self.limits), "stderr": CappedLog(self.limits)}
+        self.decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in self.logs}
+        self.messages = []
+        self.manifest = self.manifest_at = None
+        self.late = self.killed_for = None
+        if k:
+            self.on_started(k)
+
+    def _message(self, msg: dict) -> None:
+        if msg.get("type") == "batch_stop":   # sent before the manifest of the last task it runs
+            self.stop_reason = str(msg.get("reason"))
+        else:
+            super()._message(msg)
+
+    def _manifest(self, manifest: Manifest) -> None:
+        super()._manifest(manifest)
+        for stream, decoder in self.decoders.items():   # a character split across tasks: not this one's
+            if tail := decoder.decode(b"", final=True):
+                self.on_output(stream, tail)
+        self._note_if_late()
+        self.on_finished(self.current, self._exit(0, None))
+        self.done = self.current + 1
+        if self.stop_reason is None and self.done < len(self.tasks):
+            self._begin(self.done)
+        # else the batch is over: run() ends as it does after one task's manifest

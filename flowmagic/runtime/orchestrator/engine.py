@@ -33,8 +33,9 @@ from flowmagic.runtime.orchestrator.executors.local import LocalExecutor, crashe
 from flowmagic.runtime.orchestrator.logs import LiveLogs, LogLimits, OutputBudget, flush_interval
 from flowmagic.runtime.orchestrator.recorder import Recorder
 from flowmagic.runtime.orchestrator.run_state import RetryQueue, RunOptions, RunState
-from flowmagic.runtime.orchestrator.messages import (AttemptFinished, EngineMessage, EnvironmentBuilt, TaskMessage,
-                                                     TaskOutput)
+from flowmagic.runtime.orchestrator.batching import BatchSizer, max_batch
+from flowmagic.runtime.orchestrator.messages import (AttemptFinished, BatchDone, EngineMessage, EnvironmentBuilt,
+                                                     TaskMessage, TaskOutput, TaskStarted)
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json, foreach_info
 from flowmagic.runtime.worker.forkserver import flow_preload
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
@@ -93,13 +94,15 @@ class _Engine:
                                       for s in graph.steps})
         self.record = Recorder(self.meta, self.flow, run_id, on_event)
         self.queue = RetryQueue(RETRY_DELAY)
-        self.running: dict[int, tuple[TaskInfo, int, threading.Thread, object]] = {}   # ..., its executor
+        # task id -> (info, attempt, thread, its executor; None for a task of a batch: BatchDone frees the slot)
+        self.running: dict[int, tuple[TaskInfo, int, threading.Thread, object | None]] = {}
         self.in_flight: collections.Counter[int] = collections.Counter()   # id(executor) -> its running attempts
         self.events: queue.Queue[EngineMessage] = queue.Queue()
         self.servers = StepServers(graph, store.root, options.workdir, self.events.put)
         self.cancel = threading.Event()   # set by Ctrl-C: running attempts are killed
         self.live = OutputBudget(cancel=self.cancel)   # output queued for this thread to show: bounded (logs.py)
         self.log_limits = LogLimits.from_env()         # here: a bad FLOWMAGIC_LOG_HEAD stops the run before it starts
+        self.batches = BatchSizer(max_batch())         # short tasks of a step share a process (batching.py)
         self.live_logs = LiveLogs(self.log_limits, flush_interval())   # output so far, written while tasks run
         # where each step's attempts run (executors/): the run's Dask clients, connected by the caller
         self.executors = executors or Executors()
@@ -160,7 +163,8 @@ class _Engine:
             self.record.live_logs(self.live_logs.take())
 
     def _waiting_for_something(self) -> bool:
-        return bool(self.running) or self.queue.has_delayed() or bool(self.servers.building)
+        return (bool(self.running) or any(n > 0 for n in self.in_flight.values())   # a batch not yet done
+                or self.queue.has_delayed() or bool(self.servers.building))
 
     def _interrupt(self, finish_run: bool) -> None:
         self.cancel.set()
@@ -262,21 +266,48 @@ class _Engine:
                 break
             if self.servers.waits(info, attempt):
                 continue
-            request = self._request(info, attempt)
-            try:
-                executor.prepare(request)
-            except RunError as exc:  # its environment cannot be built, or the prelude fails in it
-                self.record.task_state(info, "running", attempt)
-                self._finish_attempt(info, attempt, not_started(exc))
+            request = self._prepared(executor, info, attempt)
+            if request is None:
                 continue
+            batch = self._batch_with(executor, request)
             self.record.attempt_started(info, attempt, live_logs=self.live_logs.enabled)
-            thread = threading.Thread(target=self._attempt_thread, args=(executor, request),
-                                      name=f"flowmagic-task-{info.task_id}", daemon=True)
-            self.running[info.task_id] = (info, attempt, thread, executor)
+            if len(batch) > 1:
+                thread = threading.Thread(target=self._batch_thread, args=(executor, batch),
+                                          name=f"flowmagic-batch-{info.task_id}", daemon=True)
+                for member in batch:
+                    self.running[member.info.task_id] = (member.info, member.attempt, thread, None)
+            else:
+                thread = threading.Thread(target=self._attempt_thread, args=(executor, request),
+                                          name=f"flowmagic-task-{info.task_id}", daemon=True)
+                self.running[info.task_id] = (info, attempt, thread, executor)
             self.in_flight[id(executor)] += 1
             thread.start()
         if self.state.stopping:
             self._cancel_waiting()
+
+    def _prepared(self, executor, info: TaskInfo, attempt: int) -> AttemptRequest | None:
+        """The attempt's request, ready to run; None if it failed as not started."""
+        request = self._request(info, attempt)
+        try:
+            executor.prepare(request)
+        except RunError as exc:  # its environment cannot be built, or the prelude fails in it
+            self.record.task_state(info, "running", attempt)
+            self._finish_attempt(info, attempt, not_started(exc))
+            return None
+        return request
+
+    def _batch_with(self, executor, request: AttemptRequest) -> list[AttemptRequest]:
+        """``request`` and the ready first attempts of its step that share its process (batching.py)."""
+        if request.attempt != 0 or not hasattr(executor, "run_batch"):
+            return [request]
+        step = request.info.step
+        size = self.batches.size(step, 1 + self.queue.ready_count(), executor.slots())
+        batch = [request]
+        for info, attempt in self.queue.pop_alike(step, 0, size - 1):
+            more = self._prepared(executor, info, attempt)
+            if more is not None:
+                batch.append(more)
+        return batch
 
     def _cancel_waiting(self) -> None:
         """A task failed, so the run stops: the tasks that have not started never will."""
@@ -328,6 +359,41 @@ class _Engine:
             result = crashed(f"{type(exc).__name__}: {exc}")
         self.events.put(AttemptFinished(request.info, request.attempt, result))
 
+    def _batch_thread(self, executor, batch: list[AttemptRequest]) -> None:
+        post = self.events.put
+        reported = [0]
+
+        def on_started(k: int) -> None:
+            post(TaskStarted(batch[k].info, batch[k].attempt))
+
+        def on_finished(k: int, result: AttemptExit) -> None:
+            reported[0] = k + 1
+            post(AttemptFinished(batch[k].info, batch[k].attempt, result))
+
+        reason = None
+        try:
+            end = executor.run_batch(batch, on_started, on_finished)
+            done, reason = end.done, end.reason
+        except BaseException as exc:  # noqa: BLE001 - the task it was running fails; the rest run again
+            done = reported[0]
+            if done < len(batch):
+                on_finished(done, crashed(f"{type(exc).__name__}: {exc}"))
+                done += 1
+        post(BatchDone(executor, batch[0].info.step,
+                       tuple((r.info, r.attempt) for r in batch[done:]), reason))
+
+    def _batch_done(self, message: BatchDone) -> None:
+        self.in_flight[id(message.executor)] -= 1
+        if message.reason is not None:
+            self.batches.refuse(message.step, message.reason)
+        for info, _attempt in message.not_started:
+            self.running.pop(info.task_id, None)
+        if self.cancel.is_set():
+            for info, _attempt in message.not_started:
+                self.record.task_state(info, "interrupted")
+            return
+        self.queue.add_first(list(message.not_started))   # cancelled by _launch if the run is stopping
+
     def _handle(self, message: EngineMessage) -> None:
         if isinstance(message, EnvironmentBuilt):
             self._environment_ready(message.step, message.result)
@@ -342,9 +408,15 @@ class _Engine:
         elif isinstance(message, AttemptFinished):
             running = self.running.pop(message.info.task_id, None)
             self.live_logs.forget(message.info.task_id, message.attempt)
-            if running is not None:
+            if running is not None and running[3] is not None:
                 self.in_flight[id(running[3])] -= 1
+            if message.result.outcome == "ok":
+                self.batches.observe(message.info.step, message.result.finished_at - message.result.started_at)
             self._finish_attempt(message.info, message.attempt, message.result)
+        elif isinstance(message, TaskStarted):
+            self.record.attempt_started(message.info, message.attempt, live_logs=self.live_logs.enabled)
+        elif isinstance(message, BatchDone):
+            self._batch_done(message)
 
     # -- one attempt finished ---------------------------------------------------------
     def _finish_attempt(self, info: TaskInfo, attempt: int, result: AttemptExit) -> None:

@@ -37,6 +37,24 @@ class AttemptFinished:
 
 
 @dataclass(frozen=True)
+class TaskStarted:
+    """A task of a batch began (the batch's first began when it was launched)."""
+
+    info: TaskInfo
+    attempt: int
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """A batch process ended; ``not_started`` go back to the queue (``reason``: its step is not batched again)."""
+
+    executor: object
+    step: str
+    not_started: tuple[tuple[TaskInfo, int], ...]
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class EnvironmentBuilt:
     """A step's --pypi/--conda environment build ended: (env, server), or the error."""
 
@@ -44,4 +62,4 @@ class EnvironmentBuilt:
     result: Any   # tuple[Environment, ForkServer] | BaseException
 
 
-EngineMessage = TaskOutput | TaskMessage | AttemptFinished | EnvironmentBuilt
+EngineMessage = TaskOutput | TaskMessage | AttemptFinished | TaskStarted | BatchDone | EnvironmentBuilt

@@ -100,6 +100,16 @@ class RetryQueue:
     def pop(self) -> tuple[TaskInfo, int]:
         return self._ready.popleft()
 
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def pop_alike(self, step: str, attempt: int, most: int) -> list[tuple[TaskInfo, int]]:
+        """Up to ``most`` ready attempts from the head of the line, while they are ``attempt`` of ``step``."""
+        taken: list[tuple[TaskInfo, int]] = []
+        while self._ready and len(taken) < most and self._ready[0][0].step == step and self._ready[0][1] == attempt:
+            taken.append(self._ready.popleft())
+        return taken
+
     def drain(self) -> list[tuple[TaskInfo, int]]:
         """Every waiting attempt, ready or delayed; the queue is empty after."""
         waiting = [*self._ready, *((info, attempt) for _due, info, attempt in self._delayed)]

@@ -13,6 +13,7 @@ messages (JSON lines): ``{"type": "output", "output": {"type", "data",
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import socket
@@ -41,17 +42,22 @@ def main(channel: socket.socket, namespace: dict) -> int:
     manifest = run_task(spec, namespace, sender.send)
     # Output first: the orchestrator treats the manifest as the end of the task
     # and does not wait for this process to finish exiting.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (ValueError, OSError):  # the step closed it (sys.stdout.close()): nothing left to flush
-            pass
+    flush_std_streams()
     sender.send({"type": "manifest", **manifest.to_json()})
     channel.close()
     return 0
 
 
-def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest:
+def flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (ValueError, OSError):  # the step closed it (sys.stdout.close()): nothing left to flush
+            pass
+
+
+def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None],
+             lists: ForeachLists | None = None) -> Manifest:
     objects = open_objects(spec.objects_root, spec.store_url)  # a remote store: read and written directly
     step = spec.step
     outputs: list[dict] = []
@@ -66,7 +72,7 @@ def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None]) -> Manifest
         return Manifest("failed", [], error, outputs, {}, warnings, list(not_persisted))
 
     try:
-        bound = bind_inputs(spec, ns, objects)
+        bound = bind_inputs(spec, ns, objects, lists)
     except Exception as exc:  # noqa: BLE001 - a missing/unreadable input fails the task, clearly
         # flowmagic's own frames would hide the message: it names the input and its step
         return failed(ExceptionRecord.of(exc.with_traceback(None)))
@@ -110,7 +116,22 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     raise NameError(binding["missing"])
 
 
-def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any]:
+class ForeachLists:
+    """The foreach lists a batch of tasks (worker/batch.py) loaded, kept for the next task of the batch:
+    every task of a foreach takes its ``input`` from the same list. Only a list the step's code
+    never binds by name is kept (a bound one could be changed in place by the task)."""
+
+    def __init__(self) -> None:
+        self._lists: dict[str, Any] = {}
+
+    def get(self, binding: dict, objects: ObjectStore) -> Any:
+        key = json.dumps(binding, sort_keys=True, default=str)
+        if key not in self._lists:
+            self._lists = {key: as_sequence(resolve_binding(binding, objects))}   # one step's list at a time
+        return self._lists[key]
+
+
+def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore, lists: ForeachLists | None = None) -> dict[str, Any]:
     """Put parameters, inputs, ``input`` and ``inputs`` into ``ns``; return the inputs."""
     ns.update(spec.params)
     bound: dict[str, Any] = {}
@@ -122,11 +143,24 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore) -> dict[str, Any
     if spec.foreach is not None:
         listed = _foreach_list_name(spec)
         # the list is usually bound already (the step reads its --foreach variable): load it once
-        value = bound[listed] if listed in bound else resolve_binding(spec.foreach["binding"], objects)
-        ns["input"] = as_sequence(value)[spec.foreach["index"]]
+        if listed in bound:
+            sequence = as_sequence(bound[listed])
+        elif lists is not None:
+            sequence = lists.get(spec.foreach["binding"], objects)
+        else:
+            sequence = as_sequence(resolve_binding(spec.foreach["binding"], objects))
+        item = sequence[spec.foreach["index"]]
+        # a kept list is shared with the next task of the batch: it gets its own copy of a mutable item
+        ns["input"] = item if lists is None or _plainly_immutable(item) else copy.deepcopy(item)
     if spec.inputs is not None:
         ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
     return bound
+
+
+def _plainly_immutable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(_plainly_immutable(v) for v in value)
+    return isinstance(value, _IMMUTABLE)
 
 
 class _LazyNamespace(types.SimpleNamespace):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from flowmagic.runtime.orchestrator import memory
-from flowmagic.runtime.orchestrator.attempt import AttemptExit, run_attempt
+from flowmagic.runtime.orchestrator.attempt import AttemptExit, BatchEnd, BatchTask, run_attempt, run_batch
 from flowmagic.runtime.orchestrator.executors.base import AttemptRequest
 from flowmagic.runtime.protocol import ExceptionRecord
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
@@ -22,8 +22,7 @@ from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
 def run_local_attempt(server: ForkServer, request: AttemptRequest,
                       restart: Callable[[ForkServer], ForkServer] | None = None) -> AttemptExit:
     """Run the attempt in a child of ``server``; a dead server is replaced once (``restart``)."""
-    restart = restart or (lambda old: get_server(old.prelude, python=old.python, cwd=old.cwd,
-                                                 preload=old.flow_modules))
+    restart = restart or _restarted
     watch = memory.MemoryWatch(request.spec.step, request.memory_mb)   # kills the group over its limit
     for tries in range(2):
         try:
@@ -40,6 +39,10 @@ def run_local_attempt(server: ForkServer, request: AttemptRequest,
             result = crashed(f"{type(exc).__name__}: {exc}")
             break
     return watch.verdict(result)
+
+
+def _restarted(old: ForkServer) -> ForkServer:
+    return get_server(old.prelude, python=old.python, cwd=old.cwd, preload=old.flow_modules)
 
 
 class LocalExecutor:
@@ -65,6 +68,30 @@ class LocalExecutor:
         server = request.server
         assert isinstance(server, ForkServer)
         return run_local_attempt(server, request)   # its server's cwd is the run's workdir (StepServers)
+
+    def run_batch(self, requests: list[AttemptRequest], on_started: Callable[[int], None],
+                  on_finished: Callable[[int, AttemptExit], None]) -> BatchEnd:
+        """Run the first attempts of several tasks of one step in one forked process (worker/batch.py).
+
+        A fork server that died before the batch started is replaced once, as for one attempt."""
+        first = requests[0]
+        server = first.server
+        assert isinstance(server, ForkServer)
+        watch = memory.MemoryWatch(first.spec.step, first.memory_mb)   # one process: one watch
+        tasks = [BatchTask(r.spec, r.on_output, r.on_message) for r in requests]
+        for tries in range(2):
+            try:
+                return run_batch(server, tasks, timeout=first.timeout, on_started=on_started,
+                                 on_finished=on_finished, on_start=watch.start, judge_last=watch.verdict,
+                                 cancel=first.cancel, log_limits=first.log_limits)
+            except ForkServerDied:
+                if tries:
+                    on_finished(0, crashed("the fork server died and could not be restarted"))
+                    return BatchEnd(1)
+                server = _restarted(server)
+            finally:
+                watch.stop()
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         pass   # the fork servers are shared and outlive the run (forkpool keeps them warm)
