@@ -46,6 +46,9 @@ from flowmagic.store.serializers import ArtifactRef, save_artifact
 # enough for a flaky cause (a clock, a busy service) to change, short enough
 # for a notebook.
 RETRY_DELAY = 1.0
+# Messages handled, and recorded, in one metadata transaction: few enough that a
+# reader (the notebook's DAG view, `flowmagic status`) sees progress at once.
+ROUND = 500
 
 
 
@@ -139,7 +142,8 @@ class _Engine:
             self._schedule_steps()
             while self.queue.has_ready() or self._waiting_for_something():
                 self.queue.release_due()
-                self._launch()
+                with self.meta.transaction():
+                    self._launch()
                 if self.servers.building:
                     self._report_builds()
                 if not self._waiting_for_something():
@@ -149,7 +153,7 @@ class _Engine:
                     message = self.events.get(timeout=0.25)
                 except queue.Empty:
                     continue
-                self._handle(message)
+                self._handle_round(message)
         except KeyboardInterrupt:
             self._interrupt(finish_run)
             raise
@@ -393,6 +397,17 @@ class _Engine:
                 self.record.task_state(info, "interrupted")
             return
         self.queue.add_first(list(message.not_started))   # cancelled by _launch if the run is stopping
+
+    def _handle_round(self, first: EngineMessage) -> None:
+        """``first`` and what else is queued now (up to ROUND), recorded as one metadata transaction."""
+        with self.meta.transaction():
+            self._handle(first)
+            for _ in range(ROUND - 1):
+                try:
+                    message = self.events.get_nowait()
+                except queue.Empty:
+                    break
+                self._handle(message)
 
     def _handle(self, message: EngineMessage) -> None:
         if isinstance(message, EnvironmentBuilt):

@@ -135,14 +135,18 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore, lists: ForeachLi
     """Put parameters, inputs, ``input`` and ``inputs`` into ``ns``; return the inputs."""
     ns.update(spec.params)
     bound: dict[str, Any] = {}
+    listed = _foreach_list_name(spec)
+    # A foreach step's list is among its inputs, but a step whose code never names it needs only its
+    # item: loading the whole list in each of N tasks made a foreach O(N^2).
+    unnamed_list = listed is not None and not _names(spec.code, listed)
     for name, binding in spec.bindings.items():
+        if unnamed_list and name == listed:
+            continue
         try:
             bound[name] = ns[name] = resolve_binding(binding, objects)
         except ModuleNotFoundError as exc:  # pickled in another --pypi/--conda environment
             raise _missing_module(spec.step, name, binding, exc) from None
     if spec.foreach is not None:
-        listed = _foreach_list_name(spec)
-        # the list is usually bound already (the step reads its --foreach variable): load it once
         if listed in bound:
             sequence = as_sequence(bound[listed])
         elif lists is not None:
@@ -259,14 +263,9 @@ def _names(code: str, name: str) -> bool:
 
 def _hashes(bound: dict[str, Any], spec: TaskSpec) -> dict[str, str]:
     writes = set(spec.writes)
-    # Hashing the whole foreach list twice in each of its N tasks made a foreach
-    # O(N^2); a step whose code never names the list cannot change it in place.
-    listed = _foreach_list_name(spec)
     hashes = {}
-    for name, value in bound.items():
+    for name, value in bound.items():   # a foreach list the code never names is not bound (bind_inputs)
         if name in writes or isinstance(value, _IMMUTABLE):
-            continue
-        if name == listed and not _names(spec.code, name):
             continue
         try:
             hashes[name] = content_hash(value)  # by content: a read may re-layout a frame
