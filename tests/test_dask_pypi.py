@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -172,3 +173,45 @@ def test_a_worker_that_cannot_build_fails_the_attempt_in_one_line(tmp_path):
     assert "failed: EnvironmentBuildError: step 'fit': Dask worker" in proc.stdout + proc.stderr, proc.stdout
     print(message)
     assert not finished_envs(cache) and not list(cache.glob(".build-*"))
+
+
+def test_timeout_memory_and_output_behave_as_locally_in_the_workers_environment(tmp_path, cluster):
+    nb = write_notebook(tmp_path / "limits.ipynb", [
+        "%%step start\nx = 1",
+        f'%%step slow --pypi "{PIN}" --timeout 2 --catch terr --executor dask\nimport time, six\n'
+        "print('slow on six', six.__version__, flush=True)\ntime.sleep(60)\nlate = x",
+        f'%%step hungry --pypi "{PIN}" --memory 150 --catch merr --executor dask\nblob = b"x" * (600 << 20)',
+        "%%step end\nsummary = (late, blob)",
+    ])
+    proc = flowmagic("run", nb, store=tmp_path / "store", env=on_dask(cluster), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "slow on six 1.16.0" in proc.stdout   # streamed back from the task in the environment
+    assert artifacts(tmp_path / "store", "Limits", 1, "end") == [{"summary": (None, None)}]
+    (slow,) = tasks(tmp_path / "store", "Limits", 1, "slow")
+    (hungry,) = tasks(tmp_path / "store", "Limits", 1, "hungry")
+    assert slow.state == hungry.state == "caught"
+    assert "timeout of 2 s" in repr(artifacts(tmp_path / "store", "Limits", 1, "slow")[0]["terr"])
+    assert "out of memory" in repr(artifacts(tmp_path / "store", "Limits", 1, "hungry")[0]["merr"])
+
+
+def test_ctrl_c_kills_a_task_running_in_the_workers_environment(tmp_path, cluster):
+    from runtime_helpers import reaped, start_flowmagic, wait_gone
+
+    marker = tmp_path / "pid"
+    nb = write_notebook(tmp_path / "interrupted.ipynb", [
+        "%%params\nmarker = ''",
+        f'%%step work --pypi "{PIN}" --executor dask\nimport os, time\n'
+        "open(marker, 'w').write(str(os.getpid()))\ntime.sleep(120)\nr = 1",
+    ])
+    with reaped(start_flowmagic("run", nb, "--marker", marker, store=tmp_path / "store",
+                                extra_env=on_dask(cluster))) as proc:
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the task never started"
+            time.sleep(0.1)
+        pid = int(marker.read_text())
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert wait_gone([pid], 15) == []
+    assert run_record(tmp_path / "store", "Interrupted", 1).status == "interrupted"
