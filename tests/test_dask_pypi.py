@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from dask_cluster import DaskCluster
-from runtime_helpers import artifacts, attempts, flowmagic, flowmagic_json, run_record, tasks, write_notebook
+from runtime_helpers import (artifacts, attempts, command, flowmagic, flowmagic_json, run_record, tasks,
+                             write_notebook)
 
 from flowmagic.store.environments import recorded_environments
 
@@ -215,3 +217,37 @@ def test_ctrl_c_kills_a_task_running_in_the_workers_environment(tmp_path, cluste
     assert proc.returncode == 1, out
     assert wait_gone([pid], 15) == []
     assert run_record(tmp_path / "store", "Interrupted", 1).status == "interrupted"
+
+
+def test_with_an_s3_store_the_workers_environment_reads_and_writes_the_bucket(tmp_path):
+    """No shared filesystem: the worker has its own HOME and XDG_CACHE_HOME (its environments go to the
+    default ~/.cache/flowmagic/envs there), no FLOWMAGIC_* settings; the lock carries s3fs."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3_helpers import MotoServer, s3_env
+
+    moto = MotoServer()
+    uv_cache = os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv")   # downloads shared
+    worker = s3_env(None, None, moto.url, HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+                    UV_CACHE_DIR=uv_cache)
+    (tmp_path / "cwd").mkdir()
+    cluster = DaskCluster(1, tmp_path, worker_env=lambda _n: worker, worker_cwd=lambda _n: tmp_path / "cwd")
+    try:
+        moto.make_bucket("pypi-bucket")
+        cluster.start()
+        (tmp_path / "nb").mkdir()
+        nb = write_notebook(tmp_path / "nb" / "s3_pypi.ipynb", [
+            "%%step start\nx = 41",
+            f'%%step fit --pypi "{PIN}" --executor dask\nimport six\ny = x + 1\nversion = six.__version__',
+            "%%step end\nz = (y, version)",
+        ])
+        env = s3_env(tmp_path / "home-orchestrator", "s3://pypi-bucket/flows", moto.url, **on_dask(cluster))
+        proc = subprocess.run([*command(), "run", str(nb)], capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        cluster.stop()
+        moto.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert artifacts(tmp_path / "home-orchestrator", "S3Pypi", 1, "end") == [{"z": (42, "1.16.0")}]
+    (env_dir,) = finished_envs(tmp_path / "cache" / "flowmagic" / "envs")
+    frozen = json.loads((env_dir / "flowmagic-env.json").read_text())["packages"]
+    assert PIN in frozen and any(p.startswith("s3fs==") for p in frozen)

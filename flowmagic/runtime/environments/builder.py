@@ -122,10 +122,13 @@ class EnvSpec:
         return None
 
     def requirements(self) -> list[str]:
-        """The user's packages plus each worker requirement the user did not name."""
+        """The user's packages plus each worker requirement the user did not name (with a remote
+        store, ``FLOWMAGIC_STORE``, its file system too: the task reads and writes the bucket)."""
         named = {requirement_name(p) for p in self.packages}
         worker = WORKER_REQUIREMENTS if self.kind == "pypi" else CONDA_WORKER_REQUIREMENTS
         pinned = [_as_kernel_pin(w, self.kind) for w in worker if requirement_name(w) not in named]
+        if self.kind == "pypi":
+            pinned += [_kernel_pin(d) for d in store_requirements() if requirement_name(d) not in named]
         return list(self.packages) + [p for p in pinned if p]
 
     def request_key(self) -> str:
@@ -211,6 +214,22 @@ def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
     if version is None:
         return None if requirement == "cloudpickle" else requirement
     return f"{requirement}=={version}" if kind == "pypi" else f"{requirement}={version}"
+
+
+def store_requirements() -> tuple[str, ...]:
+    """The distributions a task needs for this process's remote store (``FLOWMAGIC_STORE=s3://...``:
+    fsspec and s3fs), or () for a local store."""
+    from flowmagic.store.backends import store_modules, store_url
+
+    url = store_url()
+    if url is None:
+        return ()
+    return ("fsspec", *(module.split(".")[0] for module in store_modules(url)))
+
+
+def _kernel_pin(distribution: str) -> str:
+    version = _kernel_version(distribution)
+    return f"{distribution}=={version}" if version else distribution
 
 
 @functools.cache
