@@ -251,3 +251,43 @@ def test_with_an_s3_store_the_workers_environment_reads_and_writes_the_bucket(tm
     (env_dir,) = finished_envs(tmp_path / "cache" / "flowmagic" / "envs")
     frozen = json.loads((env_dir / "flowmagic-env.json").read_text())["packages"]
     assert PIN in frozen and any(p.startswith("s3fs==") for p in frozen)
+
+
+def test_in_a_kernel_a_pypi_cell_runs_on_the_worker_and_a_bad_spec_is_an_error_the_kernel_survives(
+        tmp_path, cluster):
+    from conftest import LiveKernel, kernel_env
+
+    kernel = LiveKernel(tmp_path, kernel_env(tmp_path / "store", **on_dask(cluster)))
+    try:
+        kernel.ok("%load_ext flowmagic\n%flow name KernelPypi")
+        kernel.ok("%%step start\nx = 1")
+        ran = kernel.ok(f'%%step fit --pypi "{PIN}" --executor dask\nimport six, sys\n'
+                        "print('prefix', sys.prefix)\nversion = six.__version__\ny = x + 1")
+        assert str(cluster.env_cache) in ran.stdout, ran.stdout   # the worker's environment
+        assert kernel.value("(version, y)") == ("1.16.0", 2)
+        started = time.monotonic()
+        bad = kernel.execute('%%step broken --pypi "six==99.0.0" --executor dask\nz = y + 1')
+        assert time.monotonic() - started < 120
+        assert bad.status == "error"
+        shown = bad.error_text + bad.stderr + bad.stdout
+        assert "six==99.0.0" in shown and "broken" in shown, shown
+        assert kernel.value("(x, y)") == (1, 2)   # the kernel and what earlier steps bound are untouched
+    finally:
+        kernel.shutdown()
+
+
+def test_the_orchestrators_lock_is_kept_and_prune_forgets_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flowmagic.runtime.environments import builder
+
+    monkeypatch.delenv("FLOWMAGIC_STORE", raising=False)
+    step = SimpleNamespace(name="fit", options=SimpleNamespace(pypi=PIN, conda=None))
+    lock = builder.resolve_lock(step, tmp_path)
+    assert PIN in lock.pins and lock.spec.packages == (PIN,)
+    assert builder.Lock.from_json(json.loads(json.dumps(lock.to_json()))).key == lock.key
+    monkeypatch.setattr(builder, "_resolve_pypi", lambda *a: pytest.fail("resolved twice"))
+    assert builder.resolve_lock(step, tmp_path) == lock   # the second use reads envs/locks
+    assert builder.prune_environments(tmp_path, unused_for_days=1) == [] and builder.resolve_lock(step, tmp_path)
+    builder.prune_environments(tmp_path)
+    assert not list((tmp_path / "envs" / "locks").glob("*.json"))

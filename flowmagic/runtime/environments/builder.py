@@ -414,9 +414,12 @@ def resolve_lock(step: Any, store_root: Path, *, stop: threading.Event | None = 
     envs = Path(store_root) / "envs"
     path = envs / LOCKS_DIR / f"{spec.request_key()}.json"
     try:
-        return Lock(spec, tuple(json.loads(path.read_text())["pins"]))
+        lock = Lock(spec, tuple(json.loads(path.read_text())["pins"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    else:
+        _touch(path)   # its last use: `env prune` forgets locks as it removes environments
+        return lock
     pins = _local_pins(envs, spec)
     if pins is None:
         token = build_stopped.set(stop)
@@ -667,7 +670,8 @@ def list_environments(store_root: Path) -> list[CachedEnvironment]:
 
 
 def prune_environments(store_root: Path, *, unused_for_days: float = 0.0) -> list[Path]:
-    """Delete environments not used for ``unused_for_days`` (0: all), and abandoned builds.
+    """Delete environments not used for ``unused_for_days`` (0: all), abandoned builds, and the
+    locks (requests resolved for Dask workers) not used for as long.
 
     An environment being built right now (its lock is held) is left alone.
     Returns the removed folders.
@@ -685,6 +689,12 @@ def prune_environments(store_root: Path, *, unused_for_days: float = 0.0) -> lis
         if _remove_unless_locked(envs, key, [temp]):
             removed.append(temp)
     _forget_missing_requests(envs)
+    for lock in (envs / LOCKS_DIR).glob("*.json"):   # the next run on Dask resolves its request again
+        try:
+            if lock.stat().st_mtime <= cutoff:
+                lock.unlink()
+        except OSError:
+            pass
     return removed
 
 
