@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from flowmagic.errors import RunError
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.messages import EngineMessage, EnvironmentBuilt
@@ -41,7 +42,10 @@ class StepServers:
 
     def lock_for(self, step: str) -> environments.Lock | None:
         """The resolved environment a remote step's attempts carry (None: the step has none)."""
-        return self._locks.get(step)
+        lock = self._locks.get(step)
+        if lock is None and self.graph.step(step).options.pypi:   # never run one outside its environment
+            raise RunError(f"step '{step}': its --pypi environment was not resolved before its task was sent")
+        return lock
 
     def server_for(self, step: str) -> ForkServer:
         if step not in self._servers:   # an environment's server is there already (built())

@@ -90,7 +90,8 @@ class DaskExecutor:
         return self._slots
 
     def prepare(self, request: AttemptRequest) -> None:
-        pass   # the worker starts its fork server itself
+        self._lock_of(request)   # a --pypi step goes with its lock, or not at all (RunError: not started)
+        # the worker starts its fork server itself
 
     def run_attempt(self, request: AttemptRequest) -> AttemptExit:
         spec = request.spec
