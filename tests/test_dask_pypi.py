@@ -291,3 +291,31 @@ def test_the_orchestrators_lock_is_kept_and_prune_forgets_it(tmp_path, monkeypat
     assert builder.prune_environments(tmp_path, unused_for_days=1) == [] and builder.resolve_lock(step, tmp_path)
     builder.prune_environments(tmp_path)
     assert not list((tmp_path / "envs" / "locks").glob("*.json"))
+
+
+def test_ctrl_c_while_a_worker_builds_stops_the_build_and_leaves_no_partial_environment(tmp_path, cluster):
+    from runtime_helpers import reaped, start_flowmagic
+
+    other = "six==1.15.0"   # a lock the worker has not built yet
+    nb = write_notebook(tmp_path / "stopped.ipynb", [
+        f'%%step work --pypi "{other}" --executor dask\nimport six\nv = six.__version__'])
+    before = finished_envs(cluster.env_cache)
+    with reaped(start_flowmagic("run", nb, store=tmp_path / "store", extra_env=on_dask(cluster))) as proc:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "building the --pypi" in line:
+                break
+        else:
+            pytest.fail("".join(seen))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, "".join(seen) + out
+    assert run_record(tmp_path / "store", "Stopped", 1).status == "interrupted"
+    assert {t.state for t in tasks(tmp_path / "store", "Stopped", 1, "work")} == {"interrupted"}
+    deadline = time.monotonic() + 30   # the worker kills uv and removes its half-built folder
+    while list(cluster.env_cache.glob(".build-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(cluster.env_cache.glob(".build-*"))
+    assert finished_envs(cluster.env_cache) == before
