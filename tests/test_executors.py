@@ -42,9 +42,10 @@ def test_the_run_and_each_step_choose_where_tasks_run(monkeypatch):
 
 def test_a_local_run_connects_nothing_and_bad_settings_are_usage_errors(monkeypatch):
     monkeypatch.delenv("FLOWMAGIC_EXECUTOR", raising=False)
-    graph = build_flow(["%%step a\nx = 1", "%%step b --pypi 'six' --executor dask://127.0.0.1:1\ny = x"])
+    graph = build_flow(["%%step a\nx = 1", "%%step b --conda 'six' --executor dask://127.0.0.1:1\ny = x"])
     assert not Executors.for_run(graph, None, {"a"}).remote()   # b is not run: never connected
-    with pytest.raises(UsageError, match="step 'b' \\(cell 2\\): --pypi/--conda"):
+    # --pypi is built on the workers (tests/test_dask_pypi.py); --conda is refused before anything connects
+    with pytest.raises(UsageError, match="step 'b' \\(cell 2\\): --conda environments are not built on Dask"):
         Executors.for_run(graph, None, {"a", "b"})
     monkeypatch.setenv("FLOWMAGIC_DASK_CONNECT_TIMEOUT", "soon")
     with pytest.raises(UsageError, match="FLOWMAGIC_DASK_CONNECT_TIMEOUT='soon'"):

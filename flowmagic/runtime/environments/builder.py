@@ -122,10 +122,13 @@ class EnvSpec:
         return None
 
     def requirements(self) -> list[str]:
-        """The user's packages plus each worker requirement the user did not name."""
+        """The user's packages plus each worker requirement the user did not name (with a remote
+        store, ``FLOWMAGIC_STORE``, its file system too: the task reads and writes the bucket)."""
         named = {requirement_name(p) for p in self.packages}
         worker = WORKER_REQUIREMENTS if self.kind == "pypi" else CONDA_WORKER_REQUIREMENTS
         pinned = [_as_kernel_pin(w, self.kind) for w in worker if requirement_name(w) not in named]
+        if self.kind == "pypi":
+            pinned += [_kernel_pin(d) for d in store_requirements() if requirement_name(d) not in named]
         return list(self.packages) + [p for p in pinned if p]
 
     def request_key(self) -> str:
@@ -211,6 +214,22 @@ def _as_kernel_pin(requirement: str, kind: EnvKind) -> str | None:
     if version is None:
         return None if requirement == "cloudpickle" else requirement
     return f"{requirement}=={version}" if kind == "pypi" else f"{requirement}={version}"
+
+
+def store_requirements() -> tuple[str, ...]:
+    """The distributions a task needs for this process's remote store (``FLOWMAGIC_STORE=s3://...``:
+    fsspec and s3fs), or () for a local store."""
+    from flowmagic.store.backends import store_modules, store_url
+
+    url = store_url()
+    if url is None:
+        return ()
+    return ("fsspec", *(module.split(".")[0] for module in store_modules(url)))
+
+
+def _kernel_pin(distribution: str) -> str:
+    version = _kernel_version(distribution)
+    return f"{distribution}=={version}" if version else distribution
 
 
 @functools.cache
@@ -338,6 +357,141 @@ def ensure_environment(spec: EnvSpec, store_root: Path, *, step: str | None = No
     return env
 
 
+# ----------------------------------------------------------------- locks for other machines (Dask workers)
+
+#: where a Dask worker keeps the environments it builds from locks (see :func:`worker_envs_root`)
+ENV_CACHE_VAR = "FLOWMAGIC_ENV_CACHE"
+LOCKS_DIR = "locks"   # <store_root>/envs/locks/<request key>.json: a request resolved for other machines
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A ``--pypi`` request resolved once, by the orchestrator: the exact pins every worker installs.
+
+    It travels with each attempt (:meth:`to_json`); a worker builds it with
+    :func:`environment_from_lock` into a cache of its own. ``key`` hashes the
+    pins and the Python version they were resolved for (not the interpreter's
+    path, which differs between machines).
+    """
+
+    spec: EnvSpec
+    pins: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return _digest({"kind": self.spec.kind, "pins": list(self.pins), "python": self.spec.python,
+                        "layout": _RECORD_VERSION})
+
+    @property
+    def packages(self) -> tuple[str, ...]:   # what the run records, as for a built environment
+        return self.pins
+
+    def to_record(self) -> dict:
+        return {"kind": self.spec.kind, "requested": list(self.spec.packages), "key": self.key,
+                "python": self.spec.python, "packages": list(self.pins)}
+
+    def to_json(self) -> dict:
+        return {"kind": self.spec.kind, "requested": list(self.spec.packages), "pins": list(self.pins),
+                "python": self.spec.python}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Lock:
+        spec = EnvSpec(data["kind"], tuple(data["requested"]), python=data["python"], interpreter="")
+        return cls(spec, tuple(data["pins"]))
+
+
+def resolve_lock(step: Any, store_root: Path, *, stop: threading.Event | None = None) -> Lock:
+    """The lock of a step's ``--pypi`` environment, for tasks that run on other machines.
+
+    Resolved as a local build resolves (``uv pip compile`` for this
+    interpreter), once: kept under ``<store_root>/envs/locks``, and taken from
+    the step's local environment when one was built. Nothing is installed
+    here. Raises EnvironmentBuildError (the resolver's message).
+    """
+    spec = EnvSpec.from_options(step.options, step=step.name)
+    if spec is None or spec.kind != "pypi":
+        raise EnvironmentBuildError("only --pypi environments have a lock for other machines", step=step.name)
+    envs = Path(store_root) / "envs"
+    path = envs / LOCKS_DIR / f"{spec.request_key()}.json"
+    try:
+        lock = Lock(spec, tuple(json.loads(path.read_text())["pins"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    else:
+        _touch(path)   # its last use: `env prune` forgets locks as it removes environments
+        return lock
+    pins = _local_pins(envs, spec)
+    if pins is None:
+        token = build_stopped.set(stop)
+        try:
+            pins = _resolve_pypi(_uv_binary(step.name), spec, step.name)
+        finally:
+            build_stopped.reset(token)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps({"pins": pins}))
+    return Lock(spec, tuple(pins))
+
+
+def _local_pins(envs: Path, spec: EnvSpec) -> list[str] | None:
+    """The pins of this request's environment built here before, if any."""
+    env = _lookup_request(envs, spec)
+    if env is None:
+        return None
+    try:
+        pins = json.loads((env.path / RECORD_FILE).read_text()).get("pins")
+    except (OSError, ValueError):
+        return None
+    return list(pins) if pins else None
+
+
+def worker_envs_root(env: dict[str, str] | None = None) -> Path:
+    """Where a Dask worker builds environments from locks: ``$FLOWMAGIC_ENV_CACHE``, else
+    ``$FLOWMAGIC_HOME/envs``, else ``$XDG_CACHE_HOME/flowmagic/envs`` (``~/.cache/flowmagic/envs``).
+    The layout is a store's ``envs/`` folder (``flowmagic env list`` reads it with the parent as home)."""
+    env = os.environ if env is None else env
+    if env.get(ENV_CACHE_VAR, "").strip():
+        return Path(env[ENV_CACHE_VAR].strip()).expanduser().absolute()
+    if env.get("FLOWMAGIC_HOME", "").strip():
+        return Path(env["FLOWMAGIC_HOME"].strip()).expanduser().absolute() / "envs"
+    base = env.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).absolute() / "flowmagic" / "envs"
+
+
+def environment_from_lock(lock: Lock, envs: Path, *, step: str | None = None,
+                          on_build: Callable[[], None] | None = None) -> Environment:
+    """This machine's environment for ``lock``, built (exactly its pins, nothing resolved) or found.
+
+    Cached in ``envs`` under a key of the pins and *this* interpreter (the
+    formula of a local build, so the same pins share one environment);
+    concurrent callers, threads or processes, build once (a file lock).
+    ``on_build`` is called by the one caller that builds, before it does.
+    Raises EnvironmentBuildError: no uv, another Python version than the
+    lock's, or the installer's message.
+    """
+    here = EnvSpec(lock.spec.kind, lock.spec.packages)   # this machine's interpreter
+    if here.python.split(".")[:2] != lock.spec.python.split(".")[:2]:
+        raise EnvironmentBuildError(
+            f"{lock.spec.describe()} was resolved for Python {lock.spec.python} (the orchestrator's) but this "
+            f"machine runs Python {here.python}: run the workers on the orchestrator's Python version",
+            step=step, spec=here)
+    pins = list(lock.pins)
+    key = _digest({"kind": "pypi", "pins": pins, "python": here.python, "interpreter": here.interpreter,
+                   "layout": _RECORD_VERSION})
+    envs = Path(envs)
+    found = _load_finished(envs / key, here, key)
+    if found is not None:
+        return found
+    uv = _uv_binary(step)
+    envs.mkdir(parents=True, exist_ok=True)
+
+    def build(final: Path) -> list[str]:
+        if on_build is not None:
+            on_build()
+        return _build_pypi(uv, here, pins, envs, final, step)
+
+    return _ensure_built(envs, key, here, build, step)
+
+
 # ----------------------------------------------------------------- cache lookup
 
 
@@ -376,18 +530,28 @@ def _ensure_built(envs: Path, key: str, spec: EnvSpec, build: Callable[[Path], o
     from filelock import FileLock, Timeout   # here: ~40 ms of imports a flow without environments never needs
 
     lock = FileLock(str(envs / f"{key}.lock"))
+    stop = build_stopped.get()   # a waiter polls it: a stopped run (a cancelled attempt) waits no longer
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_SECONDS if stop is None else min(0.25, LOCK_TIMEOUT_SECONDS))
+            break
+        except Timeout:
+            if stop is not None and stop.is_set():
+                raise EnvironmentBuildError(f"building {spec.describe()} was stopped: the run ended first",
+                                            step=step, spec=spec) from None
+            if stop is None or time.monotonic() >= deadline:
+                raise EnvironmentBuildError(f"waited {LOCK_TIMEOUT_SECONDS} s for another process building "
+                                            f"{final}", step=step, spec=spec) from None
     try:
-        with lock.acquire(timeout=LOCK_TIMEOUT_SECONDS):
-            found = _load_finished(final, spec, key)   # built by whoever held the lock
-            if found is not None:
-                return found
-            if final.exists():                        # left over by a killed conda build
-                shutil.rmtree(final, ignore_errors=True)
-            build(final)   # writes the record last: from then on the environment is complete
-    except Timeout:
-        raise EnvironmentBuildError(
-            f"waited {LOCK_TIMEOUT_SECONDS} s for another process building {final}", step=step, spec=spec
-        ) from None
+        found = _load_finished(final, spec, key)   # built by whoever held the lock
+        if found is not None:
+            return found
+        if final.exists():                        # left over by a killed conda build
+            shutil.rmtree(final, ignore_errors=True)
+        build(final)   # writes the record last: from then on the environment is complete
+    finally:
+        lock.release()
     env = _load_finished(final, spec, key, created=True)
     if env is None:   # pruned between the build and this line
         raise EnvironmentBuildError(f"the environment {final} was removed right after it was built; run again",
@@ -506,7 +670,8 @@ def list_environments(store_root: Path) -> list[CachedEnvironment]:
 
 
 def prune_environments(store_root: Path, *, unused_for_days: float = 0.0) -> list[Path]:
-    """Delete environments not used for ``unused_for_days`` (0: all), and abandoned builds.
+    """Delete environments not used for ``unused_for_days`` (0: all), abandoned builds, and the
+    locks (requests resolved for Dask workers) not used for as long.
 
     An environment being built right now (its lock is held) is left alone.
     Returns the removed folders.
@@ -524,6 +689,12 @@ def prune_environments(store_root: Path, *, unused_for_days: float = 0.0) -> lis
         if _remove_unless_locked(envs, key, [temp]):
             removed.append(temp)
     _forget_missing_requests(envs)
+    for lock in (envs / LOCKS_DIR).glob("*.json"):   # the next run on Dask resolves its request again
+        try:
+            if lock.stat().st_mtime <= cutoff:
+                lock.unlink()
+        except OSError:
+            pass
     return removed
 
 
@@ -568,11 +739,17 @@ def _tool_for(kind: EnvKind, *, step: str | None = None) -> str:
     return _uv_binary(step) if kind == "pypi" else _conda_binary(step)
 
 
+_find_uv_lock = threading.Lock()
+
+
 def _uv_binary(step: str | None = None) -> str:
     try:
         from uv import find_uv_bin
 
-        return find_uv_bin()
+        # one thread at a time: find_uv_bin reads sysconfig, whose first use is not thread-safe
+        # (two tasks of a Dask worker got None for "EXE" from its half-filled variables)
+        with _find_uv_lock:
+            return find_uv_bin()
     except (ImportError, FileNotFoundError):
         pass
     found = shutil.which("uv")

@@ -3,6 +3,11 @@
 A first build takes seconds to minutes: it runs on a thread of its own and
 posts :class:`~flowmagic.runtime.orchestrator.messages.EnvironmentBuilt` to the engine's
 queue, so other tasks start, stream their output and finish meanwhile.
+
+A step whose tasks run elsewhere (a Dask executor: :meth:`StepServers.run_elsewhere`)
+gets no environment here: its request is only *resolved* (the same way, on the
+same thread), and the resulting :class:`~flowmagic.runtime.environments.builder.Lock`
+goes with each attempt (:meth:`StepServers.lock_for`); each worker builds it.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from flowmagic.errors import RunError
 from flowmagic.runtime.environments import builder as environments
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
 from flowmagic.runtime.orchestrator.messages import EngineMessage, EnvironmentBuilt
@@ -27,6 +33,19 @@ class StepServers:
         self._stop = threading.Event()              # the run ends (failed, interrupted): builds stop
         self.build_started: dict[str, float] = {}   # step -> when its environment build began
         self._reported: dict[str, float] = {}       # step -> when its last progress line was shown
+        self._elsewhere: set[str] = set()           # steps whose tasks run on other machines (Dask)
+        self._locks: dict[str, environments.Lock] = {}   # their resolved --pypi environments
+
+    def run_elsewhere(self, steps) -> None:
+        """These steps' environments are built where their tasks run: here they are only resolved."""
+        self._elsewhere.update(steps)
+
+    def lock_for(self, step: str) -> environments.Lock | None:
+        """The resolved environment a remote step's attempts carry (None: the step has none)."""
+        lock = self._locks.get(step)
+        if lock is None and self.graph.step(step).options.pypi:   # never run one outside its environment
+            raise RunError(f"step '{step}': its --pypi environment was not resolved before its task was sent")
+        return lock
 
     def server_for(self, step: str) -> ForkServer:
         if step not in self._servers:   # an environment's server is there already (built())
@@ -40,7 +59,7 @@ class StepServers:
     def waits(self, info: TaskInfo, attempt: int) -> bool:
         """Whether the attempt must wait for its step's environment (then it is kept here)."""
         options = self.graph.step(info.step).options
-        if info.step in self._servers or not (options.pypi or options.conda):
+        if info.step in self._servers or info.step in self._locks or not (options.pypi or options.conda):
             return False
         if info.step not in self.building:
             self.building[info.step] = []
@@ -54,6 +73,10 @@ class StepServers:
 
     def _build(self, step: str) -> None:
         try:
+            if step in self._elsewhere:
+                lock = environments.resolve_lock(self.graph.step(step), self.store_root, stop=self._stop)
+                self.post(EnvironmentBuilt(step, (lock, None)))
+                return
             result: tuple | BaseException = environments.environment_server(
                 self.graph.step(step), self.graph.prelude, self.store_root, workdir=self.workdir, stop=self._stop)
         except BaseException as exc:  # noqa: BLE001 - the waiting tasks fail with it
@@ -71,7 +94,8 @@ class StepServers:
                 self._reported[step] = now
                 options = self.graph.step(step).options
                 kind, spec = ("pypi", options.pypi) if options.pypi else ("conda", options.conda)
-                lines.append((step, f"building the --{kind} environment \"{spec}\" ({elapsed:.0f} s)"))
+                doing = "resolving" if step in self._elsewhere else "building"
+                lines.append((step, f"{doing} the --{kind} environment \"{spec}\" ({elapsed:.0f} s)"))
         return lines
 
     def build_finished_line(self, step: str, env: object | None) -> str | None:
@@ -81,6 +105,8 @@ class StepServers:
         elapsed = time.time() - self.build_started.get(step, time.time())
         if env is None:
             return f"environment build failed after {elapsed:.1f} s"
+        if isinstance(env, environments.Lock):
+            return f"environment resolved in {elapsed:.1f} s ({len(env.pins)} packages; the workers build it)"
         return f"environment ready in {elapsed:.1f} s ({len(getattr(env, 'packages', ()))} packages)"
 
     def built(self, step: str, result: tuple | BaseException) -> tuple[Waiting, object | None]:
@@ -88,7 +114,11 @@ class StepServers:
         waiting = self.building.pop(step, [])
         if isinstance(result, BaseException):
             return waiting, None
-        env, self._servers[step] = result
+        env, server = result
+        if isinstance(env, environments.Lock):
+            self._locks[step] = env
+        else:
+            self._servers[step] = server
         return waiting, env
 
     def stop(self) -> Waiting:

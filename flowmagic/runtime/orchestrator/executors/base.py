@@ -104,9 +104,10 @@ class Executors:
                 value = by_step.get(step.name, LOCAL)
                 if value == LOCAL:
                     continue
-                if step.options.pypi or step.options.conda:
-                    raise UsageError(f"step '{step.name}' (cell {cell_number(step.cell)}): --pypi/--conda "
-                                     "environments are not built on Dask workers yet; drop --executor for it")
+                if step.options.conda:   # --pypi: resolved here, built by each worker (StepServers.run_elsewhere)
+                    raise UsageError(f"step '{step.name}' (cell {cell_number(step.cell)}): --conda "
+                                     "environments are not built on Dask workers; use --pypi with the same "
+                                     "packages, or drop --executor for it")
                 if value not in made:
                     from flowmagic.runtime.orchestrator.executors.dask import DaskExecutor
 
@@ -118,7 +119,16 @@ class Executors:
         return cls(by_step, made)
 
     def attach_local(self, executor: Executor) -> None:
+        """The engine's local executor; its step servers learn which steps' environments are built on
+        other machines (they only resolve those), and the remote executors where to find their locks."""
         self._made.setdefault(LOCAL, executor)
+        servers = getattr(executor, "servers", None)
+        if servers is None:
+            return
+        servers.run_elsewhere({step for step, value in self._by_step.items() if value != LOCAL})
+        for value, made in self._made.items():
+            if value != LOCAL and hasattr(made, "use_environments"):
+                made.use_environments(servers)
 
     def for_step(self, step: str) -> Executor:
         return self._made[self._by_step.get(step, LOCAL)]

@@ -10,6 +10,8 @@ flowmagic's ``--retry``/``--catch`` count attempts as they do locally.
 Output comes back as it is written through the run's event topic
 (``Worker.log_event`` -> ``Client.subscribe_topic``); Ctrl-C kills the
 running attempts on the workers (``Client.run``) and cancels their futures.
+A ``--pypi`` step's environment is resolved once, here (builds.StepServers),
+and its lock travels with each attempt; the worker builds it (remote.py).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class DaskExecutor:
         self.topic = f"flowmagic-{uuid.uuid4().hex}"
         self._listeners: dict[str, tuple[AttemptRequest, list[int]]] = {}   # key -> (request, [events seen])
         self._lock = threading.Lock()
+        self._environments = None   # the run's builds.StepServers: the locks of --pypi steps
         # attempts in flight: a few per worker thread, so the next task waits on the worker, not a round trip
         self._slots = max_workers or IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
         client.subscribe_topic(self.topic, self._on_event)
@@ -79,11 +82,16 @@ class DaskExecutor:
                              "is `dask scheduler` running there? No run was recorded") from None
         return cls(client, url, max_workers)
 
+    def use_environments(self, servers) -> None:
+        """Where the locks of this run's --pypi steps are (Executors.attach_local)."""
+        self._environments = servers
+
     def slots(self) -> int:
         return self._slots
 
     def prepare(self, request: AttemptRequest) -> None:
-        pass   # the worker starts its fork server itself
+        self._lock_of(request)   # a --pypi step goes with its lock, or not at all (RunError: not started)
+        # the worker starts its fork server itself
 
     def run_attempt(self, request: AttemptRequest) -> AttemptExit:
         spec = request.spec
@@ -139,7 +147,12 @@ class DaskExecutor:
         return {"key": key, "topic": self.topic, "spec": request.spec.to_json(), "prelude": request.prelude,
                 "flow_modules": list(request.flow_modules), "timeout": request.timeout,
                 "memory_mb": request.memory_mb, "workdir": request.workdir,
-                "log_limits": dataclasses.asdict(request.log_limits)}
+                "log_limits": dataclasses.asdict(request.log_limits), "environment": self._lock_of(request)}
+
+    def _lock_of(self, request: AttemptRequest) -> dict | None:
+        """The step's resolved --pypi environment (the engine waited for it), or None."""
+        lock = self._environments.lock_for(request.info.step) if self._environments is not None else None
+        return lock.to_json() if lock is not None else None
 
     def _on_event(self, event) -> None:
         """On the client's event loop: one output chunk or display message of a running attempt."""

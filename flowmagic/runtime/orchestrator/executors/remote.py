@@ -15,6 +15,15 @@ spec's ``objects_root`` must be a directory this worker sees (a shared
 filesystem). A worker process checks the store before its first attempt
 (and again after a failed check), so a worker that cannot use it fails its
 attempts with one line that says why.
+
+A ``--pypi`` step's attempt carries the lock the orchestrator resolved
+(builder.Lock). The worker builds exactly those pins with uv into its own
+cache (builder.worker_envs_root: ``FLOWMAGIC_ENV_CACHE``, keyed by the pins and
+this worker's interpreter, a file lock so concurrent tasks build once), then
+runs the attempt in a fork server of that environment's interpreter, as a
+local ``--pypi`` step runs. A build that fails fails the attempt (not
+started: ``--retry`` counts it) with one line naming the step, the worker
+and the spec; the installer's whole report is the attempt's traceback.
 """
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ import dataclasses
 import os
 import threading
 
+from flowmagic.runtime.environments import builder as environments
+from flowmagic.runtime.environments.prelude import prelude_for_environment
 from flowmagic.runtime.orchestrator.attempt import AttemptExit
 from flowmagic.runtime.orchestrator.executors.base import AttemptRequest
 from flowmagic.runtime.orchestrator.executors.local import not_started, run_local_attempt
 from flowmagic.runtime.orchestrator.logs import LogLimits
-from flowmagic.runtime.protocol import TaskSpec
+from flowmagic.runtime.protocol import ExceptionRecord, TaskSpec
 from flowmagic.runtime.worker.forkpool import get_server
 from flowmagic.store.backends import STORE_ENV, backend_for, store_modules
 from flowmagic.store.remote import CACHE_ENV, worker_cache_root
@@ -74,14 +85,55 @@ def run_remote_attempt(payload: dict) -> tuple[AttemptExit, int]:
         on_output=lambda stream, text: send({"stream": stream, "text": text}),
         on_message=lambda message: send({"message": message}))
     try:
+        python, prelude = None, request.prelude
+        if payload.get("environment"):
+            try:
+                env = worker_environment(environments.Lock.from_json(payload["environment"]), spec.step,
+                                         worker.address, cancel, send)
+            except environments.EnvironmentBuildError as exc:
+                return build_failed(exc, worker.address), sent[0]
+            except Exception as exc:  # noqa: BLE001 - an unforeseen failure: the attempt did not start either
+                return not_started(exc), sent[0]
+            python, prelude = str(env.python), prelude_for_environment(prelude)
         try:
-            server = get_server(request.prelude, cwd=workdir, preload=request.flow_modules + _store_modules(spec))
+            server = get_server(prelude, python=python, cwd=workdir,
+                                preload=request.flow_modules + _store_modules(spec))
         except Exception as exc:  # noqa: BLE001 - the prelude fails here: the attempt never started
             return not_started(exc), sent[0]
         return run_local_attempt(server, request), sent[0]
     finally:
         with _lock:
             _cancels.pop(key, None)
+
+
+def worker_environment(lock: environments.Lock, step: str, address: str, cancel: threading.Event,
+                       send) -> environments.Environment:
+    """This worker's environment for the lock, built on first use (the one building task says so in its
+    output); a cancel stops the build, or the wait for another task's build."""
+    def on_build() -> None:
+        send({"stream": "stderr", "text": f"building the {lock.spec.describe()} environment on Dask worker "
+                                          f"{address} ({len(lock.pins)} packages, from the run's lock)\n"})
+
+    token = environments.build_stopped.set(cancel)
+    try:
+        return environments.environment_from_lock(lock, environments.worker_envs_root(), step=step,
+                                                  on_build=on_build)
+    finally:
+        environments.build_stopped.reset(token)
+
+
+def build_failed(exc: environments.EnvironmentBuildError, address: str) -> AttemptExit:
+    """The attempt did not start: one line (step, worker, spec, the tool's last word); all of it below."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = lines[0].rstrip(":") if lines else type(exc).__name__
+    said = lines[-1] if len(lines) > 1 else ""
+    prefix = f"step '{exc.step}': " if exc.step else ""
+    head = head.removeprefix(prefix)
+    message = f"{prefix}Dask worker {address}: {head}" + (f": {said}" if said else "")
+    attempt = not_started(exc)
+    name = type(exc).__name__
+    return dataclasses.replace(attempt, exception=ExceptionRecord(name, message, f"{name}: {message}\n\n{text}\n"))
 
 
 class StoreUnusable(Exception):
