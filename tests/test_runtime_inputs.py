@@ -1,11 +1,14 @@
 """Which values a task gets (pure rules of runtime/inputs.py), as tables."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from flowmagic.flow.graph import build_flow
 from flowmagic.runtime.orchestrator import inputs as plan
 from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.store.serializers import ArtifactRef
 
 GRAPH = build_flow([
     "%%step start\nouter = [1, 2]\nconst = 3",
@@ -17,12 +20,17 @@ GRAPH = build_flow([
 ], name="Plan")
 
 
-def ref(name: str) -> dict:
-    return {"name": name}
+def ref(label: str) -> str:
+    """What the tests compare of a ref: its hash, made from the label of the value."""
+    return f"hash-{label}"
+
+
+_ids = itertools.count(1)
 
 
 def task(step: str, index: tuple, **artifacts) -> TaskInfo:
-    return TaskInfo(1, step, index, "done", {k: ref(v) for k, v in artifacts.items()})
+    return TaskInfo(next(_ids), step, index, "done",
+                    tuple(ArtifactRef(name, "str", 1, ref(label), "inline", f'"{label}"') for name, label in artifacts.items()))
 
 
 TASKS = {
@@ -58,7 +66,7 @@ def refs_only(binding: dict) -> dict:
     """The binding without the writer step names (kept for error messages)."""
     if "list" in binding:
         return {"list": [refs_only(b) for b in binding["list"]]}
-    return {k: v for k, v in binding.items() if k != "step"}
+    return {k: v["hash"] if k == "ref" else v for k, v in binding.items() if k != "step"}
 
 
 def test_missing_name_is_a_clear_message():
@@ -68,17 +76,18 @@ def test_missing_name_is_a_clear_message():
 
 
 def test_foreach_indices_follow_the_producers_tasks():
-    producer_tasks = [TaskInfo(1, "rows", (0,), "done", {}, {"cols": {"length": 1, "items": ["0"]}}),
-                      TaskInfo(2, "rows", (1,), "done", {}, {"cols": {"length": 2, "items": ["0", "1"]}})]
+    producer_tasks = [TaskInfo(1, "rows", (0,), "done", (), {"cols": {"length": 1, "items": ["0"]}}),
+                      TaskInfo(2, "rows", (1,), "done", (), {"cols": {"length": 2, "items": ["0", "1"]}})]
     assert plan.foreach_indices("cols", "rows", producer_tasks) == [((0, 0), "0"), ((1, 0), "0"), ((1, 1), "1")]
-    empty = [TaskInfo(1, "start", (), "done", {}, {"outer": {"length": 0, "items": []}})]
+    empty = [TaskInfo(1, "start", (), "done", (), {"outer": {"length": 0, "items": []}})]
     assert plan.foreach_indices("outer", "start", empty) == []
 
 
 def test_inputs_are_one_namespace_per_foreach_task():
     chain = plan.chains(GRAPH)
     got = plan.inputs_for("side", (), (), chain, TASKS["side"])
-    assert got == [{"other": {"ref": ref("o0")}}, {"other": {"ref": ref("o1")}}]
+    assert [{n: refs_only(b) for n, b in ns.items()} for ns in got] == [{"other": {"ref": ref("o0")}},
+                                                                        {"other": {"ref": ref("o1")}}]
 
 
 def test_required_names_and_foreach_vars():

@@ -75,7 +75,9 @@ class TaskSpec:
     """Everything one attempt of one task needs; built by the engine, read by worker/task.py.
 
     A *binding* is ``{"ref": ArtifactRef dict, "step"}``, ``{"list": [bindings]}``
-    (a gathered foreach value), ``{"value": JSON}`` or ``{"missing": message}``.
+    (a gathered foreach value), ``{"stored": object key, "serializers", "step", "tasks"}`` (such a
+    list from more than inputs.GATHER_STORED_AT tasks, streamed into the store), ``{"value": JSON}``
+    or ``{"missing": message}``.
     """
 
     objects_root: str

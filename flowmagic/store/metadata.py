@@ -582,6 +582,21 @@ class Metadata:
             " (SELECT MAX(attempt) FROM attempts WHERE task_id = ?) ORDER BY name", (task_id, task_id))
         return [ArtifactRef(*r) for r in rows]
 
+    def artifacts_of(self, task_ids: Sequence[int]) -> dict[int, list[ArtifactRef]]:
+        """:meth:`artifacts` of many tasks, a few queries (a join reads 100,000 tasks' refs)."""
+        found: dict[int, list[ArtifactRef]] = {task_id: [] for task_id in task_ids}
+        ids = list(found)
+        for start in range(0, len(ids), 500):   # SQLite's limit on ? parameters
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                "SELECT a.task_id, a.name, a.type, a.size, a.hash, a.serializer, a.inline FROM artifacts a JOIN"
+                f" (SELECT task_id, MAX(attempt) AS last FROM attempts WHERE task_id IN ({marks}) GROUP BY task_id) v"
+                " ON a.task_id = v.task_id AND a.attempt = v.last ORDER BY a.task_id, a.name", chunk)
+            for task_id, *ref in rows:
+                found[task_id].append(ArtifactRef(*ref))
+        return found
+
     def publish(self) -> None:
         """Publish what changed to a shared store (replica.PublishingMetadata); nothing here."""
 

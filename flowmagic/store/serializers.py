@@ -29,7 +29,7 @@ import pickle
 import struct
 import sys
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import xxhash
@@ -50,9 +50,13 @@ _PICKLE_MAGIC = b"FMPKL5\x00\x01"
 _ALIGN = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArtifactRef:
-    """What the metadata records about one stored value."""
+    """What the metadata records about one stored value.
+
+    The orchestrator keeps one per artifact of every finished task (a foreach
+    of 100,000 tasks: 100,000s), so it has slots and shares its repeated strings.
+    """
 
     name: str
     type: str           # "pandas.DataFrame", "numpy.ndarray", "int", ...
@@ -62,12 +66,13 @@ class ArtifactRef:
     inline: str | None = None  # JSON text for small plain values
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"name": self.name, "type": self.type, "size": self.size, "hash": self.hash,
+                "serializer": self.serializer, "inline": self.inline}
 
     @classmethod
     def from_dict(cls, d: dict) -> ArtifactRef:
-        return cls(name=d["name"], type=d["type"], size=int(d["size"]), hash=d["hash"],
-                   serializer=d["serializer"], inline=d.get("inline"))
+        return cls(name=sys.intern(d["name"]), type=sys.intern(d["type"]), size=int(d["size"]), hash=d["hash"],
+                   serializer=sys.intern(d["serializer"]), inline=d.get("inline"))
 
 
 # -- public API ----------------------------------------------------------------

@@ -55,14 +55,13 @@ ROUND = 500
 def known_task(graph, store, record, state: str | None = None) -> TaskInfo:
     """A task recorded earlier (a clone's origin, a cached or resumed one), as the engine tracks it."""
     refs = store.meta.artifacts(record.task_id)
-    info = TaskInfo(record.task_id, record.step, tuple(record.index or ()), state or record.state,
-                    {r.name: r.to_dict() for r in refs})
+    info = TaskInfo(record.task_id, record.step, tuple(record.index or ()), state or record.state, tuple(refs))
     for var in plan.foreach_vars(graph, record.step):
         ref = next((r for r in refs if r.name == var), None)
         if ref is not None:
             from flowmagic.store.serializers import load_artifact
 
-            info.foreach[var] = foreach_info(load_artifact(store.objects, ref))
+            info.foreach = {**(info.foreach or {}), var: foreach_info(load_artifact(store.objects, ref))}
     return info
 
 
@@ -111,6 +110,9 @@ class _Engine:
         self.executors = executors or Executors()
         self.executors.attach_local(LocalExecutor(self.servers, self.max_workers))
         self.flow_modules = flow_preload([graph.prelude, *(s.code for s in graph.steps)])
+        self._stored: dict[tuple, dict] = {}   # gathered values written to the store (_stored_if_gathered)
+        # a finished foreach task's refs are read back from the metadata when a later task needs them
+        self._stored_refs = plan.StoredRefs(store.meta.artifacts, store.meta.artifacts_of)
 
     def input_plan(self, step: str, index: tuple[int, ...],
                    tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
@@ -242,9 +244,9 @@ class _Engine:
         producer = self.graph.producers(name).get(var)
         if producer is None:  # iterating over a parameter
             return [((i,), repr(x)[:60]) for i, x in enumerate(list(self.params.get(var) or []))]
-        bad = [t for t in self.state.tasks[producer] if (t.foreach.get(var) or {}).get("length") is None]
+        bad = [t for t in self.state.tasks[producer] if ((t.foreach or {}).get(var) or {}).get("length") is None]
         if bad:
-            error = (bad[0].foreach.get(var) or {}).get("error") or f"'{var}' was not saved"
+            error = ((bad[0].foreach or {}).get(var) or {}).get("error") or f"'{var}' was not saved"
             self.state.fail_step(name, f"TypeError: --foreach {var}: {error}")
             return None
         return plan.foreach_indices(var, producer, self.state.tasks[producer])
@@ -452,8 +454,8 @@ class _Engine:
         if state == "retrying":
             self.queue.retry_later(info, attempt + 1)
         elif state in TASK_FINISHED_OK:
-            info.artifacts = {r.name: r.to_dict() for r in artifacts}
-            info.foreach = manifest.foreach
+            info.keep_refs(tuple(artifacts), self._stored_refs if info.index else None)
+            info.foreach = manifest.foreach or None
             if self.state.step_finished_ok(info.step):
                 self._step_finished(info.step)
         elif state == "failed":
@@ -480,10 +482,31 @@ class _Engine:
         self._schedule_steps()
 
     # -- specs ---------------------------------------------------------------------------
+    def _stored_if_gathered(self, binding: dict) -> dict:
+        """A value gathered from many tasks goes to its task as an object of the store (streamed there:
+        never the whole binding in memory); the task reads it back (task.resolve_binding)."""
+        gathered = binding.get("gathered")
+        if gathered is None:
+            return binding
+        # the same gathered value for every task of a foreach over it: written once
+        which = (gathered.producer, gathered.var, gathered.depth, gathered.tasks[0].index[:gathered.depth])
+        if which not in self._stored:
+            serializers: set[str] = set()
+
+            def write(fh) -> None:
+                serializers.update(gathered.write_json(fh))
+
+            key, _size = self.store.objects.put_stream(write)
+            self._stored[which] = {"stored": key, "serializers": sorted(serializers), "step": gathered.producer,
+                                   "tasks": len(gathered.tasks)}
+        return self._stored[which]
+
     def _task_spec(self, info: TaskInfo, attempt: int) -> TaskSpec:
         graph, step = self.graph, info.step
         spec = graph.step(step)
         inputs = self.input_plan(step, info.index)
+        bindings = {var: self._stored_if_gathered(binding) for var, binding in inputs.bindings.items()}
+        foreach = inputs.foreach and {**inputs.foreach, "binding": self._stored_if_gathered(inputs.foreach["binding"])}
         return TaskSpec(
             objects_root=str(self.store.objects.root),
             store_url=self.store.objects.url,
@@ -491,7 +514,7 @@ class _Engine:
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,
             filename=f"<cell {cell_number(spec.cell)}: step {step}>",
-            params=self.params, bindings=inputs.bindings, foreach=inputs.foreach, inputs=inputs.inputs,
+            params=self.params, bindings=bindings, foreach=foreach, inputs=inputs.inputs,
             catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
             writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
             required=tuple(sorted(plan.required_names(graph, step))),

@@ -14,29 +14,69 @@ rules of ARCHITECTURE ("dag.py semantics") are in one place:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import json
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from flowmagic.states import task_successful
+from flowmagic.store.serializers import ArtifactRef
 
 Index = tuple[int, ...]
 
+#: a value gathered from more tasks than this reaches its task as a stored object (:class:`Gathered`)
+GATHER_STORED_AT = 1_000
 
-@dataclass
+
+@dataclass(slots=True)
 class TaskInfo:
-    """What the orchestrator knows about one task of the current run."""
+    """What the orchestrator knows about one task of the current run (one per task of a
+    100,000-task foreach, for the whole run: slots, and no per-task empty dicts)."""
 
     task_id: int
     step: str
     index: Index
     state: str = "pending"            # TaskState
-    artifacts: dict[str, dict] = field(default_factory=dict)   # name -> ArtifactRef dict
-    foreach: dict[str, dict] = field(default_factory=dict)     # name -> {"length", "items"}
+    refs: tuple[ArtifactRef, ...] = ()   # a tuple: a dict per task cost 190 bytes more
+    foreach: dict[str, dict] | None = None   # name -> {"length", "items"} of the lists it wrote for a foreach
     exception: dict | None = None
+    # a finished foreach task's refs are left in the store's metadata (0.3 KB a task kept in memory for the
+    # whole run): this reads them back, ``Metadata.artifacts`` / ``artifacts_of`` (see :func:`refs_of`)
+    stored: StoredRefs | None = None
+
+    @property
+    def artifacts(self) -> tuple[ArtifactRef, ...]:
+        if self.stored is not None:
+            return tuple(self.stored.one(self.task_id))
+        return self.refs
+
+    def artifact(self, name: str) -> ArtifactRef | None:
+        return next((ref for ref in self.artifacts if ref.name == name), None)
+
+    def keep_refs(self, refs: tuple[ArtifactRef, ...], stored: StoredRefs | None) -> None:
+        """The refs of the finished task: in memory, or (``stored``) read back from the metadata."""
+        self.refs, self.stored = (() if stored is not None else refs), stored
 
     @property
     def finished_ok(self) -> bool:
         return task_successful(self.state)
+
+
+@dataclass(frozen=True)
+class StoredRefs:
+    """Where finished tasks' refs are read back from: the run's metadata."""
+
+    one: Any    # task id -> list[ArtifactRef]   (Metadata.artifacts)
+    many: Any   # [task id] -> {task id: list[ArtifactRef]}   (Metadata.artifacts_of)
+
+
+def refs_of(tasks: list[TaskInfo]) -> dict[int, tuple[ArtifactRef, ...]]:
+    """Every task's refs, those left in the store read in a few queries."""
+    found = {t.task_id: t.refs for t in tasks if t.stored is None}
+    stored = [t for t in tasks if t.stored is not None]
+    if stored:
+        for task_id, refs in stored[0].stored.many([t.task_id for t in stored]).items():
+            found[task_id] = tuple(refs)
+    return found
 
 
 def chains(graph) -> dict[str, tuple[str, ...]]:
@@ -72,19 +112,77 @@ def binding_for(var: str, producer: str, reader_chain: tuple[str, ...], index: I
     """The binding (see task.resolve_binding) of ``var`` for one task of a reader."""
     depth = _common(reader_chain, chain_of[producer])
     chosen = matching_tasks(tasks, depth, index)
-    return _nest(var, producer, chosen, depth, len(chain_of[producer]))
+    full = len(chain_of[producer])
+    if depth < full and len(chosen) > GATHER_STORED_AT:
+        return {"gathered": Gathered(var, producer, chosen, depth, full)}
+    return _nest(var, producer, chosen, depth, full)
+
+
+def _leaf(var: str, producer: str, task: TaskInfo, ref: ArtifactRef | None) -> dict:
+    if ref is None:
+        return {"missing": f"name '{var}' is not defined: step '{producer}' (task {task.task_id}) did not assign it"}
+    return {"ref": ref.to_dict(), "step": producer}
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A value gathered from many tasks (a 100,000-task join's ``{"list": ...}`` binding was 50 MB of
+    dicts in the orchestrator): the engine streams its binding into the object store, one task's ref
+    at a time, and the task gets ``{"stored": key}`` (see :meth:`write_json`)."""
+
+    var: str
+    producer: str
+    tasks: list[TaskInfo]
+    depth: int
+    full: int
+
+    def binding(self) -> dict:
+        """The whole binding, as :func:`_nest` makes it for fewer tasks."""
+        return _nest(self.var, self.producer, self.tasks, self.depth, self.full)
+
+    def write_json(self, fh: BinaryIO) -> set[str]:
+        """Write the binding's JSON to ``fh``; return the serializers of the refs in it."""
+        if self.full - self.depth > 1:   # nested foreach: built whole (rare at this size)
+            binding = self.binding()
+            fh.write(json.dumps(binding).encode())
+            return binding_serializers(binding)
+        found: set[str] = set()
+        fh.write(b'{"list": [')
+        for start in range(0, len(self.tasks), 500):   # refs left in the store: read 500 at a time
+            chunk = self.tasks[start:start + 500]
+            refs = refs_of(chunk)
+            for k, task in enumerate(chunk, start):
+                ref = next((r for r in refs[task.task_id] if r.name == self.var), None)
+                leaf = _leaf(self.var, self.producer, task, ref)
+                if ref is not None:
+                    found.add(ref.serializer)
+                fh.write(b", " * (k > 0) + json.dumps(leaf).encode())
+        fh.write(b"]}")
+        return found
+
+
+def binding_serializers(binding: Any) -> set[str]:
+    """The serializers of every ref in a binding (an Arrow one needs pyarrow in the task's process)."""
+    found: set[str] = set()
+    if isinstance(binding, dict):
+        ref = binding.get("ref")
+        if isinstance(ref, dict) and isinstance(ref.get("serializer"), str):
+            found.add(ref["serializer"])
+        found.update(binding.get("serializers") or ())   # a stored binding says which it holds
+        for value in binding.values():
+            if isinstance(value, (dict, list)):
+                found |= binding_serializers(value)
+    elif isinstance(binding, list):
+        for value in binding:
+            found |= binding_serializers(value)
+    return found
 
 
 def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int) -> dict:
     if depth >= full:
         if not tasks:
             return {"missing": f"step '{producer}' has no task for this item, so '{var}' is undefined"}
-        task = tasks[0]
-        ref = task.artifacts.get(var)
-        if ref is None:
-            return {"missing": f"name '{var}' is not defined: step '{producer}' (task {task.task_id}) "
-                               "did not assign it"}
-        return {"ref": ref, "step": producer}
+        return _leaf(var, producer, tasks[0], tasks[0].artifact(var))
     groups: dict[int, list[TaskInfo]] = {}
     for task in tasks:
         groups.setdefault(task.index[depth], []).append(task)
@@ -95,8 +193,9 @@ def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,
                chain_of: dict[str, tuple[str, ...]], tasks: list[TaskInfo]) -> list[dict]:
     """``inputs`` of a join: one name -> binding dict per foreach task, in item order."""
     depth = _common(reader_chain, chain_of[producer])
-    return [{name: {"ref": ref} for name, ref in t.artifacts.items()}
-            for t in matching_tasks(tasks, depth, index)]
+    chosen = matching_tasks(tasks, depth, index)
+    refs = refs_of(chosen)
+    return [{ref.name: {"ref": ref.to_dict()} for ref in refs[t.task_id]} for t in chosen]
 
 
 def foreach_indices(var: str, producer: str | None, producer_tasks: list[TaskInfo]) -> list[tuple[Index, str | None]]:
@@ -104,7 +203,7 @@ def foreach_indices(var: str, producer: str | None, producer_tasks: list[TaskInf
     producer of its list, one index per item."""
     result: list[tuple[Index, str | None]] = []
     for task in sorted(producer_tasks, key=lambda t: t.index):
-        info = task.foreach.get(var) or {}
+        info = (task.foreach or {}).get(var) or {}
         items = info.get("items", [])
         for i in range(int(info.get("length") or 0)):
             result.append((task.index + (i,), items[i] if i < len(items) else None))
@@ -158,6 +257,8 @@ def plan_inputs(graph, step: str, index: Index, chain_of: dict[str, tuple[str, .
 
 
 def _hashes(binding: dict) -> Any:
+    if "gathered" in binding:
+        return _hashes(binding["gathered"].binding())
     if "ref" in binding:
         return binding["ref"].get("hash")
     if "list" in binding:

@@ -205,11 +205,11 @@ def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
 
 def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
     tasks = engine.tasks[step]
-    names = sorted({n for t in tasks for n in t.artifacts})
+    names = sorted({ref.name for refs in plan.refs_of(tasks).values() for ref in refs})
     depth = len(engine.chain[step])
 
     def convert(binding):
-        if "ref" in binding:
+        if "ref" in binding:   # plan._nest gives the refs' dicts, as a task's spec carries them
             return ArtifactRef.from_dict(binding["ref"])
         if "list" in binding:
             return [convert(b) for b in binding["list"]]

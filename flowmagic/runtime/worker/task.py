@@ -101,8 +101,11 @@ def run_task(spec: TaskSpec, ns: dict, send: Callable[[dict], None],
 
 def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     """A binding is ``{"ref": ArtifactRef dict}``, ``{"list": [bindings]}`` (a
-    gathered foreach value, nested for nested foreach), ``{"value": JSON}`` or
+    gathered foreach value, nested for nested foreach), ``{"stored": object key}``
+    (such a binding from many tasks, kept in the store), ``{"value": JSON}`` or
     ``{"missing": message}``."""
+    if "stored" in binding:
+        return resolve_binding(json.loads(objects.get_bytes(binding["stored"])), objects)
     if "ref" in binding:
         ref = ArtifactRef.from_dict(binding["ref"])
         if ref.serializer == UNSAVED:   # the producer could not save it: name that step

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from flowmagic.runtime.orchestrator import memory
 from flowmagic.runtime.orchestrator.attempt import AttemptExit, BatchEnd, BatchTask, run_attempt, run_batch
 from flowmagic.runtime.orchestrator.executors.base import AttemptRequest
+from flowmagic.runtime.orchestrator.inputs import binding_serializers
 from flowmagic.runtime.protocol import ExceptionRecord
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import ForkServerDied, flow_preload
@@ -99,22 +100,7 @@ class LocalExecutor:
 
 def input_serializers(spec) -> set[str]:
     """The serializers of every artifact a task loads (an Arrow one needs pyarrow, maybe pandas)."""
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            ref = node.get("ref")
-            if isinstance(ref, dict) and isinstance(ref.get("serializer"), str):
-                found.add(ref["serializer"])
-            for value in node.values():
-                if isinstance(value, (dict, list)):
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(spec.input_bindings())
-    return found
+    return binding_serializers(spec.input_bindings())
 
 
 def not_started(exc: BaseException) -> AttemptExit:
