@@ -168,3 +168,15 @@ def test_a_metadata_transaction_commits_what_was_written_even_when_interrupted(t
             other.close()
     finally:
         s.close()
+
+
+def test_a_join_over_more_tasks_than_a_spec_carries_reads_them_from_the_store(store, tmp_path, monkeypatch):
+    from flowmagic.runtime.orchestrator.inputs import GATHER_STORED_AT
+
+    n = GATHER_STORED_AT + 200   # the gathered binding is streamed into the store, the refs read back from SQLite
+    cells = [f"%%step start\nitems = list(range({n}))", "%%step each --foreach items\ny = input * 2",
+             "%%step join\ntotal = sum(y)\ncount = len(y)"]
+    result = run(cells, store, tmp_path, "Wide", monkeypatch)
+    assert result.status == "succeeded"
+    [join] = step_values(store, "Wide", result.run_id, "join")
+    assert join == {"total": sum(2 * i for i in range(n)), "count": n}
