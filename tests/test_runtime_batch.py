@@ -38,15 +38,21 @@ def run(cells, store, tmp_path, name, monkeypatch, batch: int | None = None, **k
     return run_flow(build_flow(cells, name=name), store, workdir=str(tmp_path), **kw)
 
 
+def batched_and_alone(cells, store, tmp_path, name, monkeypatch) -> tuple[list[dict], list[dict]]:
+    """The values of step ``each``, batched and with one process per task (FLOWMAGIC_BATCH=1)."""
+    batched = run(cells, store, tmp_path, f"{name}Batched", monkeypatch)
+    alone = run(cells, store, tmp_path, f"{name}Alone", monkeypatch, batch=1)
+    assert batched.status == alone.status == "succeeded"
+    return (step_values(store, f"{name}Batched", batched.run_id, "each"),
+            step_values(store, f"{name}Alone", alone.run_id, "each"))
+
+
 def test_short_tasks_share_processes_and_give_what_one_process_each_gives(store, tmp_path, monkeypatch):
     cells = ["%%step start\nimport os, random\nimport numpy as np\nitems = list(range(200))",
              "%%step each --foreach items\nsq = input ** 2\npid = os.getpid()\nr = random.random()\n"
              "g = float(np.random.random())\nos.environ['SEEN'] = os.environ.get('SEEN', '') + 'x'\n"
              "seen = os.environ['SEEN']"]
-    batched = run(cells, store, tmp_path, "Batched", monkeypatch)
-    alone = run(cells, store, tmp_path, "Alone", monkeypatch, batch=1)
-    assert batched.status == alone.status == "succeeded"
-    got, want = step_values(store, "Batched", batched.run_id, "each"), step_values(store, "Alone", alone.run_id, "each")
+    got, want = batched_and_alone(cells, store, tmp_path, "Batched", monkeypatch)
     assert [v["sq"] for v in got] == [v["sq"] for v in want] == [i * i for i in range(200)]
     assert len({v["pid"] for v in want}) == 200                 # FLOWMAGIC_BATCH=1: a process per task
     assert len({v["pid"] for v in got}) < 150                   # batched: processes ran several tasks
@@ -60,9 +66,7 @@ def test_numpy_drawn_in_a_batch_starts_from_the_fork_servers_state(store, tmp_pa
     cells = ["import numpy as np\nimport numpy.random",   # the fork server holds numpy's random state: forks share it
              "%%step start\nitems = list(range(50))",
              "%%step each --foreach items\nimport os\ng = float(np.random.random())\npid = os.getpid()"]
-    batched = run(cells, store, tmp_path, "NumpyB", monkeypatch)
-    alone = run(cells, store, tmp_path, "NumpyA", monkeypatch, batch=1)
-    got, want = step_values(store, "NumpyB", batched.run_id, "each"), step_values(store, "NumpyA", alone.run_id, "each")
+    got, want = batched_and_alone(cells, store, tmp_path, "Numpy", monkeypatch)
     assert len({v["g"] for v in want}) == 1 and {v["g"] for v in got} == {v["g"] for v in want}
     assert len({v["pid"] for v in got}) < 50
 

@@ -577,10 +577,7 @@ class Metadata:
 
     def artifacts(self, task_id: int) -> list[ArtifactRef]:
         """Artifacts of the task's visible (last recorded) attempt, by name."""
-        rows = self._read(
-            "SELECT name, type, size, hash, serializer, inline FROM artifacts WHERE task_id = ? AND attempt ="
-            " (SELECT MAX(attempt) FROM attempts WHERE task_id = ?) ORDER BY name", (task_id, task_id))
-        return [ArtifactRef(*r) for r in rows]
+        return self.artifacts_of([task_id])[task_id]
 
     def artifacts_of(self, task_ids: Sequence[int]) -> dict[int, list[ArtifactRef]]:
         """:meth:`artifacts` of many tasks, a few queries (a join reads 100,000 tasks' refs)."""

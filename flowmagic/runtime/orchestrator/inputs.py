@@ -50,7 +50,7 @@ class TaskInfo:
         return self.refs
 
     def artifact(self, name: str) -> ArtifactRef | None:
-        return next((ref for ref in self.artifacts if ref.name == name), None)
+        return named(self.artifacts, name)
 
     def keep_refs(self, refs: tuple[ArtifactRef, ...], stored: StoredRefs | None) -> None:
         """The refs of the finished task: in memory, or (``stored``) read back from the metadata."""
@@ -69,7 +69,14 @@ class StoredRefs:
     many: Any   # [task id] -> {task id: list[ArtifactRef]}   (Metadata.artifacts_of)
 
 
-def refs_of(tasks: list[TaskInfo]) -> dict[int, tuple[ArtifactRef, ...]]:
+def named(refs: tuple[ArtifactRef, ...], name: str) -> ArtifactRef | None:
+    return next((ref for ref in refs if ref.name == name), None)
+
+
+Refs = dict[int, tuple[ArtifactRef, ...]]   # task id -> its refs (refs_of)
+
+
+def refs_of(tasks: list[TaskInfo]) -> Refs:
     """Every task's refs, those left in the store read in a few queries."""
     found = {t.task_id: t.refs for t in tasks if t.stored is None}
     stored = [t for t in tasks if t.stored is not None]
@@ -138,7 +145,7 @@ class Gathered:
 
     def binding(self) -> dict:
         """The whole binding, as :func:`_nest` makes it for fewer tasks."""
-        return _nest(self.var, self.producer, self.tasks, self.depth, self.full)
+        return _nest(self.var, self.producer, self.tasks, self.depth, self.full, refs_of(self.tasks))
 
     def write_json(self, fh: BinaryIO) -> set[str]:
         """Write the binding's JSON to ``fh``; return the serializers of the refs in it."""
@@ -152,10 +159,9 @@ class Gathered:
             chunk = self.tasks[start:start + 500]
             refs = refs_of(chunk)
             for k, task in enumerate(chunk, start):
-                ref = next((r for r in refs[task.task_id] if r.name == self.var), None)
-                leaf = _leaf(self.var, self.producer, task, ref)
-                if ref is not None:
-                    found.add(ref.serializer)
+                leaf = _nest(self.var, self.producer, [task], self.full, self.full, refs)
+                if "ref" in leaf:
+                    found.add(leaf["ref"]["serializer"])
                 fh.write(b", " * (k > 0) + json.dumps(leaf).encode())
         fh.write(b"]}")
         return found
@@ -178,15 +184,17 @@ def binding_serializers(binding: Any) -> set[str]:
     return found
 
 
-def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int) -> dict:
+def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int, refs: Refs | None = None) -> dict:
+    """``refs``: the tasks' refs read beforehand (refs_of), else each task is asked for its own."""
     if depth >= full:
         if not tasks:
             return {"missing": f"step '{producer}' has no task for this item, so '{var}' is undefined"}
-        return _leaf(var, producer, tasks[0], tasks[0].artifact(var))
+        task = tasks[0]
+        return _leaf(var, producer, task, named(refs[task.task_id], var) if refs else task.artifact(var))
     groups: dict[int, list[TaskInfo]] = {}
     for task in tasks:
         groups.setdefault(task.index[depth], []).append(task)
-    return {"list": [_nest(var, producer, groups[k], depth + 1, full) for k in sorted(groups)]}
+    return {"list": [_nest(var, producer, groups[k], depth + 1, full, refs) for k in sorted(groups)]}
 
 
 def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,

@@ -205,7 +205,8 @@ def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
 
 def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
     tasks = engine.tasks[step]
-    names = sorted({ref.name for refs in plan.refs_of(tasks).values() for ref in refs})
+    refs = plan.refs_of(tasks)   # those left in the store read once, not once per name
+    names = sorted({ref.name for task_refs in refs.values() for ref in task_refs})
     depth = len(engine.chain[step])
 
     def convert(binding):
@@ -215,8 +216,8 @@ def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
             return [convert(b) for b in binding["list"]]
         return None
 
-    return {name: convert(plan._nest(name, step, sorted(tasks, key=lambda t: t.index), 0, depth))
-            for name in names}
+    ordered = sorted(tasks, key=lambda t: t.index)
+    return {name: convert(plan._nest(name, step, ordered, 0, depth, refs)) for name in names}
 
 
 @contextlib.contextmanager
