@@ -151,9 +151,11 @@ def test_a_bad_spec_fails_the_step_clearly_and_the_run_ends(tmp_path, cluster):
 
 
 def test_a_worker_that_cannot_build_fails_the_attempt_in_one_line(tmp_path):
-    """The lock resolves on the orchestrator, but this worker is offline with an empty uv cache."""
+    """The lock resolves on the orchestrator, but this worker has an empty uv cache and no index it
+    can reach (uv 0.5, the lowest supported, ignores UV_OFFLINE, so the index is a closed port too)."""
     cache = tmp_path / "worker-envs"
     broken = _cluster(tmp_path, FLOWMAGIC_ENV_CACHE=str(cache), UV_OFFLINE="1",
+                      UV_INDEX_URL="http://127.0.0.1:9/simple", UV_DEFAULT_INDEX="http://127.0.0.1:9/simple",
                       UV_CACHE_DIR=str(tmp_path / "empty-uv-cache"))
     try:
         nb = write_notebook(tmp_path / "offline.ipynb", cells(True, retry=" --retry 1"))

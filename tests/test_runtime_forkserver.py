@@ -156,10 +156,16 @@ def test_spare_child_is_used_then_replaced_and_cleaned_up():
 
 
 # -- servers forked from a base server (a kernel's) ------------------------------------
+def fresh_base() -> forkpool._Base:
+    """A base started now, with this test's environment (not one an earlier test in this process left)."""
+    forkpool.close_bases()
+    forkpool.start_base()
+    return forkpool._bases[sys.executable]
+
+
 @pytest.fixture
 def base():
-    forkpool.start_base()
-    base = forkpool._bases[sys.executable]
+    base = fresh_base()
     try:
         yield base
     finally:
@@ -237,8 +243,7 @@ def wait_idle(base, timeout: float) -> bool:
 def test_the_base_imports_what_a_flow_needed_and_a_fork_never_waits_for_it(tmp_path, monkeypatch):
     (tmp_path / "slow_for_base.py").write_text("import time\ntime.sleep(2)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    forkpool.start_base()
-    base = forkpool._bases[sys.executable]
+    base = fresh_base()
     try:
         get_server("A = 1\n", preload=("slow_for_base",))   # the base now imports it too (2 s)
         busy = get_server("A = 2\n")
