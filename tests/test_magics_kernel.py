@@ -492,7 +492,6 @@ def test_interrupting_a_step_ends_its_processes_and_keeps_the_kernel(kernel, tmp
 def test_interrupting_flow_run_marks_the_run_interrupted(kernel, tmp_path):
     fresh_flow(kernel, "InterruptedRun")
     kernel.ok("%%step first\nn = 1")
-    kernel.ok("%%step slow\nimport time\nprint('started', flush=True)\ntime.sleep(60)\nm = n")
     started = {}
 
     def when_started(messages) -> bool:
@@ -501,6 +500,10 @@ def test_interrupting_flow_run_marks_the_run_interrupted(kernel, tmp_path):
             return True
         return False
 
+    # Running the cell defines the step (its own interactive run is stopped at once: not 60 s).
+    slow = "%%step slow\nimport time\nprint('started', flush=True)\ntime.sleep(60)\nm = n"
+    assert kernel.execute(slow, timeout=90, interrupt_when=when_started).error["ename"] == "KeyboardInterrupt"
+    started.clear()
     execution = kernel.execute("%flow run", timeout=90, interrupt_when=when_started)
     assert execution.finished - started["at"] < 5
     assert execution.error["ename"] == "KeyboardInterrupt"
