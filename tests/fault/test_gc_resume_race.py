@@ -111,7 +111,7 @@ def test_console_resume_beside_gc_keep_1(tmp_path):
     nb = write_notebook(tmp_path / "race.ipynb", NB)
     flowmagic_json("run", nb, store=store)
     env = env_for(store)
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 15
     outcomes: list[tuple[int, str]] = []
     gcs = 0
     while time.monotonic() < deadline:
