@@ -7,7 +7,7 @@ import pytest
 
 from flowmagic.flow.graph import build_flow
 from flowmagic.runtime.orchestrator import inputs as plan
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 from flowmagic.store.serializers import ArtifactRef
 
 GRAPH = build_flow([
@@ -78,9 +78,9 @@ def test_missing_name_is_a_clear_message():
 def test_foreach_indices_follow_the_producers_tasks():
     producer_tasks = [TaskInfo(1, "rows", (0,), "done", (), {"cols": {"length": 1, "items": ["0"]}}),
                       TaskInfo(2, "rows", (1,), "done", (), {"cols": {"length": 2, "items": ["0", "1"]}})]
-    assert plan.foreach_indices("cols", "rows", producer_tasks) == [((0, 0), "0"), ((1, 0), "0"), ((1, 1), "1")]
+    assert list(plan.foreach_indices("cols", producer_tasks)) == [((0, 0), "0"), ((1, 0), "0"), ((1, 1), "1")]
     empty = [TaskInfo(1, "start", (), "done", (), {"outer": {"length": 0, "items": []}})]
-    assert plan.foreach_indices("outer", "start", empty) == []
+    assert list(plan.foreach_indices("outer", empty)) == []
 
 
 def test_inputs_are_one_namespace_per_foreach_task():

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from flowmagic.errors import RunError
 from flowmagic.runtime.environments import builder as environments
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 from flowmagic.runtime.orchestrator.messages import EngineMessage, EnvironmentBuilt
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 

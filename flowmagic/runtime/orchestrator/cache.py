@@ -14,10 +14,11 @@ computed by the very function that plans a task's inputs
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from flowmagic.states import TASK_FINISHED_OK
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 
 RUNS_SEARCHED = 20          # newest runs of the flow looked at for a match
 # a caught task is successful, but its values are the None of a failure: never reused
@@ -58,7 +59,7 @@ def find_cached(engine, step: str, index: tuple[int, ...]) -> int | None:
     return None
 
 
-def fingerprint(engine, tasks: dict[str, list[TaskInfo]], step: str, index: tuple[int, ...]) -> Any:
+def fingerprint(engine, tasks: dict[str, Sequence[TaskInfo]], step: str, index: tuple[int, ...]) -> Any:
     """The content hashes of everything a task of ``step`` at ``index`` reads:
     the input plan the engine sends the task (inputs.plan_inputs), hashed."""
     return engine.input_plan(step, index, tasks).fingerprint()

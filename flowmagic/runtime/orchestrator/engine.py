@@ -14,6 +14,8 @@ records the run as interrupted and is re-raised.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
+import itertools
 import os
 import queue
 import threading
@@ -38,7 +40,7 @@ from flowmagic.runtime.orchestrator.messages import (AttemptFinished, BatchDone,
                                                      TaskMessage, TaskOutput, TaskStarted)
 from flowmagic.runtime.protocol import ExceptionRecord, Manifest, TaskSpec, exception_json, foreach_info
 from flowmagic.runtime.worker.forkserver import flow_preload
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import StepTasks, StoredRefs, TaskInfo
 from flowmagic.runtime.orchestrator.results import RunResult
 from flowmagic.store.serializers import ArtifactRef, save_artifact
 
@@ -49,6 +51,8 @@ RETRY_DELAY = 1.0
 # Messages handled, and recorded, in one metadata transaction: few enough that a
 # reader (the notebook's DAG view, `flowmagic status`) sees progress at once.
 ROUND = 500
+# New tasks of a foreach recorded (and their indices made) this many at a time, in its one transaction.
+NEW_TASKS_CHUNK = 5_000
 
 
 
@@ -90,8 +94,10 @@ class _Engine:
         self.meta = store.meta
         self.chain = plan.chains(graph)
         self.max_workers = max(1, options.max_workers or os.cpu_count() or 1)
-        tasks: dict[str, list[TaskInfo]] = {s.name: [] for s in graph.steps}
-        tasks.update(known or {})
+        # a finished foreach task's refs are read back from the metadata when a later task needs them
+        self._stored_refs = StoredRefs(store.meta.artifacts, store.meta.artifacts_of)
+        known = known or {}
+        tasks = {s.name: StepTasks.of(s.name, known.get(s.name, ()), self._stored_refs) for s in graph.steps}
         self.state = RunState(tasks, {s.name: ("pending" if s.name in options.targets else "done")
                                       for s in graph.steps})
         self.record = Recorder(self.meta, self.flow, run_id, on_event)
@@ -111,18 +117,16 @@ class _Engine:
         self.executors.attach_local(LocalExecutor(self.servers, self.max_workers))
         self.flow_modules = flow_preload([graph.prelude, *(s.code for s in graph.steps)])
         self._stored: dict[tuple, dict] = {}   # gathered values written to the store (_stored_if_gathered)
-        # a finished foreach task's refs are read back from the metadata when a later task needs them
-        self._stored_refs = plan.StoredRefs(store.meta.artifacts, store.meta.artifacts_of)
 
     def input_plan(self, step: str, index: tuple[int, ...],
-                   tasks: dict[str, list[TaskInfo]] | None = None) -> plan.InputPlan:
+                   tasks: dict[str, plan.Tasks] | None = None) -> plan.InputPlan:
         """What the task of ``step`` at ``index`` reads, from this run's tasks (or ``tasks``: the cache)."""
         return plan.plan_inputs(self.graph, step, index, self.chain, self.state.tasks if tasks is None else tasks,
                                 self.params)
 
     # what scheduler.py and cache.py read
     @property
-    def tasks(self) -> dict[str, list[TaskInfo]]:
+    def tasks(self) -> dict[str, StepTasks]:
         return self.state.tasks
 
     @property
@@ -215,13 +219,21 @@ class _Engine:
         if use_cache or clones:
             self._start_tasks_reusing(name, indices, use_cache, clones)
         else:
-            for info in self.record.new_tasks(name, indices):   # one transaction for the whole foreach
-                self.state.tasks[name].append(info)
-                self.queue.add(info)
+            self._new_tasks(name, indices)
         if self.state.step_finished_ok(name):  # empty foreach, or all cached
             self._step_finished(name)
 
-    def _start_tasks_reusing(self, name: str, indices: list[tuple[tuple[int, ...], str | None]],
+    def _new_tasks(self, name: str, indices: Iterable[tuple[tuple[int, ...], str | None]]) -> None:
+        """Record the step's new tasks (one transaction for the whole foreach) and queue them as
+        positions of its table: no object per task until it runs (tasks.py)."""
+        table = self.state.tasks[name]
+        items = iter(indices)
+        with self.meta.transaction():
+            while chunk := list(itertools.islice(items, NEW_TASKS_CHUNK)):
+                ids = self.record.new_tasks(name, chunk)
+                self.queue.add_pending(table, table.add_pending(ids, [index for index, _item in chunk]))
+
+    def _start_tasks_reusing(self, name: str, indices: Iterable[tuple[tuple[int, ...], str | None]],
                              use_cache: bool, clones: dict) -> None:
         """Clone each task a resumed foreach finished or the step cache has, create the others;
         task ids stay in index order (latest_generation tells a session run's generations apart by them)."""
@@ -232,11 +244,9 @@ class _Engine:
                 self.state.tasks[name].append(info)
                 self.record.task_reused(info)
                 continue
-            (info,) = self.record.new_tasks(name, [(index, item)])
-            self.state.tasks[name].append(info)
-            self.queue.add(info)
+            self._new_tasks(name, [(index, item)])
 
-    def _foreach_indices(self, name: str) -> list[tuple[tuple[int, ...], str | None]] | None:
+    def _foreach_indices(self, name: str) -> Iterable[tuple[tuple[int, ...], str | None]] | None:
         """The index (and item repr) of each task of the step; None if its list is unusable (the step failed)."""
         var = self.graph.step(name).options.foreach
         if not var:
@@ -249,7 +259,7 @@ class _Engine:
             error = ((bad[0].foreach or {}).get(var) or {}).get("error") or f"'{var}' was not saved"
             self.state.fail_step(name, f"TypeError: --foreach {var}: {error}")
             return None
-        return plan.foreach_indices(var, producer, self.state.tasks[producer])
+        return plan.foreach_indices(var, self.state.tasks[producer])
 
     def _cached_task(self, origin_task_id: int) -> TaskInfo:
         return self._reused_task(origin_task_id, "cached")
@@ -456,6 +466,7 @@ class _Engine:
         elif state in TASK_FINISHED_OK:
             info.keep_refs(tuple(artifacts), self._stored_refs if info.index else None)
             info.foreach = manifest.foreach or None
+            self.state.tasks[info.step].settle(info)   # the engine is done with it (tasks.py)
             if self.state.step_finished_ok(info.step):
                 self._step_finished(info.step)
         elif state == "failed":

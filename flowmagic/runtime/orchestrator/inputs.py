@@ -15,73 +15,35 @@ rules of ARCHITECTURE ("dag.py semantics") are in one place:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from flowmagic.states import task_successful
+from flowmagic.runtime.orchestrator.tasks import Index, StepTasks, TaskInfo, named
 from flowmagic.store.serializers import ArtifactRef
 
-Index = tuple[int, ...]
+Tasks = Sequence[TaskInfo]   # a step's StepTasks, a range of it, or a plain list (the step cache's)
 
 #: a value gathered from more tasks than this reaches its task as a stored object (:class:`Gathered`)
 GATHER_STORED_AT = 1_000
 
 
-@dataclass(slots=True)
-class TaskInfo:
-    """What the orchestrator knows about one task of the current run (one per task of a
-    100,000-task foreach, for the whole run: slots, and no per-task empty dicts)."""
-
-    task_id: int
-    step: str
-    index: Index
-    state: str = "pending"            # TaskState
-    refs: tuple[ArtifactRef, ...] = ()   # a tuple: a dict per task cost 190 bytes more
-    foreach: dict[str, dict] | None = None   # name -> {"length", "items"} of the lists it wrote for a foreach
-    exception: dict | None = None
-    # a finished foreach task's refs are left in the store's metadata (0.3 KB a task kept in memory for the
-    # whole run): this reads them back, ``Metadata.artifacts`` / ``artifacts_of`` (see :func:`refs_of`)
-    stored: StoredRefs | None = None
-
-    @property
-    def artifacts(self) -> tuple[ArtifactRef, ...]:
-        if self.stored is not None:
-            return tuple(self.stored.one(self.task_id))
-        return self.refs
-
-    def artifact(self, name: str) -> ArtifactRef | None:
-        return named(self.artifacts, name)
-
-    def keep_refs(self, refs: tuple[ArtifactRef, ...], stored: StoredRefs | None) -> None:
-        """The refs of the finished task: in memory, or (``stored``) read back from the metadata."""
-        self.refs, self.stored = (() if stored is not None else refs), stored
-
-    @property
-    def finished_ok(self) -> bool:
-        return task_successful(self.state)
-
-
-@dataclass(frozen=True)
-class StoredRefs:
-    """Where finished tasks' refs are read back from: the run's metadata."""
-
-    one: Any    # task id -> list[ArtifactRef]   (Metadata.artifacts)
-    many: Any   # [task id] -> {task id: list[ArtifactRef]}   (Metadata.artifacts_of)
-
-
-def named(refs: tuple[ArtifactRef, ...], name: str) -> ArtifactRef | None:
-    return next((ref for ref in refs if ref.name == name), None)
-
-
 Refs = dict[int, tuple[ArtifactRef, ...]]   # task id -> its refs (refs_of)
 
 
-def refs_of(tasks: list[TaskInfo]) -> Refs:
+def refs_of(tasks: Tasks) -> Refs:
     """Every task's refs, those left in the store read in a few queries."""
-    found = {t.task_id: t.refs for t in tasks if t.stored is None}
-    stored = [t for t in tasks if t.stored is not None]
-    if stored:
-        for task_id, refs in stored[0].stored.many([t.task_id for t in stored]).items():
+    found: Refs = {}
+    stored: list[int] = []
+    reader = None
+    for task in tasks:
+        if task.stored is None:
+            found[task.task_id] = task.refs
+        else:
+            stored.append(task.task_id)
+            reader = task.stored
+    if reader is not None:
+        for task_id, refs in reader.many(stored).items():
             found[task_id] = tuple(refs)
     return found
 
@@ -108,14 +70,16 @@ def _common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return n
 
 
-def matching_tasks(tasks: list[TaskInfo], depth: int, index: Index) -> list[TaskInfo]:
+def matching_tasks(tasks: Tasks, depth: int, index: Index) -> Tasks:
     """The tasks whose index starts with ``index[:depth]``, in item order."""
     prefix = index[:depth]
+    if isinstance(tasks, StepTasks):
+        return tasks.matching(prefix)
     return sorted((t for t in tasks if t.index[:depth] == prefix), key=lambda t: t.index)
 
 
 def binding_for(var: str, producer: str, reader_chain: tuple[str, ...], index: Index,
-                chain_of: dict[str, tuple[str, ...]], tasks: list[TaskInfo]) -> dict:
+                chain_of: dict[str, tuple[str, ...]], tasks: Tasks) -> dict:
     """The binding (see task.resolve_binding) of ``var`` for one task of a reader."""
     depth = _common(reader_chain, chain_of[producer])
     chosen = matching_tasks(tasks, depth, index)
@@ -139,7 +103,7 @@ class Gathered:
 
     var: str
     producer: str
-    tasks: list[TaskInfo]
+    tasks: Tasks
     depth: int
     full: int
 
@@ -184,7 +148,7 @@ def binding_serializers(binding: Any) -> set[str]:
     return found
 
 
-def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int, refs: Refs | None = None) -> dict:
+def _nest(var: str, producer: str, tasks: Tasks, depth: int, full: int, refs: Refs | None = None) -> dict:
     """``refs``: the tasks' refs read beforehand (refs_of), else each task is asked for its own."""
     if depth >= full:
         if not tasks:
@@ -198,7 +162,7 @@ def _nest(var: str, producer: str, tasks: list[TaskInfo], depth: int, full: int,
 
 
 def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,
-               chain_of: dict[str, tuple[str, ...]], tasks: list[TaskInfo]) -> list[dict]:
+               chain_of: dict[str, tuple[str, ...]], tasks: Tasks) -> list[dict]:
     """``inputs`` of a join: one name -> binding dict per foreach task, in item order."""
     depth = _common(reader_chain, chain_of[producer])
     chosen = matching_tasks(tasks, depth, index)
@@ -206,16 +170,14 @@ def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,
     return [{ref.name: {"ref": ref.to_dict()} for ref in refs[t.task_id]} for t in chosen]
 
 
-def foreach_indices(var: str, producer: str | None, producer_tasks: list[TaskInfo]) -> list[tuple[Index, str | None]]:
+def foreach_indices(var: str, producer_tasks: Tasks) -> Iterator[tuple[Index, str | None]]:
     """The indices (and item reprs) of a foreach step's tasks: per task of the
-    producer of its list, one index per item."""
-    result: list[tuple[Index, str | None]] = []
-    for task in sorted(producer_tasks, key=lambda t: t.index):
+    producer of its list, one index per item (made as they are read: 100,000 of them are 19 MB)."""
+    for task in matching_tasks(producer_tasks, 0, ()):
         info = (task.foreach or {}).get(var) or {}
         items = info.get("items", [])
         for i in range(int(info.get("length") or 0)):
-            result.append((task.index + (i,), items[i] if i < len(items) else None))
-    return result
+            yield task.index + (i,), items[i] if i < len(items) else None
 
 
 @dataclass(frozen=True)
@@ -240,7 +202,7 @@ class InputPlan:
 
 
 def plan_inputs(graph, step: str, index: Index, chain_of: dict[str, tuple[str, ...]],
-                tasks: dict[str, list[TaskInfo]], params: dict) -> InputPlan:
+                tasks: dict[str, Tasks], params: dict) -> InputPlan:
     """The input plan of the task of ``step`` at ``index``, given the tasks known per step."""
     spec = graph.step(step)
     chain = chain_of[step]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowmagic.runtime.orchestrator.attempt import AttemptExit
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ always tell the same story in the same order.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from flowmagic.runtime.orchestrator.attempt import AttemptExit
 from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 from flowmagic.runtime.protocol import Manifest, exception_json
 from flowmagic.store.schema import LiveLogWrite
 from flowmagic.store.serializers import ArtifactRef
@@ -28,14 +30,12 @@ class Recorder:
         self.emit(Event("run", self.run_id, state=status, data=data))
 
     # -- tasks
-    def new_tasks(self, step: str, items: list[tuple[tuple[int, ...], str | None]]) -> list[TaskInfo]:
-        """The pending tasks of a step (its foreach items), recorded in one transaction."""
+    def new_tasks(self, step: str, items: Sequence[tuple[tuple[int, ...], str | None]]) -> list[int]:
+        """The ids of a step's new pending tasks (its foreach items), recorded together."""
         ids = self.meta.new_tasks(self.flow, self.run_id, step, [(index or None, item) for index, item in items])
-        infos = [TaskInfo(task_id, step, index) for task_id, (index, _item) in zip(ids, items)]
-        for info in infos:
-            self.emit(Event("task", self.run_id, step=step, task_id=info.task_id, index=info.index,
-                            state="pending"))
-        return infos
+        for task_id, (index, _item) in zip(ids, items):
+            self.emit(Event("task", self.run_id, step=step, task_id=task_id, index=index, state="pending"))
+        return ids
 
     def task_reused(self, info: TaskInfo) -> None:
         """A task cloned by the step cache (its metadata is written by clone_task)."""

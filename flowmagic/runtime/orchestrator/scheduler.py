@@ -19,7 +19,7 @@ from flowmagic.runtime.orchestrator.events import Event, EventHandler, emit_to
 from flowmagic.runtime.orchestrator.executors.base import Executors
 from flowmagic.runtime.worker.forkpool import ForkServer, get_server
 from flowmagic.runtime.worker.forkserver import flow_preload
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from flowmagic.errors import UsageError, cell_number
 from flowmagic.runtime.orchestrator.attempt import AttemptExit, MessageCallback, OutputCallback
-from flowmagic.runtime.orchestrator.inputs import TaskInfo
+from flowmagic.runtime.orchestrator.tasks import TaskInfo
 from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.protocol import TaskSpec
 
