@@ -178,9 +178,13 @@ def test_a_join_over_more_tasks_than_a_spec_carries_reads_them_from_the_store(st
     from flowmagic.runtime.orchestrator.inputs import GATHER_STORED_AT
 
     n = GATHER_STORED_AT + 200   # the gathered binding is streamed into the store, the refs read back from SQLite
-    cells = [f"%%step start\nitems = list(range({n}))", "%%step each --foreach items\ny = input * 2",
-             "%%step join\ntotal = sum(y)\ncount = len(y)"]
+    cells = [f"%%step start\nitems = list(range({n}))", "%%step each --foreach items\ny = input * 2\nz = -input",
+             "%%step join\ntotal = sum(y)\ncount = len(y)\n"
+             "pairs = [(i.y, i.z) for i in inputs]\nlast = inputs[-1].y"]   # `inputs` (Metaflow's join) too
     result = run(cells, store, tmp_path, "Wide", monkeypatch)
     assert result.status == "succeeded"
     [join] = step_values(store, "Wide", result.run_id, "join")
-    assert join == {"total": sum(2 * i for i in range(n)), "count": n}
+    assert join == {"total": sum(2 * i for i in range(n)), "count": n,
+                    "pairs": [(2 * i, -i) for i in range(n)], "last": 2 * (n - 1)}
+    heads = [store.objects.get_bytes(key)[:10] for key in store.objects.keys() if store.objects.size(key) > 50_000]
+    assert sorted(h[:3] for h in heads) == [b'[{"', b'{"l'], heads   # y and inputs went through the store

@@ -95,7 +95,9 @@ class TaskSpec:
     params: dict[str, Any]            # parameter name -> JSON value
     bindings: dict[str, dict]         # name -> binding
     foreach: dict | None              # {"binding", "index"} for a foreach step's task
-    inputs: list[dict] | None         # a join's ``inputs``: one name -> binding per foreach task
+    # a join's ``inputs``: one name -> binding per foreach task, or (more than GATHER_STORED_AT
+    # tasks) ``{"stored": key, ...}``: that list, streamed into the store
+    inputs: list[dict] | dict | None
     catch: str | None                 # --catch variable
     catch_now: bool                   # the last attempt: a failure is caught, not retried
     writes: tuple[str, ...]

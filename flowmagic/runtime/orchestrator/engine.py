@@ -497,20 +497,20 @@ class _Engine:
         """A value gathered from many tasks goes to its task as an object of the store (streamed there:
         never the whole binding in memory); the task reads it back (task.resolve_binding)."""
         gathered = binding.get("gathered")
-        if gathered is None:
-            return binding
+        return binding if gathered is None else self._stored_object(gathered)
+
+    def _stored_object(self, gathered: plan.Gathered | plan.GatheredInputs) -> dict:
         # the same gathered value for every task of a foreach over it: written once
-        which = (gathered.producer, gathered.var, gathered.depth, gathered.tasks[0].index[:gathered.depth])
-        if which not in self._stored:
+        if gathered.which not in self._stored:
             serializers: set[str] = set()
 
             def write(fh) -> None:
                 serializers.update(gathered.write_json(fh))
 
             key, _size = self.store.objects.put_stream(write)
-            self._stored[which] = {"stored": key, "serializers": sorted(serializers), "step": gathered.producer,
-                                   "tasks": len(gathered.tasks)}
-        return self._stored[which]
+            self._stored[gathered.which] = {"stored": key, "serializers": sorted(serializers),
+                                            "step": gathered.producer, "tasks": len(gathered.tasks)}
+        return self._stored[gathered.which]
 
     def _task_spec(self, info: TaskInfo, attempt: int) -> TaskSpec:
         graph, step = self.graph, info.step
@@ -518,6 +518,7 @@ class _Engine:
         inputs = self.input_plan(step, info.index)
         bindings = {var: self._stored_if_gathered(binding) for var, binding in inputs.bindings.items()}
         foreach = inputs.foreach and {**inputs.foreach, "binding": self._stored_if_gathered(inputs.foreach["binding"])}
+        joined = self._stored_object(inputs.inputs) if isinstance(inputs.inputs, plan.GatheredInputs) else inputs.inputs
         return TaskSpec(
             objects_root=str(self.store.objects.root),
             store_url=self.store.objects.url,
@@ -525,7 +526,7 @@ class _Engine:
             step=step, cell=spec.cell, index=tuple(info.index),
             source=spec.source, code=spec.code, first_line=spec.body_line,
             filename=f"<cell {cell_number(spec.cell)}: step {step}>",
-            params=self.params, bindings=bindings, foreach=foreach, inputs=inputs.inputs,
+            params=self.params, bindings=bindings, foreach=foreach, inputs=joined,
             catch=spec.options.catch, catch_now=attempt >= spec.options.retry,
             writes=tuple(w for w in spec.writes if w not in ("input", "inputs")),
             required=tuple(sorted(plan.required_names(graph, step))),

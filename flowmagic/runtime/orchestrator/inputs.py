@@ -107,6 +107,11 @@ class Gathered:
     depth: int
     full: int
 
+    @property
+    def which(self) -> tuple:
+        """The same for every reader task that gets this very value (it is stored once)."""
+        return (self.producer, self.var, self.depth, self.tasks[0].index[:self.depth])
+
     def binding(self) -> dict:
         """The whole binding, as :func:`_nest` makes it for fewer tasks."""
         return _nest(self.var, self.producer, self.tasks, self.depth, self.full, refs_of(self.tasks))
@@ -119,16 +124,54 @@ class Gathered:
             return binding_serializers(binding)
         found: set[str] = set()
         fh.write(b'{"list": [')
-        for start in range(0, len(self.tasks), 500):   # refs left in the store: read 500 at a time
-            chunk = self.tasks[start:start + 500]
-            refs = refs_of(chunk)
-            for k, task in enumerate(chunk, start):
-                leaf = _nest(self.var, self.producer, [task], self.full, self.full, refs)
-                if "ref" in leaf:
-                    found.add(leaf["ref"]["serializer"])
-                fh.write(b", " * (k > 0) + json.dumps(leaf).encode())
+        for k, task, refs in _with_refs(self.tasks):
+            leaf = _nest(self.var, self.producer, [task], self.full, self.full, refs)
+            if "ref" in leaf:
+                found.add(leaf["ref"]["serializer"])
+            fh.write(b", " * (k > 0) + json.dumps(leaf).encode())
         fh.write(b"]}")
         return found
+
+
+@dataclass(frozen=True)
+class GatheredInputs:
+    """A join's ``inputs`` over many tasks (~0.5 KB of dicts a task), streamed into the object store as
+    :class:`Gathered` is: the task gets ``{"stored": key}`` for its list of namespaces."""
+
+    producer: str
+    tasks: Tasks
+    depth: int
+
+    @property
+    def which(self) -> tuple:
+        return (self.producer, "<inputs>", self.depth, self.tasks[0].index[:self.depth])
+
+    def namespaces(self) -> list[dict]:
+        return _namespaces(self.tasks, refs_of(self.tasks))
+
+    def write_json(self, fh: BinaryIO) -> set[str]:
+        found: set[str] = set()
+        fh.write(b"[")
+        for k, task, refs in _with_refs(self.tasks):
+            (namespace,) = _namespaces([task], refs)
+            found.update(binding["ref"]["serializer"] for binding in namespace.values())
+            fh.write(b", " * (k > 0) + json.dumps(namespace).encode())
+        fh.write(b"]")
+        return found
+
+
+def _with_refs(tasks: Tasks, chunk: int = 500) -> Iterator[tuple[int, TaskInfo, Refs]]:
+    """Each task with its position and the refs of its chunk (those left in the store: one query a chunk)."""
+    for start in range(0, len(tasks), chunk):
+        part = tasks[start:start + chunk]
+        refs = refs_of(part)
+        for k, task in enumerate(part, start):
+            yield k, task, refs
+
+
+def _namespaces(tasks: Tasks, refs: Refs) -> list[dict]:
+    """``inputs``: per task, name -> binding."""
+    return [{ref.name: {"ref": ref.to_dict()} for ref in refs[t.task_id]} for t in tasks]
 
 
 def binding_serializers(binding: Any) -> set[str]:
@@ -162,12 +205,13 @@ def _nest(var: str, producer: str, tasks: Tasks, depth: int, full: int, refs: Re
 
 
 def inputs_for(producer: str, reader_chain: tuple[str, ...], index: Index,
-               chain_of: dict[str, tuple[str, ...]], tasks: Tasks) -> list[dict]:
+               chain_of: dict[str, tuple[str, ...]], tasks: Tasks) -> list[dict] | GatheredInputs:
     """``inputs`` of a join: one name -> binding dict per foreach task, in item order."""
     depth = _common(reader_chain, chain_of[producer])
     chosen = matching_tasks(tasks, depth, index)
-    refs = refs_of(chosen)
-    return [{ref.name: {"ref": ref.to_dict()} for ref in refs[t.task_id]} for t in chosen]
+    if len(chosen) > GATHER_STORED_AT:
+        return GatheredInputs(producer, chosen, depth)
+    return _namespaces(chosen, refs_of(chosen))
 
 
 def foreach_indices(var: str, producer_tasks: Tasks) -> Iterator[tuple[Index, str | None]]:
@@ -188,7 +232,7 @@ class InputPlan:
 
     bindings: dict[str, dict]          # name -> binding (see task.resolve_binding)
     foreach: dict | None               # {"binding", "index"} for a task of a foreach step
-    inputs: list[dict] | None          # a join's ``inputs``: one name -> binding per foreach task
+    inputs: list[dict] | GatheredInputs | None   # a join's ``inputs``: one name -> binding per foreach task
 
     def fingerprint(self) -> dict[str, Any]:
         """The content hashes of everything the task reads from earlier steps
@@ -197,7 +241,8 @@ class InputPlan:
         if self.foreach is not None and "value" not in self.foreach["binding"]:
             found["<foreach>"] = (_hashes(self.foreach["binding"]), self.foreach["index"])
         if self.inputs is not None:
-            found["<inputs>"] = [{n: _hashes(b) for n, b in sorted(ns.items())} for ns in self.inputs]
+            namespaces = self.inputs.namespaces() if isinstance(self.inputs, GatheredInputs) else self.inputs
+            found["<inputs>"] = [{n: _hashes(b) for n, b in sorted(ns.items())} for ns in namespaces]
         return found
 
 

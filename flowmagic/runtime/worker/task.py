@@ -160,7 +160,10 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore, lists: ForeachLi
         # a kept list is shared with the next task of the batch: it gets its own copy of a mutable item
         ns["input"] = item if lists is None or _plainly_immutable(item) else copy.deepcopy(item)
     if spec.inputs is not None:
-        ns["inputs"] = [_LazyNamespace(b, objects) for b in spec.inputs]
+        namespaces = spec.inputs
+        if isinstance(namespaces, dict):   # {"stored": key}: a join of many tasks
+            namespaces = json.loads(objects.get_bytes(namespaces["stored"]))
+        ns["inputs"] = [_LazyNamespace(b, objects) for b in namespaces]
     return bound
 
 
