@@ -127,3 +127,23 @@ def test_the_queue_keeps_its_order_across_pending_ranges_retries_and_a_drain():
     assert [(i.task_id, a) for i, a in queue.pop_alike("fit", 0, 10)] == [(2, 0), (3, 0)]
     assert [(i.task_id, i.step) for i, _a in queue.drain()] == [(9, "end")]
     assert not queue.has_ready() and queue.ready_count() == 0
+
+
+def test_tasks_finished_before_the_run_are_settled_as_they_come():
+    """A resume's clones and a session's earlier steps: columns at once; a task with refs in memory stays."""
+    refs = {1: TASKS["side"][0].refs, 2: TASKS["side"][1].refs}
+
+    class Meta:   # as Metadata: two bound methods, so two StoredRefs.of it are equal
+        def artifacts(self, task_id):
+            return list(refs[task_id])
+
+        def artifacts_of(self, ids):
+            return {i: list(refs[i]) for i in ids}
+
+    meta = Meta()
+    assert StoredRefs.of(meta) == StoredRefs.of(meta)
+    clones = (TaskInfo(i, "side", (i - 1,), "cloned", stored=StoredRefs.of(meta)) for i in (1, 2))
+    table = StepTasks.of("side", clones, StoredRefs.of(meta))
+    assert [(t.task_id, t.state, t.artifacts) for t in table] == [(1, "cloned", refs[1]), (2, "cloned", refs[2])]
+    start = TaskInfo(7, "start", (), "done", TASKS["start"][0].refs)
+    assert StepTasks.of("start", [start], StoredRefs.of(meta))[0] is start

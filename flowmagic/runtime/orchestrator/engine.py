@@ -58,9 +58,13 @@ NEW_TASKS_CHUNK = 5_000
 
 def known_task(graph, store, record, state: str | None = None) -> TaskInfo:
     """A task recorded earlier (a clone's origin, a cached or resumed one), as the engine tracks it."""
+    foreach_vars = plan.foreach_vars(graph, record.step)
+    if record.index and not foreach_vars:   # a foreach task: its refs are read back when needed (tasks.py)
+        return TaskInfo(record.task_id, record.step, tuple(record.index), state or record.state,
+                        stored=StoredRefs.of(store.meta))
     refs = store.meta.artifacts(record.task_id)
     info = TaskInfo(record.task_id, record.step, tuple(record.index or ()), state or record.state, tuple(refs))
-    for var in plan.foreach_vars(graph, record.step):
+    for var in foreach_vars:
         ref = next((r for r in refs if r.name == var), None)
         if ref is not None:
             from flowmagic.store.serializers import load_artifact
@@ -86,7 +90,7 @@ def _state_data(exception: dict | None, state: str, catch: str | None) -> dict |
 
 class _Engine:
     def __init__(self, graph, store, run_id: int, params: dict, options: RunOptions, *,
-                 known: dict[str, list[TaskInfo]] | None = None, on_event: EventHandler | None = None,
+                 known: dict[str, Iterable[TaskInfo]] | None = None, on_event: EventHandler | None = None,
                  executors: Executors | None = None) -> None:
         self.graph, self.store, self.run_id, self.params = graph, store, run_id, params
         self.options = options
@@ -95,7 +99,7 @@ class _Engine:
         self.chain = plan.chains(graph)
         self.max_workers = max(1, options.max_workers or os.cpu_count() or 1)
         # a finished foreach task's refs are read back from the metadata when a later task needs them
-        self._stored_refs = StoredRefs(store.meta.artifacts, store.meta.artifacts_of)
+        self._stored_refs = StoredRefs.of(store.meta)
         known = known or {}
         tasks = {s.name: StepTasks.of(s.name, known.get(s.name, ()), self._stored_refs) for s in graph.steps}
         self.state = RunState(tasks, {s.name: ("pending" if s.name in options.targets else "done")
@@ -242,6 +246,7 @@ class _Engine:
             if index in clones or cached is not None:
                 info = self._reused_task(clones[index], "cloned") if index in clones else self._cached_task(cached)
                 self.state.tasks[name].append(info)
+                self.state.tasks[name].settle(info)   # finished already: the engine never changes it
                 self.record.task_reused(info)
                 continue
             self._new_tasks(name, [(index, item)])

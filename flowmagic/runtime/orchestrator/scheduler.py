@@ -83,15 +83,14 @@ def _resume_run(graph, store, run_id, values, origin, origin_tasks, rerun, from_
                 on_event, executors) -> RunResult:
     emit = emit_to(on_event)
     emit(Event("run", run_id, state="running", data={"flow": graph.name}))
-    known: dict[str, list[TaskInfo]] = {}
-    for name in graph.topological_order():
-        if name in rerun:
-            continue
-        known[name] = [_clone(graph, store, t, run_id, emit) for t in origin_tasks[name]]
     options = RunOptions(frozenset(rerun), max_workers=max_workers, workdir=workdir,
                          clones=partial_foreach_clones(graph, origin_tasks, rerun, from_step))
-    engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event, executors=executors)
-    engine.state.cloned += sum(len(v) for v in known.values())
+    with store.meta.transaction():   # 100,000 clones: one commit, and no list of them (the engine's table)
+        known = {name: (_clone(graph, store, t, run_id, emit) for t in origin_tasks[name])
+                 for name in graph.topological_order() if name not in rerun}
+        engine = _Engine(graph, store, run_id, values, options, known=known, on_event=on_event,
+                         executors=executors)
+    engine.state.cloned += sum(len(engine.tasks[name]) for name in known)
     return engine.run_to_end(origin_run_id=origin.run_id, announce=False)
 
 

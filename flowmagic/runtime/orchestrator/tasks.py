@@ -63,6 +63,11 @@ class StoredRefs:
     one: Any    # task id -> list[ArtifactRef]   (Metadata.artifacts)
     many: Any   # [task id] -> {task id: list[ArtifactRef]}   (Metadata.artifacts_of)
 
+    @classmethod
+    def of(cls, meta) -> StoredRefs:
+        """A store's (equal to any other of the same store: bound methods compare by their object)."""
+        return cls(meta.artifacts, meta.artifacts_of)
+
 
 def named(refs: tuple[ArtifactRef, ...], name: str) -> ArtifactRef | None:
     return next((ref for ref in refs if ref.name == name), None)
@@ -89,10 +94,13 @@ class StepTasks(Sequence[TaskInfo]):
         self._in_order = True                 # indices ascending: a prefix's tasks are one range
 
     @classmethod
-    def of(cls, step: str, infos: Iterable[TaskInfo], stored: StoredRefs | None = None) -> StepTasks:
+    def of(cls, step: str, known: Iterable[TaskInfo], stored: StoredRefs | None = None) -> StepTasks:
+        """A table of tasks that finished before the run (a resume's clones, a session's earlier
+        steps): the engine never changes them, so they are settled as they come."""
         table = cls(step, stored)
-        for info in infos:
+        for info in known:
             table.append(info)
+            table.settle(info)
         return table
 
     # -- adding ------------------------------------------------------------------------
@@ -150,7 +158,7 @@ class StepTasks(Sequence[TaskInfo]):
         if len(info.index) != self._depth:
             return False
         return info.stored is None if info.state == "pending" else (info.stored is not None
-                                                                     and info.stored is self._stored)
+                                                                     and info.stored == self._stored)
 
     # -- reading -----------------------------------------------------------------------------
     def __len__(self) -> int:
