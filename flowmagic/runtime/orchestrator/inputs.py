@@ -86,7 +86,8 @@ def binding_for(var: str, producer: str, reader_chain: tuple[str, ...], index: I
     full = len(chain_of[producer])
     if depth < full and len(chosen) > GATHER_STORED_AT:
         return {"gathered": Gathered(var, producer, chosen, depth, full)}
-    return _nest(var, producer, chosen, depth, full)
+    # gathering: the refs left in the store read in one query, not one per task
+    return _nest(var, producer, chosen, depth, full, refs_of(chosen) if depth < full else None)
 
 
 def _leaf(var: str, producer: str, task: TaskInfo, ref: ArtifactRef | None) -> dict:
