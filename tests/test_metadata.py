@@ -270,3 +270,18 @@ def test_a_file_where_the_store_should_be_is_a_store_error(tmp_path: Path) -> No
     (tmp_path / "notadir").write_text("oops")
     with pytest.raises(StoreError, match="cannot use .*notadir as a flowmagic store.*FLOWMAGIC_HOME"):
         open_store(tmp_path / "notadir")
+
+
+def test_latest_tasks_pages_through_the_latest_generation_as_latest_generation_picks_it(meta):
+    from flowmagic.store.schema import latest_generation
+
+    run = meta.new_run("Gen", params={}, code={}, interactive=True)
+    meta.new_tasks("Gen", run, "fit", [((i,), None) for i in range(12)])        # a cell executed,
+    meta.new_tasks("Gen", run, "fit", [((i,), None) for i in range(7)])         # and again
+    meta.new_tasks("Gen", run, "nested", [((i, j), None) for i in range(3) for j in range(4)])
+    meta.new_tasks("Gen", run, "start", [(None, None)])
+    meta.new_tasks("Gen", run, "start", [(None, None)])
+    for step in ("fit", "nested", "start", "nothing"):
+        expected = [t.task_id for t in latest_generation(meta.tasks("Gen", run, step))]
+        assert [t.task_id for t in meta.latest_tasks("Gen", run, step, page=5)] == expected, step
+    assert [t.index for t in meta.latest_tasks("Gen", run, "fit", page=5)] == [(i,) for i in range(7)]

@@ -11,7 +11,7 @@ from flowmagic.runtime.orchestrator import inputs as plan
 from flowmagic.runtime.orchestrator.run_state import RetryQueue
 from flowmagic.runtime.orchestrator.tasks import StepTasks, StoredRefs, TaskInfo
 
-from test_runtime_inputs import GRAPH, TASKS, refs_only
+from test_runtime_inputs import GRAPH, TASKS, ref, refs_only
 
 
 def stored_in(refs_by_id: dict) -> StoredRefs:
@@ -147,3 +147,16 @@ def test_tasks_finished_before_the_run_are_settled_as_they_come():
     assert [(t.task_id, t.state, t.artifacts) for t in table] == [(1, "cloned", refs[1]), (2, "cloned", refs[2])]
     start = TaskInfo(7, "start", (), "done", TASKS["start"][0].refs)
     assert StepTasks.of("start", [start], StoredRefs.of(meta))[0] is start
+
+
+def test_a_steps_refs_are_gathered_by_index_with_none_where_a_task_did_not_assign():
+    """What a %%step cell binds in the kernel (scheduler.run_step): StepResult.artifacts."""
+    cells = TASKS["cells"]
+    hashes = [[r.hash for r in row] for row in plan.step_refs(table_of("cells", cells), 2)["cell"]]
+    assert hashes == [[ref("x00")], [ref("x10"), ref("x11")]]
+    side = [TaskInfo(1, "side", (0,), "done", TASKS["side"][0].refs),
+            TaskInfo(2, "side", (1,), "done", ()),                     # assigned nothing
+            TaskInfo(3, "side", (2,), "done", TASKS["side"][1].refs)]
+    gathered = plan.step_refs(StepTasks.of("side", side), 1)
+    assert [r and r.hash for r in gathered["other"]] == [ref("o0"), None, ref("o1")]
+    assert plan.step_refs(StepTasks.of("start", TASKS["start"]), 0)["const"].hash == ref("const")

@@ -524,6 +524,24 @@ class Metadata:
             args.append(step)
         return self._honest_tasks([task_record(r) for r in self._read(sql + " ORDER BY task_id", args)])
 
+    def latest_tasks(self, flow: str, run_id: int, step: str, page: int = 5_000) -> Iterator[TaskRecord]:
+        """The tasks of the step's latest execution in the run (schema.latest_generation), in creation
+        order, read a page at a time as they are used: a 100,000-task step is never a list of records."""
+        where = "flow = ? AND run_id = ? AND step = ?"
+        # a generation starts with its first index (all zeros) or its only task (no index)
+        first = self._read(f"SELECT MAX(task_id) FROM tasks WHERE {where} AND (foreach_index IS NULL"
+                           " OR foreach_index NOT GLOB '*[1-9]*')", (flow, run_id, step))[0][0]
+        if first is None:
+            first = self._read(f"SELECT MIN(task_id) FROM tasks WHERE {where}", (flow, run_id, step))[0][0]
+        after = (first or 0) - 1
+        while True:
+            rows = self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where} AND task_id > ?"
+                              " ORDER BY task_id LIMIT ?", (flow, run_id, step, after, page))
+            yield from self._honest_tasks([task_record(r) for r in rows])
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
     def step_names(self, flow: str, run_id: int) -> list[str]:
         """Steps that have tasks in the run, in the order of their first task."""
         rows = self._read("SELECT step, MIN(task_id) AS first FROM tasks WHERE flow = ? AND run_id = ?"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable, Iterable, Mapping
@@ -28,18 +29,35 @@ _TERMINAL = TASK_TERMINAL
 
 
 @dataclass
-class _Task:
-    state: str = "pending"
-    attempt: int = 0
-    started: float | None = None
-    finished: float | None = None
-
-
-@dataclass
 class _Step:
-    tasks: dict[Any, _Task] = field(default_factory=dict)
+    """One step's tasks folded as they come: each task's latest state and counts of them, the
+    first start and the last end (a 100,000-task foreach kept an object a task and re-read all
+    of them on every push: 30 MB and O(tasks) a refresh)."""
+
+    states: dict[Any, str] = field(default_factory=dict)   # task -> its latest state
+    counts: Counter[str] = field(default_factory=Counter)
+    attempt: int = 0
+    started: float | None = None    # the earliest start of a task
+    finished: float | None = None   # the latest end of a task
     expected: int = 0               # announced number of tasks (foreach), 0 if unknown
     override: dict | None = None    # set explicitly (stale, or a state loaded from the store)
+
+    def put(self, task: Any, state: str, *, attempt: int | None = None, started: float | None = None,
+            finished: float | None = None) -> None:
+        old = self.states.get(task)
+        if old is not None:
+            self.counts[old] -= 1
+        self.states[task] = state
+        self.counts[state] += 1
+        if attempt is not None and attempt > self.attempt:
+            self.attempt = attempt
+        if started is not None and (self.started is None or started < self.started):
+            self.started = started
+        if finished is not None and (self.finished is None or finished > self.finished):
+            self.finished = finished
+
+    def count(self, states: Iterable[str]) -> int:
+        return sum(self.counts[s] for s in states)
 
 
 class StepStates:
@@ -69,17 +87,12 @@ class StepStates:
         if isinstance(data.get("total"), int):
             step.expected = data["total"]
         key = event.task_id if event.task_id is not None else (event.index or "_")
-        task = step.tasks.setdefault(key, _Task())
         when = event.time or time.time()
-        task.state = event.state
-        if event.attempt is not None:
-            task.attempt = event.attempt
-        if event.state in _ACTIVE and task.started is None:
-            task.started = when
-        if event.state in _TERMINAL:
-            task.finished = when
-            if task.started is None and event.state in _WRONG:
-                task.started = when
+        state = event.state
+        # a task's start is its first running (or retrying) event, or its end if it went wrong unstarted
+        step.put(key, state, attempt=event.attempt,
+                 started=when if state in _ACTIVE or state in _WRONG else None,
+                 finished=when if state in _TERMINAL else None)
         return True
 
     def set(self, name: str, record: Mapping[str, Any]) -> None:
@@ -97,9 +110,9 @@ class StepStates:
         if given["state"] in ("pending", "running"):
             # the step starts (again, for a %%step cell executed once more):
             # the tasks of its earlier execution no longer describe it
-            step.tasks.clear()
-            step.expected = 0
-        elif bare and step.tasks and _outcome(self._record(_Step(step.tasks, step.expected))["state"]) \
+            self._steps[name] = _Step()
+            step = self._steps[name]
+        elif bare and step.states and _outcome(self._record(step, events_only=True)["state"]) \
                 == _outcome(given["state"]) is not None:
             step.override = None
             return
@@ -123,28 +136,22 @@ class StepStates:
     def snapshot(self) -> dict[str, dict]:
         return {name: self._record(step) for name, step in self._steps.items()}
 
-    def _record(self, step: _Step) -> dict:
-        if step.override is not None:
+    def _record(self, step: _Step, events_only: bool = False) -> dict:
+        if step.override is not None and not events_only:
             return dict(step.override)
-        tasks = list(step.tasks.values())
-        total = max(step.expected, len(tasks))
-        done = sum(t.state in _OK for t in tasks)
-        failed = sum(t.state in _WRONG for t in tasks)
+        total = max(step.expected, len(step.states))
         record = {
-            "state": _fold(tasks, total),
-            "attempt": max((t.attempt for t in tasks), default=0),
-            "done": done,
+            "state": _fold(step, total),
+            "attempt": step.attempt,
+            "done": step.count(_OK),
             "total": total,
-            "failed": failed,
+            "failed": step.count(_WRONG),
             "duration": None,
         }
-        starts = [t.started for t in tasks if t.started is not None]
-        if starts:
-            record["started"] = min(starts)
-            if record["state"] not in _ACTIVE:
-                ends = [t.finished for t in tasks if t.finished is not None]
-                if ends:
-                    record["duration"] = round(max(ends) - min(starts), 3)
+        if step.started is not None:
+            record["started"] = step.started
+            if record["state"] not in _ACTIVE and step.finished is not None:
+                record["duration"] = round(step.finished - step.started, 3)
         return record
 
 
@@ -157,26 +164,26 @@ def _outcome(state: str) -> str | None:
     return None
 
 
-def _fold(tasks: list[_Task], total: int) -> str:
+def _fold(step: _Step, total: int) -> str:
     """One word for a step from its tasks' states."""
-    if not tasks:
+    if not step.states:
         return "pending"
-    states = [t.state for t in tasks]
-    if "retrying" in states:
+    counts = step.counts
+    if counts["retrying"]:
         return "retrying"
-    if "running" in states:
+    if counts["running"]:
         return "running"
-    finished = [s for s in states if s in _TERMINAL]
-    if len(finished) < total:
+    finished = step.count(_TERMINAL)
+    if finished < total:
         return "running" if finished else "pending"
-    if any(s in _BAD for s in states):
-        return "failed" if "interrupted" not in states else "interrupted"
-    if "cancelled" in states:
+    if step.count(_BAD):
+        return "failed" if not counts["interrupted"] else "interrupted"
+    if counts["cancelled"]:
         return "cancelled"
-    if "caught" in states:
+    if counts["caught"]:
         return "caught"
     for uniform in ("cloned", "cached"):
-        if all(s == uniform for s in states):
+        if counts[uniform] == len(step.states):
             return uniform
     return "done"
 
@@ -248,7 +255,9 @@ class Throttle:
 
 def record_from_states(states: Iterable[str]) -> dict:
     """One step's record (state, done, total, failed) from its tasks' states, as a run's events would fold it."""
-    step = _Step({i: _Task(state) for i, state in enumerate(states)})
+    step = _Step()
+    for i, state in enumerate(states):
+        step.put(i, state)
     return StepStates()._record(step)
 
 
@@ -263,5 +272,5 @@ def states_from_tasks(tasks: Iterable[Any]) -> dict[str, dict]:
         step = live._steps.setdefault(record.step, _Step())
         finished = record.updated_at if record.state in _TERMINAL else None
         started = record.created_at if record.state in _ACTIVE | _WRONG | {"done"} else None
-        step.tasks[record.task_id] = _Task(record.state, 0, started, finished)
+        step.put(record.task_id, record.state, started=started, finished=finished)
     return live.snapshot()

@@ -170,6 +170,36 @@ def _with_refs(tasks: Tasks, chunk: int = 500) -> Iterator[tuple[int, TaskInfo, 
             yield k, task, refs
 
 
+def step_refs(tasks: Tasks, depth: int) -> dict[str, Any]:
+    """Each name a step's tasks wrote -> its ref (one task) or the refs of its ``depth``-deep foreach,
+    nested by index as a join gathers them (None where a task did not assign it); a chunk of
+    tasks at a time, so a 100,000-task step costs its refs, not bindings and copies of its tasks."""
+    ordered = matching_tasks(tasks, 0, ())
+    indices: list[Index] = []
+    found: dict[str, list[ArtifactRef | None]] = {}
+    for k, task, refs in _with_refs(ordered):
+        indices.append(task.index)
+        for ref in refs[task.task_id]:
+            found.setdefault(ref.name, [None] * k).append(ref)
+        for column in found.values():
+            if len(column) == k:
+                column.append(None)
+    if depth == 0:
+        return {name: column[0] for name, column in found.items()}
+    if depth == 1:   # one index a task, in order: the column is the gathered list
+        return found
+    return {name: _nested(indices, column, list(range(len(column))), 0, depth) for name, column in found.items()}
+
+
+def _nested(indices: list[Index], column: list, positions: list[int], level: int, depth: int) -> Any:
+    if level == depth:
+        return column[positions[0]] if positions else None
+    groups: dict[int, list[int]] = {}
+    for pos in positions:
+        groups.setdefault(indices[pos][level], []).append(pos)
+    return [_nested(indices, column, groups[k], level + 1, depth) for k in sorted(groups)]
+
+
 def _namespaces(tasks: Tasks, refs: Refs) -> list[dict]:
     """``inputs``: per task, name -> binding."""
     return [{ref.name: {"ref": ref.to_dict()} for ref in refs[t.task_id]} for t in tasks]

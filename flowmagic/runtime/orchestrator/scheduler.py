@@ -7,7 +7,7 @@ succeeded, one step of a session run).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Iterable
 
 from flowmagic.errors import RunError, UsageError, cell_number
 from flowmagic.states import task_successful
@@ -24,7 +24,6 @@ from flowmagic.runtime.orchestrator.logs import LogLimits
 from flowmagic.runtime.orchestrator.parameters import resolve_params
 from flowmagic.runtime.orchestrator.results import RunResult, StepResult
 from flowmagic.runtime.orchestrator.run_state import RunOptions
-from flowmagic.store.serializers import ArtifactRef
 
 __all__ = ["RunResult", "StepResult", "new_session_run", "resume_flow", "run_flow", "run_step"]
 
@@ -111,18 +110,19 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
     run = meta.get_run(graph.name, run_id)
     values = resolve_params(graph, params if params is not None else
                             {k: v for k, v in run.params.items() if k in {p.name for p in graph.params}})
-    known: dict[str, list[TaskInfo]] = {}
+    known: dict[str, Iterable[TaskInfo]] = {}
     for producer in _upstream_sources(graph, step):
-        tasks = latest_generation(meta.tasks(graph.name, run_id, producer))
-        if not tasks or not all(task_successful(t.state) for t in tasks):
+        states = [t.state for t in meta.latest_tasks(graph.name, run_id, producer)]
+        if not states or not all(task_successful(state) for state in states):
             cell = graph.step(producer).cell
             reads = sorted(v for v, p in graph.producers(step).items() if p == producer)
             what = f"reads {', '.join(repr(r) for r in reads)} from" if reads else "depends on"
             raise RunError(f"step '{step}' (cell {cell_number(spec.cell)}) {what} step '{producer}' "
                            f"(cell {cell_number(cell)}), "
-                           f"which has not {'run' if not tasks else 'succeeded'} in this session yet: "
+                           f"which has not {'run' if not states else 'succeeded'} in this session yet: "
                            "execute that cell first")
-        known[producer] = [known_task(graph, store, t) for t in tasks]
+        # read again as the engine's table takes them: never a list of 100,000 records
+        known[producer] = (known_task(graph, store, t) for t in meta.latest_tasks(graph.name, run_id, producer))
     meta.set_run_graph(graph.name, run_id, code=code_of(graph), graph=environments.graph_with_environments(graph, run))
     _warm_up(graph, store, workdir)
     with _connected(graph, executor, frozenset({step}), None) as executors:
@@ -131,7 +131,7 @@ def run_step(graph, store, run_id: int, step: str, *, params: dict | None = None
         status = engine.run_tasks(finish_run=False)
     meta.publish()   # a shared store (FLOWMAGIC_STORE) shows the executed cell at once; a no-op otherwise
     tasks = engine.tasks[step]
-    artifacts = _gathered_refs(engine, step)
+    artifacts = plan.step_refs(tasks, len(engine.chain[step]))
     exception = next((t.exception for t in tasks if t.state == "failed"), None)
     return StepResult(step, status, [t.task_id for t in tasks], artifacts, exception, engine.outputs.get(step, []),
                       [t.state for t in tasks])
@@ -200,23 +200,6 @@ def _clone(graph, store, record, run_id: int, emit) -> TaskInfo:
     info.task_id = new_id
     emit(Event("task", run_id, step=record.step, task_id=new_id, index=info.index, state="cloned"))
     return info
-
-
-def _gathered_refs(engine: _Engine, step: str) -> dict[str, Any]:
-    tasks = engine.tasks[step]
-    refs = plan.refs_of(tasks)   # those left in the store read once, not once per name
-    names = sorted({ref.name for task_refs in refs.values() for ref in task_refs})
-    depth = len(engine.chain[step])
-
-    def convert(binding):
-        if "ref" in binding:   # plan._nest gives the refs' dicts, as a task's spec carries them
-            return ArtifactRef.from_dict(binding["ref"])
-        if "list" in binding:
-            return [convert(b) for b in binding["list"]]
-        return None
-
-    ordered = sorted(tasks, key=lambda t: t.index)
-    return {name: convert(plan._nest(name, step, ordered, 0, depth, refs)) for name in names}
 
 
 @contextlib.contextmanager
