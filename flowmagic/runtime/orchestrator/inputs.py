@@ -124,13 +124,16 @@ class Gathered:
             fh.write(json.dumps(binding).encode())
             return binding_serializers(binding)
         found: set[str] = set()
-        fh.write(b'{"list": [')
-        for k, task, refs in _with_refs(self.tasks):
-            leaf = _nest(self.var, self.producer, [task], self.full, self.full, refs)
-            if "ref" in leaf:
-                found.add(leaf["ref"]["serializer"])
-            fh.write(b", " * (k > 0) + json.dumps(leaf).encode())
-        fh.write(b"]}")
+
+        def leaves() -> Iterator[dict]:
+            for _k, task, refs in _with_refs(self.tasks):
+                leaf = _nest(self.var, self.producer, [task], self.full, self.full, refs)
+                if "ref" in leaf:
+                    found.add(leaf["ref"]["serializer"])
+                yield leaf
+        fh.write(b'{"list": ')
+        _write_list(fh, leaves())
+        fh.write(b"}")
         return found
 
 
@@ -152,13 +155,22 @@ class GatheredInputs:
 
     def write_json(self, fh: BinaryIO) -> set[str]:
         found: set[str] = set()
-        fh.write(b"[")
-        for k, task, refs in _with_refs(self.tasks):
-            (namespace,) = _namespaces([task], refs)
-            found.update(binding["ref"]["serializer"] for binding in namespace.values())
-            fh.write(b", " * (k > 0) + json.dumps(namespace).encode())
-        fh.write(b"]")
+
+        def namespaces() -> Iterator[dict]:
+            for _k, task, refs in _with_refs(self.tasks):
+                (namespace,) = _namespaces([task], refs)
+                found.update(binding["ref"]["serializer"] for binding in namespace.values())
+                yield namespace
+        _write_list(fh, namespaces())
         return found
+
+
+def _write_list(fh: BinaryIO, entries: Iterator[dict]) -> None:
+    """A JSON list written one entry at a time (never the whole list in memory)."""
+    fh.write(b"[")
+    for k, entry in enumerate(entries):
+        fh.write(b", " * (k > 0) + json.dumps(entry).encode())
+    fh.write(b"]")
 
 
 def _with_refs(tasks: Tasks, chunk: int = 500) -> Iterator[tuple[int, TaskInfo, Refs]]:

@@ -127,11 +127,9 @@ class StepTasks(Sequence[TaskInfo]):
             self._in_order = False
         self._ids.append(task_id)
         self._codes.append(code)
-        if len(index) == self._depth:
-            self._indices.extend(index)
-        else:   # never for one step's tasks; kept right as an object
-            self._indices.extend([0] * self._depth)
-            self._live[pos] = TaskInfo(task_id, self.step, index)
+        # another depth never happens for one step's tasks; such a task stays an object (append,
+        # _fits_columns), its columns only padding
+        self._indices.extend(index if len(index) == self._depth else [0] * self._depth)
         return pos
 
     # -- the engine's working copy -----------------------------------------------------------
@@ -170,13 +168,7 @@ class StepTasks(Sequence[TaskInfo]):
     def __getitem__(self, pos: slice) -> list[TaskInfo]: ...
 
     def __getitem__(self, pos):
-        if isinstance(pos, slice):
-            return [self._at(k) for k in range(*pos.indices(len(self)))]
-        if pos < 0:
-            pos += len(self)
-        if not 0 <= pos < len(self):
-            raise IndexError(pos)
-        return self._at(pos)
+        return _item(self, 0, len(self), pos)
 
     def __iter__(self) -> Iterator[TaskInfo]:
         return (self._at(pos) for pos in range(len(self)))
@@ -226,13 +218,18 @@ class _Range(Sequence[TaskInfo]):
         return self._hi - self._lo
 
     def __getitem__(self, pos):
-        if isinstance(pos, slice):
-            return [self._table._at(self._lo + k) for k in range(*pos.indices(len(self)))]
-        if pos < 0:
-            pos += len(self)
-        if not 0 <= pos < len(self):
-            raise IndexError(pos)
-        return self._table._at(self._lo + pos)
+        return _item(self._table, self._lo, len(self), pos)
 
     def __iter__(self) -> Iterator[TaskInfo]:
         return (self._table._at(pos) for pos in range(self._lo, self._hi))
+
+
+def _item(table: StepTasks, lo: int, length: int, pos: int | slice):
+    """``pos`` (a position or a slice) of the ``length`` tasks from ``lo`` of ``table``."""
+    if isinstance(pos, slice):
+        return [table._at(lo + k) for k in range(*pos.indices(length))]
+    if pos < 0:
+        pos += length
+    if not 0 <= pos < length:
+        raise IndexError(pos)
+    return table._at(lo + pos)

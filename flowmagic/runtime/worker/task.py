@@ -105,7 +105,7 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     (such a binding from many tasks, kept in the store), ``{"value": JSON}`` or
     ``{"missing": message}``."""
     if "stored" in binding:
-        return resolve_binding(json.loads(objects.get_bytes(binding["stored"])), objects)
+        return resolve_binding(_from_store(binding, objects), objects)
     if "ref" in binding:
         ref = ArtifactRef.from_dict(binding["ref"])
         if ref.serializer == UNSAVED:   # the producer could not save it: name that step
@@ -117,6 +117,11 @@ def resolve_binding(binding: Any, objects: ObjectStore) -> Any:
     if "value" in binding:
         return binding["value"]
     raise NameError(binding["missing"])
+
+
+def _from_store(stored: dict, objects: ObjectStore) -> Any:
+    """What the engine streamed into the store for a wide join (``{"stored": key}``)."""
+    return json.loads(objects.get_bytes(stored["stored"]))
 
 
 class ForeachLists:
@@ -162,7 +167,7 @@ def bind_inputs(spec: TaskSpec, ns: dict, objects: ObjectStore, lists: ForeachLi
     if spec.inputs is not None:
         namespaces = spec.inputs
         if isinstance(namespaces, dict):   # {"stored": key}: a join of many tasks
-            namespaces = json.loads(objects.get_bytes(namespaces["stored"]))
+            namespaces = _from_store(namespaces, objects)
         ns["inputs"] = [_LazyNamespace(b, objects) for b in namespaces]
     return bound
 
